@@ -1,0 +1,403 @@
+"""
+CelebA loading: find the layout, choose the split, crop and resize every image once into a uint8
+tensor cache, then serve random batches from memory (on the GPU when it fits).
+
+Layouts accepted by --data PATH:
+  torchvision  PATH/celeba/img_align_celeba/*.jpg + list_eval_partition.txt, list_attr_celeba.txt
+               (PATH may also be the celeba folder itself)
+  kaggle       PATH/img_align_celeba/img_align_celeba/*.jpg + list_eval_partition.csv, list_attr_celeba.csv
+  folder       any folder of .jpg/.jpeg/.png/.webp images, searched recursively, no labels
+
+    python data.py --data ~/data/celeba --size 64              # summary, cache, preview grid
+    python data.py --data ~/data/celeba --size 64 --export fid_ref   # PNGs for FID reference stats
+"""
+import argparse
+import concurrent.futures
+import csv
+import hashlib
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torchvision
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+SPLITS = {"train": 0, "valid": 1, "test": 2}
+CROPS = ("auto", "celeba", "center", "none")
+# The crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image.
+CELEBA_W, CELEBA_H, CELEBA_CX, CELEBA_CY, CELEBA_SIDE = 178, 218, 89, 121, 128
+CACHE_VERSION = 1
+MAX_WARNINGS = 10
+warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 deprecates its decoders; they still work
+
+
+class DataError(Exception):
+    """Bad input: the message names the problem and the fix, and is printed as one line."""
+
+
+def default_cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-faces")
+
+# -----------------------------------------------------------------------------
+# layout detection and annotation files
+
+
+def _read_table(path):
+    """list_*.txt or list_*.csv -> (column names or None, {image name: (lineno, raw values)}).
+    Values stay text until `_ints` parses the rows actually used (202,599 rows take seconds to parse)."""
+    rows = {}
+    with open(path, newline="") as f:
+        if path.endswith(".csv"):
+            reader = csv.reader(f)
+            header = next(reader, [])[1:]
+            lines = ((i + 2, r[0], r[1:]) for i, r in enumerate(reader) if r)
+        else:  # official txt: the attribute file starts with a count line and a names line
+            lines = [(i + 1, *(line.split(None, 1) + [""])[:2]) for i, line in enumerate(f) if line.strip()]
+            header = None
+            if lines and lines[0][1].isdigit() and not lines[0][2].strip():
+                header, lines = [lines[1][1]] + lines[1][2].split(), lines[2:]
+        for lineno, name, raw in lines:
+            rows[name] = (lineno, raw)
+    return header, rows
+
+
+def _ints(path, row):
+    lineno, raw = row
+    try:
+        return [int(v) for v in (raw.split() if isinstance(raw, str) else raw)]
+    except ValueError:
+        raise DataError(f"{path} line {lineno}: expected an image name and integers; is it an official CelebA annotation file?")
+
+
+def find_layout(path):
+    """-> dict(layout, image_dir, partition file or None, attr file or None)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise DataError(f"--data {path}: no such folder; point --data at your CelebA folder (see README, 'Getting CelebA') or pass --download")
+    if not os.path.isdir(path):
+        raise DataError(f"--data {path}: is a file; expected a folder (the CelebA root or a folder of images)")
+    def first(*names):
+        return next((n for n in names if os.path.isfile(n)), None)
+    for root in (os.path.join(path, "celeba"), path):  # torchvision
+        part, attr = first(os.path.join(root, "list_eval_partition.txt")), first(os.path.join(root, "list_attr_celeba.txt"))
+        if os.path.isdir(os.path.join(root, "img_align_celeba")) and (part or attr):
+            return dict(layout="torchvision", image_dir=os.path.join(root, "img_align_celeba"), partition=part, attr=attr)
+    part, attr = first(os.path.join(path, "list_eval_partition.csv")), first(os.path.join(path, "list_attr_celeba.csv"))
+    for image_dir in (os.path.join(path, "img_align_celeba", "img_align_celeba"), os.path.join(path, "img_align_celeba")):
+        if os.path.isdir(image_dir) and (part or attr):  # kaggle
+            return dict(layout="kaggle", image_dir=image_dir, partition=part, attr=attr)
+    return dict(layout="folder", image_dir=path, partition=None, attr=None)
+
+
+def list_images(image_dir):
+    files = []
+    for dirpath, dirnames, filenames in os.walk(image_dir, followlinks=True):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTS) and not f.startswith(".")]
+    return files
+
+
+def select(path, split="train", log=print):
+    """Find the images of one split. -> dict(layout, files, attrs (N, 40) uint8 0/1 or None, attr_names, ...)."""
+    info = find_layout(path)
+    on_disk = list_images(info["image_dir"])
+    if not on_disk:
+        raise DataError(f"--data {info['image_dir']}: no images found (looked for {', '.join(IMG_EXTS)} recursively); "
+                        "point --data at the folder that holds img_align_celeba or your images")
+    by_name = {os.path.basename(f): f for f in on_disk}
+    attr_names, attrs = None, None
+    if info["partition"] or info["attr"]:
+        _, partition = _read_table(info["partition"]) if info["partition"] else (None, None)
+        attr_names, attr_rows = _read_table(info["attr"]) if info["attr"] else (None, None)
+        listed = list(partition or attr_rows)
+        found = [n for n in listed if n in by_name]
+        if not found:
+            ann = info["partition"] or info["attr"]
+            raise DataError(f"{ann} lists {len(listed):,} images but none of the {len(on_disk):,} images in {info['image_dir']}; "
+                            "the annotation files do not belong to these images: use matching files or remove them to load a plain folder")
+        if len(found) < len(listed):
+            log(f"data: {len(found):,} of {len(listed):,} listed images found")
+        if partition is not None and split != "all":
+            found = [n for n in found if _ints(info["partition"], partition[n])[:1] == [SPLITS[split]]]
+        if attr_rows is not None:
+            missing = [n for n in found if n not in attr_rows]
+            if missing:
+                raise DataError(f"{info['attr']} has no row for {missing[0]} ({len(missing):,} images in all); the attribute "
+                                "and partition files do not match: use the official pair")
+            rows = [_ints(info["attr"], attr_rows[n]) for n in found]
+            if attr_names is None or any(len(r) != len(attr_names) for r in rows):
+                raise DataError(f"{info['attr']}: rows do not have one value per attribute name; use the official file")
+            attrs = (torch.tensor(rows, dtype=torch.int8) > 0).to(torch.uint8)  # (N, 40), 1 = has the attribute
+        files = [by_name[n] for n in found]
+        if partition is None and split != "all":
+            files, attrs = _holdout(files, attrs, split)
+    else:
+        files, attrs = _holdout(on_disk, None, split)
+    return dict(info, files=files, attrs=attrs, attr_names=attr_names, split=split)
+
+
+def _holdout(files, attrs, split):
+    """Without an official partition: the last 2% of the sorted files (1 to 1,000) are the valid/test slice."""
+    if split == "all":
+        return files, attrs
+    n_val = min(1000, max(1, len(files) // 50)) if len(files) > 1 else 0
+    keep = slice(0, len(files) - n_val) if split == "train" else slice(len(files) - n_val, len(files))
+    return files[keep], (attrs[keep] if attrs is not None else None)
+
+# -----------------------------------------------------------------------------
+# decoding and preprocessing (runs once; the result is cached)
+
+
+def crop_box(w, h, crop):
+    """(left, top, width, height) of the crop in a w x h image."""
+    if crop == "auto":
+        crop = "celeba" if (w, h) == (CELEBA_W, CELEBA_H) else "center"
+    if crop == "celeba":  # the DDIM box, scaled if the image is not 178x218
+        sx, sy = w / CELEBA_W, h / CELEBA_H
+        side_x, side_y = round(CELEBA_SIDE * sx), round(CELEBA_SIDE * sy)
+        return round(CELEBA_CX * sx) - side_x // 2, round(CELEBA_CY * sy) - side_y // 2, side_x, side_y
+    if crop == "center":
+        s = min(w, h)
+        return (w - s) // 2, (h - s) // 2, s, s
+    return 0, 0, w, h  # none: the whole frame, aspect squashed by the resize
+
+
+def _decode(path):
+    """Any image file -> (3, H, W) uint8 RGB. Grayscale, RGBA, palette, CMYK and 16-bit are converted."""
+    try:  # a truncated or corrupt JPEG raises here, and again in PIL below: the file is skipped
+        img = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        img = None
+    if img is None:  # formats torchvision cannot take (e.g. CMYK or exotic PNGs): PIL, strictly
+        from PIL import Image
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I;16") or im.mode == "I":
+                im = im.point(lambda v: v / 257).convert("L")
+            img = TF.pil_to_tensor(im.convert("RGB"))
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = TF.to_dtype(img, torch.uint8, scale=True)
+    return img
+
+
+def preprocess(path, size, crop):
+    """File -> (3, size, size) uint8: crop, then an antialiased resize."""
+    img = _decode(path)
+    left, top, w, h = crop_box(img.shape[2], img.shape[1], crop)
+    img = TF.crop(img, top, left, h, w)
+    return TF.resize(img, [size, size], antialias=True)
+
+
+def _preprocess_or_none(job):
+    path, size, crop = job
+    try:
+        return preprocess(path, size, crop), None
+    except Exception as e:  # unreadable, corrupt or truncated: skipped with a warning
+        return None, f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def decode_all(files, size, crop, workers=None, log=print):
+    """Preprocess every file on all cores. -> ((N, 3, size, size) uint8, kept indices, seconds)."""
+    workers = workers or os.cpu_count() or 1
+    images, kept, bad = torch.empty(len(files), 3, size, size, dtype=torch.uint8), [], []
+    t0, last = time.time(), 0.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one image per thread; decoding releases the GIL
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for i, (img, err) in enumerate(pool.map(_preprocess_or_none, [(f, size, crop) for f in files])):
+                if err:
+                    bad.append(err)
+                    if len(bad) <= MAX_WARNINGS:
+                        log(f"warning: skipped unreadable image {err}")
+                else:
+                    images[len(kept)] = img
+                    kept.append(i)
+                if time.time() - last > 5 or i + 1 == len(files):
+                    last = time.time()
+                    rate = (i + 1) / max(last - t0, 1e-9)
+                    log(f"data: decoded {i + 1:,}/{len(files):,} images ({rate:,.0f} img/s on {workers} threads, "
+                        f"ETA {(len(files) - i - 1) / rate:.0f}s)")
+    finally:
+        torch.set_num_threads(threads)
+    if len(bad) > MAX_WARNINGS:
+        log(f"warning: {len(bad) - MAX_WARNINGS:,} more unreadable images skipped ({len(bad):,} in all)")
+    return images[: len(kept)].clone(), kept, time.time() - t0
+
+# -----------------------------------------------------------------------------
+# the cache: one file per (data path, split, crop, size)
+
+
+def _fingerprint(files, info):
+    """Names, sizes and mtimes of the selected files and annotations: any change means a stale cache."""
+    h = hashlib.sha1()
+    for f in files + [info["partition"] or "", info["attr"] or ""]:
+        st = os.stat(f) if f else None
+        h.update(f"{f}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}\n".encode())
+    return h.hexdigest()
+
+
+def cache_file(cache_dir, path, split, crop, size):
+    key = hashlib.sha1(f"{os.path.abspath(os.path.expanduser(path))}|{split}|{crop}|{size}".encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, f"faces-{split}-{crop}-{size}-{key}.pt")
+
+
+def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print):
+    """The images of one split as a uint8 tensor, from the cache when it is fresh.
+    -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache, ...)"""
+    if split not in (*SPLITS, "all"):
+        raise DataError(f"--split {split}: choose train, valid, test or all")
+    if crop not in CROPS:
+        raise DataError(f"--crop {crop}: choose {', '.join(CROPS)}")
+    if size < 1:
+        raise DataError(f"--size {size}: must be a positive number of pixels, e.g. 64")
+    sel = select(path, split, log)
+    if not sel["files"]:
+        raise DataError(f"--data {path}: the {split} split is empty; use --split train or all")
+    cache = cache_file(cache_dir or default_cache_dir(), path, split, crop, size)
+    fingerprint = _fingerprint(sel["files"], sel)
+    if os.path.exists(cache):
+        t0 = time.time()
+        try:
+            c = torch.load(cache, mmap=True, weights_only=True)
+            ok = (c.get("version") == CACHE_VERSION and c.get("fingerprint") == fingerprint
+                  and c["images"].shape[0] == len(c["files"]) and c["images"].shape[1:] == (3, size, size))
+            if ok:
+                log(f"data: loaded {len(c['files']):,} {split} images from cache {cache} in {time.time() - t0:.1f}s")
+                return dict(sel, **c, cache=cache, decode_seconds=None)
+            log(f"data: cache {cache} is stale (the data changed); rebuilding")
+        except Exception as e:
+            log(f"data: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
+    log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images once (crop {crop}, size {size})")
+    images, kept, seconds = decode_all(sel["files"], size, crop, workers, log)
+    if not kept:
+        raise DataError(f"--data {path}: none of the {len(sel['files']):,} images could be read; check the files")
+    c = dict(version=CACHE_VERSION, fingerprint=fingerprint, images=images,
+             files=[sel["files"][i] for i in kept],
+             attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.tmp{os.getpid()}"
+    torch.save(c, tmp)
+    os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache behind
+    log(f"data: wrote cache {cache} ({images.numel() / 2**20:,.0f} MiB)")
+    return dict(sel, **c, cache=cache, decode_seconds=seconds)
+
+# -----------------------------------------------------------------------------
+# serving batches
+
+
+class Batches:
+    """Random training batches from the uint8 image tensor, with horizontal flips done on the batch.
+
+    Every rank holds the same images and draws the same per-epoch permutation; a global batch of
+    `batch_size` images is split into `world` equal shards and rank r takes shard r. So the batches
+    are the same whatever the number of GPUs, and resuming under another world size continues the
+    same data order."""
+
+    def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True):
+        if batch_size % world:
+            raise DataError(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
+        if len(images) < batch_size:
+            raise DataError(f"the dataset has {len(images):,} images, fewer than --batch-size {batch_size}; lower --batch-size")
+        device = torch.device(device)
+        if device.type == "cuda" and images.nbytes < 0.3 * torch.cuda.mem_get_info(device)[0]:
+            images = images.to(device)  # GPU-resident: a batch is one gather, no host copies
+        elif device.type == "cuda":
+            images = images.pin_memory()
+        self.images, self.batch_size, self.device, self.seed = images, batch_size, device, seed
+        self.rank, self.world, self.flip = rank, world, flip
+        self.steps_per_epoch = len(images) // batch_size  # the last partial batch of an epoch is dropped
+        self._perm_epoch, self._perm = None, None
+
+    def get(self, step, generator):
+        """The local shard of global batch `step` (0-based) as (B/world, 3, H, W) floats in [-1, 1].
+        `generator` (on self.device) draws the flips."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._perm_epoch != epoch:  # a fixed permutation per epoch, the same on every rank
+            self._perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._perm = self._perm.to(self.images.device)
+            self._perm_epoch = epoch
+        b = self.batch_size // self.world
+        idx = self._perm[i * self.batch_size + self.rank * b: i * self.batch_size + (self.rank + 1) * b]
+        x = self.images[idx].to(self.device, non_blocking=True)
+        x = x.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] -> [-1, 1]
+        if self.flip:
+            flip = torch.rand(self.batch_size, generator=generator, device=self.device)[self.rank * b:(self.rank + 1) * b] < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x
+
+
+def to_float(images, device):
+    """(N, 3, H, W) uint8 -> floats in [-1, 1] on device."""
+    return images.to(device).float().div_(127.5).sub_(1.0)
+
+# -----------------------------------------------------------------------------
+# --download
+
+
+DOWNLOAD_HELP = ("get CelebA by hand: the 'Align&Cropped Images' img_align_celeba.zip plus list_attr_celeba.txt and "
+                 "list_eval_partition.txt from the CelebA website (mmlab.ie.cuhk.edu.hk/projects/CelebA.html) or its Google Drive, "
+                 "unzipped as PATH/celeba/img_align_celeba/*.jpg with the two .txt files in PATH/celeba/; or Kaggle's "
+                 "'jessicali9530/celeba-dataset' unzipped as is; then pass --data PATH")
+
+
+def download(path, log=print):
+    """torchvision's CelebA download; on failure a DataError that says how to get it by hand."""
+    log(f"data: trying torchvision's CelebA download into {path} (about 1.4 GB; Google Drive often refuses with a quota error)")
+    try:
+        torchvision.datasets.CelebA(path, split="all", target_type="attr", download=True)
+    except Exception as e:
+        raise DataError(f"the CelebA download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {DOWNLOAD_HELP}")
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview of the crop.")
+    p.add_argument("--data", required=True, help="CelebA root (torchvision or Kaggle layout) or any folder of images")
+    p.add_argument("--size", type=int, default=64, help="image size after crop and resize (default 64)")
+    p.add_argument("--split", default="train", choices=[*SPLITS, "all"], help="which split (default train)")
+    p.add_argument("--crop", default="auto", choices=CROPS,
+                   help="auto: the DDIM CelebA box for 178x218 images, else a centre square; celeba, center, or none (squash)")
+    p.add_argument("--cache-dir", default=None, help=f"where the decoded tensors go (default {default_cache_dir()})")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
+    p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images here ('' to skip)")
+    p.add_argument("--export", default=None, metavar="DIR", help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
+    p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into --data")
+    args = p.parse_args(argv)
+    try:
+        if args.download:
+            download(args.data)
+        t0 = time.time()
+        d = load(args.data, args.size, args.split, args.crop, args.cache_dir, args.workers)
+        print(f"layout:  {d['layout']} ({d['image_dir']})")
+        print(f"images:  {len(d['files']):,} in split '{args.split}'" + (f", {len(d['attr_names'])} attributes" if d["attrs"] is not None else ", no labels"))
+        if d["partition"]:
+            _, part = _read_table(d["partition"])
+            present = {os.path.basename(f) for f in list_images(d["image_dir"])}
+            counts = {s: sum(1 for n, v in part.items() if n in present and _ints(d["partition"], v)[:1] == [k]) for s, k in SPLITS.items()}
+            print("splits:  " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " (official partition, images on disk)")
+        print(f"cache:   {d['cache']} ({d['images'].numel() / 2**20:,.1f} MiB)")
+        if d["decode_seconds"]:
+            print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {args.workers or os.cpu_count()} threads")
+        else:
+            print(f"decode:  cached, loaded in {time.time() - t0:.1f}s")
+        if args.preview:
+            torchvision.utils.save_image(d["images"][:64].float() / 255, args.preview, nrow=8, padding=2)
+            print(f"preview: {args.preview}")
+        if args.export:
+            os.makedirs(args.export, exist_ok=True)
+            for f, img in zip(d["files"], d["images"]):
+                torchvision.io.write_png(img, os.path.join(args.export, os.path.splitext(os.path.basename(f))[0] + ".png"))
+            print(f"export:  {len(d['files']):,} PNGs in {args.export}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

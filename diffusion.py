@@ -1,0 +1,229 @@
+"""
+Gaussian diffusion: beta schedules, the forward process, the training loss and the samplers.
+
+Pure math. No optimizer, no data: the model is passed in as `model(x_t, t) -> output`, where t is a
+LongTensor of timestep indices in 0..T-1 and the output is the prediction for `objective`.
+
+References (equation numbers refer to these papers):
+  [DDPM]  Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239
+  [IDDPM] Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv:2102.09672
+  [DDIM]  Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502
+  [PD]    Salimans, Ho 2022, "Progressive Distillation for Fast Sampling", arXiv:2202.00512 (v target)
+  [SNR]   Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556
+  [NS]    Chen 2023, "On the Importance of Noise Scheduling for Diffusion Models", arXiv:2301.10972
+
+Indexing: the paper's t = 1..T is index t = 0..T-1 here. alphas_cumprod[t] is the paper's
+alpha_bar_{t+1}; index 0 is the least noisy step and "t-1" of index 0 is the clean image x_0.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# beta schedules (float64)
+
+
+def linear_beta_schedule(T):
+    # [DDPM] sec. 4: betas from 1e-4 to 0.02 at T=1000; scaled by 1000/T so other T keep the same
+    # end point alpha_bar_T ~ 4e-5 ([IDDPM] appendix / improved-diffusion).
+    # For small T (< 50) the scaled betas would pass 1; they are capped at 0.999 like the cosine schedule.
+    scale = 1000 / T
+    return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
+
+
+def betas_from_alphas_cumprod(alpha_bar_fn, T, max_beta=0.999):
+    # beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), capped to avoid a singularity at t=T [IDDPM] eq. 17
+    s = torch.arange(T + 1, dtype=torch.float64) / T  # (T+1,) times in [0, 1]
+    a = alpha_bar_fn(s)
+    return (1 - a[1:] / a[:-1]).clamp(max=max_beta)
+
+
+def cosine_alpha_bar(s, offset=0.008):
+    # [IDDPM] eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2)
+    f = torch.cos((s + offset) / (1 + offset) * math.pi / 2) ** 2
+    return f / math.cos(offset / (1 + offset) * math.pi / 2) ** 2
+
+
+def sigmoid_alpha_bar(s, start=-3.0, end=3.0, tau=1.0):
+    # [NS] Algorithm 1 (sigmoid_schedule): alpha_bar interpolates a sigmoid between start and end
+    v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
+    v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+    return (v_end - torch.sigmoid((s * (end - start) + start) / tau)) / (v_end - v_start)
+
+
+def make_beta_schedule(name, T):
+    if name == "linear":
+        return linear_beta_schedule(T)
+    if name == "cosine":
+        return betas_from_alphas_cumprod(cosine_alpha_bar, T)
+    if name == "sigmoid":
+        return betas_from_alphas_cumprod(sigmoid_alpha_bar, T)
+    raise ValueError(f"unknown beta schedule {name!r}; choose linear, cosine or sigmoid")
+
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+OBJECTIVES = ("eps", "x0", "v")
+
+# -----------------------------------------------------------------------------
+
+
+class GaussianDiffusion:
+    def __init__(self, timesteps=1000, schedule="linear", objective="eps", min_snr_gamma=None):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose eps, x0 or v")
+        self.T, self.schedule, self.objective, self.min_snr_gamma = timesteps, schedule, objective, min_snr_gamma
+        # Everything below is float64 (T,); `_at` casts to the sample's dtype at use.
+        betas = make_beta_schedule(schedule, timesteps)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, 0)  # alpha_bar_t
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        self.betas, self.alphas, self.alphas_cumprod, self.alphas_cumprod_prev = betas, alphas, alphas_cumprod, alphas_cumprod_prev
+        # q(x_t | x_0), [DDPM] eq. 4
+        self.sqrt_alphas_cumprod = alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt()
+        # x_0 = x_t / sqrt(alpha_bar) - sqrt(1/alpha_bar - 1) * eps, eq. 4 solved for x_0 ([DDPM] eq. 15)
+        self.sqrt_recip_alphas_cumprod = (1.0 / alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / alphas_cumprod - 1).sqrt()
+        # q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde), [DDPM] eqs. 6-7
+        self.posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # beta_tilde at index 0 is 0; clip its log to the next value (as the reference code does)
+        self.posterior_log_variance_clipped = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod)
+        # signal-to-noise ratio alpha_bar / (1 - alpha_bar), for min-SNR weighting [SNR]
+        self.snr = alphas_cumprod / (1.0 - alphas_cumprod)
+
+    def to(self, device):
+        """Move the (float64) schedule tensors to `device`, so indexing them never syncs."""
+        for k, v in vars(self).items():
+            if torch.is_tensor(v):
+                setattr(self, k, v.to(device))
+        return self
+
+    @staticmethod
+    def _at(a, t, x):
+        """a[t] for a batch of indices t (B,), cast to x's dtype and shaped (B, 1, 1, 1) to broadcast."""
+        return a.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    # -------------------------------------------------------------------------
+    # forward process
+
+    def q_sample(self, x0, t, noise):
+        # [DDPM] eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior_mean_variance(self, x0, xt, t):
+        # [DDPM] eq. 7: mu_tilde = coef1 x_0 + coef2 x_t, beta_tilde = posterior_variance
+        mean = self._at(self.posterior_mean_coef1, t, xt) * x0 + self._at(self.posterior_mean_coef2, t, xt) * xt
+        return mean, self._at(self.posterior_variance, t, xt), self._at(self.posterior_log_variance_clipped, t, xt)
+
+    # -------------------------------------------------------------------------
+    # one place that turns any model output into (x0, eps)
+
+    def predict_x0_eps(self, out, xt, t, clip=False):
+        """Model output for self.objective -> (x0_hat, eps_hat), consistent with each other."""
+        if self.objective == "eps":
+            eps = out
+            x0 = self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+        elif self.objective == "x0":
+            x0 = out
+            eps = None
+        else:  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 [PD] sec. 4, so
+            a, s = self._at(self.sqrt_alphas_cumprod, t, xt), self._at(self.sqrt_one_minus_alphas_cumprod, t, xt)
+            x0 = a * xt - s * out  # x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
+            eps = s * xt + a * out  # eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = None  # recompute eps from the clipped x0 so the pair stays consistent
+        if eps is None:  # eq. 4 solved for eps
+            eps = (self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, xt)
+        return x0, eps
+
+    # -------------------------------------------------------------------------
+    # training
+
+    def training_losses(self, model, x0, t, noise):
+        """Per-sample loss (B,). t: (B,) indices in 0..T-1, noise: like x0."""
+        xt = self.q_sample(x0, t, noise)
+        out = model(xt, t).float()
+        if self.objective == "eps":  # [DDPM] Algorithm 1 line 5, L_simple (eq. 14)
+            target = noise
+        elif self.objective == "x0":
+            target = x0
+        else:  # [PD] eq. in sec. 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0
+            target = self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        loss = F.mse_loss(out, target.float(), reduction="none").mean(dim=list(range(1, x0.dim())))
+        if self.min_snr_gamma:
+            # [SNR] eq. 9: weight the x0-space loss by min(SNR, gamma); expressed for each target:
+            # eps-loss = SNR * x0-loss, v-loss = (SNR + 1) * x0-loss.
+            snr = self.snr.to(x0.device)[t]
+            w = snr.clamp(max=self.min_snr_gamma)
+            w = {"eps": w / snr, "x0": w, "v": w / (snr + 1)}[self.objective]
+            loss = loss * w.float()
+        return loss
+
+    # -------------------------------------------------------------------------
+    # samplers
+
+    def p_mean_variance(self, model, xt, t, clip=False, var_type="beta"):
+        """p(x_{t-1} | x_t): mean, variance sigma_t^2 and the predicted x0."""
+        x0, _ = self.predict_x0_eps(model(xt, t).float(), xt, t, clip)
+        mean, posterior_var, _ = self.q_posterior_mean_variance(x0, xt, t)  # [DDPM] eq. 7 with x0_hat
+        # [DDPM] sec. 3.2: sigma_t^2 = beta_t ("fixedlarge") or beta_tilde_t ("fixedsmall")
+        var = self._at(self.betas, t, xt) if var_type == "beta" else posterior_var
+        return mean, var, x0
+
+    @torch.no_grad()
+    def ddpm_sample_progressive(self, model, shape, generator=None, x_T=None, clip=True, var_type="beta", device=None):
+        """[DDPM] Algorithm 2. Yields (t, x_{t-1}, x0_hat) after every step, from t=T-1 down to 0."""
+        device = device or (x_T.device if x_T is not None else "cpu")
+        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T  # line 1
+        for i in reversed(range(self.T)):  # line 2
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            mean, var, x0 = self.p_mean_variance(model, x, t, clip, var_type)
+            z = torch.randn(shape, generator=generator, device=device) if i > 0 else torch.zeros_like(x)  # line 3
+            x = mean + var.sqrt() * z  # line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
+            yield i, x, x0
+
+    def ddim_timesteps(self, steps):
+        """The sub-sequence tau of [DDIM] sec. 4.2: `steps` indices spread evenly over 0..T-1."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"DDIM steps must be in 1..{self.T}, got {steps}")
+        return torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long().unique()
+
+    @torch.no_grad()
+    def ddim_sample_progressive(self, model, shape, steps=50, eta=0.0, generator=None, x_T=None, clip=True, device=None):
+        """[DDIM] eq. 12 over the sub-sequence tau. Yields (t, x_{t_prev}, x0_hat) after every step."""
+        device = device or (x_T.device if x_T is not None else "cpu")
+        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
+        taus = self.ddim_timesteps(steps).tolist()
+        for i, t_now in reversed(list(enumerate(taus))):
+            t = torch.full((shape[0],), t_now, device=device, dtype=torch.long)
+            x0, eps = self.predict_x0_eps(model(x, t).float(), x, t, clip)
+            a = self._at(self.alphas_cumprod, t, x)  # alpha_t in [DDIM] notation (= our alpha_bar)
+            a_prev = self._at(self.alphas_cumprod, torch.full_like(t, taus[i - 1]), x) if i > 0 else torch.ones_like(a)
+            # [DDIM] eq. 16: sigma = eta sqrt((1 - a_prev)/(1 - a)) sqrt(1 - a/a_prev)
+            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+            # [DDIM] eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
+            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            if eta > 0 and i > 0:
+                x = x + sigma * torch.randn(shape, generator=generator, device=device)
+            yield t_now, x, x0
+
+    @torch.no_grad()
+    def sample(self, model, shape, sampler="ddim", steps=50, eta=0.0, generator=None, x_T=None, clip=True,
+               var_type="beta", device=None, keep=()):
+        """Draw samples. Returns x_0 (B, C, H, W), or (x_0, frames) where frames lists (t, x_t, x0_hat)
+        for every t in `keep`: x_t is the chain after the step from index t, x0_hat is predicted at t."""
+        if sampler == "ddpm":
+            steps_iter = self.ddpm_sample_progressive(model, shape, generator, x_T, clip, var_type, device)
+        elif sampler == "ddim":
+            steps_iter = self.ddim_sample_progressive(model, shape, steps, eta, generator, x_T, clip, device)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+        keep, frames, x = set(keep), [], None
+        for t, x, x0 in steps_iter:
+            if t in keep:
+                frames.append((t, x, x0))
+        return (x, frames) if keep else x

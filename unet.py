@@ -1,0 +1,212 @@
+"""
+The time-conditioned U-Net of DDPM (Ho et al. 2020, appendix B), the network that predicts the noise.
+
+    x_t (B, 3, H, W), t (B,) -> conv_in -> [ResBlock (+ self-attention) x N, downsample] per level
+                             -> middle: ResBlock, self-attention, ResBlock
+                             -> [ResBlock on concat(h, skip) (+ attention) x (N+1), upsample] per level
+                             -> GroupNorm, SiLU, conv_out (zero-initialised) -> (B, 3, H, W)
+
+The timestep enters as a sinusoidal embedding, then an MLP, and is added inside every ResBlock.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# configuration: one preset per image size, every field overridable
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 64
+    in_channels: int = 3
+    ch: int = 128  # base channel count
+    ch_mult: tuple = (1, 2, 2, 2, 4)  # channels per level = ch * mult; len(ch_mult) - 1 downsamplings
+    num_res_blocks: int = 2  # ResBlocks per level in the encoder (the decoder has one more)
+    attn_res: tuple = (16,)  # feature-map sizes that get self-attention
+    dropout: float = 0.1
+    head_dim: int = 64  # attention heads = channels // head_dim (at least 1)
+
+
+PRESETS = {
+    # DDPM's CIFAR-10 network (35.7M params)
+    32: dict(ch=128, ch_mult=(1, 2, 2, 2), attn_res=(16,), dropout=0.1),
+    # the DDIM paper's CelebA 64x64 network: 128 channels, mult 1,2,2,2,4, attention at 16x16, dropout 0.1
+    64: dict(ch=128, ch_mult=(1, 2, 2, 2, 4), attn_res=(16,), dropout=0.1),
+    128: dict(ch=128, ch_mult=(1, 1, 2, 3, 4), attn_res=(16,), dropout=0.1),
+    # DDPM's CelebA-HQ / LSUN 256x256 network
+    256: dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), attn_res=(16,), dropout=0.0),
+}
+
+
+def preset(image_size, **overrides):
+    """The preset for `image_size` (the nearest preset at or below it for other sizes), with overrides."""
+    base = PRESETS[max([s for s in PRESETS if s <= image_size] or [min(PRESETS)])]
+    kw = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    kw["ch_mult"], kw["attn_res"] = tuple(kw["ch_mult"]), tuple(kw["attn_res"])
+    return UNetConfig(image_size=image_size, **kw)
+
+
+def check_config(cfg):
+    """Raise ValueError with a one-line fix if the network cannot be built for cfg.image_size."""
+    factor = 2 ** (len(cfg.ch_mult) - 1)
+    if cfg.image_size < 1 or cfg.image_size % factor:
+        raise ValueError(f"image size {cfg.image_size} is not divisible by {factor} ({len(cfg.ch_mult) - 1} downsamplings "
+                         f"for ch_mult {','.join(map(str, cfg.ch_mult))}); use a multiple of {factor} or a shorter --ch-mult")
+    if cfg.ch < 1 or cfg.num_res_blocks < 1 or not 0 <= cfg.dropout < 1 or min(cfg.ch_mult) < 1:
+        raise ValueError("--ch, --num-res-blocks and every --ch-mult entry must be >= 1, and --dropout in [0, 1)")
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+def norm(c):
+    # GroupNorm with 32 groups (as in DDPM), fewer for narrow layers: every group keeps at least 4
+    # channels, because the time embedding enters as a per-channel bias before a GroupNorm, which would
+    # subtract it away entirely in a group of one channel.
+    return nn.GroupNorm(math.gcd(32, max(1, c // 4)), c)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in the Transformer (DDPM appendix B)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, temb_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, c_out)  # per-channel bias from the time embedding
+        self.norm2, self.dropout, self.conv2 = norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each residual branch starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, temb):  # x (B, c_in, H, W), temb (B, temb_dim) already passed through SiLU
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, c_out, H, W)
+        h = h + self.temb(temb)[:, :, None, None]  # time injected into every block
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    def __init__(self, c, head_dim):
+        super().__init__()
+        self.heads = max(1, c // head_dim)
+        self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, temb=None):  # x (B, C, H, W)
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)  # (B, 3, nh, hs, HW)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, nh, HW, hs)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, HW, hs)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class ResAttnBlock(nn.Module):
+    """A ResBlock, followed by self-attention when the feature map is in attn_res."""
+
+    def __init__(self, c_in, c_out, temb_dim, dropout, attn, head_dim):
+        super().__init__()
+        self.res = ResBlock(c_in, c_out, temb_dim, dropout)
+        self.attn = Attention(c_out, head_dim) if attn else None
+
+    def forward(self, x, temb):
+        x = self.res(x, temb)
+        return self.attn(x) if self.attn is not None else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)  # strided conv: (H, W) -> (H/2, W/2)
+
+    def forward(self, x, temb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, temb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (H, W) -> (2H, 2W)
+
+
+# -----------------------------------------------------------------------------
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        ch, temb_dim = cfg.ch, 4 * cfg.ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        # encoder: remember the channel count of every feature map that becomes a skip connection
+        self.down, skips, c, res = nn.ModuleList(), [ch], ch, cfg.image_size
+        for level, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(ResAttnBlock(c, ch * mult, temb_dim, cfg.dropout, res in cfg.attn_res, cfg.head_dim))
+                c = ch * mult
+                skips.append(c)
+            if level != len(cfg.ch_mult) - 1:
+                self.down.append(Downsample(c))
+                skips.append(c)
+                res //= 2
+
+        self.mid = nn.ModuleList([ResAttnBlock(c, c, temb_dim, cfg.dropout, True, cfg.head_dim),
+                                  ResAttnBlock(c, c, temb_dim, cfg.dropout, False, cfg.head_dim)])
+
+        # decoder: each block takes concat(h, skip); one more block per level than the encoder
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(ResAttnBlock(c + skips.pop(), ch * mult, temb_dim, cfg.dropout, res in cfg.attn_res, cfg.head_dim))
+                c = ch * mult
+            if level != 0:
+                self.up.append(Upsample(c))
+                res *= 2
+
+        self.norm_out, self.conv_out = norm(c), nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # the network starts by predicting 0
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, t):  # x (B, C, H, W), t (B,) timestep indices 0..T-1
+        temb = F.silu(self.time_mlp(timestep_embedding(t, self.cfg.ch)))  # (B, 4ch)
+        h = self.conv_in(x)  # (B, ch, H, W)
+        hs = [h]
+        for block in self.down:
+            h = block(h, temb)
+            hs.append(h)
+        for block in self.mid:
+            h = block(h, temb)  # (B, ch*mult[-1], H/2^L, W/2^L)
+        for block in self.up:
+            h = block(torch.cat([h, hs.pop()], dim=1), temb) if isinstance(block, ResAttnBlock) else block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+def config_dict(cfg):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def build(model_args):
+    """Rebuild a UNet from the plain dict stored in a checkpoint."""
+    return UNet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()}))
