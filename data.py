@@ -365,6 +365,7 @@ def main(argv=None):
                    help="auto: the DDIM CelebA box for 178x218 images, else a centre square; celeba, center, or none (squash)")
     p.add_argument("--cache-dir", default=None, help=f"where the decoded tensors go (default {default_cache_dir()})")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size for the serving-speed measurement")
     p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images here ('' to skip)")
     p.add_argument("--export", default=None, metavar="DIR", help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
     p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into --data")
@@ -386,6 +387,18 @@ def main(argv=None):
             print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {args.workers or os.cpu_count()} threads")
         else:
             print(f"decode:  cached, loaded in {time.time() - t0:.1f}s")
+        if len(d["images"]) >= args.batch_size:  # how fast training batches come out of the cache
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            b, g = Batches(d["images"], args.batch_size, device, seed=0), torch.Generator(device=device)
+            b.get(0, g)
+            t1, n = time.time(), 0
+            while time.time() - t1 < 2 or n < 10:
+                b.get(n, g)
+                n += 1
+            if device == "cuda":
+                torch.cuda.synchronize()
+            print(f"serve:   {n / (time.time() - t1):,.0f} batches/s of {args.batch_size} on {device} "
+                  f"({n * args.batch_size / (time.time() - t1):,.0f} img/s)")
         if args.preview:
             torchvision.utils.save_image(d["images"][:64].float() / 255, args.preview, nrow=8, padding=2)
             print(f"preview: {args.preview}")

@@ -270,17 +270,18 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_tiny_unet_learns_and_samples_near_training_images():
+    # Four fixed 16x16 images; the x0 target makes a few hundred CPU steps enough to memorise them.
     torch.manual_seed(0)
     images = torch.stack([torch.linspace(-1, 1, 16).view(1, 1, 16).expand(3, 16, 16),
                           -torch.linspace(-1, 1, 16).view(1, 16, 1).expand(3, 16, 16),
                           torch.zeros(3, 16, 16).index_fill_(2, torch.arange(4, 12), 0.8) - 0.4,
                           torch.randn(3, 16, 16).clamp(-1, 1)])
-    d = D.GaussianDiffusion(100, "cosine", "eps")
+    d = D.GaussianDiffusion(100, "cosine", "x0")
     m = unet.UNet(tiny_config(ch=32))
     opt = torch.optim.AdamW(m.parameters(), 2e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for step in range(400):
+    for step in range(300):
         x0 = images[torch.randint(0, 4, (16,), generator=g)]
         t = torch.randint(0, 100, (16,), generator=g)
         loss = d.training_losses(m, x0, t, torch.randn(x0.shape, generator=g)).mean()
@@ -288,11 +289,14 @@ def test_tiny_unet_learns_and_samples_near_training_images():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert sum(losses[-50:]) / 50 < 0.08, sum(losses[-50:]) / 50
+    # x0-loss at high noise cannot go to 0 (the best guess there is the mean image): compare to the start
+    assert sum(losses[-50:]) / 50 < 0.4 * sum(losses[:10]) / 10, (losses[:10], losses[-50:])
     m.eval()
     x = d.sample(m, (8, 3, 16, 16), "ddim", steps=25, generator=torch.Generator().manual_seed(1))
-    dist = ((x[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values  # to the nearest training image
-    assert (dist < 0.05).float().mean() >= 0.75, dist
+    dist = ((x[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values  # MSE to the nearest training image
+    noise_dist = ((torch.randn(8, 1, 3, 16, 16).clamp(-1, 1) - images[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values
+    assert (dist < 0.05).sum() >= 6 and noise_dist.min() > 0.5, (dist, noise_dist)
+
 
 # -----------------------------------------------------------------------------
 # data: tiny fake datasets in every layout
