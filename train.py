@@ -153,6 +153,20 @@ def update_ema(ema_params, params, step, decay):
     torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
 
+def train_step(fwd, diffusion, x0, t, noise, opt, scaler, ctx, params, ema_params, step, args):
+    """One optimisation step on the L_simple loss; returns the loss as a tensor (no host sync)."""
+    with ctx:
+        loss = diffusion.training_losses(fwd, x0, t, noise).mean()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # so that clipping sees the true gradient under fp16
+    torch.nn.utils.clip_grad_norm_(params, args.grad_clip, foreach=True)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    update_ema(ema_params, params, step, args.ema_decay)
+    return loss.detach()
+
+
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -328,16 +342,8 @@ def train(args):
         noise = torch.randn((args.batch_size, *x0.shape[1:]), generator=gen, device=device)[shard]  # line 4
         if args.channels_last:
             x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-        with ctx:
-            loss = diffusion.training_losses(fwd, x0, t, noise).mean()  # line 5
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip, foreach=True)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema_params, params, step, args.ema_decay)
-        loss_sum += loss.detach()
+        loss = train_step(fwd, diffusion, x0, t, noise, opt, scaler, ctx, params, ema_params, step, args)  # line 5
+        loss_sum += loss
         n_loss += 1
         step += 1
 
@@ -369,13 +375,14 @@ def train(args):
             log(f"step {step} | val loss {vl:.4f} ({len(val)} images)")
             writer.writerow([step, step // batches.steps_per_epoch, "", f"{vl:.6f}", "", "", f"{time.time() - t0:.1f}"])
             log_file.flush()
-        if master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
+        if master and ((args.sample_every > 0 and step % args.sample_every == 0) or (last and (args.sample_every > 0 or args.dry_run))):
             log(f"step {step} | samples {sample_grid()}")
+        saved = False
         if master and ((args.ckpt_every > 0 and step % args.ckpt_every == 0) or last or stop):
-            if checkpoint():
-                log(f"step {step} | checkpoint {ckpt_path}")
+            saved = checkpoint()
+            log(f"step {step} | checkpoint {ckpt_path}" if saved else f"step {step} | weights not finite: checkpoint not written")
         if stop:
-            log(f"interrupted at step {step}; checkpoint written. Continue with: python train.py --resume --out {args.out}")
+            log(f"interrupted at step {step}" + (f"; checkpoint written. Continue with: python train.py --resume --out {args.out}" if saved else ""))
             break
         t_log += time.time() - t_extra  # evaluation, sampling and saving are not training time
     if log_file:
@@ -396,17 +403,9 @@ def bench(args, model, fwd, diffusion, opt, scaler, ctx, device, world, log):
     params = list(model.parameters())
     ema_params = [p.detach().clone() for p in params]
 
-    def train_step(step):
+    def one_step(step):
         t = torch.randint(0, args.timesteps, (b,), device=device)
-        with ctx:
-            loss = diffusion.training_losses(fwd, x0, t, torch.randn_like(x0)).mean()
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip, foreach=True)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema_params, params, step, args.ema_decay)
+        train_step(fwd, diffusion, x0, t, torch.randn_like(x0), opt, scaler, ctx, params, ema_params, step, args)
 
     with FlopCounterMode(display=False) as fc:  # forward + backward of the eager model, per process
         with ctx:
@@ -416,14 +415,14 @@ def bench(args, model, fwd, diffusion, opt, scaler, ctx, device, world, log):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_c = time.time()
     for i in range(3):  # warm-up: compilation, cudnn autotuning
-        train_step(i)
+        one_step(i)
     sync()
     log(f"bench: warm-up {time.time() - t_c:.1f}s")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     for i in range(args.bench_steps):
-        train_step(3 + i)
+        one_step(3 + i)
     sync()
     dt = (time.time() - t0) / args.bench_steps
     tflops = flops / dt / 1e12
