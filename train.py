@@ -93,6 +93,9 @@ def get_args(argv=None):
                    help="autocast precision; auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU/MPS")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
+    g.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"],
+                   help="recompute each U-Net block in backward (less memory, ~1/3 more compute); auto: on only when "
+                        "the measured activation memory of a batch would not fit the GPU")
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--out", default="out", help="folder for checkpoints, sample grids and log.csv")
     g.add_argument("--log-every", type=positive(int), default=100, help="print a progress line every N steps")
@@ -165,6 +168,25 @@ def train_step(fwd, diffusion, x0, t, noise, opt, scaler, ctx, params, ema_param
     opt.zero_grad(set_to_none=True)
     update_ema(ema_params, params, step, args.ema_decay)
     return loss.detach()
+
+
+def activation_bytes_per_image(model, diffusion, size, device, ctx):
+    """Bytes that autograd keeps for backward per image: the slope between forwards of 1 and 2 images."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def measure(b):
+        seen = set(params)
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                measure.total += t.untyped_storage().nbytes()
+            return t
+        measure.total = 0
+        x = torch.randn(b, 3, size, size, device=device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+            diffusion.training_losses(model, x, torch.zeros(b, dtype=torch.long, device=device), x)
+        return measure.total
+    return measure(2) - measure(1)
 
 
 def fmt_time(s):
@@ -246,6 +268,15 @@ def train(args):
         else:
             torch.manual_seed(args.seed + rank + step)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg}")
+    if args.grad_checkpoint == "auto" and device.type == "cuda":
+        act = activation_bytes_per_image(model, diffusion, cfg.image_size, device, ctx) * (args.batch_size // world)
+        state = 20 * model.num_params()  # fp32 weights, grads, two Adam moments and the EMA copy
+        total = torch.cuda.get_device_properties(device).total_memory
+        model.grad_checkpoint = act + state > 0.85 * total
+        log(f"memory: ~{act / 2**30:.1f} GiB of activations + {state / 2**30:.1f} GiB of weights and optimizer state, "
+            f"{total / 2**30:.1f} GiB on the GPU: activation checkpointing {'on' if model.grad_checkpoint else 'off'}")
+    else:
+        model.grad_checkpoint = args.grad_checkpoint == "on"
     fwd = torch.compile(model) if args.compile else model  # saved state dicts come from `model`: no _orig_mod. prefix
     fwd = DDP(fwd, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else fwd
 
@@ -407,9 +438,12 @@ def bench(args, model, fwd, diffusion, opt, scaler, ctx, device, world, log):
         t = torch.randint(0, args.timesteps, (b,), device=device)
         train_step(fwd, diffusion, x0, t, torch.randn_like(x0), opt, scaler, ctx, params, ema_params, step, args)
 
-    with FlopCounterMode(display=False) as fc:  # forward + backward of the eager model, per process
+    # model FLOPs: forward + backward of the eager model, per process (recomputation is not counted)
+    gc, model.grad_checkpoint = model.grad_checkpoint, False
+    with FlopCounterMode(display=False) as fc:
         with ctx:
             diffusion.training_losses(model, x0, torch.randint(0, args.timesteps, (b,), device=device), torch.randn_like(x0)).mean().backward()
+    model.grad_checkpoint = gc
     opt.zero_grad(set_to_none=True)
     flops = fc.get_total_flops()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -430,7 +464,7 @@ def bench(args, model, fwd, diffusion, opt, scaler, ctx, device, world, log):
     peak = args.peak_tflops or next((p for k, p in PEAK_TFLOPS if k in name), None) if device.type == "cuda" else args.peak_tflops
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
     log(f"bench: {name} | size {args.size} | batch {b}/process x {world} | {args.precision} | compile {args.compile} | "
-        f"channels_last {args.channels_last}")
+        f"channels_last {args.channels_last} | activation checkpointing {model.grad_checkpoint}")
     log(f"bench: {b * world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | "
         f"{tflops:.2f} TFLOP/s/process" + (f" | MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s" if peak else " | MFU n/a (pass --peak-tflops)"))
     return dict(img_per_s=b * world / dt, ms_per_step=dt * 1e3, tflops=tflops)
