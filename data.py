@@ -39,6 +39,16 @@ class DataError(Exception):
     """Bad input: the message names the problem and the fix, and is printed as one line."""
 
 
+def positive(kind):
+    """argparse type: a number > 0."""
+    def parse(s):
+        v = kind(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+    return parse
+
+
 def default_cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-faces")
 
@@ -259,6 +269,10 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
     if not sel["files"]:
         raise DataError(f"--data {path}: the {split} split is empty; use --split train or all")
     cache = cache_file(cache_dir or default_cache_dir(), path, split, crop, size)
+    try:  # fail before decoding, not after
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the cache folder {os.path.dirname(cache)} ({e.strerror or e}); pass a writable --cache-dir")
     fingerprint = _fingerprint(sel["files"], sel)
     if os.path.exists(cache):
         t0 = time.time()
@@ -279,10 +293,12 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
     c = dict(version=CACHE_VERSION, fingerprint=fingerprint, images=images,
              files=[sel["files"][i] for i in kept],
              attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.tmp{os.getpid()}"
-    torch.save(c, tmp)
-    os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache behind
+    try:
+        torch.save(c, tmp)
+        os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache behind
+    except OSError as e:
+        raise DataError(f"cannot write the cache {cache} ({e.strerror or e}); pass a writable --cache-dir")
     log(f"data: wrote cache {cache} ({images.numel() / 2**20:,.0f} MiB)")
     return dict(sel, **c, cache=cache, decode_seconds=seconds)
 
@@ -350,8 +366,9 @@ def download(path, log=print):
     log(f"data: trying torchvision's CelebA download into {path} (about 1.4 GB; Google Drive often refuses with a quota error)")
     try:
         torchvision.datasets.CelebA(path, split="all", target_type="attr", download=True)
-    except Exception as e:
-        raise DataError(f"the CelebA download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {DOWNLOAD_HELP}")
+    except Exception as e:  # Google Drive quotas, no network, or no `gdown` (torchvision needs it for Drive)
+        raise DataError(f"the CelebA download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"torchvision's download also needs `pip install gdown`. Or {DOWNLOAD_HELP}")
 
 # -----------------------------------------------------------------------------
 
@@ -359,13 +376,13 @@ def download(path, log=print):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview of the crop.")
     p.add_argument("--data", required=True, help="CelebA root (torchvision or Kaggle layout) or any folder of images")
-    p.add_argument("--size", type=int, default=64, help="image size after crop and resize (default 64)")
+    p.add_argument("--size", type=positive(int), default=64, help="image size after crop and resize (default 64)")
     p.add_argument("--split", default="train", choices=[*SPLITS, "all"], help="which split (default train)")
     p.add_argument("--crop", default="auto", choices=CROPS,
                    help="auto: the DDIM CelebA box for 178x218 images, else a centre square; celeba, center, or none (squash)")
     p.add_argument("--cache-dir", default=None, help=f"where the decoded tensors go (default {default_cache_dir()})")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size for the serving-speed measurement")
+    p.add_argument("--workers", type=positive(int), default=None, help="decoding threads (default: all cores)")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="batch size for the serving-speed measurement")
     p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images here ('' to skip)")
     p.add_argument("--export", default=None, metavar="DIR", help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
     p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into --data")
@@ -407,7 +424,7 @@ def main(argv=None):
             for f, img in zip(d["files"], d["images"]):
                 torchvision.io.write_png(img, os.path.join(args.export, os.path.splitext(os.path.basename(f))[0] + ".png"))
             print(f"export:  {len(d['files']):,} PNGs in {args.export}")
-    except DataError as e:
+    except (DataError, OSError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

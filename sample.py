@@ -18,7 +18,8 @@ import torchvision
 
 import unet
 from diffusion import GaussianDiffusion
-from train import CheckpointError, load_checkpoint, positive
+import data
+from train import CheckpointError, load_checkpoint, pick_device, positive
 
 
 def get_args(argv=None):
@@ -48,13 +49,18 @@ def main(argv=None):
     args = get_args(argv)
     try:
         run(args)
-    except CheckpointError as e:
+    except (CheckpointError, data.DataError, OSError, ValueError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def run(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"))
+    device = pick_device(args.device)
+    for folder in (os.path.dirname(args.out), args.out_dir):  # before sampling, so a bad path loses no work
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+    if args.eta < 0:
+        raise ValueError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
@@ -75,6 +81,8 @@ def run(args):
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise CheckpointError(f"{args.ckpt} does not match this version of unet.py ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         size = model.cfg.image_size
+        if args.sampler == "ddim" and args.steps > diffusion.T:
+            raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}; use at most {diffusion.T}")
         print(f"loaded {args.ckpt}: step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, {size}x{size}, "
               f"T={diffusion.T} {diffusion.schedule} {diffusion.objective}")
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
@@ -102,8 +110,6 @@ def run(args):
               f"{args.sampler} {steps} steps | {dt / steps * 1e3:.1f} ms per step")
         return
 
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
     images, t0, done = [], time.time(), 0
     while done < args.n:
         x = draw(min(args.batch_size, args.n - done))

@@ -677,3 +677,20 @@ def test_benchmarks_report_throughput():
     assert r.returncode == 0 and "img/s" in r.stdout and "GFLOP/img" in r.stdout and "MFU" in r.stdout, r.stderr
     r = run_cli("sample.py", "--bench", "--size", "16", "--batch-size", "2", "--steps", "2")
     assert r.returncode == 0 and "images/s" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("cmd,message", [
+    (["train.py", "--device", "gpu"], "not a device"),
+    (["train.py", "--ema-decay", "1.5"], "--ema-decay"),
+    (["sample.py", "x.pt", "--eta", "-1"], "--eta"),
+])
+def test_bad_flags_get_one_line_errors(cmd, message):
+    r = run_cli(*cmd)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_unwritable_cache_fails_before_decoding(tmp_path):
+    make_folder(str(tmp_path / "imgs"), n=2)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(data.DataError, match="writable --cache-dir"):
+        data.load(str(tmp_path / "imgs"), 8, "all", cache_dir=str(tmp_path / "file" / "cache"), log=quiet)

@@ -28,6 +28,7 @@ import torchvision
 
 import data
 import unet
+from data import positive
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 
 CKPT_FORMAT = "ddpm-faces-checkpoint-v1"
@@ -40,13 +41,19 @@ class CheckpointError(Exception):
     """A missing, corrupt or foreign checkpoint: printed as one line."""
 
 
-def positive(kind):
-    def parse(s):
-        v = kind(s)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return v
-    return parse
+def pick_device(name, local_rank=0):
+    """--device -> torch.device: the first available of cuda, mps, cpu when name is None."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError:
+        raise data.DataError(f"--device {name}: not a device; use cuda, cuda:N, mps or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise data.DataError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise data.DataError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
 
 
 def int_list(s):
@@ -150,8 +157,9 @@ def lr_at(step, args):
 
 @torch.no_grad()
 def update_ema(ema_params, params, step, decay):
-    # EMA with warm-up (as in torch.optim.swa_utils.get_ema_multi_avg_fn, with the decay computed on the
-    # host so that no step waits for the GPU): ema = decay * ema + (1 - decay) * param
+    # ema = decay * ema + (1 - decay) * param, in one foreach kernel, as torch.optim.swa_utils'
+    # get_ema_multi_avg_fn does. AveragedModel.update_parameters itself is not used: it reads its step
+    # counter on the host every call, a GPU sync per step. Here the warm-up decay is a Python float.
     d = min(decay, (1 + step) / (10 + step))
     torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
@@ -200,7 +208,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         train(args)
-    except (data.DataError, CheckpointError) as e:
+    except (data.DataError, CheckpointError, OSError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -211,12 +219,14 @@ def train(args):
     rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    device = pick_device(args.device, local_rank)
+    if not 0 <= args.ema_decay < 1:
+        raise data.DataError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.9999")
+    if args.sample_steps > args.timesteps:
+        raise data.DataError(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}; lower it")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise data.DataError(f"--out {args.out}: is a file; give a folder for checkpoints and samples")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise data.DataError("--device cuda: no CUDA GPU is visible; use --device cpu")
         torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -241,6 +251,26 @@ def train(args):
         args.seed = int.from_bytes(os.urandom(4), "little") % 2**31
     torch.manual_seed(args.seed + rank)  # dropout; all data randomness comes from `gen` below
     log(f"device {device} x {world} process{'es' if world > 1 else ''}, precision {args.precision}, seed {args.seed}")
+
+    # ---- data (first, so that a wrong --data fails before anything is built)
+    if not args.bench:
+        if args.download and master:
+            try:
+                data.select(args.data)
+            except data.DataError:
+                data.download(args.data, log)
+        if ddp and not master:
+            dist.barrier()  # rank 0 decodes and writes the cache first; the others then load it
+        faces = data.load(args.data, args.size, "train", args.crop, args.cache_dir, log=log)
+        if ddp and master:
+            dist.barrier()
+        val = None
+        if master and args.eval_every > 0:
+            try:
+                v = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=log)
+                val = data.to_float(v["images"][: args.eval_images], device)
+            except data.DataError as e:
+                log(f"no validation loss: {e}")
 
     # ---- model, EMA, optimizer
     try:
@@ -283,23 +313,7 @@ def train(args):
     if args.bench:
         return bench(args, model, fwd, diffusion, opt, scaler, ctx, device, world, log)
 
-    # ---- data
-    if args.download and master:
-        try:
-            data.select(args.data)
-        except data.DataError:
-            data.download(args.data, log)
-    if ddp:
-        dist.barrier()
-    faces = data.load(args.data, args.size, "train", args.crop, args.cache_dir, log=log)
     batches = data.Batches(faces["images"], args.batch_size, device, args.seed, rank, world, flip=not args.no_flip)
-    val = None
-    if master and args.eval_every > 0:
-        try:
-            v = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=log)
-            val = data.to_float(v["images"][: args.eval_images], device)
-        except data.DataError as e:
-            log(f"no validation loss: {e}")
     total = batches.steps_per_epoch * args.epochs
     if args.max_steps:
         total = args.max_steps
