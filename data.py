@@ -12,9 +12,9 @@ Layouts accepted by --data PATH:
     python data.py --data ~/data/celeba --size 64 --export fid_ref   # PNGs for FID reference stats
 """
 import argparse
-import concurrent.futures
 import csv
 import hashlib
+import multiprocessing
 import os
 import sys
 import time
@@ -204,36 +204,39 @@ def preprocess(path, size, crop):
 
 def _preprocess_or_none(job):
     path, size, crop = job
-    try:
-        return preprocess(path, size, crop), None
+    try:  # raw bytes: torch would send every tensor through its own shared-memory segment
+        return preprocess(path, size, crop).numpy().tobytes(), None
     except Exception as e:  # unreadable, corrupt or truncated: skipped with a warning
         return None, f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def _worker_init():
+    torch.set_num_threads(1)  # one image per process; cores come from the processes
+
+
 def decode_all(files, size, crop, workers=None, log=print):
-    """Preprocess every file on all cores. -> ((N, 3, size, size) uint8, kept indices, seconds)."""
-    workers = workers or os.cpu_count() or 1
+    """Preprocess every file on all cores (a process pool: torchvision's decoders hold the GIL).
+    -> ((N, 3, size, size) uint8, kept indices, seconds)"""
+    workers = min(workers or os.cpu_count() or 1, max(1, len(files) // 64))
     images, kept, bad = torch.empty(len(files), 3, size, size, dtype=torch.uint8), [], []
     t0, last = time.time(), 0.0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one image per thread; decoding releases the GIL
-    try:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for i, (img, err) in enumerate(pool.map(_preprocess_or_none, [(f, size, crop) for f in files])):
-                if err:
-                    bad.append(err)
-                    if len(bad) <= MAX_WARNINGS:
-                        log(f"warning: skipped unreadable image {err}")
-                else:
-                    images[len(kept)] = img
-                    kept.append(i)
-                if time.time() - last > 5 or i + 1 == len(files):
-                    last = time.time()
-                    rate = (i + 1) / max(last - t0, 1e-9)
-                    log(f"data: decoded {i + 1:,}/{len(files):,} images ({rate:,.0f} img/s on {workers} threads, "
-                        f"ETA {(len(files) - i - 1) / rate:.0f}s)")
-    finally:
-        torch.set_num_threads(threads)
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(workers, initializer=_worker_init) as pool:
+        jobs = [(f, size, crop) for f in files]
+        for i, (img, err) in enumerate(pool.imap(_preprocess_or_none, jobs, chunksize=32)):
+            if err:
+                bad.append(err)
+                if len(bad) <= MAX_WARNINGS:
+                    log(f"warning: skipped unreadable image {err}")
+            else:
+                images[len(kept)] = torch.frombuffer(bytearray(img), dtype=torch.uint8).view(3, size, size)
+                kept.append(i)
+            if time.time() - last > 5 or i + 1 == len(files):
+                last = time.time()
+                rate = (i + 1) / max(last - t0, 1e-9)
+                log(f"data: decoded {i + 1:,}/{len(files):,} images ({rate:,.0f} img/s on {workers} processes, "
+                    f"ETA {(len(files) - i - 1) / rate:.0f}s)")
     if len(bad) > MAX_WARNINGS:
         log(f"warning: {len(bad) - MAX_WARNINGS:,} more unreadable images skipped ({len(bad):,} in all)")
     return images[: len(kept)].clone(), kept, time.time() - t0
@@ -381,7 +384,7 @@ def main(argv=None):
     p.add_argument("--crop", default="auto", choices=CROPS,
                    help="auto: the DDIM CelebA box for 178x218 images, else a centre square; celeba, center, or none (squash)")
     p.add_argument("--cache-dir", default=None, help=f"where the decoded tensors go (default {default_cache_dir()})")
-    p.add_argument("--workers", type=positive(int), default=None, help="decoding threads (default: all cores)")
+    p.add_argument("--workers", type=positive(int), default=None, help="decoding processes (default: all cores)")
     p.add_argument("--batch-size", type=positive(int), default=128, help="batch size for the serving-speed measurement")
     p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images here ('' to skip)")
     p.add_argument("--export", default=None, metavar="DIR", help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
@@ -401,7 +404,7 @@ def main(argv=None):
             print("splits:  " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " (official partition, images on disk)")
         print(f"cache:   {d['cache']} ({d['images'].numel() / 2**20:,.1f} MiB)")
         if d["decode_seconds"]:
-            print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {args.workers or os.cpu_count()} threads")
+            print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {args.workers or os.cpu_count()} processes")
         else:
             print(f"decode:  cached, loaded in {time.time() - t0:.1f}s")
         if len(d["images"]) >= args.batch_size:  # how fast training batches come out of the cache
