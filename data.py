@@ -342,8 +342,7 @@ class Batches:
             self._perm_epoch = epoch
         b = self.batch_size // self.world
         idx = self._perm[i * self.batch_size + self.rank * b: i * self.batch_size + (self.rank + 1) * b]
-        x = self.images[idx].to(self.device, non_blocking=True)
-        x = x.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] -> [-1, 1]
+        x = to_float(self.images[idx], self.device)
         if self.flip:
             flip = torch.rand(self.batch_size, generator=generator, device=self.device)[self.rank * b:(self.rank + 1) * b] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -352,7 +351,7 @@ class Batches:
 
 def to_float(images, device):
     """(N, 3, H, W) uint8 -> floats in [-1, 1] on device."""
-    return images.to(device).float().div_(127.5).sub_(1.0)
+    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
 
 # -----------------------------------------------------------------------------
 # --download
