@@ -12,41 +12,35 @@ Layouts accepted by --data PATH:
     python data.py --data ~/data/celeba --size 64 --export fid_ref   # PNGs for FID reference stats
 """
 import argparse
+import concurrent.futures
 import csv
 import hashlib
+import importlib.util
 import multiprocessing
 import os
+import signal
 import sys
 import time
-import warnings
+import zlib
 
 import torch
 import torchvision
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+from sample import USER_ERRORS, Parser, atomic_write, check_writable, positive
+
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 CROPS = ("auto", "celeba", "center", "none")
 # The crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image.
 CELEBA_W, CELEBA_H, CELEBA_CX, CELEBA_CY, CELEBA_SIDE = 178, 218, 89, 121, 128
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a CRC-32 of the image bytes, verified on load
 MAX_WARNINGS = 10
-warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 deprecates its decoders; they still work
 
 
 class DataError(Exception):
     """Bad input: the message names the problem and the fix, and is printed as one line."""
-
-
-def positive(kind):
-    """argparse type: a number > 0."""
-    def parse(s):
-        v = kind(s)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return v
-    return parse
 
 
 def default_cache_dir():
@@ -212,6 +206,7 @@ def _preprocess_or_none(job):
 
 def _worker_init():
     torch.set_num_threads(1)  # one image per process; cores come from the processes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: one line, not one per worker
 
 
 def decode_all(files, size, crop, workers=None, log=print):
@@ -222,9 +217,10 @@ def decode_all(files, size, crop, workers=None, log=print):
     t0, last = time.time(), 0.0
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+    try:
         jobs = [(f, size, crop) for f in files]
-        for i, (img, err) in enumerate(pool.imap(_preprocess_or_none, jobs, chunksize=32)):
+        for i, (img, err) in enumerate(pool.map(_preprocess_or_none, jobs, chunksize=32)):
             if err:
                 bad.append(err)
                 if len(bad) <= MAX_WARNINGS:
@@ -237,6 +233,11 @@ def decode_all(files, size, crop, workers=None, log=print):
                 rate = (i + 1) / max(last - t0, 1e-9)
                 log(f"data: decoded {i + 1:,}/{len(files):,} images ({rate:,.0f} img/s on {workers} processes, "
                     f"ETA {(len(files) - i - 1) / rate:.0f}s)")
+    except concurrent.futures.process.BrokenProcessPool:  # a worker was killed (out of memory, or by hand)
+        raise DataError(f"a decoding process died after {len(kept) + len(bad):,} of {len(files):,} images (out of memory, "
+                        "or killed?); nothing was cached: run again")
+    finally:  # also on Ctrl-C: drop the queued work, let the running chunks end
+        pool.shutdown(wait=True, cancel_futures=True)
     if len(bad) > MAX_WARNINGS:
         log(f"warning: {len(bad) - MAX_WARNINGS:,} more unreadable images skipped ({len(bad):,} in all)")
     return images[: len(kept)].clone(), kept, time.time() - t0
@@ -254,14 +255,23 @@ def _fingerprint(files, info):
     return h.hexdigest()
 
 
+def checksum(images):
+    """CRC-32 of a uint8 tensor's bytes, in chunks (about 3 GB/s: seconds for all of CelebA at 64 px)."""
+    flat, crc = images.reshape(-1), 0
+    for i in range(0, flat.numel(), 1 << 26):
+        crc = zlib.crc32(flat[i:i + (1 << 26)].numpy(), crc)
+    return crc
+
+
 def cache_file(cache_dir, path, split, crop, size):
     key = hashlib.sha1(f"{os.path.abspath(os.path.expanduser(path))}|{split}|{crop}|{size}".encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"faces-{split}-{crop}-{size}-{key}.pt")
 
 
-def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print):
+def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print, min_images=1):
     """The images of one split as a uint8 tensor, from the cache when it is fresh.
-    -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache, ...)"""
+    -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache, ...)
+    Fewer than `min_images` files in the split is an error raised before any decoding."""
     if split not in (*SPLITS, "all"):
         raise DataError(f"--split {split}: choose train, valid, test or all")
     if crop not in CROPS:
@@ -271,11 +281,11 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
     sel = select(path, split, log)
     if not sel["files"]:
         raise DataError(f"--data {path}: the {split} split is empty; use --split train or all")
+    if len(sel["files"]) < min_images:
+        raise DataError(f"--data {path}: the {split} split has {len(sel['files']):,} images, fewer than --batch-size {min_images}; "
+                        "lower --batch-size")
     cache = cache_file(cache_dir or default_cache_dir(), path, split, crop, size)
-    try:  # fail before decoding, not after
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the cache folder {os.path.dirname(cache)} ({e.strerror or e}); pass a writable --cache-dir")
+    check_writable(os.path.dirname(cache), "--cache-dir")  # fail before decoding, not after
     fingerprint = _fingerprint(sel["files"], sel)
     if os.path.exists(cache):
         t0 = time.time()
@@ -283,25 +293,21 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
             c = torch.load(cache, mmap=True, weights_only=True)
             ok = (c.get("version") == CACHE_VERSION and c.get("fingerprint") == fingerprint
                   and c["images"].shape[0] == len(c["files"]) and c["images"].shape[1:] == (3, size, size))
-            if ok:
+            if ok and checksum(c["images"]) == c["checksum"]:
                 log(f"data: loaded {len(c['files']):,} {split} images from cache {cache} in {time.time() - t0:.1f}s")
                 return dict(sel, **c, cache=cache, decode_seconds=None)
-            log(f"data: cache {cache} is stale (the data changed); rebuilding")
+            log(f"data: cache {cache} is " + ("corrupt (its image bytes fail their checksum)" if ok else "stale (the data changed)")
+                + "; rebuilding")
         except Exception as e:
             log(f"data: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
     log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images once (crop {crop}, size {size})")
     images, kept, seconds = decode_all(sel["files"], size, crop, workers, log)
     if not kept:
         raise DataError(f"--data {path}: none of the {len(sel['files']):,} images could be read; check the files")
-    c = dict(version=CACHE_VERSION, fingerprint=fingerprint, images=images,
+    c = dict(version=CACHE_VERSION, fingerprint=fingerprint, images=images, checksum=checksum(images),
              files=[sel["files"][i] for i in kept],
              attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
-    tmp = f"{cache}.tmp{os.getpid()}"
-    try:
-        torch.save(c, tmp)
-        os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache behind
-    except OSError as e:
-        raise DataError(f"cannot write the cache {cache} ({e.strerror or e}); pass a writable --cache-dir")
+    atomic_write(lambda tmp: torch.save(c, tmp), cache, "--cache-dir")  # a failed write never leaves a half-written cache
     log(f"data: wrote cache {cache} ({images.numel() / 2**20:,.0f} MiB)")
     return dict(sel, **c, cache=cache, decode_seconds=seconds)
 
@@ -363,26 +369,51 @@ DOWNLOAD_HELP = ("get CelebA by hand: the 'Align&Cropped Images' img_align_celeb
                  "'jessicali9530/celeba-dataset' unzipped as is; then pass --data PATH")
 
 
+NO_NETWORK = ("Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
+              "Connection refused", "timed out", "nodename nor servname", "No route to host", "Max retries exceeded")
+QUOTA = ("Too many users", "quota", "Cannot retrieve the public link", "FileURLRetrievalError")
+
+
+def download_failure(e):
+    """What went wrong in a failed download, in words: no network, a Google Drive refusal, or other."""
+    chain = []
+    while e is not None and len(chain) < 10:  # the exception and what caused it
+        chain.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    text = " | ".join(chain)
+    if any(k in text for k in QUOTA):
+        return "Google Drive refused the file (its download quota for CelebA is used up; this often lasts a day)"
+    if any(k in text for k in NO_NETWORK) or "ConnectionError" in text or "URLError" in text:
+        return "no network: Google Drive could not be reached"
+    return chain[0].splitlines()[0][:300]
+
+
 def download(path, log=print):
-    """torchvision's CelebA download; on failure a DataError that says how to get it by hand."""
+    """torchvision's CelebA download (it needs the gdown package for Google Drive); on failure a DataError
+    that says why and how to get CelebA by hand. A folder the failed attempt left empty is removed."""
+    if importlib.util.find_spec("gdown") is None:
+        raise DataError(f"--download needs the gdown package, which torchvision uses for Google Drive: pip install gdown. Or {DOWNLOAD_HELP}")
     log(f"data: trying torchvision's CelebA download into {path} (about 1.4 GB; Google Drive often refuses with a quota error)")
+    existed = os.path.exists(path)
     try:
         torchvision.datasets.CelebA(path, split="all", target_type="attr", download=True)
-    except Exception as e:  # Google Drive quotas, no network, or no `gdown` (torchvision needs it for Drive)
-        raise DataError(f"the CelebA download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"torchvision's download also needs `pip install gdown`. Or {DOWNLOAD_HELP}")
+    except Exception as e:
+        for folder in (os.path.join(path, "celeba"), path):  # leave nothing empty behind that was not there before
+            if os.path.isdir(folder) and not os.listdir(folder) and (folder != path or not existed):
+                os.rmdir(folder)
+        raise DataError(f"the CelebA download failed: {download_failure(e)}. Or {DOWNLOAD_HELP}")
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview of the crop.")
+    p = Parser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview of the crop.")
     p.add_argument("--data", required=True, help="CelebA root (torchvision or Kaggle layout) or any folder of images")
-    p.add_argument("--size", type=positive(int), default=64, help="image size after crop and resize (default 64)")
-    p.add_argument("--split", default="train", choices=[*SPLITS, "all"], help="which split (default train)")
+    p.add_argument("--size", type=positive(int), default=64, help="image size after crop and resize")
+    p.add_argument("--split", default="train", choices=[*SPLITS, "all"], help="which split")
     p.add_argument("--crop", default="auto", choices=CROPS,
                    help="auto: the DDIM CelebA box for 178x218 images, else a centre square; celeba, center, or none (squash)")
-    p.add_argument("--cache-dir", default=None, help=f"where the decoded tensors go (default {default_cache_dir()})")
+    p.add_argument("--cache-dir", default=None, help="where the decoded tensors go (default: $XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
     p.add_argument("--workers", type=positive(int), default=None, help="decoding processes (default: all cores)")
     p.add_argument("--batch-size", type=positive(int), default=128, help="batch size for the serving-speed measurement")
     p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images here ('' to skip)")
@@ -426,9 +457,12 @@ def main(argv=None):
             for f, img in zip(d["files"], d["images"]):
                 torchvision.io.write_png(img, os.path.join(args.export, os.path.splitext(os.path.basename(f))[0] + ".png"))
             print(f"export:  {len(d['files']):,} PNGs in {args.export}")
-    except (DataError, OSError) as e:  # bad input: one line, no traceback
+    except (DataError, OSError, *USER_ERRORS) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was cached; run again to decode", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

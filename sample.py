@@ -1,5 +1,6 @@
 """
 Draw faces from a checkpoint written by train.py. The checkpoint alone rebuilds the model (EMA weights).
+This file needs only unet.py and diffusion.py beside it; train.py imports its checkpoint helpers.
 
     python sample.py out/ckpt.pt                              # 64 faces -> samples.png
     python sample.py out/ckpt.pt --n 10000 --out-dir fid_gen  # numbered PNGs for FID tools
@@ -11,21 +12,169 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 import time
+import warnings
 
 import torch
 import torchvision
+from PIL import Image
 
 import unet
 from diffusion import GaussianDiffusion
-import data
-from train import CheckpointError, load_checkpoint, pick_device, positive
+
+CKPT_FORMAT = "ddpm-faces-checkpoint-v1"
+warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 deprecates its image codecs; they still work
+
+# -----------------------------------------------------------------------------
+# errors the user can fix: each is printed as one line, with exit code 2
+
+
+class UsageError(Exception):
+    """A bad flag or path: the message names it and the fix."""
+
+
+class CheckpointError(Exception):
+    """A missing, corrupt or foreign checkpoint."""
+
+
+class WriteError(Exception):
+    """A file could not be written (disk full, read-only, quota): the message names the file and the flag."""
+
+
+USER_ERRORS = (UsageError, CheckpointError, WriteError)
+
+
+def positive(kind):
+    """argparse type: a number > 0."""
+    def parse(s):
+        v = kind(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+    return parse
+
+
+def non_negative(s):
+    """argparse type: an integer >= 0 (0 usually means never)."""
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' once, and not at all where the default is None or False (the help says it)."""
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with HelpFormatter, whose errors are one line (the usage is what -h prints)."""
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} -h lists the flags)\n")
+
+
+def pick_device(name, local_rank=0):
+    """--device -> torch.device: the first available of cuda, mps, cpu when name is None."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use cuda, cuda:N, mps or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+def why(e):
+    """A short reason for a failed write: the OS's words when there are some."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return "the write failed part-way: disk full or over quota?"
+
+
+def check_writable(folder, flag):
+    """Create `folder` and write a scratch file in it, so that a bad output path fails before any work."""
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder or "."):
+            pass
+    except OSError as e:
+        raise WriteError(f"{flag} {folder}: cannot write there ({why(e)}); pass a writable folder")
+
+
+def atomic_write(write, path, flag):
+    """write(tmp_path), then rename over `path`: a failure at any point leaves `path` as it was and no
+    temporary file behind, and raises WriteError naming the file and the flag."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path} ({why(e)}); free some space or pass another {flag}")
+
+
+def save_checkpoint(obj, path, flag="--out"):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+    atomic_write(write, path, flag)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) with one-line errors for missing, corrupt and foreign files.
+    A folder is taken to mean the ckpt.pt inside it."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "ckpt.pt")):
+            raise CheckpointError(f"{path} is a folder without a ckpt.pt; pass the checkpoint file that train.py wrote")
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote (in its --out folder)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated? {type(e).__name__}); "
+                              "use another checkpoint or retrain")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} was not written by this project's train.py (no '{CKPT_FORMAT}' marker); "
+                              "pass a ckpt.pt from train.py's --out folder")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """-> (UNet with the EMA weights, GaussianDiffusion) as the checkpoint describes them."""
+    try:
+        model = unet.build(ckpt["model_args"])
+        model.load_state_dict(ckpt["ema"])
+        a = ckpt["args"]
+        return model, GaussianDiffusion(a["timesteps"], a["schedule"], a["objective"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not match this version of unet.py ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def image_formats():
+    """File extensions Pillow can write, e.g. {'.png', '.jpg', ...}."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+# -----------------------------------------------------------------------------
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample faces from a train.py checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("ckpt", nargs="?", default=None, help="checkpoint path (out/ckpt.pt); not needed with --bench")
+    p = Parser(description="Sample faces from a train.py checkpoint.")
+    p.add_argument("ckpt", nargs="?", default=None, help="checkpoint path (out/ckpt.pt, or the out folder); not needed with --bench")
     p.add_argument("--n", type=positive(int), default=64, help="number of images")
     p.add_argument("--batch-size", type=positive(int), default=256, help="images per forward pass")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (few steps) or DDPM ancestral (all T steps)")
@@ -34,7 +183,7 @@ def get_args(argv=None):
     p.add_argument("--var", default="beta", choices=["beta", "posterior"], help="DDPM sigma_t^2: beta_t or the posterior variance")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same faces")
-    p.add_argument("--out", default="samples.png", help="grid PNG to write")
+    p.add_argument("--out", default="samples.png", help="grid image to write (.png, .jpg, .webp, ...)")
     p.add_argument("--out-dir", default=None, help="also write every image as a numbered PNG here (for pytorch-fid / clean-fid)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -49,18 +198,32 @@ def main(argv=None):
     args = get_args(argv)
     try:
         run(args)
-    except (CheckpointError, data.DataError, OSError, ValueError) as e:  # bad input: one line, no traceback
+    except USER_ERRORS as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_outputs(args):
+    """Every output path is checked before sampling, so that a bad one loses no work."""
+    if not args.bench:
+        if os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a folder; give an image file name such as {os.path.join(args.out, 'samples.png')}")
+        ext = os.path.splitext(args.out)[1].lower()
+        if ext not in image_formats():
+            raise UsageError(f"--out {args.out}: '{ext or 'no extension'}' is not an image format Pillow writes; use .png, .jpg or .webp")
+        check_writable(os.path.dirname(args.out), "--out")
+    if args.out_dir:
+        check_writable(args.out_dir, "--out-dir")
 
 
 def run(args):
     device = pick_device(args.device)
-    for folder in (os.path.dirname(args.out), args.out_dir):  # before sampling, so a bad path loses no work
-        if folder:
-            os.makedirs(folder, exist_ok=True)
     if args.eta < 0:
-        raise ValueError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
+        raise UsageError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
+    check_outputs(args)
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
@@ -71,18 +234,12 @@ def run(args):
         model, diffusion, size = unet.UNet(unet.preset(args.size)), GaussianDiffusion(), args.size
     else:
         if args.ckpt is None:
-            raise CheckpointError("no checkpoint given; usage: python sample.py out/ckpt.pt")
+            raise UsageError("no checkpoint given; usage: python sample.py out/ckpt.pt")
         ckpt = load_checkpoint(args.ckpt)
-        try:
-            model = unet.build(ckpt["model_args"])
-            model.load_state_dict(ckpt["ema"])  # always the EMA weights
-            a = ckpt["args"]
-            diffusion = GaussianDiffusion(a["timesteps"], a["schedule"], a["objective"])
-        except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{args.ckpt} does not match this version of unet.py ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        model, diffusion = model_from_checkpoint(ckpt, args.ckpt)
         size = model.cfg.image_size
         if args.sampler == "ddim" and args.steps > diffusion.T:
-            raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}; use at most {diffusion.T}")
+            raise UsageError(f"--steps {args.steps} is more than the model's T={diffusion.T}; use at most {diffusion.T}")
         print(f"loaded {args.ckpt}: step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, {size}x{size}, "
               f"T={diffusion.T} {diffusion.schedule} {diffusion.objective}")
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
@@ -115,13 +272,16 @@ def run(args):
         x = draw(min(args.batch_size, args.n - done))
         if args.out_dir:
             for i, img in enumerate(x):
-                torchvision.io.write_png(img, os.path.join(args.out_dir, f"{done + i:06d}.png"))
+                path = os.path.join(args.out_dir, f"{done + i:06d}.png")
+                atomic_write(lambda tmp: torchvision.io.write_png(img, tmp), path, "--out-dir")
         if len(images) * args.batch_size < 1024:  # the grid shows the first images only
             images.append(x)
         done += len(x)
         print(f"{done}/{args.n} images | {done / (time.time() - t0):,.2f} images/s")
     grid = torch.cat(images)[: min(args.n, 1024)]
-    torchvision.utils.save_image(grid.float() / 255, args.out, nrow=int(math.sqrt(len(grid)) + 0.5) if len(grid) > 8 else len(grid))
+    nrow = int(math.sqrt(len(grid)) + 0.5) if len(grid) > 8 else len(grid)
+    fmt = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]  # the temporary name has no extension
+    atomic_write(lambda tmp: torchvision.utils.save_image(grid.float() / 255, tmp, format=fmt, nrow=nrow), args.out, "--out")
     print(f"wrote {args.out}" + (f" and {args.n} PNGs in {args.out_dir}" if args.out_dir else ""))
 
 

@@ -3,7 +3,7 @@ Train a DDPM on CelebA. One GPU, many (torchrun), MPS or CPU.
 
     python train.py --data data --size 64 --epochs 100
     torchrun --nproc_per_node=8 train.py --data data --size 64 --epochs 100
-    python train.py --resume                   # continue from out/ckpt.pt
+    python train.py --resume --out out         # continue the run in out/ (every setting from out/ckpt.pt)
     python train.py --bench --compile          # img/s, TFLOP/s and MFU on synthetic data
 
 Everything random in step s (the batch order, flips, t, noise) is drawn from a generator seeded with
@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -28,50 +29,42 @@ import torchvision
 
 import data
 import unet
-from data import positive
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
+from sample import (CKPT_FORMAT, USER_ERRORS, CheckpointError, Parser, UsageError, WriteError, atomic_write, check_writable,
+                    load_checkpoint, non_negative, pick_device, positive, save_checkpoint)
 
-CKPT_FORMAT = "ddpm-faces-checkpoint-v1"
 # dense bf16 tensor-core peak (TFLOP/s) by device name; the first match wins. --peak-tflops overrides.
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
                ("L40S", 362), ("L4", 121), ("A10G", 70), ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125)]
-
-
-class CheckpointError(Exception):
-    """A missing, corrupt or foreign checkpoint: printed as one line."""
-
-
-def pick_device(name, local_rank=0):
-    """--device -> torch.device: the first available of cuda, mps, cpu when name is None."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-    except RuntimeError:
-        raise data.DataError(f"--device {name}: not a device; use cuda, cuda:N, mps or cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise data.DataError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise data.DataError(f"--device {name}: MPS is not available here; use --device cpu")
-    return device
+# flags that may differ from the checkpoint on --resume; every other setting is the checkpoint's
+RESUME_MAY_CHANGE = ("data", "cache_dir", "epochs", "max_steps", "log_every", "sample_every", "sample_steps", "sample_n",
+                     "eval_every", "eval_images", "ckpt_every", "out", "device", "precision", "compile", "channels_last",
+                     "grad_checkpoint", "peak_tflops")
+NOT_FROM_CHECKPOINT = ("resume", "overwrite", "dry_run", "bench", "bench_steps", "download")
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
 
 
 def int_list(s):
     try:
-        return tuple(int(v) for v in s.split(",") if v.strip())
+        v = tuple(int(x) for x in s.split(",") if x.strip())
     except ValueError:
+        v = ()
+    if not v:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,2,2, got {s!r}")
+    return v
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a DDPM (denoising diffusion) on CelebA faces.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def make_parser():
+    p = Parser(description="Train a DDPM (denoising diffusion) on CelebA faces.",
+               epilog="--resume takes every setting from the checkpoint, --data included. Only these may be given "
+                      "again with other values: " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+                      + " (--data: a moved copy of the same images). Any other flag that contradicts the checkpoint is refused.")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="data", help="CelebA root (torchvision or Kaggle layout) or a folder of images")
-    g.add_argument("--download", action="store_true", help="try torchvision's CelebA download into --data if no images are there")
+    g.add_argument("--download", action="store_true", help="try torchvision's CelebA download into --data if no images are there (needs pip install gdown)")
     g.add_argument("--size", type=positive(int), default=64, help="image size; also picks the U-Net preset (32, 64, 128, 256)")
     g.add_argument("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM CelebA box for 178x218 images, else a centre square")
-    g.add_argument("--cache-dir", default=None, help="where decoded images are cached (default ~/.cache/ddpm-faces)")
+    g.add_argument("--cache-dir", default=None, help="where decoded images are cached (default: $XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     g = p.add_argument_group("model (defaults come from the --size preset)")
     g.add_argument("--ch", type=positive(int), default=None, help="base channel count")
@@ -83,13 +76,13 @@ def get_args(argv=None):
     g.add_argument("--timesteps", type=positive(int), default=1000, help="T, the number of diffusion steps")
     g.add_argument("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
     g.add_argument("--objective", default="eps", choices=OBJECTIVES, help="what the network predicts")
-    g.add_argument("--min-snr-gamma", type=positive(float), default=None, help="min-SNR-gamma loss weighting (e.g. 5); off by default")
+    g.add_argument("--min-snr-gamma", type=positive(float), default=None, help="min-SNR-gamma loss weighting, e.g. 5 (off unless given)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive(int), default=100, help="passes over the training split")
     g.add_argument("--max-steps", type=positive(int), default=None, help="stop after this many steps in all (overrides --epochs)")
     g.add_argument("--batch-size", type=positive(int), default=128, help="global batch size, split over the GPUs")
     g.add_argument("--lr", type=positive(float), default=2e-4, help="peak AdamW learning rate")
-    g.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
+    g.add_argument("--warmup", type=non_negative, default=5000, help="linear learning-rate warm-up steps, at most a tenth of the run")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (with warm-up min(decay, (1+s)/(10+s)))")
@@ -102,48 +95,38 @@ def get_args(argv=None):
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
     g.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"],
                    help="recompute each U-Net block in backward (less memory, ~1/3 more compute); auto: on only when "
-                        "the measured activation memory of a batch would not fit the GPU")
+                        "the measured activation memory of a batch would not fit the device")
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--out", default="out", help="folder for checkpoints, sample grids and log.csv")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that already holds one, replacing it")
     g.add_argument("--log-every", type=positive(int), default=100, help="print a progress line every N steps")
-    g.add_argument("--sample-every", type=int, default=5000, help="sample grid from fixed noise with the EMA weights every N steps (0: never)")
+    g.add_argument("--sample-every", type=non_negative, default=5000, help="sample grid from fixed noise with the EMA weights every N steps (0: never)")
     g.add_argument("--sample-steps", type=positive(int), default=50, help="DDIM steps for those grids")
     g.add_argument("--sample-n", type=positive(int), default=64, help="images in those grids")
-    g.add_argument("--eval-every", type=int, default=5000, help="validation loss every N steps (0: never)")
+    g.add_argument("--eval-every", type=non_negative, default=5000, help="validation loss every N steps (0: never)")
     g.add_argument("--eval-images", type=positive(int), default=1024, help="validation images per evaluation")
-    g.add_argument("--ckpt-every", type=int, default=5000, help="write out/ckpt.pt every N steps (and always at the end)")
+    g.add_argument("--ckpt-every", type=non_negative, default=5000, help="write ckpt.pt in --out every N steps (0: only at the end)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint: a path, or no value for the latest in --out")
-    g.add_argument("--dry-run", action="store_true", help="2 steps, then one eval, sample grid and checkpoint: checks a setup quickly")
+                   help="continue a run from its checkpoint: a path, or no value for ckpt.pt in --out. Every setting comes "
+                        "from the checkpoint; see the list below for the flags that may change")
+    g.add_argument("--dry-run", action="store_true", help="2 steps at a small batch, then one eval, sample grid and checkpoint: checks a setup quickly")
     g = p.add_argument_group("benchmark")
     g.add_argument("--bench", action="store_true", help="time training steps on synthetic data and print img/s, TFLOP/s, MFU")
     g.add_argument("--bench-steps", type=positive(int), default=20, help="timed steps for --bench")
     g.add_argument("--peak-tflops", type=positive(float), default=None, help="the device's peak TFLOP/s for MFU (default: from a table)")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    """-> (args, the set of flags given on the command line)."""
+    args = make_parser().parse_args(argv)
+    quiet = make_parser()
+    for action in quiet._actions:  # parse again with no defaults: what is left was typed by the user
+        action.default = argparse.SUPPRESS
+    return args, set(vars(quiet.parse_args(argv)))
 
 # -----------------------------------------------------------------------------
-# checkpoints: one self-describing file, written atomically
-
-
-def save_checkpoint(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save leaves the previous checkpoint intact
-
-
-def load_checkpoint(path):
-    """torch.load(weights_only=True) with one-line errors for missing, corrupt and foreign files."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote (in its --out folder)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated? {type(e).__name__}); "
-                              "use another checkpoint or retrain")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} was not written by this project's train.py (no '{CKPT_FORMAT}' marker); "
-                              "pass a ckpt.pt from train.py's --out folder")
-    return ckpt
+# small pieces
 
 
 def model_config(args):
@@ -152,7 +135,7 @@ def model_config(args):
 
 
 def lr_at(step, args):
-    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps > 0 else args.lr
 
 
 @torch.no_grad()
@@ -197,275 +180,440 @@ def activation_bytes_per_image(model, diffusion, size, device, ctx):
     return measure(2) - measure(1)
 
 
+def device_memory(device):
+    """Bytes a training run may use on `device`: the GPU's total, or the memory the OS has available."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable page cache
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def fmt_bytes(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def fmt_value(v):
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args, given = get_args(argv)
     try:
-        train(args)
-    except (data.DataError, CheckpointError, OSError) as e:  # bad input: one line, no traceback
+        code = train(args, given)
+    except (data.DataError, *USER_ERRORS) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training started (while decoding, say)
+        print("interrupted before training started; nothing to save", file=sys.stderr)
+        sys.exit(130)
+    if code:
+        sys.exit(code)
 
 
-def train(args):
-    # ---- processes and devices: DDP when torchrun set RANK
+def train(args, given):
+    env = setup(args, given)  # devices, processes, resume, checks: everything that needs no data
+    if args.bench:
+        run = build(args, env, None)
+        return bench(args, run, env)
+    faces, val = load_data(args, env)
+    run = build(args, env, faces)
+    if run.step >= run.total:
+        env.log(f"nothing to do: the checkpoint is at step {run.step} and the run ends at step {run.total}; "
+                "raise --max-steps or --epochs to train further")
+        return 0
+    return train_loop(args, env, run, val)
+
+# -----------------------------------------------------------------------------
+# phase 1: processes, devices, resume and every check that needs no data
+
+
+def setup(args, given):
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    device = pick_device(args.device, local_rank)
-    if not 0 <= args.ema_decay < 1:
-        raise data.DataError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.9999")
-    if args.sample_steps > args.timesteps:
-        raise data.DataError(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}; lower it")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise data.DataError(f"--out {args.out}: is a file; give a folder for checkpoints and samples")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    env = SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, ckpt=None, log=print if rank == 0 else (lambda *a, **k: None))
+    if args.resume:
+        resume_args(args, given, env)
+    check_args(args, env)
+    env.device = pick_device(args.device, local_rank)
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
     if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo")
+    env.precision = args.precision
     if args.precision == "auto":
-        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+        env.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if env.device.type == "cuda" else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[env.precision]
+    env.ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(env.device.type, dtype=dtype)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul/conv work
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-
-    # ---- resume: model and diffusion come from the checkpoint
-    ckpt = None
-    if args.resume:
-        path = os.path.join(args.out, "ckpt.pt") if args.resume == "latest" else args.resume
-        ckpt = load_checkpoint(path)
-        for k in ("size", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "timesteps", "schedule", "objective",
-                  "min_snr_gamma", "seed", "crop"):
-            setattr(args, k, ckpt["args"][k])
-        log(f"resuming from {path} at step {ckpt['step']}")
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little") % 2**31
-    torch.manual_seed(args.seed + rank)  # dropout; all data randomness comes from `gen` below
-    log(f"device {device} x {world} process{'es' if world > 1 else ''}, precision {args.precision}, seed {args.seed}")
+    torch.manual_seed(args.seed + rank)  # dropout; all data randomness comes from a generator seeded per step
+    env.log(f"device {env.device} x {world} process{'es' if world > 1 else ''}, precision {env.precision}, seed {args.seed}")
+    return env
 
-    # ---- data (first, so that a wrong --data fails before anything is built)
-    if not args.bench:
-        if args.download and master:
-            try:
-                data.select(args.data)
-            except data.DataError:
-                data.download(args.data, log)
-        if ddp and not master:
-            dist.barrier()  # rank 0 decodes and writes the cache first; the others then load it
-        faces = data.load(args.data, args.size, "train", args.crop, args.cache_dir, log=log)
-        if ddp and master:
-            dist.barrier()
-        val = None
-        if master and args.eval_every > 0:
-            try:
-                v = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=log)
-                val = data.to_float(v["images"][: args.eval_images], device)
-            except data.DataError as e:
-                log(f"no validation loss: {e}")
 
-    # ---- model, EMA, optimizer
+def resume_args(args, given, env):
+    """--resume: every setting comes from the checkpoint; a given flag that contradicts it is refused."""
+    path = os.path.join(args.out, "ckpt.pt") if args.resume == "latest" else args.resume
+    env.ckpt = load_checkpoint(path)
+    if "out" not in given and args.resume != "latest":  # --resume PATH continues in the checkpoint's folder
+        args.out = os.path.dirname(path) if not os.path.isdir(path) else path
+    saved = env.ckpt["args"]
+    for k, v in saved.items():
+        if k in NOT_FROM_CHECKPOINT or k == "out" or not hasattr(args, k):
+            continue
+        mine = getattr(args, k)
+        same = (tuple(mine) if isinstance(mine, (list, tuple)) else mine) == (tuple(v) if isinstance(v, (list, tuple)) else v)
+        if k in given and k not in RESUME_MAY_CHANGE and not same:
+            flag = "--" + k.replace("_", "-")
+            raise UsageError(f"{flag} {fmt_value(mine)} contradicts the checkpoint's {fmt_value(v)} ({path}); "
+                             f"drop {flag} to continue the run, or start a new run in another --out")
+        if k not in given:
+            setattr(args, k, tuple(v) if isinstance(v, list) else v)
+    args.warmup_steps = saved.get("warmup_steps", saved["warmup"])
+    env.log(f"resuming from {path} at step {env.ckpt['step']}")
+
+
+def check_args(args, env):
+    """Everything that can be checked without data, so that a mistake costs seconds, not a decode."""
+    if not 0 <= args.ema_decay < 1:
+        raise UsageError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.9999")
+    if args.sample_steps > args.timesteps:
+        raise UsageError(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}; lower it")
+    if args.dry_run:
+        if args.resume:
+            raise UsageError("--dry-run writes its checkpoint into --out, so it does not go with --resume; dry-run into another --out")
+        args.batch_size = min(args.batch_size, 4 * env.world)  # small enough to run anywhere
+        args.sample_steps, args.sample_n = min(args.sample_steps, 10), min(args.sample_n, 4)
+    if args.batch_size % env.world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({env.world})")
     try:
-        cfg = unet.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_args"].items()}) if ckpt else model_config(args)
-        model = unet.UNet(cfg)
-        diffusion = GaussianDiffusion(args.timesteps, args.schedule, args.objective, args.min_snr_gamma).to(device)
+        unet.check_config(model_config(args))
     except ValueError as e:
-        raise data.DataError(str(e))
-    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        raise UsageError(str(e))
+    if args.bench:
+        return
+    args.data = os.path.abspath(os.path.expanduser(args.data))  # so that --resume works from any folder
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: is a file; give a folder for checkpoints and samples")
+    if not args.resume and os.path.exists(ckpt_path) and not args.overwrite:
+        raise UsageError(f"--out {args.out} already holds a run ({ckpt_path}); continue it with "
+                         f"python train.py --resume --out {args.out}, pick another --out, or pass --overwrite to replace it")
+    if env.master:
+        check_writable(args.out, "--out")
+
+# -----------------------------------------------------------------------------
+# phase 2: data, model, optimizer
+
+
+def load_data(args, env):
+    """-> (training images (N, 3, H, W) uint8, validation batch in [-1, 1] on the device or None)."""
+    if args.download and env.master:
+        try:
+            data.select(args.data)
+        except data.DataError:
+            data.download(args.data, env.log)
+    if env.ddp and not env.master:
+        dist.barrier()  # rank 0 decodes and writes the cache first; the others then load it
+    faces = data.load(args.data, args.size, "train", args.crop, args.cache_dir, log=env.log, min_images=args.batch_size)
+    if env.ddp and env.master:
+        dist.barrier()
+    saved = env.ckpt and env.ckpt.get("train_images")
+    if saved and saved != len(faces["images"]):
+        raise UsageError(f"--data {args.data} has {len(faces['images']):,} training images, the checkpoint's run had {saved:,}; "
+                         "resume with the same data")
+    val = None
+    if env.master and args.eval_every > 0:
+        try:
+            v = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=env.log)
+            val = data.to_float(v["images"][: args.eval_images], env.device)
+        except data.DataError as e:
+            env.log(f"no validation loss: {e}")
+    return faces["images"], val
+
+
+def build(args, env, faces):
+    """Model, EMA, optimizer and scaler (from the checkpoint when resuming), the memory plan, the schedule."""
+    ckpt, device = env.ckpt, env.device
+    cfg = unet.config_from_dict(ckpt["model_args"]) if ckpt else model_config(args)
+    model = unet.UNet(cfg).to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    diffusion = GaussianDiffusion(args.timesteps, args.schedule, args.objective, args.min_snr_gamma).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")  # fused: the whole update in a few kernels
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # a no-op unless fp16
-    step = 0
+    scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")  # a no-op unless fp16
+    run = SimpleNamespace(cfg=cfg, model=model, ema=ema, opt=opt, scaler=scaler, diffusion=diffusion, step=0, elapsed=0.0)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        if ckpt.get("world_size") == world:  # the dropout RNG continues exactly on the same world size
+        run.step, run.elapsed = ckpt["step"], ckpt.get("elapsed", 0.0)
+        if ckpt.get("world_size") == env.world:  # the dropout RNG continues exactly on the same world size
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         else:
-            torch.manual_seed(args.seed + rank + step)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg}")
-    if args.grad_checkpoint == "auto" and device.type == "cuda":
-        act = activation_bytes_per_image(model, diffusion, cfg.image_size, device, ctx) * (args.batch_size // world)
-        state = 20 * model.num_params()  # fp32 weights, grads, two Adam moments and the EMA copy
-        total = torch.cuda.get_device_properties(device).total_memory
-        model.grad_checkpoint = act + state > 0.85 * total
-        log(f"memory: ~{act / 2**30:.1f} GiB of activations + {state / 2**30:.1f} GiB of weights and optimizer state, "
-            f"{total / 2**30:.1f} GiB on the GPU: activation checkpointing {'on' if model.grad_checkpoint else 'off'}")
-    else:
+            torch.manual_seed(args.seed + env.rank + run.step)
+    env.log(f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg}")
+    plan_memory(args, env, run, args.batch_size)
+    run.fwd = torch.compile(model) if args.compile else model  # state dicts come from `model`: no _orig_mod. prefix
+    run.fwd = DDP(run.fwd, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else run.fwd
+    if faces is not None:
+        run.batches = data.Batches(faces, args.batch_size, device, args.seed, env.rank, env.world, flip=not args.no_flip)
+        run.total = args.max_steps or run.batches.steps_per_epoch * args.epochs
+        if args.dry_run:
+            run.total = run.step + 2
+        if not ckpt:  # the warm-up never takes more than a tenth of the run; kept from the start on resume
+            args.warmup_steps = min(args.warmup, run.total // 10)
+        env.log(f"data: {len(faces):,} training images, {run.batches.steps_per_epoch:,} steps per epoch at batch {args.batch_size}, "
+                f"{run.total:,} steps in all, lr warm-up over {args.warmup_steps:,} steps"
+                + (f" (--warmup {args.warmup} is more than a tenth of the run)" if args.warmup_steps < args.warmup else ""))
+    return run
+
+
+def plan_memory(args, env, run, batch):
+    """Estimate a training step's memory from the activations autograd keeps per image (measured on 1 and
+    2 images); with --grad-checkpoint auto turn activation checkpointing on only when the batch needs it,
+    and refuse a batch that cannot fit with a one-line error that names one that can."""
+    model, b = run.model, batch // env.world
+    if env.device.type == "mps":  # unified memory, no figure to plan against
         model.grad_checkpoint = args.grad_checkpoint == "on"
-    fwd = torch.compile(model) if args.compile else model  # saved state dicts come from `model`: no _orig_mod. prefix
-    fwd = DDP(fwd, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else fwd
+        return
+    available = device_memory(env.device)
+    budget, state = 0.85 * available, 20 * model.num_params()  # fp32 weights, grads, two Adam moments, EMA
+    for on in ([False, True] if args.grad_checkpoint == "auto" else [args.grad_checkpoint == "on"]):
+        model.grad_checkpoint = on
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):  # leaves the RNG as it was
+            per_image = 1.25 * activation_bytes_per_image(model, run.diffusion, run.cfg.image_size, env.device, env.ctx)  # +25%: backward's temporaries
+        need = state + b * per_image
+        if need <= budget:
+            env.log(f"memory: ~{fmt_bytes(need)} for a batch of {b} (of {fmt_bytes(available)} on {env.device.type}); "
+                    f"activation checkpointing {'on' if on else 'off'}")
+            return
+    fit = int((budget - state) / per_image) * env.world
+    hint = f"use --batch-size {fit} or less" if fit >= env.world else "use a smaller model (--ch)"
+    hint += ", or --grad-checkpoint auto" if args.grad_checkpoint == "off" else ""
+    raise UsageError(f"a batch of {batch} needs ~{fmt_bytes(need)}, more than the {fmt_bytes(available)} available "
+                     f"on {env.device.type}: {hint}")
 
-    if args.bench:
-        return bench(args, model, fwd, diffusion, opt, scaler, ctx, device, world, log)
+# -----------------------------------------------------------------------------
+# phase 3: the training loop ([DDPM] Algorithm 1) and what it does every so often
 
-    batches = data.Batches(faces["images"], args.batch_size, device, args.seed, rank, world, flip=not args.no_flip)
-    total = batches.steps_per_epoch * args.epochs
-    if args.max_steps:
-        total = args.max_steps
-    if args.dry_run:
-        total = step + 2
-        args.sample_steps, args.sample_n = min(args.sample_steps, 10), min(args.sample_n, 16)
-    log(f"data: {len(faces['images']):,} training images, {batches.steps_per_epoch:,} steps per epoch at batch {args.batch_size}, "
-        f"{total:,} steps in all")
 
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
+def train_loop(args, env, run, val):
+    stop, handlers = [], {s: signal.getsignal(s) for s in EXIT_CODES}
+    catch_signals(stop)
+    try:
+        return loop(args, env, run, val, stop)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def loop(args, env, run, val, stop):
+    device, diffusion = env.device, run.diffusion
+    b = run.batches.batch_size // env.world
+    shard = slice(env.rank * b, (env.rank + 1) * b)
     gen = torch.Generator(device=device)  # re-seeded every step: all of a step's randomness
-    b = args.batch_size // world
-    shard = slice(rank * b, (rank + 1) * b)
-    x_T = torch.randn(args.sample_n, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed)).to(device)
-
-    def checkpoint():
-        sd = {k: v for k, v in model.state_dict().items()}
-        if not all(torch.isfinite(v).all() for v in sd.values()):
-            return False
-        save_checkpoint(dict(format=CKPT_FORMAT, args=vars(args), model_args=unet.config_dict(cfg), model=sd,
-                             ema=ema.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                             step=step, epoch=step // batches.steps_per_epoch, world_size=world,
-                             rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)),
-                        ckpt_path)
-        return True
-
-    def sample_grid():
-        with ctx:
-            x = diffusion.sample(ema, x_T.shape, "ddim", args.sample_steps, x_T=x_T, device=device)
-        path = os.path.join(args.out, f"samples_{step:07d}.png")
-        torchvision.utils.save_image((x.float() + 1) / 2, path, nrow=int(math.sqrt(args.sample_n) + 0.5))
-        return path
-
-    @torch.no_grad()
-    def val_loss():
-        model.eval()
-        g = torch.Generator(device=device).manual_seed(0)  # the same t and noise at every evaluation
-        losses = []
-        for i in range(0, len(val), b):
-            x0 = val[i:i + b]
-            t = torch.randint(0, args.timesteps, (len(x0),), generator=g, device=device)
-            with ctx:
-                losses.append(diffusion.training_losses(model, x0, t, torch.randn(x0.shape, generator=g, device=device)))
-        model.train()
-        return torch.cat(losses).mean().item()
-
-    # ---- Ctrl-C: finish the step, write a checkpoint, exit
-    stop = []
-    def on_sigint(signum, frame):
-        stop.append(signum)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C exits at once
-    signal.signal(signal.SIGINT, on_sigint)
-
-    log_file = open(os.path.join(args.out, "log.csv"), "a", newline="") if master else None
-    writer = csv.writer(log_file) if master else None
-    if master and log_file.tell() == 0:
-        writer.writerow(["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_s"])
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    loss_sum, n_loss = torch.zeros((), device=device), 0
-    t0 = t_log = time.time()
-    step_log = step
-    model.train()
-    while step < total:
-        lr = lr_at(step, args)
-        for group in opt.param_groups:
+    log_rows = open_log(args, env, run)
+    params, ema_params = list(run.model.parameters()), list(run.ema.parameters())
+    loss_sum, n_loss, t_log, step_log = torch.zeros((), device=device), 0, time.time(), run.step
+    t0 = time.time() - run.elapsed  # elapsed time continues across resumes
+    run.model.train()
+    while run.step < run.total:
+        lr = lr_at(run.step, args)
+        for group in run.opt.param_groups:
             group["lr"] = lr
-        gen.manual_seed(args.seed * 1_000_003 + step)
-        x0 = batches.get(step, gen)  # (B/world, 3, H, W) in [-1, 1]
-        t = torch.randint(0, args.timesteps, (args.batch_size,), generator=gen, device=device)[shard]  # Algorithm 1, line 3
-        noise = torch.randn((args.batch_size, *x0.shape[1:]), generator=gen, device=device)[shard]  # line 4
+        gen.manual_seed(args.seed * 1_000_003 + run.step)
+        x0 = run.batches.get(run.step, gen)  # (B/world, 3, H, W) in [-1, 1]; Algorithm 1, line 2
+        t = torch.randint(0, args.timesteps, (run.batches.batch_size,), generator=gen, device=device)[shard]  # line 3
+        noise = torch.randn((run.batches.batch_size, *x0.shape[1:]), generator=gen, device=device)[shard]  # line 4
         if args.channels_last:
             x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-        loss = train_step(fwd, diffusion, x0, t, noise, opt, scaler, ctx, params, ema_params, step, args)  # line 5
-        loss_sum += loss
-        n_loss += 1
-        step += 1
+        loss = train_step(run.fwd, diffusion, x0, t, noise, run.opt, run.scaler, env.ctx, params, ema_params, run.step, args)  # line 5
+        loss_sum, n_loss, run.step = loss_sum + loss, n_loss + 1, run.step + 1
 
-        last = step == total
-        if step % args.log_every == 0 or last or (stop and not ddp):
-            if ddp:  # the mean loss over ranks, and whether any rank saw Ctrl-C
-                flags = torch.stack([loss_sum, torch.tensor(float(bool(stop)), device=device)])
-                dist.all_reduce(flags)
-                loss_sum, stop_any = flags[0] / world, flags[1].item() > 0
-                if stop_any and not stop:
-                    stop.append(signal.SIGINT)
-            loss_avg = loss_sum.item() / n_loss
-            if not math.isfinite(loss_avg):
-                good = f"the last good checkpoint {ckpt_path} was kept" if os.path.exists(ckpt_path) else "no checkpoint was written"
-                raise SystemExit(f"error: the loss became {loss_avg} by step {step}: training diverged; {good}. "
-                                 "Lower --lr, raise --warmup, or use --precision bf16/fp32.")
+        last = run.step == run.total
+        if run.step % args.log_every == 0 or last or (stop and not env.ddp):
+            loss_avg = reduce_loss(env, loss_sum, stop) / n_loss
             now = time.time()
-            ips = (step - step_log) * args.batch_size / (now - t_log)
-            eta = (total - step) * (now - t_log) / max(step - step_log, 1)
-            log(f"epoch {step // batches.steps_per_epoch} | step {step}/{total} | loss {loss_avg:.4f} | {ips:,.1f} img/s | "
-                f"lr {lr:.2e} | ETA {fmt_time(eta)}")
-            if master:
-                writer.writerow([step, step // batches.steps_per_epoch, f"{loss_avg:.6f}", "", f"{lr:.3e}", f"{ips:.1f}", f"{now - t0:.1f}"])
-                log_file.flush()
-            loss_sum, n_loss, t_log, step_log = torch.zeros((), device=device), 0, now, step
+            run.elapsed = now - t0
+            progress(args, env, run, loss_avg, (run.step - step_log) / (now - t_log), log_rows)
+            loss_sum, n_loss, t_log, step_log = torch.zeros((), device=device), 0, now, run.step
         t_extra = time.time()
-        if master and val is not None and (step % args.eval_every == 0 or last):
-            vl = val_loss()
-            log(f"step {step} | val loss {vl:.4f} ({len(val)} images)")
-            writer.writerow([step, step // batches.steps_per_epoch, "", f"{vl:.6f}", "", "", f"{time.time() - t0:.1f}"])
-            log_file.flush()
-        if master and ((args.sample_every > 0 and step % args.sample_every == 0) or (last and (args.sample_every > 0 or args.dry_run))):
-            log(f"step {step} | samples {sample_grid()}")
-        saved = False
-        if master and ((args.ckpt_every > 0 and step % args.ckpt_every == 0) or last or stop):
-            saved = checkpoint()
-            log(f"step {step} | checkpoint {ckpt_path}" if saved else f"step {step} | weights not finite: checkpoint not written")
+        periodic(args, env, run, val, log_rows, last, stop, t0)
         if stop:
-            log(f"interrupted at step {step}" + (f"; checkpoint written. Continue with: python train.py --resume --out {args.out}" if saved else ""))
             break
         t_log += time.time() - t_extra  # evaluation, sampling and saving are not training time
-    if log_file:
-        log_file.close()
-    if ddp:
+    if env.ddp:
         dist.destroy_process_group()
-    if stop:
-        sys.exit(130)
+    return EXIT_CODES[stop[0]] if stop else 0
+
+
+def catch_signals(stop):
+    """Ctrl-C (SIGINT) and SIGTERM (sent by Slurm, Kubernetes, `timeout`) end the run after the current
+    step, with a checkpoint. A second signal exits at once."""
+    def handler(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def reduce_loss(env, loss_sum, stop):
+    """The summed loss over ranks (read on the host here, every --log-every steps), and whether any rank was signalled."""
+    if env.ddp:
+        flags = torch.stack([loss_sum, torch.tensor(float(bool(stop)), device=env.device)])
+        dist.all_reduce(flags)
+        loss_sum = flags[0] / env.world
+        if flags[1].item() > 0 and not stop:
+            stop.append(signal.SIGINT)
+    return loss_sum.item()
+
+
+def open_log(args, env, run):
+    """log.csv in --out, rewritten on resume to the rows up to the checkpoint's step (so each step appears once)."""
+    if not env.master:
+        return None
+    path = os.path.join(args.out, "log.csv")
+    header = ["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_s"]
+    rows = []
+    if env.ckpt and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= run.step]
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header] + rows)
+    atomic_write(write, path, "--out")
+    return SimpleNamespace(path=path)
+
+
+def append_log(log_rows, row):
+    try:
+        with open(log_rows.path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+    except OSError as e:
+        raise WriteError(f"cannot write {log_rows.path} ({e.strerror}); free some space or pass another --out")
+
+
+def progress(args, env, run, loss_avg, steps_per_s, log_rows):
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if not math.isfinite(loss_avg):
+        good = f"the last good checkpoint {ckpt_path} was kept" if os.path.exists(ckpt_path) else "no checkpoint was written"
+        raise SystemExit(f"error: the loss became {loss_avg} by step {run.step}: training diverged; {good}. "
+                         "Lower --lr, raise --warmup, or use --precision bf16/fp32.")
+    ips = steps_per_s * run.batches.batch_size
+    epoch = run.step // run.batches.steps_per_epoch
+    lr = run.opt.param_groups[0]["lr"]
+    env.log(f"epoch {epoch} | step {run.step}/{run.total} | loss {loss_avg:.4f} | {ips:,.1f} img/s | lr {lr:.2e} | "
+            f"ETA {fmt_time((run.total - run.step) / max(steps_per_s, 1e-9))}")
+    if log_rows:
+        append_log(log_rows, [run.step, epoch, f"{loss_avg:.6f}", "", f"{lr:.3e}", f"{ips:.1f}", f"{run.elapsed:.1f}"])
+
+
+def periodic(args, env, run, val, log_rows, last, stop, t0):
+    """Rank 0's work every so often: validation loss, the fixed-noise sample grid, the checkpoint."""
+    if not env.master:
+        return
+    step, epoch = run.step, run.step // run.batches.steps_per_epoch
+    if val is not None and (step % args.eval_every == 0 or last):
+        vl = val_loss(args, env, run, val)
+        env.log(f"step {step} | val loss {vl:.4f} ({len(val)} images)")
+        append_log(log_rows, [step, epoch, "", f"{vl:.6f}", "", "", f"{time.time() - t0:.1f}"])
+    if (args.sample_every > 0 and step % args.sample_every == 0) or (last and (args.sample_every > 0 or args.dry_run)):
+        env.log(f"step {step} | samples {sample_grid(args, env, run)}")
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if (args.ckpt_every > 0 and step % args.ckpt_every == 0) or last or stop:
+        run.elapsed = time.time() - t0
+        saved = checkpoint(args, env, run, ckpt_path)
+        env.log(f"step {step} | checkpoint {ckpt_path}" if saved else f"step {step} | weights not finite: checkpoint not written")
+        if stop:
+            name = signal.Signals(stop[0]).name
+            env.log(f"interrupted by {name} at step {step}" + (f"; checkpoint written. Continue with: python train.py --resume --out {args.out}" if saved else ""))
+
+
+def checkpoint(args, env, run, path):
+    sd = run.model.state_dict()
+    if not all(torch.isfinite(v).all() for v in sd.values()):
+        return False
+    save_checkpoint(dict(format=CKPT_FORMAT, args=vars(args), model_args=unet.config_dict(run.cfg), model=sd,
+                         ema=run.ema.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(),
+                         step=run.step, epoch=run.step // run.batches.steps_per_epoch, world_size=env.world,
+                         train_images=len(run.batches.images), elapsed=run.elapsed,
+                         rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if env.device.type == "cuda" else None)),
+                    path)
+    return True
+
+
+def sample_grid(args, env, run):
+    x_T = torch.randn(args.sample_n, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed)).to(env.device)
+    with env.ctx:
+        x = run.diffusion.sample(run.ema, x_T.shape, "ddim", args.sample_steps, x_T=x_T, device=env.device)
+    path = os.path.join(args.out, f"samples_{run.step:07d}.png")
+    nrow = int(math.sqrt(args.sample_n) + 0.5)
+    atomic_write(lambda tmp: torchvision.utils.save_image((x.float() + 1) / 2, tmp, format="png", nrow=nrow), path, "--out")
+    return path
+
+
+@torch.no_grad()
+def val_loss(args, env, run, val):
+    run.model.eval()
+    g = torch.Generator(device=env.device).manual_seed(0)  # the same t and noise at every evaluation
+    losses, b = [], run.batches.batch_size // env.world
+    for i in range(0, len(val), b):
+        x0 = val[i:i + b]
+        t = torch.randint(0, args.timesteps, (len(x0),), generator=g, device=env.device)
+        with env.ctx:
+            losses.append(run.diffusion.training_losses(run.model, x0, t, torch.randn(x0.shape, generator=g, device=env.device)))
+    run.model.train()
+    return torch.cat(losses).mean().item()
 
 # -----------------------------------------------------------------------------
 
 
-def bench(args, model, fwd, diffusion, opt, scaler, ctx, device, world, log):
+def bench(args, run, env):
     """Time training steps on synthetic data; count FLOPs with torch.utils.flop_counter."""
-    b = args.batch_size // world
+    device, model, diffusion = env.device, run.model, run.diffusion
+    b = args.batch_size // env.world
     x0 = torch.rand(b, 3, args.size, args.size, device=device) * 2 - 1
     x0 = x0.contiguous(memory_format=torch.channels_last) if args.channels_last else x0
     params = list(model.parameters())
     ema_params = [p.detach().clone() for p in params]
+    args.warmup_steps = 0
 
     def one_step(step):
         t = torch.randint(0, args.timesteps, (b,), device=device)
-        train_step(fwd, diffusion, x0, t, torch.randn_like(x0), opt, scaler, ctx, params, ema_params, step, args)
+        train_step(run.fwd, diffusion, x0, t, torch.randn_like(x0), run.opt, run.scaler, env.ctx, params, ema_params, step, args)
 
     # model FLOPs: forward + backward of the eager model, per process (recomputation is not counted)
     gc, model.grad_checkpoint = model.grad_checkpoint, False
     with FlopCounterMode(display=False) as fc:
-        with ctx:
+        with env.ctx:
             diffusion.training_losses(model, x0, torch.randint(0, args.timesteps, (b,), device=device), torch.randn_like(x0)).mean().backward()
     model.grad_checkpoint = gc
-    opt.zero_grad(set_to_none=True)
+    run.opt.zero_grad(set_to_none=True)
     flops = fc.get_total_flops()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_c = time.time()
     for i in range(3):  # warm-up: compilation, cudnn autotuning
         one_step(i)
     sync()
-    log(f"bench: warm-up {time.time() - t_c:.1f}s")
+    env.log(f"bench: warm-up {time.time() - t_c:.1f}s")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -477,11 +625,11 @@ def bench(args, model, fwd, diffusion, opt, scaler, ctx, device, world, log):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak = args.peak_tflops or next((p for k, p in PEAK_TFLOPS if k in name), None) if device.type == "cuda" else args.peak_tflops
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
-    log(f"bench: {name} | size {args.size} | batch {b}/process x {world} | {args.precision} | compile {args.compile} | "
-        f"channels_last {args.channels_last} | activation checkpointing {model.grad_checkpoint}")
-    log(f"bench: {b * world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | "
-        f"{tflops:.2f} TFLOP/s/process" + (f" | MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s" if peak else " | MFU n/a (pass --peak-tflops)"))
-    return dict(img_per_s=b * world / dt, ms_per_step=dt * 1e3, tflops=tflops)
+    env.log(f"bench: {name} | size {args.size} | batch {b}/process x {env.world} | {env.precision} | compile {args.compile} | "
+            f"channels_last {args.channels_last} | activation checkpointing {model.grad_checkpoint}")
+    env.log(f"bench: {b * env.world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | "
+            f"{tflops:.2f} TFLOP/s/process" + (f" | MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s" if peak else " | MFU n/a (pass --peak-tflops)"))
+    return 0
 
 
 if __name__ == "__main__":

@@ -57,8 +57,12 @@ def check_config(cfg):
     if cfg.image_size < 1 or cfg.image_size % factor:
         raise ValueError(f"image size {cfg.image_size} is not divisible by {factor} ({len(cfg.ch_mult) - 1} downsamplings "
                          f"for ch_mult {','.join(map(str, cfg.ch_mult))}); use a multiple of {factor} or a shorter --ch-mult")
-    if cfg.ch < 1 or cfg.num_res_blocks < 1 or not 0 <= cfg.dropout < 1 or min(cfg.ch_mult) < 1:
+    if not cfg.ch_mult or cfg.ch < 1 or cfg.num_res_blocks < 1 or not 0 <= cfg.dropout < 1 or min(cfg.ch_mult) < 1:
         raise ValueError("--ch, --num-res-blocks and every --ch-mult entry must be >= 1, and --dropout in [0, 1)")
+    sizes = [cfg.image_size >> level for level in range(len(cfg.ch_mult))]  # feature-map size at each level
+    if any(r not in sizes for r in cfg.attn_res):
+        raise ValueError(f"--attn-res {','.join(map(str, cfg.attn_res))}: the feature maps of a {cfg.image_size}px model are "
+                         f"{','.join(map(str, sizes))} wide; pick attention sizes among those")
 
 
 # -----------------------------------------------------------------------------
@@ -216,6 +220,11 @@ def config_dict(cfg):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
+def config_from_dict(model_args):
+    """The UNetConfig of the plain dict stored in a checkpoint."""
+    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()})
+
+
 def build(model_args):
     """Rebuild a UNet from the plain dict stored in a checkpoint."""
-    return UNet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()}))
+    return UNet(config_from_dict(model_args))
