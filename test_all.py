@@ -22,6 +22,7 @@ import sample
 import unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec")  # torchvision 0.29 deprecates its codecs; they still work
 
 # -----------------------------------------------------------------------------
 # schedules

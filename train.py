@@ -296,7 +296,7 @@ def check_args(args, env):
         if args.resume:
             raise UsageError("--dry-run writes its checkpoint into --out, so it does not go with --resume; dry-run into another --out")
         args.batch_size = min(args.batch_size, 4 * env.world)  # small enough to run anywhere
-        args.sample_steps, args.sample_n = min(args.sample_steps, 10), min(args.sample_n, 4)
+        args.sample_steps, args.sample_n, args.eval_images = min(args.sample_steps, 10), min(args.sample_n, 4), min(args.eval_images, 16)
     if args.batch_size % env.world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({env.world})")
     try:
