@@ -11,6 +11,8 @@ References (equation numbers refer to these papers):
   [PD]    Salimans, Ho 2022, "Progressive Distillation for Fast Sampling", arXiv:2202.00512 (v target)
   [SNR]   Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556
   [NS]    Chen 2023, "On the Importance of Noise Scheduling for Diffusion Models", arXiv:2301.10972
+  [DPM]   Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling", arXiv:2206.00927
+  [DPM++] Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", arXiv:2211.01095
 
 Indexing: the paper's t = 1..T is index t = 0..T-1 here. alphas_cumprod[t] is the paper's
 alpha_bar_{t+1}; index 0 is the least noisy step and "t-1" of index 0 is the clean image x_0.
@@ -62,6 +64,20 @@ def make_beta_schedule(name, T):
     raise ValueError(f"unknown beta schedule {name!r}; choose linear, cosine or sigmoid")
 
 
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_std):
+    """log p(x) of [DDPM] sec. 3.3, eq. 13: x on the 256-level grid of [-1, 1] takes the mass of N(mean, std^2)
+    over its bin [x - 1/255, x + 1/255]; the outermost bins reach to -inf and +inf. Elementwise, in nats."""
+    upper = (x - mean + 1 / 255) * torch.exp(-log_std)
+    lower = (x - mean - 1 / 255) * torch.exp(-log_std)
+    mid = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    return torch.where(x < -0.999, torch.special.log_ndtr(upper), torch.where(x > 0.999, torch.special.log_ndtr(-lower), mid))
+
+
 SCHEDULES = ("linear", "cosine", "sigmoid")
 OBJECTIVES = ("eps", "x0", "v")
 
@@ -93,6 +109,8 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod)
         # signal-to-noise ratio alpha_bar / (1 - alpha_bar), for min-SNR weighting [SNR]
         self.snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        # lambda_t = log(alpha_t / sigma_t), half the log-SNR: the time variable of DPM-Solver [DPM] sec. 3.1
+        self.lambdas = 0.5 * torch.log(self.snr)
 
     def to(self, device):
         """Move the (float64) schedule tensors to `device`, so indexing them never syncs."""
@@ -211,17 +229,105 @@ class GaussianDiffusion:
                 x = x + sigma * torch.randn(shape, generator=generator, device=device)
             yield t_now, x, x0
 
+    def dpm_timesteps(self, steps, spacing="logsnr"):
+        """`steps` indices from T-1 down to 0, uniform in lambda ([DPM] sec. 3.4, the default) or in t.
+        Indices are rounded to the nearest integer timestep, so the model is only ever asked about the
+        timesteps it was trained on; where two rounded points meet (hundreds of steps), one is kept."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"DPM-Solver++ steps must be in 1..{self.T}, got {steps}")
+        if spacing == "time":
+            return self.ddim_timesteps(steps).flip(0)
+        lam = self.lambdas.cpu()
+        targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)  # (steps,) increasing
+        return (lam[None, :] - targets[:, None]).abs().argmin(1).unique_consecutive()  # (<= steps,) decreasing t
+
+    @torch.no_grad()
+    def dpm_solver_sample_progressive(self, model, shape, steps=20, generator=None, x_T=None, clip=True, device=None,
+                                      spacing="logsnr", lower_order_final=False):
+        """DPM-Solver++(2M) [DPM++] Algorithm 2: a second-order multistep solver of the probability-flow ODE,
+        in data prediction (x0_hat, from any objective). One model evaluation per step; the first step is
+        first order, and with lower_order_final so is the last one between evaluated points when there are
+        fewer than 10. The final jump from t = 0 to the clean image is x_0 = x0_hat. Yields (t, x, x0_hat)."""
+        device = device or (x_T.device if x_T is not None else "cpu")
+        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
+        ts = self.dpm_timesteps(steps, spacing).tolist()
+        alpha, sigma, lam = self.sqrt_alphas_cumprod.cpu(), self.sqrt_one_minus_alphas_cumprod.cpu(), self.lambdas.cpu()
+        x0_prev = h_prev = None
+        for i, s in enumerate(ts):
+            x0, _ = self.predict_x0_eps(model(x, torch.full((shape[0],), s, device=device, dtype=torch.long)).float(), x,
+                                        torch.full((shape[0],), s, device=device, dtype=torch.long), clip)
+            if i == len(ts) - 1:  # lambda -> inf: x_0 = alpha_0 x0_hat with alpha_0 = 1, [DPM++] eq. 9 with h = inf
+                x = x0
+            else:
+                t = ts[i + 1]
+                h = (lam[t] - lam[s]).item()  # [DPM++] Algorithm 2: h_i = lambda_{t_i} - lambda_{t_{i-1}}
+                if x0_prev is None or (lower_order_final and len(ts) < 10 and i == len(ts) - 2):
+                    D = x0  # first order: DPM-Solver++(1), which is DDIM with eta = 0
+                else:
+                    r = h_prev / h  # r_i = h_{i-1} / h_i
+                    D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # D_i, the second-order correction
+                # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
+                x = (sigma[t] / sigma[s]).item() * x + (alpha[t] * -math.expm1(-h)).item() * D
+                x0_prev, h_prev = x0, h
+            yield s, x, x0
+
+    # -------------------------------------------------------------------------
+    # likelihood: the variational bound of [DDPM] eq. 5, in bits per dimension
+
+    def model_log_variance(self, t, x, var_type="beta"):
+        # log sigma_t^2 of p(x_{t-1} | x_t): beta_t or beta_tilde_t ([DDPM] sec. 3.2). At t = 0, where
+        # beta_tilde is 0, both use beta_tilde of index 1 (as improved-diffusion does) for the decoder's width.
+        beta = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+        return self._at(torch.log(beta) if var_type == "beta" else self.posterior_log_variance_clipped, t, x)
+
+    def prior_bpd(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) per image, in bits/dim."""
+        a = self.alphas_cumprod[-1].item()
+        kl = normal_kl(math.sqrt(a) * x0.double(), torch.tensor(math.log(1 - a), dtype=torch.float64), 0.0, torch.zeros((), dtype=torch.float64))
+        return kl.mean(dim=list(range(1, x0.dim()))) / math.log(2)
+
+    def vb_term_bpd(self, model, x0, t, noise, var_type="beta"):
+        """One term of the bound per image, in bits/dim: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
+        where t > 0, and L_0 = -log p(x_0 | x_1) under the discretised decoder where t = 0 (our index 0)."""
+        xt = self.q_sample(x0, t, noise)
+        mean, _, _ = self.p_mean_variance(model, xt, t, False, var_type)
+        logvar = self.model_log_variance(t, xt, var_type).double()
+        true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, xt, t)
+        kl = normal_kl(true_mean.double(), true_logvar.double(), mean.double(), logvar)
+        nll = -discretized_gaussian_log_likelihood(x0.double(), mean.double(), 0.5 * logvar)
+        dims = list(range(1, x0.dim()))
+        return torch.where(t == 0, nll.mean(dims), kl.mean(dims)) / math.log(2)
+
+    @torch.no_grad()
+    def bits_per_dim(self, model, x0, generator=None, var_type="beta", t_samples=None):
+        """The bound of [DDPM] eq. 5 per image, in bits/dim, as dict(prior=L_T, vb=sum of L_{t-1} over t > 0,
+        decoder=L_0, total). x0 in [-1, 1] on the 256-level grid. t_samples=None evaluates every t (T model
+        calls per image); an integer K gives an unbiased estimate of the sum from K random t (training's eval)."""
+        B, device = x0.shape[0], x0.device
+        def term(t):  # t: (B,)
+            return self.vb_term_bpd(model, x0, t, torch.randn(x0.shape, generator=generator, device=device), var_type)
+        full = lambda i: torch.full((B,), i, device=device, dtype=torch.long)
+        if t_samples is None:
+            vb = sum(term(full(i)) for i in range(1, self.T))
+        else:  # a random t per image and draw: the mean of (T-1) L_t is the sum
+            vb = (self.T - 1) * sum(term(torch.randint(1, self.T, (B,), generator=generator, device=device))
+                                    for _ in range(t_samples)) / t_samples
+        prior, decoder = self.prior_bpd(x0), term(full(0))
+        return dict(prior=prior, vb=vb, decoder=decoder, total=prior + vb + decoder)
+
     @torch.no_grad()
     def sample(self, model, shape, sampler="ddim", steps=50, eta=0.0, generator=None, x_T=None, clip=True,
-               var_type="beta", device=None, keep=()):
+               var_type="beta", device=None, keep=(), spacing="logsnr"):
         """Draw samples. Returns x_0 (B, C, H, W), or (x_0, frames) where frames lists (t, x_t, x0_hat)
         for every t in `keep`: x_t is the chain after the step from index t, x0_hat is predicted at t."""
         if sampler == "ddpm":
             steps_iter = self.ddpm_sample_progressive(model, shape, generator, x_T, clip, var_type, device)
         elif sampler == "ddim":
             steps_iter = self.ddim_sample_progressive(model, shape, steps, eta, generator, x_T, clip, device)
+        elif sampler == "dpm++":
+            steps_iter = self.dpm_solver_sample_progressive(model, shape, steps, generator, x_T, clip, device, spacing)
         else:
-            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim or dpm++")
         keep, frames, x = set(keep), [], None
         for t, x, x0 in steps_iter:
             if t in keep:

@@ -177,8 +177,10 @@ def get_args(argv=None):
     p.add_argument("ckpt", nargs="?", default=None, help="checkpoint path (out/ckpt.pt, or the out folder); not needed with --bench")
     p.add_argument("--n", type=positive(int), default=64, help="number of images")
     p.add_argument("--batch-size", type=positive(int), default=256, help="images per forward pass")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (few steps) or DDPM ancestral (all T steps)")
-    p.add_argument("--steps", type=positive(int), default=50, help="DDIM steps (ignored by ddpm, which uses all T)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "ddpm"],
+                   help="DDIM, DPM-Solver++(2M) (second order, few steps) or DDPM ancestral (all T steps)")
+    p.add_argument("--steps", type=positive(int), default=50, help="model evaluations for ddim and dpm++ (ddpm uses all T)")
+    p.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="dpm++ time steps: uniform in log-SNR or in t")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     p.add_argument("--var", default="beta", choices=["beta", "posterior"], help="DDPM sigma_t^2: beta_t or the posterior variance")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
@@ -238,21 +240,22 @@ def run(args):
         ckpt = load_checkpoint(args.ckpt)
         model, diffusion = model_from_checkpoint(ckpt, args.ckpt)
         size = model.cfg.image_size
-        if args.sampler == "ddim" and args.steps > diffusion.T:
-            raise UsageError(f"--steps {args.steps} is more than the model's T={diffusion.T}; use at most {diffusion.T}")
         print(f"loaded {args.ckpt}: step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, {size}x{size}, "
               f"T={diffusion.T} {diffusion.schedule} {diffusion.objective}")
+    if args.sampler != "ddpm" and args.steps > diffusion.T:
+        raise UsageError(f"--steps {args.steps} is more than the model's T={diffusion.T}; use at most {diffusion.T}")
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     diffusion.to(device)
     net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default") if args.compile else model
-    steps = diffusion.T if args.sampler == "ddpm" else args.steps
+    steps = {"ddpm": diffusion.T, "ddim": len(diffusion.ddim_timesteps(args.steps)),
+             "dpm++": len(diffusion.dpm_timesteps(args.steps, args.spacing))}[args.sampler]  # model evaluations
     print(f"device {device}, {args.precision}, {args.sampler} with {steps} steps" + (f", eta {args.eta}" if args.sampler == "ddim" else ""))
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
     def draw(n):
         with ctx:
             x = diffusion.sample(net, (n, 3, size, size), args.sampler, args.steps, args.eta, gen, clip=not args.no_clip,
-                                 var_type=args.var, device=device)
+                                 var_type=args.var, device=device, spacing=args.spacing)
         return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()  # (n, 3, H, W) uint8
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -183,6 +183,135 @@ def test_oracle_check_catches_a_wrong_coefficient():
     assert abs(mean - m_exact) > 5 * s_exact / math.sqrt(n_eff) or abs(std - s_exact) > 5 * s_exact / math.sqrt(2 * n_eff)
 
 
+# DPM-Solver++(2M) is deterministic and, on the oracle, affine in x_T: x_0 = c x_T + b exactly. The
+# coefficients are propagated here from [DPM++] Algorithm 2, written again independently of diffusion.py.
+
+
+def dpm_chain(d, steps, mu=MU, s=S):
+    ab = d.alphas_cumprod.double()
+    lam = 0.5 * torch.log(ab / (1 - ab))  # lambda_t = log(alpha_t / sigma_t)
+    ts = d.dpm_timesteps(steps).tolist()
+    c, b, prev, h_prev = 1.0, 0.0, None, None
+    for i, t_s in enumerate(ts):
+        a = ab[t_s].item()
+        k = math.sqrt(a) * s * s / (a * s * s + 1 - a)  # E[x0 | x] = k x + mu - k sqrt(a) mu
+        x0 = (k * c, k * b + mu - k * math.sqrt(a) * mu)
+        if i == len(ts) - 1:
+            return x0  # the last step lands on x0_hat
+        t = ts[i + 1]
+        h = (lam[t] - lam[t_s]).item()
+        if prev is None:
+            D = x0
+        else:
+            r = h_prev / h
+            D = tuple((1 + 1 / (2 * r)) * p - 1 / (2 * r) * q for p, q in zip(x0, prev))
+        f, g = math.sqrt((1 - ab[t].item()) / (1 - a)), math.sqrt(ab[t].item()) * (1 - math.exp(-h))
+        c, b = f * c + g * D[0], f * b + g * D[1]
+        prev, h_prev = x0, h
+
+
+@pytest.mark.parametrize("objective", D.OBJECTIVES)
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpm_solver_matches_its_exact_chain(objective, steps):
+    d = D.GaussianDiffusion(1000, "linear", objective)
+    c, b = dpm_chain(d, steps)
+    mean, std, n = run_sampler(d, "dpm++", steps)
+    n_eff = n / 4
+    assert abs(mean - b) < 5 * abs(c) / math.sqrt(n_eff) and abs(std - abs(c)) < 5 * abs(c) / math.sqrt(2 * n_eff)
+    # pathwise: the very same x_T goes to c x_T + b, up to float32 rounding
+    x_T = torch.linspace(-3, 3, 64).view(16, 1, 2, 2)
+    x = d.sample(oracle(d), x_T.shape, "dpm++", steps=steps, x_T=x_T, clip=False)
+    assert (x.double() - (c * x_T.double() + b)).abs().max() < 1e-4
+    assert abs(c) == pytest.approx(S, abs=0.02) and b == pytest.approx(MU, abs=0.002)  # and lands on the data
+
+
+def test_dpm_solver_check_catches_a_wrong_coefficient():
+    d = D.GaussianDiffusion(1000, "linear")
+    c, b = dpm_chain(d, 20)
+    d.lambdas = d.lambdas * 1.002  # every step size h 0.2% off
+    x_T = torch.linspace(-3, 3, 64).view(16, 1, 2, 2)
+    x = d.sample(oracle(d), x_T.shape, "dpm++", steps=20, x_T=x_T, clip=False)
+    assert (x.double() - (c * x_T.double() + b)).abs().max() > 1e-3
+
+
+def test_dpm_timesteps_are_uniform_in_log_snr():
+    d = D.GaussianDiffusion(1000, "linear")
+    for steps in (10, 20):
+        ts = d.dpm_timesteps(steps)
+        assert len(ts) == steps and ts[0] == 999 and ts[-1] == 0 and (ts.diff() < 0).all()
+        target = torch.linspace(d.lambdas[999].item(), d.lambdas[0].item(), steps, dtype=torch.float64)
+        assert (d.lambdas[ts] - target).abs().max() < 0.2  # rounding to integer t; lambda moves ~0.4 per t near t = 0
+    assert d.dpm_timesteps(20, "time").tolist() == d.ddim_timesteps(20).flip(0).tolist()
+
+
+def test_order_of_accuracy_second_for_dpm_solver_first_for_ddim():
+    # The exact probability-flow ODE maps x at t=999 to m_0 + (v_0 / v_999) (x - m_999), with m_t, v_t the
+    # Gaussian marginal's mean and std; both samplers then land on x0_hat at t = 0. Their error in the final
+    # std must fall ~4x (DPM-Solver++(2M), second order) and ~2x (DDIM, first order) per doubling of steps.
+    d = D.GaussianDiffusion(1000, "linear")
+    ab = d.alphas_cumprod.double()
+    v = lambda a: math.sqrt(a * S * S + 1 - a)
+    k0 = math.sqrt(ab[0]) * S * S / v(ab[0]) ** 2
+    exact = k0 * v(ab[0]) / v(ab[999])
+    x_T = torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1)
+    def error(sampler, steps):
+        x = d.sample(oracle(d), x_T.shape, sampler, steps=steps, x_T=x_T, clip=False).double().flatten()
+        return abs((x[1] - x[0]).item() / 2 - exact)  # the slope of the affine map: the final std
+    for sampler, steps, lo, hi in [("dpm++", (20, 40, 80), 3.0, 5.0), ("ddim", (20, 40, 80), 1.7, 2.3)]:
+        errs = [error(sampler, n) for n in steps]
+        ratios = [errs[i] / errs[i + 1] for i in range(len(errs) - 1)]
+        assert all(lo < r < hi for r in ratios), (sampler, errs, ratios)
+    assert error("dpm++", 20) < error("ddim", 20) / 5
+
+
+def discretised_gaussian_data(n, mu=MU, s=S, seed=0):
+    """n values of N(mu, s^2) put on the 256-level grid of [-1, 1] (outer bins to +-inf), and the exact
+    -log2 P(x) of each: the data's true discrete negative log-likelihood."""
+    grid = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (grid[:-1] + grid[1:]) / 2, torch.tensor([math.inf], dtype=torch.float64)])
+    cdf = torch.special.ndtr((edges - mu) / s)
+    p = cdf[1:] - cdf[:-1]  # (256,) the mass of each bin
+    idx = torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(seed))
+    return grid[idx].float(), -torch.log2(p[idx])
+
+
+def bound_gap(d, n=4096):
+    """-> (mean over images of bound - exact NLL in bits/dim, its standard error), with the optimal denoiser."""
+    x0, nll = discretised_gaussian_data(n)
+    bpd = d.bits_per_dim(oracle(d), x0.view(n // 4, 1, 2, 2), torch.Generator().manual_seed(1))
+    gap = bpd["total"] - nll.view(n // 4, 4).mean(1)
+    return gap.mean().item(), gap.std().item() / math.sqrt(len(gap))
+
+
+def test_bits_per_dim_bounds_the_exact_discrete_nll(monkeypatch):
+    # The bound is >= the model's NLL >= the data's entropy, for any model; with the exact denoiser at T=1000
+    # it sits 0.46 bits/dim above: what DDPM's fixed variance sigma_t^2 = beta_t costs where the true reverse
+    # variance is near beta_tilde_t (small t), plus the decoder's bin at t = 0.
+    d = D.GaussianDiffusion(1000, "linear")
+    gap, se = bound_gap(d)
+    assert -3 * se < gap < 0.6, (gap, se)
+    # a wrong term is caught: the decoder with half-width bins, a KL without its log-variance ratio
+    def half_width_bins(x, mean, log_std):
+        upper, lower = (x - mean + 0.5 / 255) * torch.exp(-log_std), (x - mean - 0.5 / 255) * torch.exp(-log_std)
+        return torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    monkeypatch.setattr(D, "discretized_gaussian_log_likelihood", half_width_bins)
+    assert bound_gap(d)[0] > 0.6
+    monkeypatch.undo()
+    monkeypatch.setattr(D, "normal_kl", lambda m1, l1, m2, l2: 0.5 * (-1 + torch.exp(l1 - l2) + (m1 - m2) ** 2 * torch.exp(-l2)))
+    gap, se = bound_gap(d)
+    assert not -3 * se < gap < 0.6, gap
+
+
+def test_bits_per_dim_estimate_is_unbiased():
+    d = D.GaussianDiffusion(100, "linear")  # few terms: the exact sum is cheap
+    x0, _ = discretised_gaussian_data(4096)
+    x0 = x0.view(1024, 1, 2, 2)
+    exact = d.bits_per_dim(oracle(d), x0, torch.Generator().manual_seed(1))["total"]
+    est = d.bits_per_dim(oracle(d), x0, torch.Generator().manual_seed(2), t_samples=8)["total"]
+    diff = est - exact
+    assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(len(diff)) + 1e-3
+
+
 def test_predict_x0_eps_roundtrip_for_every_objective():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.rand(8, 3, 4, 4, generator=g) * 2 - 1, torch.randn(8, 3, 4, 4, generator=g)
@@ -945,3 +1074,18 @@ def test_help_shows_each_default_once_and_true(capsys):
         assert all(e.count("default") <= 1 for e in entries), [e for e in entries if e.count("default") > 1]
         if main is train.main:
             assert "--resume takes every setting from the checkpoint" in out
+
+
+def test_bits_per_dim_commands_and_dpm_solver_cli(faces, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(train_args(faces, out, "--max-steps", "2", "--eval-every", "2", "--eval-bpd", "2"))
+    assert "val bits/dim <=" in capsys.readouterr().out and log_rows(out)[-1]["val_bpd"]
+    train.main(["--resume", "--out", out, "--bpd", "3"])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "bits/dim on 1 validation images" in line and "prior L_T" in line and "decoder L_0" in line, line
+    total = float(line.split("= ")[1].split()[0])
+    assert 0 < total < 100
+    code, _, err = main_error(capsys, train.main, train_args(faces, str(tmp_path / "new"), "--bpd", "3"))
+    assert code == 2 and "--resume" in err
+    sample.main([out, "--n", "2", "--sampler", "dpm++", "--steps", "5", "--out", str(tmp_path / "dpm.png")])
+    assert "dpm++ with 5 steps" in capsys.readouterr().out and os.path.exists(tmp_path / "dpm.png")

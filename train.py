@@ -31,7 +31,7 @@ import data
 import unet
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from sample import (CKPT_FORMAT, USER_ERRORS, CheckpointError, Parser, UsageError, WriteError, atomic_write, check_writable,
-                    load_checkpoint, non_negative, pick_device, positive, save_checkpoint)
+                    load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive, save_checkpoint)
 
 # dense bf16 tensor-core peak (TFLOP/s) by device name; the first match wins. --peak-tflops overrides.
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
@@ -39,8 +39,8 @@ PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989),
 # flags that may differ from the checkpoint on --resume; every other setting is the checkpoint's
 RESUME_MAY_CHANGE = ("data", "cache_dir", "epochs", "max_steps", "log_every", "sample_every", "sample_steps", "sample_n",
                      "eval_every", "eval_images", "ckpt_every", "out", "device", "precision", "compile", "channels_last",
-                     "grad_checkpoint", "peak_tflops")
-NOT_FROM_CHECKPOINT = ("resume", "overwrite", "dry_run", "bench", "bench_steps", "download")
+                     "grad_checkpoint", "peak_tflops", "eval_bpd")
+NOT_FROM_CHECKPOINT = ("resume", "overwrite", "dry_run", "bench", "bench_steps", "download", "bpd")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
 
 
@@ -105,6 +105,11 @@ def make_parser():
     g.add_argument("--sample-n", type=positive(int), default=64, help="images in those grids")
     g.add_argument("--eval-every", type=non_negative, default=5000, help="validation loss every N steps (0: never)")
     g.add_argument("--eval-images", type=positive(int), default=1024, help="validation images per evaluation")
+    g.add_argument("--eval-bpd", type=non_negative, default=0,
+                   help="also estimate the validation bits/dim (DDPM eq. 5) from this many random t per image (0: off)")
+    g.add_argument("--bpd", type=positive(int), default=None,
+                   help="evaluate, do not train: the checkpoint's bits/dim bound over all T steps on this many validation "
+                        "images (T model calls each), with --resume naming the checkpoint")
     g.add_argument("--ckpt-every", type=non_negative, default=5000, help="write ckpt.pt in --out every N steps (0: only at the end)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run from its checkpoint: a path, or no value for ckpt.pt in --out. Every setting comes "
@@ -225,6 +230,8 @@ def train(args, given):
     if args.bench:
         run = build(args, env, None)
         return bench(args, run, env)
+    if args.bpd:
+        return evaluate_bpd(args, env)
     faces, val = load_data(args, env)
     run = build(args, env, faces)
     if run.step >= run.total:
@@ -491,7 +498,7 @@ def open_log(args, env, run):
     if not env.master:
         return None
     path = os.path.join(args.out, "log.csv")
-    header = ["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_s"]
+    header = ["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_s", "val_bpd"]
     rows = []
     if env.ckpt and os.path.exists(path):
         with open(path, newline="") as f:
@@ -533,8 +540,9 @@ def periodic(args, env, run, val, log_rows, last, stop, t0):
     step, epoch = run.step, run.step // run.batches.steps_per_epoch
     if val is not None and (step % args.eval_every == 0 or last):
         vl = val_loss(args, env, run, val)
-        env.log(f"step {step} | val loss {vl:.4f} ({len(val)} images)")
-        append_log(log_rows, [step, epoch, "", f"{vl:.6f}", "", "", f"{time.time() - t0:.1f}"])
+        bpd = val_bpd(args, env, run, val) if args.eval_bpd else None
+        env.log(f"step {step} | val loss {vl:.4f}" + (f" | val bits/dim <= {bpd:.3f} (estimate)" if bpd else "") + f" ({len(val)} images)")
+        append_log(log_rows, [step, epoch, "", f"{vl:.6f}", "", "", f"{time.time() - t0:.1f}", f"{bpd:.4f}" if bpd else ""])
     if (args.sample_every > 0 and step % args.sample_every == 0) or (last and (args.sample_every > 0 or args.dry_run)):
         env.log(f"step {step} | samples {sample_grid(args, env, run)}")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -582,6 +590,35 @@ def val_loss(args, env, run, val):
             losses.append(run.diffusion.training_losses(run.model, x0, t, torch.randn(x0.shape, generator=g, device=env.device)))
     run.model.train()
     return torch.cat(losses).mean().item()
+
+@torch.no_grad()
+def val_bpd(args, env, run, val):
+    """A cheap unbiased estimate of the EMA model's bound on the validation images: --eval-bpd random t per image."""
+    g = torch.Generator(device=env.device).manual_seed(0)
+    b = run.batches.batch_size // env.world
+    with env.ctx:
+        parts = [run.diffusion.bits_per_dim(run.ema, val[i:i + b], g, t_samples=args.eval_bpd)["total"] for i in range(0, len(val), b)]
+    return torch.cat(parts).mean().item()
+
+
+def evaluate_bpd(args, env):
+    """--bpd N: the checkpoint's (EMA) variational bound, [DDPM] eq. 5, over every t, on N validation images."""
+    if env.ckpt is None:
+        raise UsageError("--bpd evaluates a checkpoint: name it with --resume PATH (or --resume --out DIR)")
+    images = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=env.log)["images"][: args.bpd]
+    model, diffusion = model_from_checkpoint(env.ckpt, args.resume)
+    model, diffusion = model.to(env.device).eval(), diffusion.to(env.device)
+    g, parts, b, t0 = torch.Generator(device=env.device).manual_seed(0), [], min(args.batch_size, 256), time.time()
+    for i in range(0, len(images), b):
+        with env.ctx:
+            parts.append(diffusion.bits_per_dim(model, data.to_float(images[i:i + b], env.device), g))
+        env.log(f"bpd: {i + len(parts[-1]['total'])}/{len(images)} images, {fmt_time(time.time() - t0)}")
+    r = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    se = r["total"].std().item() / math.sqrt(len(r["total"])) if len(r["total"]) > 1 else float("nan")
+    env.log(f"bits/dim on {len(images)} validation images (step {env.ckpt['step']}, T={diffusion.T}): "
+            f"prior L_T {r['prior'].mean():.4f} + sum of L_t {r['vb'].mean():.4f} + decoder L_0 {r['decoder'].mean():.4f} "
+            f"= {r['total'].mean():.4f} +- {se:.4f}")
+    return 0
 
 # -----------------------------------------------------------------------------
 
