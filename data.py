@@ -11,7 +11,6 @@ Layouts accepted by --data PATH:
     python data.py --data ~/data/celeba --size 64              # summary, cache, preview grid
     python data.py --data ~/data/celeba --size 64 --export fid_ref   # PNGs for FID reference stats
 """
-import argparse
 import concurrent.futures
 import csv
 import hashlib

@@ -243,11 +243,13 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def dpm_solver_sample_progressive(self, model, shape, steps=20, generator=None, x_T=None, clip=True, device=None,
-                                      spacing="logsnr", lower_order_final=False):
+                                      spacing="logsnr", lower_order_final=False, sde=False):
         """DPM-Solver++(2M) [DPM++] Algorithm 2: a second-order multistep solver of the probability-flow ODE,
         in data prediction (x0_hat, from any objective). One model evaluation per step; the first step is
         first order, and with lower_order_final so is the last one between evaluated points when there are
-        fewer than 10. The final jump from t = 0 to the clean image is x_0 = x0_hat. Yields (t, x, x0_hat)."""
+        fewer than 10. The final jump from t = 0 to the clean image is x_0 = x0_hat. Yields (t, x, x0_hat).
+        sde=True: SDE-DPM-Solver++(2M) [DPM++] sec. 5 / appendix, the same second-order data term for the
+        reverse SDE, which adds fresh noise every step; its first-order step is DDIM with eta = 1."""
         device = device or (x_T.device if x_T is not None else "cpu")
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
         ts = self.dpm_timesteps(steps, spacing).tolist()
@@ -266,8 +268,11 @@ class GaussianDiffusion:
                 else:
                     r = h_prev / h  # r_i = h_{i-1} / h_i
                     D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # D_i, the second-order correction
-                # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
-                x = (sigma[t] / sigma[s]).item() * x + (alpha[t] * -math.expm1(-h)).item() * D
+                if not sde:  # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
+                    x = (sigma[t] / sigma[s]).item() * x + (alpha[t] * -math.expm1(-h)).item() * D
+                else:  # x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z
+                    x = ((sigma[t] / sigma[s]) * math.exp(-h)).item() * x + (alpha[t] * -math.expm1(-2 * h)).item() * D \
+                        + (sigma[t] * math.sqrt(-math.expm1(-2 * h))).item() * torch.randn(shape, generator=generator, device=device)
                 x0_prev, h_prev = x0, h
             yield s, x, x0
 
@@ -324,10 +329,11 @@ class GaussianDiffusion:
             steps_iter = self.ddpm_sample_progressive(model, shape, generator, x_T, clip, var_type, device)
         elif sampler == "ddim":
             steps_iter = self.ddim_sample_progressive(model, shape, steps, eta, generator, x_T, clip, device)
-        elif sampler == "dpm++":
-            steps_iter = self.dpm_solver_sample_progressive(model, shape, steps, generator, x_T, clip, device, spacing)
+        elif sampler in ("dpm++", "dpm++sde"):
+            steps_iter = self.dpm_solver_sample_progressive(model, shape, steps, generator, x_T, clip, device, spacing,
+                                                            sde=sampler == "dpm++sde")
         else:
-            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim or dpm++")
+            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim, dpm++ or dpm++sde")
         keep, frames, x = set(keep), [], None
         for t, x, x0 in steps_iter:
             if t in keep:

@@ -177,8 +177,9 @@ def get_args(argv=None):
     p.add_argument("ckpt", nargs="?", default=None, help="checkpoint path (out/ckpt.pt, or the out folder); not needed with --bench")
     p.add_argument("--n", type=positive(int), default=64, help="number of images")
     p.add_argument("--batch-size", type=positive(int), default=256, help="images per forward pass")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "ddpm"],
-                   help="DDIM, DPM-Solver++(2M) (second order, few steps) or DDPM ancestral (all T steps)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "dpm++sde", "ddpm"],
+                   help="DDIM, DPM-Solver++(2M) (second-order ODE solver), SDE-DPM-Solver++(2M) (its stochastic twin) or DDPM "
+                        "ancestral (all T steps)")
     p.add_argument("--steps", type=positive(int), default=50, help="model evaluations for ddim and dpm++ (ddpm uses all T)")
     p.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="dpm++ time steps: uniform in log-SNR or in t")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
@@ -247,8 +248,8 @@ def run(args):
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     diffusion.to(device)
     net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default") if args.compile else model
-    steps = {"ddpm": diffusion.T, "ddim": len(diffusion.ddim_timesteps(args.steps)),
-             "dpm++": len(diffusion.dpm_timesteps(args.steps, args.spacing))}[args.sampler]  # model evaluations
+    steps = diffusion.T if args.sampler == "ddpm" else len(diffusion.ddim_timesteps(args.steps)) if args.sampler == "ddim" \
+        else len(diffusion.dpm_timesteps(args.steps, args.spacing))  # model evaluations
     print(f"device {device}, {args.precision}, {args.sampler} with {steps} steps" + (f", eta {args.eta}" if args.sampler == "ddim" else ""))
 
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -234,6 +234,49 @@ def test_dpm_solver_check_catches_a_wrong_coefficient():
     assert (x.double() - (c * x_T.double() + b)).abs().max() > 1e-3
 
 
+def sde_dpm_path(d, x_T, steps, generator, mu=MU, s=S):
+    """SDE-DPM-Solver++(2M) on the oracle, one path per entry of x_T, with the noise drawn as the sampler
+    draws it; written again from the solver's update. -> x_0 (float64) and the exact (mean, std) of x_0."""
+    ab = d.alphas_cumprod.double()
+    lam = 0.5 * torch.log(ab / (1 - ab))
+    ts = d.dpm_timesteps(steps).tolist()
+    x, prev = x_T.double(), None
+    m, C = torch.zeros(2, dtype=torch.float64), torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))  # of (x_i, x_{i-1})
+    for i, t_s in enumerate(ts):
+        a = ab[t_s].item()
+        k = math.sqrt(a) * s * s / (a * s * s + 1 - a)
+        b = mu - k * math.sqrt(a) * mu  # E[x0 | x] = k x + b
+        if i == len(ts) - 1:
+            return k * x + b, (k * m[0].item() + b, abs(k) * math.sqrt(C[0, 0].item()))
+        t = ts[i + 1]
+        h = (lam[t] - lam[t_s]).item()
+        f = math.sqrt((1 - ab[t].item()) / (1 - a)) * math.exp(-h)  # (sigma_t / sigma_s) e^{-h}
+        g = math.sqrt(ab[t].item()) * (1 - math.exp(-2 * h))  # alpha_t (1 - e^{-2h})
+        n = math.sqrt(1 - ab[t].item()) * math.sqrt(1 - math.exp(-2 * h))  # sigma_t sqrt(1 - e^{-2h})
+        w = 0.0 if prev is None else 1 / (2 * h_prev / h)  # 1 / (2 r)
+        P, Q, c = f + g * (1 + w) * k, (-g * w * prev[0] if prev else 0.0), g * ((1 + w) * b - (w * prev[1] if prev else 0.0))
+        x_prev, x = x, P * x + (Q * x_prev if prev else 0.0) + c + n * torch.randn(x.shape, generator=generator).double()
+        M = torch.tensor([[P, Q], [1.0, 0.0]], dtype=torch.float64)
+        m, C = M @ m + torch.tensor([c, 0.0], dtype=torch.float64), M @ C @ M.T + torch.diag(torch.tensor([n * n, 0.0], dtype=torch.float64))
+        prev, h_prev = (k, b), h
+
+
+@pytest.mark.parametrize("objective", D.OBJECTIVES)
+@pytest.mark.parametrize("steps", [10, 20])
+def test_sde_dpm_solver_matches_its_exact_chain(objective, steps):
+    d = D.GaussianDiffusion(1000, "linear", objective)
+    x_T = torch.randn(8192, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    x = d.sample(oracle(d), x_T.shape, "dpm++sde", steps=steps, x_T=x_T, clip=False, generator=torch.Generator().manual_seed(1))
+    path, (mean, std) = sde_dpm_path(d, x_T, steps, torch.Generator().manual_seed(1))
+    assert (x.double() - path).abs().max() < 1e-4  # pathwise, with the same noise
+    n_eff = x.numel() / 4
+    assert abs(x.double().mean() - mean) < 5 * std / math.sqrt(n_eff) and abs(x.double().std() - std) < 5 * std / math.sqrt(2 * n_eff)
+    assert mean == pytest.approx(MU, abs=0.002) and std == pytest.approx(S, abs=0.03)  # near the data: 0.510 and 0.517
+    d.lambdas = d.lambdas * 1.002  # and a wrong step size is caught
+    x = d.sample(oracle(d), x_T.shape, "dpm++sde", steps=steps, x_T=x_T, clip=False, generator=torch.Generator().manual_seed(1))
+    assert (x.double() - path).abs().max() > 1e-3
+
+
 def test_dpm_timesteps_are_uniform_in_log_snr():
     d = D.GaussianDiffusion(1000, "linear")
     for steps in (10, 20):
@@ -1087,5 +1130,6 @@ def test_bits_per_dim_commands_and_dpm_solver_cli(faces, tmp_path, capsys):
     assert 0 < total < 100
     code, _, err = main_error(capsys, train.main, train_args(faces, str(tmp_path / "new"), "--bpd", "3"))
     assert code == 2 and "--resume" in err
-    sample.main([out, "--n", "2", "--sampler", "dpm++", "--steps", "5", "--out", str(tmp_path / "dpm.png")])
-    assert "dpm++ with 5 steps" in capsys.readouterr().out and os.path.exists(tmp_path / "dpm.png")
+    for sampler in ("dpm++", "dpm++sde"):
+        sample.main([out, "--n", "2", "--sampler", sampler, "--steps", "5", "--out", str(tmp_path / "dpm.png")])
+        assert f"{sampler} with 5 steps" in capsys.readouterr().out and os.path.exists(tmp_path / "dpm.png")

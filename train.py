@@ -30,7 +30,7 @@ import torchvision
 import data
 import unet
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
-from sample import (CKPT_FORMAT, USER_ERRORS, CheckpointError, Parser, UsageError, WriteError, atomic_write, check_writable,
+from sample import (CKPT_FORMAT, USER_ERRORS, Parser, UsageError, WriteError, atomic_write, check_writable,
                     load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive, save_checkpoint)
 
 # dense bf16 tensor-core peak (TFLOP/s) by device name; the first match wins. --peak-tflops overrides.
@@ -289,6 +289,8 @@ def resume_args(args, given, env):
                              f"drop {flag} to continue the run, or start a new run in another --out")
         if k not in given:
             setattr(args, k, tuple(v) if isinstance(v, list) else v)
+    if "epochs" in given and "max_steps" not in given:  # extending by epochs: the saved --max-steps no longer applies
+        args.max_steps = None
     args.warmup_steps = saved.get("warmup_steps", saved["warmup"])
     env.log(f"resuming from {path} at step {env.ckpt['step']}")
 
