@@ -30,7 +30,7 @@ import torchvision
 import data
 import unet
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
-from sample import (CKPT_FORMAT, USER_ERRORS, Parser, UsageError, WriteError, atomic_write, check_writable,
+from sample import (CKPT_FORMAT, DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, USER_ERRORS, Parser, UsageError, WriteError, atomic_write, check_writable,
                     load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive, save_checkpoint)
 
 # dense bf16 tensor-core peak (TFLOP/s) by device name; the first match wins. --peak-tflops overrides.
@@ -101,7 +101,7 @@ def make_parser():
     g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that already holds one, replacing it")
     g.add_argument("--log-every", type=positive(int), default=100, help="print a progress line every N steps")
     g.add_argument("--sample-every", type=non_negative, default=5000, help="sample grid from fixed noise with the EMA weights every N steps (0: never)")
-    g.add_argument("--sample-steps", type=positive(int), default=50, help="DDIM steps for those grids")
+    g.add_argument("--sample-steps", type=positive(int), default=DEFAULT_STEPS, help=f"model evaluations of the default sampler ({DEFAULT_SAMPLER}, eta {DEFAULT_ETA:g}) for those grids")
     g.add_argument("--sample-n", type=positive(int), default=64, help="images in those grids")
     g.add_argument("--eval-every", type=non_negative, default=5000, help="validation loss every N steps (0: never)")
     g.add_argument("--eval-images", type=positive(int), default=1024, help="validation images per evaluation")
@@ -571,9 +571,11 @@ def checkpoint(args, env, run, path):
 
 
 def sample_grid(args, env, run):
+    """The EMA model's samples from the same noise at every call (x_T and, for a stochastic sampler, every z)."""
     x_T = torch.randn(args.sample_n, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed)).to(env.device)
+    g = torch.Generator(device=env.device).manual_seed(args.seed + 1)
     with env.ctx:
-        x = run.diffusion.sample(run.ema, x_T.shape, "ddim", args.sample_steps, x_T=x_T, device=env.device)
+        x = run.diffusion.sample(run.ema, x_T.shape, DEFAULT_SAMPLER, args.sample_steps, DEFAULT_ETA, g, x_T=x_T, device=env.device)
     path = os.path.join(args.out, f"samples_{run.step:07d}.png")
     nrow = int(math.sqrt(args.sample_n) + 0.5)
     atomic_write(lambda tmp: torchvision.utils.save_image((x.float() + 1) / 2, tmp, format="png", nrow=nrow), path, "--out")
