@@ -1083,6 +1083,37 @@ def test_short_runs_leave_the_warmup_early(faces, tmp_path, capsys):
     assert lrs[0] < 1e-3 and all(lr == pytest.approx(1e-3) for lr in lrs[3:])
 
 
+def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_path, monkeypatch, capsys):
+    # A fake clock, so nothing here depends on this machine's speed: a training step takes 0.25 s until
+    # step 60, then 0.5 s (the machine got busy). The plan from the first steps would overrun by a third.
+    now = [0.0]
+    real_step = train.train_step
+    def slow_step(*a):
+        now[0] += 0.25 if a[-2] < 60 else 0.5  # a[-2] is the step index
+        return real_step(*a)
+    monkeypatch.setattr(train, "train_step", slow_step)
+    monkeypatch.setattr(train, "time", type("clock", (), {"time": staticmethod(lambda: now[0])}))
+    out = str(tmp_path / "run")
+    train.main(train_args(faces, out, "--minutes", "1", "--log-every", "10", "--warmup", "1000"))
+    printed = capsys.readouterr().out
+    planned = int(printed.split(" steps in all")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert 200 <= planned <= 240  # 60 s at 4 steps/s, less the probe and a 2% margin
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    a, steps = ckpt["args"], ckpt["step"]
+    assert 0.9 * 60 <= now[0] <= 60  # ended within the budget, not far short of it
+    assert "the run will end at step" in printed and steps < 0.8 * planned
+    assert a["max_steps"] == steps and a["lr_decay"] == "cosine"
+    assert a["warmup_steps"] == planned // 10 and a["ema_decay"] == pytest.approx(1 - 10 / planned)
+    lrs = [float(row["lr"]) for row in log_rows(out) if row["lr"]]
+    assert max(lrs) <= 2e-4 and lrs[-1] < 1e-6  # the cosine decay ends at the last step
+    # it resumes to the planned end, and the flags that would contradict the budget are refused
+    train.main(["--resume", os.path.join(out, "ckpt.pt")])
+    assert "nothing to do" in capsys.readouterr().out
+    for extra in (["--max-steps", "10"], ["--epochs", "2"]):
+        code, _, err = main_error(capsys, train.main, train_args(faces, str(tmp_path / "x"), "--minutes", "1", *extra))
+        assert code == 2 and "--minutes chooses the number of steps itself" in err
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the workers in /proc")
 def test_interrupting_the_decode_prints_one_line(tmp_path):
     big = torch.randint(0, 256, (3, 1600, 1600), dtype=torch.uint8)

@@ -80,9 +80,15 @@ def make_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive(int), default=100, help="passes over the training split")
     g.add_argument("--max-steps", type=positive(int), default=None, help="stop after this many steps in all (overrides --epochs)")
+    g.add_argument("--minutes", type=positive(float), default=None,
+                   help="fit the whole run into N minutes: measure img/s over the first steps, then choose the steps, "
+                        "warm-up, LR decay and EMA decay for that budget (instead of --epochs/--max-steps)")
     g.add_argument("--batch-size", type=positive(int), default=128, help="global batch size, split over the GPUs")
     g.add_argument("--lr", type=positive(float), default=2e-4, help="peak AdamW learning rate")
     g.add_argument("--warmup", type=non_negative, default=5000, help="linear learning-rate warm-up steps, at most a tenth of the run")
+    g.add_argument("--lr-decay", default="constant", choices=["constant", "cosine"],
+                   help="learning rate after the warm-up: constant (the DDPM paper) or a cosine decay to 0 at the last step; "
+                        "--minutes makes it cosine unless given")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (with warm-up min(decay, (1+s)/(10+s)))")
@@ -139,8 +145,13 @@ def model_config(args):
                        attn_res=args.attn_res, dropout=args.dropout)
 
 
-def lr_at(step, args):
-    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps > 0 else args.lr
+def lr_at(step, args, total):
+    """Linear warm-up over args.warmup_steps, then constant or a cosine decay that reaches 0 at step `total`."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_decay == "cosine" and math.isfinite(total):
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup_steps) / max(1, total - args.warmup_steps)))
+    return args.lr
 
 
 @torch.no_grad()
@@ -247,10 +258,11 @@ def train(args, given):
 def setup(args, given):
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
-    env = SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, ckpt=None, log=print if rank == 0 else (lambda *a, **k: None))
+    env = SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, ckpt=None, t_start=time.time(),
+                          log=print if rank == 0 else (lambda *a, **k: None))
     if args.resume:
         resume_args(args, given, env)
-    check_args(args, env)
+    check_args(args, given, env)
     env.device = pick_device(args.device, local_rank)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
@@ -295,8 +307,12 @@ def resume_args(args, given, env):
     env.log(f"resuming from {path} at step {env.ckpt['step']}")
 
 
-def check_args(args, env):
+def check_args(args, given, env):
     """Everything that can be checked without data, so that a mistake costs seconds, not a decode."""
+    if "minutes" in given and given & {"max_steps", "epochs"}:
+        raise UsageError("--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes")
+    if args.minutes and not args.resume and "lr_decay" not in given:
+        args.lr_decay = "cosine"  # a budgeted run ends with its learning rate at 0
     if not 0 <= args.ema_decay < 1:
         raise UsageError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.9999")
     if args.sample_steps > args.timesteps:
@@ -384,13 +400,21 @@ def build(args, env, faces):
     if faces is not None:
         run.batches = data.Batches(faces, args.batch_size, device, args.seed, env.rank, env.world, flip=not args.no_flip)
         run.total = args.max_steps or run.batches.steps_per_epoch * args.epochs
+        run.probe = None
+        if args.minutes and not args.max_steps:
+            run.total = math.inf  # until plan_minutes has measured the speed
         if args.dry_run:
             run.total = run.step + 2
         if not ckpt:  # the warm-up never takes more than a tenth of the run; kept from the start on resume
             args.warmup_steps = min(args.warmup, run.total // 10)
-        env.log(f"data: {len(faces):,} training images, {run.batches.steps_per_epoch:,} steps per epoch at batch {args.batch_size}, "
-                f"{run.total:,} steps in all, lr warm-up over {args.warmup_steps:,} steps"
-                + (f" (--warmup {args.warmup} is more than a tenth of the run)" if args.warmup_steps < args.warmup else ""))
+        if math.isinf(run.total):
+            args.warmup_steps = args.warmup  # provisional: plan_minutes sets it with the number of steps
+            env.log(f"data: {len(faces):,} training images, {run.batches.steps_per_epoch:,} steps per epoch at batch {args.batch_size}; "
+                    f"the number of steps is chosen after timing the first ones, to end within --minutes {args.minutes:g}")
+        else:
+            env.log(f"data: {len(faces):,} training images, {run.batches.steps_per_epoch:,} steps per epoch at batch {args.batch_size}, "
+                    f"{run.total:,} steps in all, lr warm-up over {args.warmup_steps:,} steps"
+                    + (f" (--warmup {args.warmup} is more than a tenth of the run)" if args.warmup_steps < args.warmup else ""))
     return run
 
 
@@ -444,7 +468,7 @@ def loop(args, env, run, val, stop):
     t0 = time.time() - run.elapsed  # elapsed time continues across resumes
     run.model.train()
     while run.step < run.total:
-        lr = lr_at(run.step, args)
+        lr = lr_at(run.step, args, run.total)
         for group in run.opt.param_groups:
             group["lr"] = lr
         gen.manual_seed(args.seed * 1_000_003 + run.step)
@@ -455,12 +479,16 @@ def loop(args, env, run, val, stop):
             x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
         loss = train_step(run.fwd, diffusion, x0, t, noise, run.opt, run.scaler, env.ctx, params, ema_params, run.step, args)  # line 5
         loss_sum, n_loss, run.step = loss_sum + loss, n_loss + 1, run.step + 1
+        if math.isinf(run.total):
+            plan_minutes(args, env, run, val)  # --minutes: times the first steps, then sets run.total
 
         last = run.step == run.total
         if run.step % args.log_every == 0 or last or (stop and not env.ddp):
             loss_avg = reduce_loss(env, loss_sum, stop) / n_loss
             now = time.time()
             run.elapsed = now - t0
+            if run.probe and not last and run.step < 0.95 * run.total:
+                replan_minutes(args, env, run, val, (run.step - step_log) / (now - t_log))
             progress(args, env, run, loss_avg, (run.step - step_log) / (now - t_log), log_rows)
             loss_sum, n_loss, t_log, step_log = torch.zeros((), device=device), 0, now, run.step
         t_extra = time.time()
@@ -471,6 +499,54 @@ def loop(args, env, run, val, stop):
     if env.ddp:
         dist.destroy_process_group()
     return EXIT_CODES[stop[0]] if stop else 0
+
+
+def plan_minutes(args, env, run, val):
+    """--minutes: time the steps after the first two (compilation, autotuning); once at least 10 steps and 10 s
+    are timed, choose how many steps fit what is left of the budget, then the warm-up, LR decay and EMA for them."""
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    now = time.time()
+    if run.probe is None:
+        run.probe = (run.step + 2, None)
+    if run.step == run.probe[0]:
+        run.probe = (run.step, now)
+    if run.probe[1] is None:
+        return
+    steps, seconds = run.step - run.probe[0], now - run.probe[1]
+    total = fit_minutes(args, env, run, val, steps / seconds if steps >= 10 and seconds >= min(10, 1.2 * args.minutes) else 0)
+    if total is None:
+        return
+    run.total = args.max_steps = total
+    args.warmup_steps = min(args.warmup, run.total // 10)
+    args.ema_decay = min(args.ema_decay, 1 - 10 / run.total)  # the average spans about the last tenth of the run
+    env.log(f"--minutes {args.minutes:g}: {steps / seconds * args.batch_size:,.1f} img/s measured: {run.total:,} steps in all "
+            f"({run.total / run.batches.steps_per_epoch:.2f} epochs), lr warm-up {args.warmup_steps:,} steps then "
+            f"{args.lr_decay} decay to step {run.total:,}, EMA decay {args.ema_decay:.5f}")
+
+
+def replan_minutes(args, env, run, val, rate):
+    """--minutes, at every progress line: if the speed changed (a busy machine), move the end to keep the budget."""
+    total = fit_minutes(args, env, run, val, rate)
+    if total is not None and abs(total - run.total) > 0.02 * run.total:
+        env.log(f"--minutes {args.minutes:g}: now {rate * args.batch_size:,.1f} img/s; the run will end at step {total:,}")
+        run.total = args.max_steps = total
+
+
+def fit_minutes(args, env, run, val, rate):
+    """The step at which the run ends on time at `rate` training steps/s (rank 0's figure on every rank), or None."""
+    rate = torch.tensor([rate], device=env.device, dtype=torch.float64)
+    if env.ddp:
+        dist.broadcast(rate, 0)  # rank 0's clock decides for every rank, so all stop at the same step
+    rate = rate.item()
+    if rate <= 0:
+        return None
+    left = args.minutes * 60 - (time.time() - env.t_start)
+    # the rest of the run also samples grids and evaluates; a forward pass costs about a third of a training step
+    grid = (args.sample_n * args.sample_steps if args.sample_every else 0) / (3 * args.batch_size * rate)
+    evaluate = (len(val) * (2 + args.eval_bpd) if val is not None else 0) / (3 * args.batch_size * rate)
+    per_step = 1 / rate + (grid / args.sample_every if args.sample_every else 0) + (evaluate / args.eval_every if val is not None else 0)
+    return run.step + max(1, int(0.98 * (left - grid - evaluate) / per_step))
 
 
 def catch_signals(stop):
@@ -529,8 +605,9 @@ def progress(args, env, run, loss_avg, steps_per_s, log_rows):
     ips = steps_per_s * run.batches.batch_size
     epoch = run.step // run.batches.steps_per_epoch
     lr = run.opt.param_groups[0]["lr"]
-    env.log(f"epoch {epoch} | step {run.step}/{run.total} | loss {loss_avg:.4f} | {ips:,.1f} img/s | lr {lr:.2e} | "
-            f"ETA {fmt_time((run.total - run.step) / max(steps_per_s, 1e-9))}")
+    eta = "timing the first steps" if math.isinf(run.total) else fmt_time((run.total - run.step) / max(steps_per_s, 1e-9))
+    total = "?" if math.isinf(run.total) else run.total
+    env.log(f"epoch {epoch} | step {run.step}/{total} | loss {loss_avg:.4f} | {ips:,.1f} img/s | lr {lr:.2e} | ETA {eta}")
     if log_rows:
         append_log(log_rows, [run.step, epoch, f"{loss_avg:.6f}", "", f"{lr:.3e}", f"{ips:.1f}", f"{run.elapsed:.1f}"])
 
@@ -552,6 +629,8 @@ def periodic(args, env, run, val, log_rows, last, stop, t0):
         run.elapsed = time.time() - t0
         saved = checkpoint(args, env, run, ckpt_path)
         env.log(f"step {step} | checkpoint {ckpt_path}" if saved else f"step {step} | weights not finite: checkpoint not written")
+        if last and args.minutes:
+            env.log(f"--minutes {args.minutes:g}: the run took {fmt_time(time.time() - env.t_start)} from start to this checkpoint")
         if stop:
             name = signal.Signals(stop[0]).name
             env.log(f"interrupted by {name} at step {step}" + (f"; checkpoint written. Continue with: python train.py --resume --out {args.out}" if saved else ""))
