@@ -4,6 +4,7 @@ train/sample command lines end to end on tiny fake data. CPU only; no ../shared 
 
     python -m pytest -q test_all.py
 """
+import contextlib
 import math
 import os
 import signal
@@ -1112,6 +1113,17 @@ def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_
     for extra in (["--max-steps", "10"], ["--epochs", "2"]):
         code, _, err = main_error(capsys, train.main, train_args(faces, str(tmp_path / "x"), "--minutes", "1", *extra))
         assert code == 2 and "--minutes chooses the number of steps itself" in err
+
+
+@pytest.mark.parametrize("min_steps,ch,batch,dropout", [(10**9, 64, 8, 0.0), (1, 128, 16, 0.1)])
+def test_minutes_narrows_the_model_only_when_the_budget_needs_it(monkeypatch, min_steps, ch, batch, dropout):
+    # A budget too short for the preset halves its channels and batch together (here once: batch >= 8);
+    # a generous one keeps the preset as it is, dropout included.
+    monkeypatch.setattr(train, "MIN_STEPS", min_steps)
+    args, given = train.get_args(["--size", "16", "--ch-mult", "1,2", "--attn-res", "8", "--batch-size", "16", "--minutes", "1"])
+    env = type("env", (), dict(device=torch.device("cpu"), ctx=contextlib.nullcontext(), world=1, ddp=False, log=print))
+    train.fit_model_to_minutes(args, env)
+    assert (args.ch, args.batch_size, args.dropout) == (ch, batch, dropout)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the workers in /proc")

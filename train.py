@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import dataclasses
 import math
 import os
 import signal
@@ -243,6 +244,8 @@ def train(args, given):
         return bench(args, run, env)
     if args.bpd:
         return evaluate_bpd(args, env)
+    if args.minutes and not env.ckpt and not args.dry_run and not given & {"ch", "batch_size"}:
+        fit_model_to_minutes(args, env)
     faces, val = load_data(args, env)
     run = build(args, env, faces)
     if run.step >= run.total:
@@ -339,6 +342,61 @@ def check_args(args, given, env):
                          f"python train.py --resume --out {args.out}, pick another --out, or pass --overwrite to replace it")
     if env.master:
         check_writable(args.out, "--out")
+
+MIN_STEPS = 1500  # the 32x32 runs on a 2-core CPU (REPORT sec. 3) made faces with the default sampler from about here
+
+
+def fit_model_to_minutes(args, env):
+    """--minutes without --ch or --batch-size: the --size preset's width and batch, halved together (128 -> 64 -> 32)
+    until the budget holds MIN_STEPS training steps, so that a short run on a small machine still ends with faces.
+    The smallest candidate is timed first; a wider one is timed only if its FLOPs say that it could fit.
+    A narrowed model gets dropout 0 (a run of a few epochs does not overfit)."""
+    base = model_config(args)
+    candidates = [(base.ch >> k, args.batch_size >> k) for k in range(3) if base.ch >> k >= 32 and args.batch_size >> k >= 8 * env.world]
+    budget = args.minutes * 60
+
+    def cfg_of(ch):
+        return dataclasses.replace(base, ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
+
+    def seconds_per_step(ch, batch, steps):
+        run = SimpleNamespace(model=unet.UNet(cfg_of(ch)).to(env.device), diffusion=GaussianDiffusion(args.timesteps))
+        x0, b = torch.zeros(batch // env.world, 3, args.size, args.size, device=env.device), batch // env.world
+        opt = torch.optim.AdamW(run.model.parameters(), lr=0.0)
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+            times = []
+            for _ in range(steps + 1):  # the first step warms up
+                t0 = time.time()
+                with env.ctx:
+                    run.diffusion.to(env.device).training_losses(run.model, x0, torch.zeros(b, dtype=torch.long, device=env.device), x0).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.time() - t0)
+        return max(min(times[1:]), 1e-9), run.model
+
+    def flops(model):
+        with FlopCounterMode(display=False) as fc:
+            model(torch.zeros(1, 3, args.size, args.size, device=env.device), torch.zeros(1, dtype=torch.long, device=env.device)).sum().backward()
+        return fc.get_total_flops()
+
+    small_ch, small_b = candidates[-1]
+    small_s, small_model = seconds_per_step(small_ch, small_b, 2)
+    small_flops, choice = flops(small_model), len(candidates) - 1
+    for i, (ch, b) in enumerate(candidates[:-1]):
+        guess = small_s * flops(unet.UNet(cfg_of(ch)).to(env.device)) * b / (small_flops * small_b)
+        if budget / guess >= MIN_STEPS and budget / seconds_per_step(ch, b, 2)[0] >= MIN_STEPS:
+            choice = i
+            break
+    choice = torch.tensor([choice], device=env.device)
+    if env.ddp:
+        dist.broadcast(choice, 0)  # every rank builds rank 0's choice
+    ch, b = candidates[choice.item()]
+    args.ch, args.batch_size, args.dropout = ch, b, cfg_of(ch).dropout
+    env.log(f"--minutes {args.minutes:g}: --ch {ch} --batch-size {b} --dropout {args.dropout:g}, the widest of "
+            f"{', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch) whose speed here leaves "
+            f">= {MIN_STEPS:,} steps in the budget" + (" (none does: the smallest)" if choice.item() == len(candidates) - 1
+                                                         and budget / small_s < MIN_STEPS else ""))
 
 # -----------------------------------------------------------------------------
 # phase 2: data, model, optimizer
