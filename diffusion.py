@@ -140,7 +140,7 @@ class GaussianDiffusion:
     # one place that turns any model output into (x0, eps)
 
     def predict_x0_eps(self, out, xt, t, clip=False):
-        """Model output for self.objective -> (x0_hat, eps_hat), consistent with each other."""
+        """Model output for self.objective -> (x0_hat, eps_hat), consistent with each other unless clip is set."""
         if self.objective == "eps":
             eps = out
             x0 = self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
@@ -151,11 +151,13 @@ class GaussianDiffusion:
             a, s = self._at(self.sqrt_alphas_cumprod, t, xt), self._at(self.sqrt_one_minus_alphas_cumprod, t, xt)
             x0 = a * xt - s * out  # x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
             eps = s * xt + a * out  # eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            eps = None  # recompute eps from the clipped x0 so the pair stays consistent
         if eps is None:  # eq. 4 solved for eps
             eps = (self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, xt)
+        if clip:
+            # Only x0_hat is clipped; eps_hat stays the model's own. Recomputing eps from the clipped x0 (as
+            # improved-diffusion does) feeds the clipped, saturated x0 of the noisiest steps back into x_t, and a
+            # deterministic sampler then keeps it to the end: colour speckle (REPORT sec. 3, "Why eta 0 fails").
+            x0 = x0.clamp(-1, 1)
         return x0, eps
 
     # -------------------------------------------------------------------------

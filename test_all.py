@@ -368,6 +368,11 @@ def test_predict_x0_eps_roundtrip_for_every_objective():
         x0_hat, eps_hat = d.predict_x0_eps(out, xt, t)
         torch.testing.assert_close(x0_hat, x0, atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(eps_hat, eps, atol=2e-3, rtol=1e-3)
+        # clipping bounds x0_hat only: eps_hat stays the one the model output implies
+        x0_c, eps_c = d.predict_x0_eps(out * 40, xt, t, clip=True)
+        x0_u, eps_u = d.predict_x0_eps(out * 40, xt, t)
+        assert x0_c.abs().max() <= 1 and x0_u.abs().max() > 1
+        torch.testing.assert_close(x0_c, x0_u.clamp(-1, 1)), torch.testing.assert_close(eps_c, eps_u)
 
 
 def test_min_snr_weighting():
