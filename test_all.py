@@ -1178,6 +1178,14 @@ def test_bits_per_dim_commands_and_dpm_solver_cli(faces, tmp_path, capsys):
     assert 0 < total < 100
     code, _, err = main_error(capsys, train.main, train_args(faces, str(tmp_path / "new"), "--bpd", "3"))
     assert code == 2 and "--resume" in err
+    # --x0-error: the best linear denoiser predicts the training mean at t = T-1, and does better at t = 0
+    train.main(["--resume", "--out", out, "--x0-error", "4"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows][:2] == [49, 47] and int(rows[-1][0]) == 0 and len(rows) == 14
+    images = {split: data.to_float(data.load(faces, 16, split, cache_dir=str(tmp_path / "cache"))["images"], "cpu") for split in ("train", "valid")}
+    to_mean = (images["valid"] - images["train"].mean(0)).pow(2).mean().item()
+    linear = [float(r[4]) for r in rows]
+    assert linear[0] == pytest.approx(to_mean, rel=0.1) and linear[-1] < 0.98 * linear[0]
     for sampler in ("dpm++", "dpm++sde"):
         sample.main([out, "--n", "2", "--sampler", sampler, "--steps", "5", "--out", str(tmp_path / "dpm.png")])
         assert f"{sampler} with 5 steps" in capsys.readouterr().out and os.path.exists(tmp_path / "dpm.png")

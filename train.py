@@ -41,7 +41,7 @@ PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989),
 RESUME_MAY_CHANGE = ("data", "cache_dir", "epochs", "max_steps", "log_every", "sample_every", "sample_steps", "sample_n",
                      "eval_every", "eval_images", "ckpt_every", "out", "device", "precision", "compile", "channels_last",
                      "grad_checkpoint", "peak_tflops", "eval_bpd")
-NOT_FROM_CHECKPOINT = ("resume", "overwrite", "dry_run", "bench", "bench_steps", "download", "bpd")
+NOT_FROM_CHECKPOINT = ("resume", "overwrite", "dry_run", "bench", "bench_steps", "download", "bpd", "x0_error")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
 
 
@@ -117,6 +117,9 @@ def make_parser():
     g.add_argument("--bpd", type=positive(int), default=None,
                    help="evaluate, do not train: the checkpoint's bits/dim bound over all T steps on this many validation "
                         "images (T model calls each), with --resume naming the checkpoint")
+    g.add_argument("--x0-error", type=positive(int), default=None,
+                   help="evaluate, do not train: the checkpoint's error in predicting x0 at 14 timesteps on this many validation "
+                        "images, beside the best linear (Wiener) denoiser's, with --resume naming the checkpoint")
     g.add_argument("--ckpt-every", type=non_negative, default=5000, help="write ckpt.pt in --out every N steps (0: only at the end)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run from its checkpoint: a path, or no value for ckpt.pt in --out. Every setting comes "
@@ -244,6 +247,8 @@ def train(args, given):
         return bench(args, run, env)
     if args.bpd:
         return evaluate_bpd(args, env)
+    if args.x0_error:
+        return evaluate_x0_error(args, env)
     if args.minutes and not env.ckpt and not args.dry_run and not given & {"ch", "batch_size"}:
         fit_model_to_minutes(args, env)
     faces, val = load_data(args, env)
@@ -759,6 +764,38 @@ def evaluate_bpd(args, env):
     env.log(f"bits/dim on {len(images)} validation images (step {env.ckpt['step']}, T={diffusion.T}): "
             f"prior L_T {r['prior'].mean():.4f} + sum of L_t {r['vb'].mean():.4f} + decoder L_0 {r['decoder'].mean():.4f} "
             f"= {r['total'].mean():.4f} +- {se:.4f}")
+    return 0
+
+
+@torch.no_grad()
+def evaluate_x0_error(args, env):
+    """--x0-error N: the mean squared error of the EMA model's x0_hat at a range of t on N validation images, beside
+    that of the best linear denoiser (the Wiener filter of the training images' mean and covariance: it is exact
+    for Gaussian data, and any good model beats it). Where the model is worse, samplers inherit its errors."""
+    if env.ckpt is None:
+        raise UsageError("--x0-error evaluates a checkpoint: name it with --resume PATH (or --resume --out DIR)")
+    model, diffusion = model_from_checkpoint(env.ckpt, args.resume)
+    model, diffusion, device = model.to(env.device).eval(), diffusion.to(env.device), env.device
+    load = lambda split, n: data.to_float(data.load(args.data, args.size, split, args.crop, args.cache_dir, log=env.log)["images"][:n], device)
+    train_x, x0 = load("train", 20_000).flatten(1).double(), load("valid", args.x0_error)  # (N, D), (n, 3, H, W)
+    mean = train_x.mean(0)
+    lam, U = torch.linalg.eigh(torch.cov((train_x - mean).T))  # the covariance's eigenvalues (D,) and vectors (D, D)
+    lam, g, b = lam.clamp(min=0), torch.Generator(device=device).manual_seed(0), min(args.batch_size, 256)
+    env.log(f"x0 error on {len(x0)} validation images (step {env.ckpt['step']}, EMA weights, objective {diffusion.objective})")
+    env.log("    t  alpha_bar  model MSE  clipped  best linear  clipped/linear  share |x0_hat| > 1")
+    for f in (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.0):
+        i = round(f * (diffusion.T - 1))
+        t = torch.full((len(x0),), i, device=device, dtype=torch.long)
+        xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g, device=device))
+        with env.ctx:
+            out = torch.cat([model(xt[j:j + b], t[j:j + b]).float() for j in range(0, len(x0), b)])
+        x0_hat, _ = diffusion.predict_x0_eps(out, xt, t)
+        a, s = diffusion.sqrt_alphas_cumprod[i].item(), diffusion.sqrt_one_minus_alphas_cumprod[i].item()
+        # Wiener: x0 = mean + C a (a^2 C + s^2 I)^-1 (x_t - a mean), applied in the covariance's eigenbasis
+        wiener = (mean + ((xt.flatten(1).double() - a * mean) @ U * (a * lam / (a * a * lam + s * s))) @ U.T).view_as(x0)
+        mse = lambda p: (p.float() - x0).pow(2).mean().item()
+        env.log(f"{i:5d}  {a * a:9.2e}  {mse(x0_hat):9.4f}  {mse(x0_hat.clamp(-1, 1)):7.4f}  {mse(wiener):11.4f}  "
+                f"{mse(x0_hat.clamp(-1, 1)) / mse(wiener):14.2f}  {(x0_hat.abs() > 1).float().mean().item():19.3f}")
     return 0
 
 # -----------------------------------------------------------------------------
