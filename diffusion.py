@@ -258,8 +258,8 @@ class GaussianDiffusion:
         alpha, sigma, lam = self.sqrt_alphas_cumprod.cpu(), self.sqrt_one_minus_alphas_cumprod.cpu(), self.lambdas.cpu()
         x0_prev = h_prev = None
         for i, s in enumerate(ts):
-            x0, _ = self.predict_x0_eps(model(x, torch.full((shape[0],), s, device=device, dtype=torch.long)).float(), x,
-                                        torch.full((shape[0],), s, device=device, dtype=torch.long), clip)
+            x0, eps = self.predict_x0_eps(model(x, torch.full((shape[0],), s, device=device, dtype=torch.long)).float(), x,
+                                          torch.full((shape[0],), s, device=device, dtype=torch.long), clip)
             if i == len(ts) - 1:  # lambda -> inf: x_0 = alpha_0 x0_hat with alpha_0 = 1, [DPM++] eq. 9 with h = inf
                 x = x0
             else:
@@ -270,11 +270,14 @@ class GaussianDiffusion:
                 else:
                     r = h_prev / h  # r_i = h_{i-1} / h_i
                     D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # D_i, the second-order correction
-                if not sde:  # x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
-                    x = (sigma[t] / sigma[s]).item() * x + (alpha[t] * -math.expm1(-h)).item() * D
-                else:  # x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z
-                    x = ((sigma[t] / sigma[s]) * math.exp(-h)).item() * x + (alpha[t] * -math.expm1(-2 * h)).item() * D \
-                        + (sigma[t] * math.sqrt(-math.expm1(-2 * h))).item() * torch.randn(shape, generator=generator, device=device)
+                # [DPM++] Algorithm 2: x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i.
+                # With x_s = alpha_s x0_hat + sigma_s eps_hat, the first term is alpha_t e^{-h} x0_hat + sigma_t eps_hat;
+                # written that way, a clipped x0_hat enters both x0 terms while eps_hat stays the model's, as in DDIM
+                # (the same update exactly when nothing is clipped; its first-order step is DDIM's).
+                e = math.exp(-h) if not sde else math.exp(-2 * h)  # the SDE solver decays the x0_hat term by e^{-2h}
+                x = (alpha[t].item() * e) * x0 + (alpha[t].item() * (1 - e)) * D + (sigma[t].item() * (1 if not sde else math.exp(-h))) * eps
+                if sde:  # x_t = sigma_t e^{-h} eps_hat + alpha_t (e^{-2h} x0_hat + (1 - e^{-2h}) D) + sigma_t sqrt(1 - e^{-2h}) z
+                    x = x + (sigma[t] * math.sqrt(-math.expm1(-2 * h))).item() * torch.randn(shape, generator=generator, device=device)
                 x0_prev, h_prev = x0, h
             yield s, x, x0
 
