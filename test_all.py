@@ -1109,7 +1109,7 @@ def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_
     assert 0.9 * 60 <= now[0] <= 60  # ended within the budget, not far short of it
     assert "the run will end at step" in printed and steps < 0.8 * planned
     assert a["max_steps"] == steps and a["lr_decay"] == "cosine"
-    assert a["warmup_steps"] == planned // 10 and a["ema_decay"] == pytest.approx(1 - 10 / planned)
+    assert a["warmup_steps"] == planned // 10 and a["ema_decay"] == pytest.approx(1 - 10 / steps)
     lrs = [float(row["lr"]) for row in log_rows(out) if row["lr"]]
     assert max(lrs) <= 2e-4 and lrs[-1] < 1e-6  # the cosine decay ends at the last step
     # it resumes to the planned end, and the flags that would contradict the budget are refused

@@ -582,6 +582,7 @@ def plan_minutes(args, env, run, val):
         return
     run.total = args.max_steps = total
     args.warmup_steps = min(args.warmup, run.total // 10)
+    run.ema_given = args.ema_decay
     args.ema_decay = min(args.ema_decay, 1 - 10 / run.total)  # the average spans about the last tenth of the run
     env.log(f"--minutes {args.minutes:g}: {steps / seconds * args.batch_size:,.1f} img/s measured: {run.total:,} steps in all "
             f"({run.total / run.batches.steps_per_epoch:.2f} epochs), lr warm-up {args.warmup_steps:,} steps then "
@@ -592,8 +593,10 @@ def replan_minutes(args, env, run, val, rate):
     """--minutes, at every progress line: if the speed changed (a busy machine), move the end to keep the budget."""
     total = fit_minutes(args, env, run, val, rate)
     if total is not None and abs(total - run.total) > 0.02 * run.total:
-        env.log(f"--minutes {args.minutes:g}: now {rate * args.batch_size:,.1f} img/s; the run will end at step {total:,}")
         run.total = args.max_steps = total
+        args.ema_decay = min(run.ema_given, 1 - 10 / total)
+        env.log(f"--minutes {args.minutes:g}: now {rate * args.batch_size:,.1f} img/s; the run will end at step {total:,} "
+                f"(EMA decay {args.ema_decay:.5f})")
 
 
 def fit_minutes(args, env, run, val, rate):
