@@ -24,16 +24,11 @@ import zlib
 
 import torch
 import torchvision
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
-from sample import USER_ERRORS, Parser, atomic_write, check_writable, positive
+from sample import CROPS, USER_ERRORS, Parser, atomic_write, check_writable, positive, preprocess
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 SPLITS = {"train": 0, "valid": 1, "test": 2}
-CROPS = ("auto", "celeba", "center", "none")
-# The crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image.
-CELEBA_W, CELEBA_H, CELEBA_CX, CELEBA_CY, CELEBA_SIDE = 178, 218, 89, 121, 128
 CACHE_VERSION = 2  # 2: a CRC-32 of the image bytes, verified on load
 MAX_WARNINGS = 10
 
@@ -152,47 +147,7 @@ def _holdout(files, attrs, split):
     return files[keep], (attrs[keep] if attrs is not None else None)
 
 # -----------------------------------------------------------------------------
-# decoding and preprocessing (runs once; the result is cached)
-
-
-def crop_box(w, h, crop):
-    """(left, top, width, height) of the crop in a w x h image."""
-    if crop == "auto":
-        crop = "celeba" if (w, h) == (CELEBA_W, CELEBA_H) else "center"
-    if crop == "celeba":  # the DDIM box, scaled if the image is not 178x218
-        sx, sy = w / CELEBA_W, h / CELEBA_H
-        side_x, side_y = round(CELEBA_SIDE * sx), round(CELEBA_SIDE * sy)
-        return round(CELEBA_CX * sx) - side_x // 2, round(CELEBA_CY * sy) - side_y // 2, side_x, side_y
-    if crop == "center":
-        s = min(w, h)
-        return (w - s) // 2, (h - s) // 2, s, s
-    return 0, 0, w, h  # none: the whole frame, aspect squashed by the resize
-
-
-def _decode(path):
-    """Any image file -> (3, H, W) uint8 RGB. Grayscale, RGBA, palette, CMYK and 16-bit are converted."""
-    try:  # a truncated or corrupt JPEG raises here, and again in PIL below: the file is skipped
-        img = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        img = None
-    if img is None:  # formats torchvision cannot take (e.g. CMYK or exotic PNGs): PIL, strictly
-        from PIL import Image
-        with Image.open(path) as im:
-            im.load()
-            if im.mode.startswith("I;16") or im.mode == "I":
-                im = im.point(lambda v: v / 257).convert("L")
-            img = TF.pil_to_tensor(im.convert("RGB"))
-    if img.dtype != torch.uint8:  # 16-bit PNG
-        img = TF.to_dtype(img, torch.uint8, scale=True)
-    return img
-
-
-def preprocess(path, size, crop):
-    """File -> (3, size, size) uint8: crop, then an antialiased resize."""
-    img = _decode(path)
-    left, top, w, h = crop_box(img.shape[2], img.shape[1], crop)
-    img = TF.crop(img, top, left, h, w)
-    return TF.resize(img, [size, size], antialias=True)
+# decoding and preprocessing (runs once; the result is cached): preprocess() lives in sample.py, for --init
 
 
 def _preprocess_or_none(job):

@@ -13,6 +13,7 @@ References (equation numbers refer to these papers):
   [NS]    Chen 2023, "On the Importance of Noise Scheduling for Diffusion Models", arXiv:2301.10972
   [DPM]   Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling", arXiv:2206.00927
   [DPM++] Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", arXiv:2211.01095
+  [SDEdit] Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations", arXiv:2108.01073
 
 Indexing: the paper's t = 1..T is index t = 0..T-1 here. alphas_cumprod[t] is the paper's
 alpha_bar_{t+1}; index 0 is the least noisy step and "t-1" of index 0 is the clean image x_0.
@@ -80,6 +81,17 @@ def discretized_gaussian_log_likelihood(x, mean, log_std):
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 OBJECTIVES = ("eps", "x0", "v")
+
+def slerp(z0, z1, weights):
+    """Spherical interpolation between two noise tensors (1, ...) at each weight in [0, 1] -> (len(weights), ...).
+    Gaussian noise in many dimensions lies near a sphere; a straight line between two draws would pass through
+    noise of too small a norm, which the model has never seen."""
+    a, b = z0.flatten().double(), z1.flatten().double()
+    theta = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))  # the angle between them
+    w = weights.to(a)[:, None]
+    z = (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)
+    return z.to(z0.dtype).view(len(weights), *z0.shape[1:])
+
 
 # -----------------------------------------------------------------------------
 
@@ -195,29 +207,31 @@ class GaussianDiffusion:
         return mean, var, x0
 
     @torch.no_grad()
-    def ddpm_sample_progressive(self, model, shape, generator=None, x_T=None, clip=True, var_type="beta", device=None):
-        """[DDPM] Algorithm 2. Yields (t, x_{t-1}, x0_hat) after every step, from t=T-1 down to 0."""
+    def ddpm_sample_progressive(self, model, shape, generator=None, x_T=None, clip=True, var_type="beta", device=None, t_max=None):
+        """[DDPM] Algorithm 2. Yields (t, x_{t-1}, x0_hat) after every step, from t=T-1 (or t_max, with x_T then
+        the chain's state at t_max, as SDEdit starts) down to 0."""
         device = device or (x_T.device if x_T is not None else "cpu")
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T  # line 1
-        for i in reversed(range(self.T)):  # line 2
+        for i in reversed(range(self.T if t_max is None else t_max + 1)):  # line 2
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             mean, var, x0 = self.p_mean_variance(model, x, t, clip, var_type)
             z = torch.randn(shape, generator=generator, device=device) if i > 0 else torch.zeros_like(x)  # line 3
             x = mean + var.sqrt() * z  # line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
             yield i, x, x0
 
-    def ddim_timesteps(self, steps):
-        """The sub-sequence tau of [DDIM] sec. 4.2: `steps` indices spread evenly over 0..T-1."""
+    def ddim_timesteps(self, steps, t_max=None):
+        """The sub-sequence tau of [DDIM] sec. 4.2: `steps` indices spread evenly over 0..T-1 (or 0..t_max)."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"DDIM steps must be in 1..{self.T}, got {steps}")
-        return torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long().unique()
+        t_max = self.T - 1 if t_max is None else t_max
+        return torch.linspace(0, t_max, min(steps, t_max + 1), dtype=torch.float64).round().long().unique()
 
     @torch.no_grad()
-    def ddim_sample_progressive(self, model, shape, steps=50, eta=0.0, generator=None, x_T=None, clip=True, device=None):
+    def ddim_sample_progressive(self, model, shape, steps=50, eta=0.0, generator=None, x_T=None, clip=True, device=None, t_max=None):
         """[DDIM] eq. 12 over the sub-sequence tau. Yields (t, x_{t_prev}, x0_hat) after every step."""
         device = device or (x_T.device if x_T is not None else "cpu")
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-        taus = self.ddim_timesteps(steps).tolist()
+        taus = self.ddim_timesteps(steps, t_max).tolist()
         for i, t_now in reversed(list(enumerate(taus))):
             t = torch.full((shape[0],), t_now, device=device, dtype=torch.long)
             x0, eps = self.predict_x0_eps(model(x, t).float(), x, t, clip)
@@ -231,21 +245,21 @@ class GaussianDiffusion:
                 x = x + sigma * torch.randn(shape, generator=generator, device=device)
             yield t_now, x, x0
 
-    def dpm_timesteps(self, steps, spacing="logsnr"):
+    def dpm_timesteps(self, steps, spacing="logsnr", t_max=None):
         """`steps` indices from T-1 down to 0, uniform in lambda ([DPM] sec. 3.4, the default) or in t.
         Indices are rounded to the nearest integer timestep, so the model is only ever asked about the
         timesteps it was trained on; where two rounded points meet (hundreds of steps), one is kept."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"DPM-Solver++ steps must be in 1..{self.T}, got {steps}")
         if spacing == "time":
-            return self.ddim_timesteps(steps).flip(0)
-        lam = self.lambdas.cpu()
+            return self.ddim_timesteps(steps, t_max).flip(0)
+        lam = self.lambdas.cpu()[: (self.T if t_max is None else t_max + 1)]
         targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)  # (steps,) increasing
         return (lam[None, :] - targets[:, None]).abs().argmin(1).unique_consecutive()  # (<= steps,) decreasing t
 
     @torch.no_grad()
     def dpm_solver_sample_progressive(self, model, shape, steps=20, generator=None, x_T=None, clip=True, device=None,
-                                      spacing="logsnr", lower_order_final=False, sde=False):
+                                      spacing="logsnr", lower_order_final=False, sde=False, t_max=None):
         """DPM-Solver++(2M) [DPM++] Algorithm 2: a second-order multistep solver of the probability-flow ODE,
         in data prediction (x0_hat, from any objective). One model evaluation per step; the first step is
         first order, and with lower_order_final so is the last one between evaluated points when there are
@@ -254,7 +268,7 @@ class GaussianDiffusion:
         reverse SDE, which adds fresh noise every step; its first-order step is DDIM with eta = 1."""
         device = device or (x_T.device if x_T is not None else "cpu")
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-        ts = self.dpm_timesteps(steps, spacing).tolist()
+        ts = self.dpm_timesteps(steps, spacing, t_max).tolist()
         alpha, sigma, lam = self.sqrt_alphas_cumprod.cpu(), self.sqrt_one_minus_alphas_cumprod.cpu(), self.lambdas.cpu()
         x0_prev = h_prev = None
         for i, s in enumerate(ts):
@@ -327,16 +341,17 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model, shape, sampler="ddim", steps=50, eta=0.0, generator=None, x_T=None, clip=True,
-               var_type="beta", device=None, keep=(), spacing="logsnr"):
+               var_type="beta", device=None, keep=(), spacing="logsnr", t_max=None):
         """Draw samples. Returns x_0 (B, C, H, W), or (x_0, frames) where frames lists (t, x_t, x0_hat)
-        for every t in `keep`: x_t is the chain after the step from index t, x0_hat is predicted at t."""
+        for every t in `keep`: x_t is the chain after the step from index t, x0_hat is predicted at t.
+        t_max: start the reverse process at that index instead of T-1, from x_T as the state there (SDEdit)."""
         if sampler == "ddpm":
-            steps_iter = self.ddpm_sample_progressive(model, shape, generator, x_T, clip, var_type, device)
+            steps_iter = self.ddpm_sample_progressive(model, shape, generator, x_T, clip, var_type, device, t_max)
         elif sampler == "ddim":
-            steps_iter = self.ddim_sample_progressive(model, shape, steps, eta, generator, x_T, clip, device)
+            steps_iter = self.ddim_sample_progressive(model, shape, steps, eta, generator, x_T, clip, device, t_max)
         elif sampler in ("dpm++", "dpm++sde"):
             steps_iter = self.dpm_solver_sample_progressive(model, shape, steps, generator, x_T, clip, device, spacing,
-                                                            sde=sampler == "dpm++sde")
+                                                            sde=sampler == "dpm++sde", t_max=t_max)
         else:
             raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim, dpm++ or dpm++sde")
         keep, frames, x = set(keep), [], None
@@ -344,3 +359,17 @@ class GaussianDiffusion:
             if t in keep:
                 frames.append((t, x, x0))
         return (x, frames) if keep else x
+
+    def sdedit(self, model, x_init, strength, noise, **sample_kwargs):
+        """SDEdit [SDEdit] sec. 3: noise the image to t_0 = strength * T with q(x_t0 | x_0) (eq. 4), then run the
+        reverse process from t_0. Strength 0 returns x_init; strength 1 starts from the noise itself, which is
+        plain sampling from that noise. sample_kwargs go to sample()."""
+        if not 0 <= strength <= 1:
+            raise ValueError(f"SDEdit strength must be in [0, 1], got {strength}")
+        n_steps = round(strength * self.T)  # how many of the T forward steps are applied
+        if n_steps == 0:
+            return x_init
+        if n_steps == self.T:
+            return self.sample(model, x_init.shape, x_T=noise, **sample_kwargs)
+        t0 = torch.full((x_init.shape[0],), n_steps - 1, device=x_init.device, dtype=torch.long)
+        return self.sample(model, x_init.shape, x_T=self.q_sample(x_init, t0, noise), t_max=n_steps - 1, **sample_kwargs)

@@ -19,14 +19,19 @@ import warnings
 import torch
 import torchvision
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
 
 import unet
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, slerp
 
 CKPT_FORMAT = "ddpm-faces-checkpoint-v1"
 # the default sampler: the best face quality per model evaluation measured so far (README, "Choosing a sampler")
 SAMPLERS = ("ddim", "dpm++", "dpm++sde", "ddpm")
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 20, 1.0
+CROPS = ("auto", "celeba", "center", "none")
+# The crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image.
+CELEBA_W, CELEBA_H, CELEBA_CX, CELEBA_CY, CELEBA_SIDE = 178, 218, 89, 121, 128
 warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 deprecates its image codecs; they still work
 
 # -----------------------------------------------------------------------------
@@ -168,6 +173,48 @@ def model_from_checkpoint(ckpt, path):
         raise CheckpointError(f"{path} does not match this version of unet.py ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
+# -----------------------------------------------------------------------------
+# images in: the training preprocessing (data.py uses it too), so that an --init image is what the model saw
+
+def crop_box(w, h, crop):
+    """(left, top, width, height) of the crop in a w x h image."""
+    if crop == "auto":
+        crop = "celeba" if (w, h) == (CELEBA_W, CELEBA_H) else "center"
+    if crop == "celeba":  # the DDIM box, scaled if the image is not 178x218
+        sx, sy = w / CELEBA_W, h / CELEBA_H
+        side_x, side_y = round(CELEBA_SIDE * sx), round(CELEBA_SIDE * sy)
+        return round(CELEBA_CX * sx) - side_x // 2, round(CELEBA_CY * sy) - side_y // 2, side_x, side_y
+    if crop == "center":
+        s = min(w, h)
+        return (w - s) // 2, (h - s) // 2, s, s
+    return 0, 0, w, h  # none: the whole frame, aspect squashed by the resize
+
+
+def _decode(path):
+    """Any image file -> (3, H, W) uint8 RGB. Grayscale, RGBA, palette, CMYK and 16-bit are converted."""
+    try:  # a truncated or corrupt JPEG raises here, and again in PIL below: the file is skipped
+        img = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        img = None
+    if img is None:  # formats torchvision cannot take (e.g. CMYK or exotic PNGs): PIL, strictly
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I;16") or im.mode == "I":
+                im = im.point(lambda v: v / 257).convert("L")
+            img = TF.pil_to_tensor(im.convert("RGB"))
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = TF.to_dtype(img, torch.uint8, scale=True)
+    return img
+
+
+def preprocess(path, size, crop):
+    """File -> (3, size, size) uint8: crop, then an antialiased resize."""
+    img = _decode(path)
+    left, top, w, h = crop_box(img.shape[2], img.shape[1], crop)
+    img = TF.crop(img, top, left, h, w)
+    return TF.resize(img, [size, size], antialias=True)
+
+
 def image_formats():
     """File extensions Pillow can write, e.g. {'.png', '.jpg', ...}."""
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
@@ -195,6 +242,13 @@ def get_args(argv=None):
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast precision; auto = bf16 on GPUs that support it, fp32 otherwise")
     p.add_argument("--compile", action="store_true", help="torch.compile the sampling step (CUDA graphs on GPU)")
+    p.add_argument("--init", default=None, help="SDEdit: edit this image (cropped and resized as in training) instead of sampling from noise")
+    p.add_argument("--strength", type=float, default=None, help="SDEdit: noise --init to t = strength * T, then denoise; in [0, 1] "
+                   "(0 returns the image, 1 ignores it; default 0.5, the SDEdit paper's range)")
+    p.add_argument("--crop", default="auto", choices=CROPS, help="how --init is cropped, as train.py's --crop")
+    p.add_argument("--interpolate", type=positive(int), default=None, metavar="FRAMES",
+                   help="a strip of FRAMES faces from --seed's starting noise to --seed + 1's (spherical interpolation), "
+                        "with a deterministic sampler (DDIM eta 0 unless --sampler dpm++)")
     p.add_argument("--bench", action="store_true", help="time sampling with a randomly initialised model of --size")
     p.add_argument("--size", type=positive(int), default=64, help="image size for --bench (its preset model)")
     return p.parse_args(argv)
@@ -225,71 +279,127 @@ def check_outputs(args):
         check_writable(args.out_dir, "--out-dir")
 
 
+def check_modes(args):
+    """SDEdit and interpolation flags that do not fit together: one line each, before any work."""
+    if args.strength is not None and args.init is None:
+        raise UsageError("--strength edits an image: give the image with --init IMAGE")
+    if args.init is not None:
+        args.strength = 0.5 if args.strength is None else args.strength
+        if not 0 <= args.strength <= 1:
+            raise UsageError(f"--strength {args.strength}: must be in [0, 1] (0 returns the image, 1 ignores it; about 0.5 edits it)")
+        if not os.path.isfile(args.init):
+            raise UsageError(f"--init {args.init}: no such file; give an image file (.jpg, .png, ...)")
+    if args.interpolate:
+        if args.init is not None:
+            raise UsageError("--interpolate and --init do not go together; use one of them")
+        if args.sampler in ("ddpm", "dpm++sde"):
+            raise UsageError(f"--interpolate needs a deterministic sampler, and {args.sampler} adds noise: use --sampler ddim or dpm++")
+        if args.sampler == "ddim" and args.eta != 0:
+            print("--interpolate: DDIM with eta 0, so that every frame is a function of its starting noise alone")
+            args.eta = 0.0
+
+
+def load_model(args, device):
+    """-> (model, diffusion, image size): the checkpoint's EMA model, or a random preset model for --bench."""
+    if args.bench:
+        return unet.UNet(unet.preset(args.size)), GaussianDiffusion(), args.size
+    if args.ckpt is None:
+        raise UsageError("no checkpoint given; usage: python sample.py out/ckpt.pt")
+    ckpt = load_checkpoint(args.ckpt)
+    model, diffusion = model_from_checkpoint(ckpt, args.ckpt)
+    size = model.cfg.image_size
+    print(f"loaded {args.ckpt}: step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, {size}x{size}, "
+          f"T={diffusion.T} {diffusion.schedule} {diffusion.objective}")
+    return model, diffusion, size
+
+
+def load_init(args, size, device):
+    """--init -> (1, 3, size, size) in [-1, 1], through the training preprocessing (crop, antialiased resize)."""
+    try:
+        img = preprocess(args.init, size, args.crop)
+    except Exception as e:
+        raise UsageError(f"--init {args.init}: not an image that can be read ({type(e).__name__}); give a .jpg or .png")
+    return (img.float() / 127.5 - 1).unsqueeze(0).to(device)
+
+
 def run(args):
     device = pick_device(args.device)
     if args.eta < 0:
         raise UsageError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
+    check_modes(args)
     check_outputs(args)
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     torch.backends.cudnn.benchmark = True
-
-    if args.bench:
-        model, diffusion, size = unet.UNet(unet.preset(args.size)), GaussianDiffusion(), args.size
-    else:
-        if args.ckpt is None:
-            raise UsageError("no checkpoint given; usage: python sample.py out/ckpt.pt")
-        ckpt = load_checkpoint(args.ckpt)
-        model, diffusion = model_from_checkpoint(ckpt, args.ckpt)
-        size = model.cfg.image_size
-        print(f"loaded {args.ckpt}: step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, {size}x{size}, "
-              f"T={diffusion.T} {diffusion.schedule} {diffusion.objective}")
+    model, diffusion, size = load_model(args, device)
     if args.sampler != "ddpm" and args.steps > diffusion.T:
         raise UsageError(f"--steps {args.steps} is more than the model's T={diffusion.T}; use at most {diffusion.T}")
+    x_init = load_init(args, size, device) if args.init else None
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     diffusion.to(device)
     net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default") if args.compile else model
     steps = diffusion.T if args.sampler == "ddpm" else len(diffusion.ddim_timesteps(args.steps)) if args.sampler == "ddim" \
         else len(diffusion.dpm_timesteps(args.steps, args.spacing))  # model evaluations
-    print(f"device {device}, {args.precision}, {args.sampler} with {steps} steps" + (f", eta {args.eta}" if args.sampler == "ddim" else ""))
+    print(f"device {device}, {args.precision}, {args.sampler} with {steps} steps" + (f", eta {args.eta}" if args.sampler == "ddim" else "")
+          + (f"; SDEdit of {args.init} from t = {round(args.strength * diffusion.T)} of {diffusion.T}" if args.init else ""))
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    def draw(n):
+    def draw(n, x_T=None):
+        kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, generator=gen, clip=not args.no_clip,
+                  var_type=args.var, device=device, spacing=args.spacing)
         with ctx:
-            x = diffusion.sample(net, (n, 3, size, size), args.sampler, args.steps, args.eta, gen, clip=not args.no_clip,
-                                 var_type=args.var, device=device, spacing=args.spacing)
+            if x_init is None:
+                x = diffusion.sample(net, (n, 3, size, size), x_T=x_T, **kw)
+            else:  # every image edits the same --init from its own noise
+                noise = torch.randn((n, 3, size, size), generator=gen, device=device)
+                x = diffusion.sdedit(net, x_init.expand(n, -1, -1, -1), args.strength, noise, **kw)
         return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()  # (n, 3, H, W) uint8
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if args.bench:
-        draw(min(args.batch_size, 8) if not args.compile else args.batch_size)  # warm-up (and compilation)
-        sync()
-        t0 = time.time()
-        draw(args.batch_size)
-        sync()
-        dt = time.time() - t0
-        print(f"bench: {args.batch_size / dt:,.1f} images/s | {args.batch_size} images of {size}x{size} in {dt:.2f}s | "
-              f"{args.sampler} {steps} steps | {dt / steps * 1e3:.1f} ms per step")
-        return
-
+        return bench(args, draw, device, size, steps)
+    if args.interpolate:  # frame 0 is --seed's own sample (the same x_T), the last frame --seed + 1's
+        z = [torch.randn((1, 3, size, size), generator=torch.Generator(device=device).manual_seed(s), device=device)
+             for s in (args.seed, args.seed + 1)]
+        x = draw(args.interpolate, slerp(z[0], z[1], torch.linspace(0, 1, args.interpolate)))
+        return write_images(args, [x], nrow=args.interpolate)
     images, t0, done = [], time.time(), 0
     while done < args.n:
         x = draw(min(args.batch_size, args.n - done))
-        if args.out_dir:
-            for i, img in enumerate(x):
-                path = os.path.join(args.out_dir, f"{done + i:06d}.png")
-                atomic_write(lambda tmp: torchvision.io.write_png(img, tmp), path, "--out-dir")
         if len(images) * args.batch_size < 1024:  # the grid shows the first images only
             images.append(x)
+        write_images(args, [x], first=done, grid=False)
         done += len(x)
         print(f"{done}/{args.n} images | {done / (time.time() - t0):,.2f} images/s")
-    grid = torch.cat(images)[: min(args.n, 1024)]
-    nrow = int(math.sqrt(len(grid)) + 0.5) if len(grid) > 8 else len(grid)
-    fmt = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]  # the temporary name has no extension
-    atomic_write(lambda tmp: torchvision.utils.save_image(grid.float() / 255, tmp, format=fmt, nrow=nrow), args.out, "--out")
-    print(f"wrote {args.out}" + (f" and {args.n} PNGs in {args.out_dir}" if args.out_dir else ""))
+    write_images(args, images, pngs=False)
+
+
+def bench(args, draw, device, size, steps):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    draw(min(args.batch_size, 8) if not args.compile else args.batch_size)  # warm-up (and compilation)
+    sync()
+    t0 = time.time()
+    draw(args.batch_size)
+    sync()
+    dt = time.time() - t0
+    print(f"bench: {args.batch_size / dt:,.1f} images/s | {args.batch_size} images of {size}x{size} in {dt:.2f}s | "
+          f"{args.sampler} {steps} steps | {dt / steps * 1e3:.1f} ms per step")
+
+
+def write_images(args, batches, first=0, grid=True, pngs=True, nrow=None):
+    """The numbered PNGs in --out-dir (from number `first`), and/or the grid --out of the first 1,024 images."""
+    x = torch.cat(batches)
+    if pngs and args.out_dir:
+        for i, img in enumerate(x):
+            atomic_write(lambda tmp: torchvision.io.write_png(img, tmp), os.path.join(args.out_dir, f"{first + i:06d}.png"), "--out-dir")
+    if grid:
+        x = x[:1024]
+        nrow = nrow or (int(math.sqrt(len(x)) + 0.5) if len(x) > 8 else len(x))
+        fmt = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]  # the temporary name has no extension
+        atomic_write(lambda tmp: torchvision.utils.save_image(x.float() / 255, tmp, format=fmt, nrow=nrow), args.out, "--out")
+        n = args.interpolate or args.n
+        print(f"wrote {args.out}" + (f" and {n} PNGs in {args.out_dir}" if args.out_dir else ""))
 
 
 if __name__ == "__main__":

@@ -184,6 +184,41 @@ def test_oracle_check_catches_a_wrong_coefficient():
     assert abs(mean - m_exact) > 5 * s_exact / math.sqrt(n_eff) or abs(std - s_exact) > 5 * s_exact / math.sqrt(2 * n_eff)
 
 
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", None, 0.0), ("ddim", 50, 1.0), ("dpm++", 20, 0.0)])
+def test_sdedit_ends_and_keeps_the_data_distribution(sampler, steps, eta):
+    # strength 0 returns the input; strength 1 is plain sampling from the same noise; in between (0.3), an input
+    # drawn from the data, noised to t_0 by q, is distributed as x_t0, so the reverse process from t_0 must
+    # give the data distribution back (on the oracle, whose denoiser is exact).
+    d = D.GaussianDiffusion(1000, "linear")
+    g = torch.Generator().manual_seed(0)
+    x_init = MU + S * torch.randn(4096, 1, 2, 2, generator=g, dtype=torch.float64).float()
+    noise = torch.randn(x_init.shape, generator=g)
+    kw = dict(sampler=sampler, steps=steps or 50, eta=eta, clip=False)
+    assert torch.equal(d.sdedit(oracle(d), x_init, 0.0, noise, **kw), x_init)
+    torch.testing.assert_close(d.sdedit(oracle(d), x_init, 1.0, noise, generator=torch.Generator().manual_seed(1), **kw),
+                               d.sample(oracle(d), x_init.shape, x_T=noise, generator=torch.Generator().manual_seed(1), **kw))
+    x = d.sdedit(oracle(d), x_init, 0.3, noise, generator=torch.Generator().manual_seed(1), **kw).double()
+    n_eff = x.numel() / 4
+    assert abs(x.mean() - MU) < 5 * S / math.sqrt(n_eff) and abs(x.std() - S) < 0.03
+    # how much of the input survives: a deterministic reverse path keeps corr(x_t0, x_init) exactly, a stochastic
+    # one less, but not nothing
+    a = d.alphas_cumprod[299].item()
+    kept = math.sqrt(a) * S / math.sqrt(a * S * S + 1 - a)
+    corr = torch.corrcoef(torch.stack([x.flatten(), x_init.double().flatten()]))[0, 1].item()
+    assert abs(corr - kept) < 0.03 if sampler == "dpm++" else 0.05 < corr < kept
+    with pytest.raises(ValueError, match="strength"):
+        d.sdedit(oracle(d), x_init, 1.5, noise, **kw)
+
+
+def test_slerp_keeps_the_ends_and_the_norm():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 3, 8, 8, generator=g)
+    b = b * a.norm() / b.norm()
+    z = D.slerp(a, b, torch.linspace(0, 1, 7))
+    torch.testing.assert_close(z[0], a[0]), torch.testing.assert_close(z[-1], b[0])
+    torch.testing.assert_close(z.flatten(1).norm(dim=1), a.norm().expand(7))  # a straight line would dip to ~0.71
+
+
 # DPM-Solver++(2M) is deterministic and, on the oracle, affine in x_T: x_0 = c x_T + b exactly. The
 # coefficients are propagated here from [DPM++] Algorithm 2, written again independently of diffusion.py.
 
@@ -614,13 +649,13 @@ def test_folder_layout_formats_and_holdout(tmp_path):
 def test_celeba_crop_centres_the_marker():
     img = torch.zeros(3, 218, 178, dtype=torch.uint8)
     img[:, 121 - 4:121 + 4, 89 - 4:89 + 4] = 255  # a marker at (x=89, y=121)
-    assert data.crop_box(178, 218, "auto") == (25, 57, 128, 128)
-    left, top, w, h = data.crop_box(178, 218, "auto")
+    assert sample.crop_box(178, 218, "auto") == (25, 57, 128, 128)
+    left, top, w, h = sample.crop_box(178, 218, "auto")
     out = torchvision.transforms.v2.functional.resize(img[:, top:top + h, left:left + w], [32, 32], antialias=True)
     ys, xs = torch.nonzero(out[0] > 60, as_tuple=True)
     assert abs(ys.float().mean() - 15.5) < 0.6 and abs(xs.float().mean() - 15.5) < 0.6
-    assert data.crop_box(300, 200, "auto") == (50, 0, 200, 200)  # other images: centre square
-    assert data.crop_box(300, 200, "none") == (0, 0, 300, 200)
+    assert sample.crop_box(300, 200, "auto") == (50, 0, 200, 200)  # other images: centre square
+    assert sample.crop_box(300, 200, "none") == (0, 0, 300, 200)
 
 
 def test_cache_reuse_and_invalidation(tmp_path):
@@ -1165,6 +1200,34 @@ def test_help_shows_each_default_once_and_true(capsys):
         assert all(e.count("default") <= 1 for e in entries), [e for e in entries if e.count("default") > 1]
         if main is train.main:
             assert "--resume takes every setting from the checkpoint" in out
+
+
+def test_sdedit_and_interpolation_cli(faces, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(train_args(faces, out, "--max-steps", "2"))
+    capsys.readouterr()
+    ck = os.path.join(out, "ckpt.pt")
+    init = os.path.join(faces, "003.png")
+    for extra, words in [(["--strength", "0.5"], "--init IMAGE"), (["--init", init, "--strength", "1.5"], "must be in [0, 1]"),
+                         (["--init", str(tmp_path / "nope.png")], "no such file"), (["--interpolate", "4", "--init", init], "do not go together"),
+                         (["--interpolate", "4", "--sampler", "ddpm"], "deterministic sampler"),
+                         (["--init", __file__], "not an image")]:
+        code, _, err = main_error(capsys, sample.main, [ck, "--out", str(tmp_path / "x.png"), *extra])
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    # strength 0 gives back the init image, preprocessed exactly as training preprocesses it
+    sample.main([ck, "--init", init, "--strength", "0", "--n", "2", "--out", str(tmp_path / "s.png"), "--out-dir", str(tmp_path / "s")])
+    assert "SDEdit of" in capsys.readouterr().out
+    want = sample.preprocess(init, 16, "auto")
+    assert all(torch.equal(torchvision.io.read_image(str(tmp_path / "s" / f"00000{i}.png")), want) for i in range(2))
+    # the first interpolation frame is the --seed sample itself, the last is --seed + 1's (DDIM eta 0)
+    sample.main([ck, "--interpolate", "5", "--seed", "4", "--out", str(tmp_path / "i.png"), "--out-dir", str(tmp_path / "i")])
+    assert "eta 0" in capsys.readouterr().out
+    for seed, frame in ((4, 0), (5, 4)):
+        sample.main([ck, "--n", "1", "--eta", "0", "--seed", str(seed), "--out", str(tmp_path / "one.png"), "--out-dir", str(tmp_path / f"one{seed}")])
+        a = torchvision.io.read_image(str(tmp_path / f"one{seed}" / "000000.png")).int()
+        b = torchvision.io.read_image(str(tmp_path / "i" / f"00000{frame}.png")).int()
+        assert (a - b).abs().max() <= 1  # the same x_T, up to the float rounding of the interpolation
+    assert torchvision.io.read_image(str(tmp_path / "i.png")).shape[2] > 4 * torchvision.io.read_image(str(tmp_path / "i.png")).shape[1]
 
 
 def test_bits_per_dim_commands_and_dpm_solver_cli(faces, tmp_path, capsys):
