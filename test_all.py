@@ -1175,7 +1175,9 @@ def test_interrupting_the_decode_prints_one_line(tmp_path):
         os.link(tmp_path / "a.jpg", tmp_path / f"b{i:03d}.jpg")
     def decode_and(interrupt):
         p = subprocess.Popen([sys.executable, "-u", "data.py", "--data", str(tmp_path), "--cache-dir", str(tmp_path / "cache")],
-                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal starts it, even
+                             # if an earlier test left SIGINT ignored here (a child inherits that, and Python then never raises KeyboardInterrupt)
         for line in p.stdout:
             if "decoded 1/" in line:  # the pool is up and working
                 interrupt(p.pid)
