@@ -250,7 +250,8 @@ def train(args, given):
     if args.x0_error:
         return evaluate_x0_error(args, env)
     if args.minutes and not env.ckpt and not args.dry_run and not given & {"ch", "batch_size"}:
-        fit_model_to_minutes(args, env)
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):  # timing draws no seeded randomness
+            fit_model_to_minutes(args, env)
     faces, val = load_data(args, env)
     run = build(args, env, faces)
     if run.step >= run.total:
@@ -363,22 +364,24 @@ def fit_model_to_minutes(args, env):
     def cfg_of(ch):
         return dataclasses.replace(base, ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
 
+    diffusion = GaussianDiffusion(args.timesteps).to(env.device)
+
     def seconds_per_step(ch, batch, steps):
-        run = SimpleNamespace(model=unet.UNet(cfg_of(ch)).to(env.device), diffusion=GaussianDiffusion(args.timesteps))
-        x0, b = torch.zeros(batch // env.world, 3, args.size, args.size, device=env.device), batch // env.world
-        opt = torch.optim.AdamW(run.model.parameters(), lr=0.0)
-        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-            times = []
-            for _ in range(steps + 1):  # the first step warms up
-                t0 = time.time()
-                with env.ctx:
-                    run.diffusion.to(env.device).training_losses(run.model, x0, torch.zeros(b, dtype=torch.long, device=env.device), x0).mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.time() - t0)
-        return max(min(times[1:]), 1e-9), run.model
+        model = unet.UNet(cfg_of(ch)).to(env.device)
+        b = batch // env.world
+        x0, t = torch.zeros(b, 3, args.size, args.size, device=env.device), torch.zeros(b, dtype=torch.long, device=env.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+        times = []
+        for _ in range(steps + 1):  # the first step warms up
+            t0 = time.time()
+            with env.ctx:
+                diffusion.training_losses(model, x0, t, x0).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.time() - t0)
+        return max(min(times[1:]), 1e-9), model
 
     def flops(model):
         with FlopCounterMode(display=False) as fc:
