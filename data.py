@@ -138,6 +138,20 @@ def select(path, split="train", log=print):
     return dict(info, files=files, attrs=attrs, attr_names=attr_names, split=split)
 
 
+def pick_attrs(sel, spec):
+    """--attrs all or --attrs Smiling,Male -> the attribute names, in the annotation file's order."""
+    if sel["attrs"] is None:
+        raise DataError(f"--attrs: the {sel['layout']} layout at {sel['image_dir']} has no attribute labels; point --data at a "
+                        "CelebA root with list_attr_celeba.txt (torchvision) or list_attr_celeba.csv (Kaggle), or drop --attrs")
+    names = sel["attr_names"]
+    wanted = names if spec == "all" else [a.strip() for a in spec.split(",") if a.strip()]
+    unknown = [a for a in wanted if a not in names]
+    if unknown or not wanted or len(set(wanted)) < len(wanted):
+        raise DataError(f"--attrs {spec}: " + (f"no attribute {unknown[0]!r}" if unknown else "name each attribute once")
+                        + f"; choose 'all' or some of {','.join(names)}")
+    return [a for a in names if a in wanted]
+
+
 def _holdout(files, attrs, split):
     """Without an official partition: the last 2% of the sorted files (1 to 1,000) are the valid/test slice."""
     if split == "all":
@@ -222,10 +236,11 @@ def cache_file(cache_dir, path, split, crop, size):
     return os.path.join(cache_dir, f"faces-{split}-{crop}-{size}-{key}.pt")
 
 
-def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print, min_images=1):
+def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print, min_images=1, attrs=None):
     """The images of one split as a uint8 tensor, from the cache when it is fresh.
-    -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache, ...)
-    Fewer than `min_images` files in the split is an error raised before any decoding."""
+    -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache, ...,
+            cond (N, K) uint8 and cond_names: the columns --attrs asks for, or None)
+    Fewer than `min_images` files in the split, or --attrs the data cannot give, is an error raised before any decoding."""
     if split not in (*SPLITS, "all"):
         raise DataError(f"--split {split}: choose train, valid, test or all")
     if crop not in CROPS:
@@ -235,6 +250,7 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
     sel = select(path, split, log)
     if not sel["files"]:
         raise DataError(f"--data {path}: the {split} split is empty; use --split train or all")
+    cond_names = pick_attrs(sel, attrs) if attrs else None
     if len(sel["files"]) < min_images:
         raise DataError(f"--data {path}: the {split} split has {len(sel['files']):,} images, fewer than --batch-size {min_images}; "
                         "lower --batch-size")
@@ -249,7 +265,7 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
                   and c["images"].shape[0] == len(c["files"]) and c["images"].shape[1:] == (3, size, size))
             if ok and checksum(c["images"]) == c["checksum"]:
                 log(f"data: loaded {len(c['files']):,} {split} images from cache {cache} in {time.time() - t0:.1f}s")
-                return dict(sel, **c, cache=cache, decode_seconds=None)
+                return with_cond(dict(sel, **c, cache=cache, decode_seconds=None), cond_names)
             log(f"data: cache {cache} is " + ("corrupt (its image bytes fail their checksum)" if ok else "stale (the data changed)")
                 + "; rebuilding")
         except Exception as e:
@@ -263,7 +279,12 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
              attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
     atomic_write(lambda tmp: torch.save(c, tmp), cache, "--cache-dir")  # a failed write never leaves a half-written cache
     log(f"data: wrote cache {cache} ({images.numel() / 2**20:,.0f} MiB)")
-    return dict(sel, **c, cache=cache, decode_seconds=seconds)
+    return with_cond(dict(sel, **c, cache=cache, decode_seconds=seconds), cond_names)
+
+
+def with_cond(d, cond_names):
+    cols = [d["attr_names"].index(a) for a in cond_names] if cond_names else None
+    return dict(d, cond=d["attrs"][:, cols] if cols else None, cond_names=cond_names)
 
 # -----------------------------------------------------------------------------
 # serving batches
@@ -277,7 +298,7 @@ class Batches:
     are the same whatever the number of GPUs, and resuming under another world size continues the
     same data order."""
 
-    def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True):
+    def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None):
         if batch_size % world:
             raise DataError(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
         if len(images) < batch_size:
@@ -288,13 +309,14 @@ class Batches:
         elif device.type == "cuda":
             images = images.pin_memory()
         self.images, self.batch_size, self.device, self.seed = images, batch_size, device, seed
+        self.attrs = attrs.to(device) if attrs is not None else None  # (N, K) uint8 0/1
         self.rank, self.world, self.flip = rank, world, flip
         self.steps_per_epoch = len(images) // batch_size  # the last partial batch of an epoch is dropped
         self._perm_epoch, self._perm = None, None
 
     def get(self, step, generator):
-        """The local shard of global batch `step` (0-based) as (B/world, 3, H, W) floats in [-1, 1].
-        `generator` (on self.device) draws the flips."""
+        """The local shard of global batch `step` (0-based): ((B/world, 3, H, W) floats in [-1, 1], its attributes
+        (B/world, K) uint8 or None). `generator` (on self.device) draws the flips, which keep every attribute."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:  # a fixed permutation per epoch, the same on every rank
             self._perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + epoch))
@@ -306,7 +328,7 @@ class Batches:
         if self.flip:
             flip = torch.rand(self.batch_size, generator=generator, device=self.device)[self.rank * b:(self.rank + 1) * b] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x
+        return x, (self.attrs[idx.to(self.attrs.device)] if self.attrs is not None else None)
 
 
 def to_float(images, device):

@@ -14,6 +14,8 @@ References (equation numbers refer to these papers):
   [DPM]   Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling", arXiv:2206.00927
   [DPM++] Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", arXiv:2211.01095
   [SDEdit] Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations", arXiv:2108.01073
+  [CFG]   Ho, Salimans 2022, "Classifier-Free Diffusion Guidance", arXiv:2207.12598
+  [RePaint] Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic Models", arXiv:2201.09865
 
 Indexing: the paper's t = 1..T is index t = 0..T-1 here. alphas_cumprod[t] is the paper's
 alpha_bar_{t+1}; index 0 is the least noisy step and "t-1" of index 0 is the clean image x_0.
@@ -92,6 +94,21 @@ def slerp(z0, z1, weights):
     z = (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)
     return z.to(z0.dtype).view(len(weights), *z0.shape[1:])
 
+
+
+def guided(model, attrs, guidance=1.0):
+    """A conditional model(x_t, t, attrs) under classifier-free guidance [CFG] eq. 6, as a model(x_t, t):
+        out = out(x_t, t, unspecified) + W (out(x_t, t, attrs) - out(x_t, t, unspecified)),   W = 1 + w of [CFG]
+    attrs (K,) or (B, K): +1 present, -1 absent, 0 unspecified. W = 1 is the conditional model alone, W = 0 the
+    unconditional one. Both halves go through the network as one batch. Guiding the raw output is the same for
+    every objective: eps, x0 and v are affine in each other at a given x_t, and the weights (W, 1 - W) sum to 1."""
+    def model_fn(x, t):
+        a = attrs.expand(x.shape[0], -1) if attrs.dim() == 1 else attrs  # (B, K)
+        if guidance == 1:
+            return model(x, t, a)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([a, torch.zeros_like(a)])).chunk(2)
+        return uncond + guidance * (cond - uncond)
+    return model_fn
 
 # -----------------------------------------------------------------------------
 
@@ -226,6 +243,20 @@ class GaussianDiffusion:
         t_max = self.T - 1 if t_max is None else t_max
         return torch.linspace(0, t_max, min(steps, t_max + 1), dtype=torch.float64).round().long().unique()
 
+    def ddim_step(self, model, x, t_now, t_prev, eta, generator=None, clip=True):
+        """[DDIM] eq. 12 from index t_now to index t_prev (-1: to the clean image) -> (x_prev, x0_hat)."""
+        t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
+        x0, eps = self.predict_x0_eps(model(x, t).float(), x, t, clip)
+        a = self._at(self.alphas_cumprod, t, x)  # alpha_t in [DDIM] notation (= our alpha_bar)
+        a_prev = self._at(self.alphas_cumprod, torch.full_like(t, t_prev), x) if t_prev >= 0 else torch.ones_like(a)
+        # [DDIM] eq. 16: sigma = eta sqrt((1 - a_prev)/(1 - a)) sqrt(1 - a/a_prev); eta = 1 is DDPM's beta_tilde on tau
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        # [DDIM] eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0 and t_prev >= 0:
+            x_prev = x_prev + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        return x_prev, x0
+
     @torch.no_grad()
     def ddim_sample_progressive(self, model, shape, steps=50, eta=0.0, generator=None, x_T=None, clip=True, device=None, t_max=None):
         """[DDIM] eq. 12 over the sub-sequence tau. Yields (t, x_{t_prev}, x0_hat) after every step."""
@@ -233,16 +264,7 @@ class GaussianDiffusion:
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
         taus = self.ddim_timesteps(steps, t_max).tolist()
         for i, t_now in reversed(list(enumerate(taus))):
-            t = torch.full((shape[0],), t_now, device=device, dtype=torch.long)
-            x0, eps = self.predict_x0_eps(model(x, t).float(), x, t, clip)
-            a = self._at(self.alphas_cumprod, t, x)  # alpha_t in [DDIM] notation (= our alpha_bar)
-            a_prev = self._at(self.alphas_cumprod, torch.full_like(t, taus[i - 1]), x) if i > 0 else torch.ones_like(a)
-            # [DDIM] eq. 16: sigma = eta sqrt((1 - a_prev)/(1 - a)) sqrt(1 - a/a_prev)
-            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-            # [DDIM] eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
-            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-            if eta > 0 and i > 0:
-                x = x + sigma * torch.randn(shape, generator=generator, device=device)
+            x, x0 = self.ddim_step(model, x, t_now, taus[i - 1] if i > 0 else -1, eta, generator, clip)
             yield t_now, x, x0
 
     def dpm_timesteps(self, steps, spacing="logsnr", t_max=None):
@@ -294,6 +316,44 @@ class GaussianDiffusion:
                     x = x + (sigma[t] * math.sqrt(-math.expm1(-2 * h))).item() * torch.randn(shape, generator=generator, device=device)
                 x0_prev, h_prev = x0, h
             yield s, x, x0
+
+    # -------------------------------------------------------------------------
+    # inpainting
+
+    @staticmethod
+    def repaint_path(steps, jump_length=10, jump_n_sample=10):
+        """The positions on the sub-sequence tau (steps - 1 = the noisiest, -1 = the clean image) that RePaint's
+        chain visits, [RePaint] sec. 4.2: it goes down one position at a time, and at every jump_length-th
+        position it goes back up jump_length positions and down again, jump_n_sample - 1 times."""
+        path = [steps - 1]
+        for p in reversed(range(-1, steps - 1)):
+            path.append(p)
+            if p >= 0 and p % jump_length == 0 and p + jump_length <= steps - 1:
+                for _ in range(jump_n_sample - 1):  # up to p + jump_length, then down to p again
+                    path += list(range(p + 1, p + jump_length + 1)) + list(range(p + jump_length - 1, p - 1, -1))
+        return path
+
+    @torch.no_grad()
+    def repaint(self, model, x_known, mask, steps=250, jump_length=10, jump_n_sample=10, generator=None, clip=True, x_T=None):
+        """Inpainting by [RePaint] Algorithm 1 on `steps` of the T timesteps. x_known (B, C, H, W); mask 1 where
+        x_known is kept, 0 where the model fills in (broadcast to x_known). A step down is ancestral sampling on
+        the sub-sequence (DDIM eta 1, which is DDPM on the respaced chain) for the unknown part and q(x_t | x_0)
+        for the known part (Algorithm 1, lines 4-8); a step up is the forward process q(x_t' | x_t) (line 10).
+        Returns the clean image, which equals x_known exactly where mask is 1."""
+        taus = self.ddim_timesteps(steps).tolist()
+        alpha_bar = lambda p: self.alphas_cumprod[taus[p]].item() if p >= 0 else 1.0  # at a position on tau
+        x = torch.randn(x_known.shape, generator=generator, device=x_known.device) if x_T is None else x_T
+        path = self.repaint_path(len(taus), jump_length, jump_n_sample)
+        for p, q in zip(path[:-1], path[1:]):
+            z = torch.randn(x.shape, generator=generator, device=x.device)
+            if q < p:  # down: the model denoises the unknown part, the forward process noises the known part
+                x_unknown, _ = self.ddim_step(model, x, taus[p], taus[q] if q >= 0 else -1, 1.0, generator, clip)
+                x_known_t = math.sqrt(alpha_bar(q)) * x_known + math.sqrt(1 - alpha_bar(q)) * z  # eq. 4 (line 5)
+                x = mask * x_known_t + (1 - mask) * x_unknown  # line 8
+            else:  # up: x_{t'} ~ N(sqrt(alpha_bar' / alpha_bar) x_t, (1 - alpha_bar' / alpha_bar) I), eq. 4's kernel over t..t'
+                r = alpha_bar(q) / alpha_bar(p)
+                x = math.sqrt(r) * x + math.sqrt(1 - r) * z
+        return x
 
     # -------------------------------------------------------------------------
     # likelihood: the variational bound of [DDPM] eq. 5, in bits per dimension

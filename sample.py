@@ -23,12 +23,18 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 import unet
-from diffusion import GaussianDiffusion, slerp
+from diffusion import GaussianDiffusion, guided, slerp
 
 CKPT_FORMAT = "ddpm-faces-checkpoint-v1"
 # the default sampler: the best face quality per model evaluation measured so far (README, "Choosing a sampler")
 SAMPLERS = ("ddim", "dpm++", "dpm++sde", "ddpm")
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 20, 1.0
+DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight for --attrs (README, "Faces on request")
+REPAINT_STEPS = 250  # RePaint's face setting: 250 steps, jump length 10, 10 resamplings
+# --mask regions as (top, bottom, left, right) fractions of the image, filled in by the model; eyes and mouth are placed
+# for aligned CelebA faces, under the DDIM crop and the whole frame alike
+MASKS = dict(center=(0.25, 0.75, 0.25, 0.75), top=(0, 0.5, 0, 1), bottom=(0.5, 1, 0, 1), left=(0, 1, 0, 0.5),
+             right=(0, 1, 0.5, 1), eyes=(0.33, 0.57, 0.15, 0.85), mouth=(0.62, 0.84, 0.28, 0.72))
 CROPS = ("auto", "celeba", "center", "none")
 # The crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image.
 CELEBA_W, CELEBA_H, CELEBA_CX, CELEBA_CY, CELEBA_SIDE = 178, 218, 89, 121, 128
@@ -227,10 +233,12 @@ def get_args(argv=None):
     p.add_argument("ckpt", nargs="?", default=None, help="checkpoint path (out/ckpt.pt, or the out folder); not needed with --bench")
     p.add_argument("--n", type=positive(int), default=64, help="number of images")
     p.add_argument("--batch-size", type=positive(int), default=256, help="images per forward pass")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
-                   help="DDIM, DPM-Solver++(2M) (second-order ODE solver), SDE-DPM-Solver++(2M) (its stochastic twin) or DDPM "
-                        "ancestral (all T steps)")
-    p.add_argument("--steps", type=positive(int), default=DEFAULT_STEPS, help="model evaluations for ddim and dpm++ (ddpm uses all T)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help=f"DDIM, DPM-Solver++(2M) (second-order ODE solver), SDE-DPM-Solver++(2M) (its stochastic twin) or DDPM "
+                        f"ancestral (all T steps) (default: {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=positive(int), default=None,
+                   help=f"model evaluations for ddim and dpm++ (ddpm uses all T); with --mask, RePaint's steps down the sub-sequence "
+                        f"(default: {DEFAULT_STEPS}, with --mask {REPAINT_STEPS})")
     p.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="dpm++ time steps: uniform in log-SNR or in t")
     p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     p.add_argument("--var", default="beta", choices=["beta", "posterior"], help="DDPM sigma_t^2: beta_t or the posterior variance")
@@ -249,6 +257,20 @@ def get_args(argv=None):
     p.add_argument("--interpolate", type=positive(int), default=None, metavar="FRAMES",
                    help="a strip of FRAMES faces from --seed's starting noise to --seed + 1's (spherical interpolation), "
                         "with a deterministic sampler (DDIM eta 0 unless --sampler dpm++)")
+    p.add_argument("--attrs", default=None, metavar="NAME=0|1,...",
+                   help="ask a model trained with --attrs for attributes, e.g. 'Smiling=1,Eyeglasses=0' (1 present, 0 absent); "
+                        "the others are left free")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance weight W for --attrs/--compare: 1 the conditional model alone, larger follows the "
+                        f"attributes more strictly at some cost in variety (default: {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--compare", default=None, metavar="NAME",
+                   help="side by side: every face with attribute NAME absent (top row) and present (bottom row), from the same noise")
+    p.add_argument("--mask", default=None, metavar="REGION|MASK.png",
+                   help=f"inpaint --init with RePaint: the model fills in {', '.join(MASKS)}, or the white pixels of a mask image "
+                        "(cropped and resized like --init)")
+    p.add_argument("--jump-length", type=positive(int), default=None, help="RePaint: steps the chain goes back up per resampling (default: 10)")
+    p.add_argument("--jump-n-sample", type=positive(int), default=None,
+                   help="RePaint: passes over each jump, so 1 is no resampling (default: 10)")
     p.add_argument("--bench", action="store_true", help="time sampling with a randomly initialised model of --size")
     p.add_argument("--size", type=positive(int), default=64, help="image size for --bench (its preset model)")
     return p.parse_args(argv)
@@ -280,23 +302,89 @@ def check_outputs(args):
 
 
 def check_modes(args):
-    """SDEdit and interpolation flags that do not fit together: one line each, before any work."""
-    if args.strength is not None and args.init is None:
-        raise UsageError("--strength edits an image: give the image with --init IMAGE")
+    """Flags that do not fit together, or values out of range: one line each, before any work. Fills in the
+    defaults that depend on the mode (--steps, --sampler, --strength, RePaint's jumps, --guidance)."""
+    repaint = [f for f in ("jump_length", "jump_n_sample") if getattr(args, f) is not None]
+    if args.eta < 0:
+        raise UsageError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
+    if (args.strength is not None or args.mask is not None) and args.init is None:
+        raise UsageError(f"{'--mask' if args.mask is not None else '--strength'} edits an image: give the image with --init IMAGE")
+    if repaint and args.mask is None:
+        raise UsageError(f"--{repaint[0].replace('_', '-')} sets RePaint's resampling, which inpaints: add --init IMAGE --mask REGION")
+    if args.mask is not None:
+        if args.strength is not None:
+            raise UsageError("--mask (inpainting) and --strength (SDEdit) do not go together; use one of them")
+        if args.sampler is not None:
+            raise UsageError(f"--mask samples with RePaint's own ancestral steps, not --sampler {args.sampler}; drop --sampler")
+        if args.mask not in MASKS and not os.path.isfile(args.mask):
+            raise UsageError(f"--mask {args.mask}: neither a region ({', '.join(MASKS)}) nor an image file; give one of them")
+        args.jump_length, args.jump_n_sample = args.jump_length or 10, args.jump_n_sample or 10
+    args.sampler = args.sampler or DEFAULT_SAMPLER
+    if args.mask is None:
+        args.steps = args.steps or DEFAULT_STEPS  # with --mask: RePaint's 250, or T if less, once T is known
     if args.init is not None:
-        args.strength = 0.5 if args.strength is None else args.strength
-        if not 0 <= args.strength <= 1:
+        if args.mask is None:
+            args.strength = 0.5 if args.strength is None else args.strength
+        if args.strength is not None and not 0 <= args.strength <= 1:
             raise UsageError(f"--strength {args.strength}: must be in [0, 1] (0 returns the image, 1 ignores it; about 0.5 edits it)")
         if not os.path.isfile(args.init):
             raise UsageError(f"--init {args.init}: no such file; give an image file (.jpg, .png, ...)")
+    if args.guidance is not None and args.attrs is None and args.compare is None:
+        raise UsageError("--guidance weighs the attributes asked for: add --attrs NAME=1 (or --compare NAME)")
+    args.guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    if args.guidance < 0:
+        raise UsageError(f"--guidance {args.guidance}: must be >= 0 (0 ignores the attributes, 1 is the conditional model)")
     if args.interpolate:
-        if args.init is not None:
-            raise UsageError("--interpolate and --init do not go together; use one of them")
+        if args.init is not None or args.compare is not None:
+            raise UsageError(f"--interpolate and {'--init' if args.init is not None else '--compare'} do not go together; use one of them")
         if args.sampler in ("ddpm", "dpm++sde"):
             raise UsageError(f"--interpolate needs a deterministic sampler, and {args.sampler} adds noise: use --sampler ddim or dpm++")
         if args.sampler == "ddim" and args.eta != 0:
             print("--interpolate: DDIM with eta 0, so that every frame is a function of its starting noise alone")
             args.eta = 0.0
+
+
+def parse_attrs(args, model):
+    """--attrs 'Smiling=1,Eyeglasses=0' and --compare -> (K,) float in {+1, -1, 0}, or None: the model's unconditional path."""
+    if args.attrs is None and args.compare is None:
+        return None
+    names = list(model.cfg.attrs)
+    flag = "--attrs" if args.attrs is not None else "--compare"
+    if not names:
+        raise UsageError(f"{flag}: {args.ckpt} is an unconditional model (trained without --attrs); train one with "
+                         "python train.py --attrs Smiling,Male,... or drop the flag")
+    cond = torch.zeros(len(names))
+    for item in (args.attrs or "").split(","):
+        if not item.strip():
+            continue
+        name, _, value = item.partition("=")
+        if name.strip() not in names:
+            raise UsageError(f"--attrs: the model has no attribute {name.strip()!r}; it knows {','.join(names)}")
+        if value.strip() not in ("0", "1"):
+            raise UsageError(f"--attrs {item.strip()}: write NAME=1 (present) or NAME=0 (absent)")
+        cond[names.index(name.strip())] = 1.0 if value.strip() == "1" else -1.0
+    if args.compare is not None:
+        if args.compare not in names:
+            raise UsageError(f"--compare: the model has no attribute {args.compare!r}; it knows {','.join(names)}")
+        if cond[names.index(args.compare)] != 0:
+            raise UsageError(f"--compare {args.compare} shows it absent and present; do not also set it in --attrs")
+    return cond
+
+
+def load_mask(args, size, device):
+    """--mask -> (1, 1, size, size): 1 where --init is kept, 0 where the model fills in."""
+    if args.mask in MASKS:
+        top, bottom, left, right = (round(f * size) for f in MASKS[args.mask])
+        fill = torch.zeros(size, size)
+        fill[top:bottom, left:right] = 1
+    else:
+        try:
+            fill = (preprocess(args.mask, size, args.crop).float().mean(0) > 127.5).float()  # white: fill in
+        except Exception as e:
+            raise UsageError(f"--mask {args.mask}: not an image that can be read ({type(e).__name__}); give a .png whose white pixels are filled in")
+        if fill.sum() == 0:
+            raise UsageError(f"--mask {args.mask}: has no white pixels, so nothing would be filled in; paint the region white")
+    return (1 - fill).view(1, 1, size, size).to(device)
 
 
 def load_model(args, device):
@@ -324,8 +412,6 @@ def load_init(args, size, device):
 
 def run(args):
     device = pick_device(args.device)
-    if args.eta < 0:
-        raise UsageError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
     check_modes(args)
     check_outputs(args)
     if args.precision == "auto":
@@ -334,38 +420,51 @@ def run(args):
     ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     torch.backends.cudnn.benchmark = True
     model, diffusion, size = load_model(args, device)
-    if args.sampler != "ddpm" and args.steps > diffusion.T:
+    args.steps = args.steps or min(REPAINT_STEPS, diffusion.T)
+    if (args.sampler != "ddpm" or args.mask) and args.steps > diffusion.T:
         raise UsageError(f"--steps {args.steps} is more than the model's T={diffusion.T}; use at most {diffusion.T}")
+    cond = parse_attrs(args, model)
     x_init = load_init(args, size, device) if args.init else None
+    mask = load_mask(args, size, device) if args.mask else None
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     diffusion.to(device)
     net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default") if args.compile else model
-    steps = diffusion.T if args.sampler == "ddpm" else len(diffusion.ddim_timesteps(args.steps)) if args.sampler == "ddim" \
-        else len(diffusion.dpm_timesteps(args.steps, args.spacing))  # model evaluations
-    print(f"device {device}, {args.precision}, {args.sampler} with {steps} steps" + (f", eta {args.eta}" if args.sampler == "ddim" else "")
-          + (f"; SDEdit of {args.init} from t = {round(args.strength * diffusion.T)} of {diffusion.T}" if args.init else ""))
+    describe(args, diffusion, device, cond is not None)
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    def draw(n, x_T=None):
+    def draw(n, x_T=None, attrs=cond):
+        """n images (n, 3, H, W) uint8 in the chosen mode, from x_T when given."""
+        fn = net if attrs is None else guided(net, attrs.to(device), args.guidance)  # two forward halves in one batch
         kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, generator=gen, clip=not args.no_clip,
                   var_type=args.var, device=device, spacing=args.spacing)
+        shape = (n, 3, size, size)
         with ctx:
-            if x_init is None:
-                x = diffusion.sample(net, (n, 3, size, size), x_T=x_T, **kw)
-            else:  # every image edits the same --init from its own noise
-                noise = torch.randn((n, 3, size, size), generator=gen, device=device)
-                x = diffusion.sdedit(net, x_init.expand(n, -1, -1, -1), args.strength, noise, **kw)
-        return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()  # (n, 3, H, W) uint8
+            if mask is not None:  # every image inpaints the same --init from its own noise
+                x = diffusion.repaint(fn, x_init.expand(n, -1, -1, -1), mask, args.steps, args.jump_length, args.jump_n_sample,
+                                      gen, not args.no_clip, x_T)
+            elif x_init is not None:  # every image edits the same --init from its own noise
+                noise = torch.randn(shape, generator=gen, device=device) if x_T is None else x_T
+                x = diffusion.sdedit(fn, x_init.expand(n, -1, -1, -1), args.strength, noise, **kw)
+            else:
+                x = diffusion.sample(fn, shape, x_T=x_T, **kw)
+        return to_uint8(x)
 
     if args.bench:
-        return bench(args, draw, device, size, steps)
+        return bench(args, draw, device, size, len(sampler_steps(args, diffusion)))
     if args.interpolate:  # frame 0 is --seed's own sample (the same x_T), the last frame --seed + 1's
         z = [torch.randn((1, 3, size, size), generator=torch.Generator(device=device).manual_seed(s), device=device)
              for s in (args.seed, args.seed + 1)]
         x = draw(args.interpolate, slerp(z[0], z[1], torch.linspace(0, 1, args.interpolate)))
         return write_images(args, [x], nrow=args.interpolate)
-    images, t0, done = [], time.time(), 0
-    while done < args.n:
+    if args.compare:  # the same x_T and, re-seeding the generator, the same noise at every step
+        k, halves = list(model.cfg.attrs).index(args.compare), []
+        x_T = torch.randn((args.n, 3, size, size), generator=gen, device=device)
+        for value in (-1.0, 1.0):
+            gen.manual_seed(args.seed + 1)
+            halves.append(draw(args.n, x_T, cond.index_fill(0, torch.tensor([k]), value)))
+        return write_images(args, halves, nrow=args.n)
+    images, t0, done = [] if x_init is None else [to_uint8(x_init if mask is None else x_init * mask)], time.time(), 0
+    while done < args.n:  # the grid starts with the --init image (its hole grey with --mask); the PNGs are the samples
         x = draw(min(args.batch_size, args.n - done))
         if len(images) * args.batch_size < 1024:  # the grid shows the first images only
             images.append(x)
@@ -373,6 +472,32 @@ def run(args):
         done += len(x)
         print(f"{done}/{args.n} images | {done / (time.time() - t0):,.2f} images/s")
     write_images(args, images, pngs=False)
+
+
+def to_uint8(x):
+    """[-1, 1] -> (n, 3, H, W) uint8 on the CPU."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+def sampler_steps(args, diffusion):
+    """The timesteps the sampler evaluates the model at."""
+    if args.sampler == "ddpm":
+        return range(diffusion.T)
+    return diffusion.ddim_timesteps(args.steps) if args.sampler == "ddim" else diffusion.dpm_timesteps(args.steps, args.spacing)
+
+
+def describe(args, diffusion, device, conditional):
+    if args.mask:
+        n = sum(q < p for p, q in zip(*[diffusion.repaint_path(args.steps, args.jump_length, args.jump_n_sample)[i:] for i in (0, 1)]))
+        how = (f"RePaint inpainting of {args.init} ({args.mask}) with {args.steps} steps, jump length {args.jump_length}, "
+               f"{args.jump_n_sample} passes: {n} model evaluations per image")
+    else:
+        how = f"{args.sampler} with {len(sampler_steps(args, diffusion))} steps" + (f", eta {args.eta}" if args.sampler == "ddim" else "")
+        how += f"; SDEdit of {args.init} from t = {round(args.strength * diffusion.T)} of {diffusion.T}" if args.init else ""
+    if conditional:
+        how += f"; {args.attrs or ''}{' and ' if args.attrs and args.compare else ''}{args.compare + '=0|1' if args.compare else ''} " \
+               f"with guidance {args.guidance:g}"
+    print(f"device {device}, {args.precision}, {how}")
 
 
 def bench(args, draw, device, size, steps):
@@ -390,6 +515,7 @@ def bench(args, draw, device, size, steps):
 def write_images(args, batches, first=0, grid=True, pngs=True, nrow=None):
     """The numbered PNGs in --out-dir (from number `first`), and/or the grid --out of the first 1,024 images."""
     x = torch.cat(batches)
+    n_pngs = len(x) if pngs else args.n
     if pngs and args.out_dir:
         for i, img in enumerate(x):
             atomic_write(lambda tmp: torchvision.io.write_png(img, tmp), os.path.join(args.out_dir, f"{first + i:06d}.png"), "--out-dir")
@@ -398,8 +524,7 @@ def write_images(args, batches, first=0, grid=True, pngs=True, nrow=None):
         nrow = nrow or (int(math.sqrt(len(x)) + 0.5) if len(x) > 8 else len(x))
         fmt = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]  # the temporary name has no extension
         atomic_write(lambda tmp: torchvision.utils.save_image(x.float() / 255, tmp, format=fmt, nrow=nrow), args.out, "--out")
-        n = args.interpolate or args.n
-        print(f"wrote {args.out}" + (f" and {n} PNGs in {args.out_dir}" if args.out_dir else ""))
+        print(f"wrote {args.out}" + (f" and {n_pngs} PNGs in {args.out_dir}" if args.out_dir else ""))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -217,6 +218,108 @@ def test_slerp_keeps_the_ends_and_the_norm():
     z = D.slerp(a, b, torch.linspace(0, 1, 7))
     torch.testing.assert_close(z[0], a[0]), torch.testing.assert_close(z[-1], b[0])
     torch.testing.assert_close(z.flatten(1).norm(dim=1), a.norm().expand(7))  # a straight line would dip to ~0.71
+
+
+# Classifier-free guidance on Gaussian data: the condition's data N(MU_C, S_C^2) and the unconditional data
+# N(MU_U, S_U^2) each have an exact denoiser, so the guided eps = eps_u + W (eps_c - eps_u) is affine in x_t
+# and every DDIM step is linear-Gaussian: the sampler's exact output moments follow in closed form.
+
+MU_C, S_C, MU_U, S_U = 0.6, 0.3, 0.0, 0.6
+
+
+def conditional_oracle(d, calls=None):
+    """model(x, t, attrs): the exact E[eps | x_t] under N(MU_C, S_C^2) where attrs is +1, under N(MU_U, S_U^2) where 0."""
+    def eps(x, a, mu, s):
+        return (1 - a).sqrt() / (a * s * s + 1 - a) * (x.double() - a.sqrt() * mu)
+    def model(x, t, attrs=None):
+        if calls is not None:
+            calls.append(x.shape[0])
+        a = d.alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1))
+        given = (attrs if attrs is not None else torch.zeros(x.shape[0], 1)).view(-1, *[1] * (x.dim() - 1)) != 0
+        return torch.where(given, eps(x, a, MU_C, S_C), eps(x, a, MU_U, S_U)).to(x.dtype)
+    return model
+
+
+def guided_chain(d, steps, eta, W):
+    """Exact mean and std after DDIM ([DDIM] eq. 12) with the guided eps, propagated in float64:
+    eps_g(x) = k x + b with k = sqrt(1-a) (W / v_c + (1-W) / v_u), b = -sqrt(1-a) sqrt(a) (W mu_c / v_c + (1-W) mu_u / v_u),
+    v = a s^2 + 1 - a; x0 = (x - sqrt(1-a) eps_g) / sqrt(a); x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sig^2) eps_g + sig z."""
+    ab = d.alphas_cumprod.double()
+    taus = torch.linspace(0, d.T - 1, steps).round().long().unique().tolist()
+    m, var = 0.0, 1.0
+    for i in reversed(range(len(taus))):
+        a = ab[taus[i]].item()
+        a_prev = ab[taus[i - 1]].item() if i > 0 else 1.0
+        v_c, v_u = a * S_C ** 2 + 1 - a, a * S_U ** 2 + 1 - a
+        k = math.sqrt(1 - a) * (W / v_c + (1 - W) / v_u)
+        b = -math.sqrt(1 - a) * math.sqrt(a) * (W * MU_C / v_c + (1 - W) * MU_U / v_u)
+        sig2 = eta ** 2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        c_dir = math.sqrt(max(1 - a_prev - sig2, 0))
+        c1 = math.sqrt(a_prev / a) * (1 - math.sqrt(1 - a) * k) + c_dir * k
+        c0 = -math.sqrt(a_prev / a) * math.sqrt(1 - a) * b + c_dir * b
+        m, var = c1 * m + c0, c1 * c1 * var + (sig2 if i > 0 else 0.0)
+    return m, math.sqrt(var)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("W", [0.0, 1.0, 3.0])
+def test_guidance_matches_its_exact_chain(eta, W):
+    d, calls = D.GaussianDiffusion(1000, "linear"), []
+    n, steps = 8192, 50
+    x = d.sample(D.guided(conditional_oracle(d, calls), torch.ones(1), W), (n, 1, 2, 2), "ddim", steps, eta,
+                 torch.Generator().manual_seed(0), clip=False).double()
+    assert calls == [n if W == 1 else 2 * n] * steps  # one forward per step; both halves in one batch when W != 1
+    m, s = guided_chain(d, steps, eta, W)
+    n_eff = n / 4
+    assert abs(x.mean() - m) < 5 * s / math.sqrt(n_eff) and abs(x.std() - s) < 5 * s / math.sqrt(2 * n_eff), (x.mean(), x.std(), m, s)
+    if W == 0:  # the unconditional data, and W = 1 the conditional data (up to DDIM's 50-step error, see STD_TOL)
+        assert m == pytest.approx(MU_U, abs=0.01) and s == pytest.approx(S_U, abs=0.08)
+    elif W == 1:
+        assert m == pytest.approx(MU_C, abs=0.01) and s == pytest.approx(S_C, abs=0.06)
+    else:  # W > 1 extrapolates away from the unconditional data: a mean beyond MU_C, a narrower spread
+        assert m > MU_C + 0.05 and s < S_C
+        wrong = guided_chain(d, steps, eta, 1.1 * W)  # a 10% error in the weight is caught
+        assert abs(x.mean() - wrong[0]) > 5 * s / math.sqrt(n_eff) or abs(x.std() - wrong[1]) > 5 * s / math.sqrt(2 * n_eff)
+
+
+# RePaint on correlated 2-D Gaussian data with x_1 known: the exact conditional of x_2 is
+# N(mu_2 + rho s_2 / s_1 (c - mu_1), s_2^2 (1 - rho^2)).
+
+MU_2D, S1, S2, RHO = (0.2, -0.1), 0.5, 0.6, 0.9
+
+
+def oracle_2d(d):
+    """The exact eps model for x_0 ~ N(MU_2D, Cov) in 2-D: E[x0 | x_t] = mu + sqrt(a) Cov (a Cov + (1-a) I)^-1 (x_t - sqrt(a) mu)."""
+    mu = torch.tensor(MU_2D, dtype=torch.float64)
+    cov = torch.tensor([[S1 * S1, RHO * S1 * S2], [RHO * S1 * S2, S2 * S2]], dtype=torch.float64)
+    def model(x, t):
+        a = d.alphas_cumprod[t[0]].double()
+        gain = a.sqrt() * cov @ torch.linalg.inv(a * cov + (1 - a) * torch.eye(2, dtype=torch.float64))
+        x0 = mu + (x.double() - a.sqrt() * mu) @ gain.T
+        return ((x.double() - a.sqrt() * x0) / (1 - a).sqrt()).to(x.dtype)
+    return model
+
+
+def test_repaint_approaches_the_exact_conditional_as_resampling_grows():
+    d, c = D.GaussianDiffusion(1000, "linear"), 0.7
+    want_mean, want_std = MU_2D[1] + RHO * S2 / S1 * (c - MU_2D[0]), S2 * math.sqrt(1 - RHO ** 2)  # 0.44, 0.26
+    known, mask = torch.tensor([c, 0.0]).expand(2000, 2).clone(), torch.tensor([1.0, 0.0])
+    errors = []
+    for passes in (1, 3, 10):
+        x = d.repaint(oracle_2d(d), known, mask, 200, 10, passes, torch.Generator().manual_seed(0), clip=False)
+        assert torch.equal(x[:, 0], known[:, 0])  # the known part is the input, exactly
+        errors.append((abs(x[:, 1].mean().item() - want_mean), abs(x[:, 1].std().item() - want_std)))
+    # no resampling is far off (it keeps much of the marginal N(-0.1, 0.6^2)); each resampling pass moves it closer
+    assert errors[0][0] > 0.15 and errors[0][0] > errors[1][0] > errors[2][0], errors
+    assert errors[2][0] < 0.06 and errors[2][1] < 0.03, errors  # standard error of the mean: 0.006
+
+
+def test_repaint_path_goes_down_and_jumps_back():
+    path = D.GaussianDiffusion.repaint_path(25, 5, 3)
+    assert path[0] == 24 and path[-1] == -1 and all(abs(q - p) == 1 for p, q in zip(path, path[1:]))
+    downs = sum(q < p for p, q in zip(path, path[1:]))
+    assert downs == 25 + 4 * 2 * 5  # jumps at positions 0, 5, 10, 15 (20 + 5 would pass the top), two more passes each
+    assert D.GaussianDiffusion.repaint_path(25, 5, 1) == list(range(24, -2, -1))  # one pass: plain ancestral sampling
 
 
 # DPM-Solver++(2M) is deterministic and, on the oracle, affine in x_T: x_0 = c x_T + b exactly. The
@@ -472,6 +575,40 @@ def test_output_depends_on_t():
     m = perturbed(unet.UNet(tiny_config())).eval()
     x = torch.randn(2, 3, 16, 16)
     assert not torch.allclose(m(x, torch.tensor([1, 1])), m(x, torch.tensor([500, 500])), atol=1e-4)
+
+
+def test_conditional_unet_with_the_condition_dropped_is_its_unconditional_path():
+    m = perturbed(unet.UNet(tiny_config(attrs=("Smiling", "Male", "Young")))).eval()
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([3, 40, 300, 999])
+    attrs = torch.tensor([[1.0, 0, -1], [0, 1, 0], [-1, -1, -1], [0, 0, 0]])
+    assert torch.equal(m(x, t), m(x, t, torch.zeros(4, 3)))  # every attribute unspecified adds exactly nothing
+    out = m(x, t, attrs)
+    assert not torch.allclose(out[:3], m(x[:3], t[:3]), atol=1e-4)
+    torch.testing.assert_close(out[3:], m(x[3:], t[3:]))
+    torch.testing.assert_close(D.guided(m, attrs, 0.0)(x, t), m(x, t))  # W = 0: unconditional; W = 1: conditional
+    torch.testing.assert_close(D.guided(m, attrs, 1.0)(x, t), out)
+    torch.testing.assert_close(D.guided(m, attrs, 3.0)(x, t), m(x, t) + 3 * (out - m(x, t)), atol=1e-5, rtol=1e-4)
+    # an unconditional model keeps exactly its parameters: a checkpoint's model_args from before `attrs` existed still load
+    plain = unet.UNet(tiny_config())
+    old_args = {k: v for k, v in unet.config_dict(plain.cfg).items() if k != "attrs"}
+    unet.build(old_args).load_state_dict(plain.state_dict())
+    assert set(m.state_dict()) - set(plain.state_dict()) == {"attr_emb.weight"}
+
+
+def test_condition_dropout_rates():
+    g = torch.Generator().manual_seed(0)
+    attrs = torch.randint(0, 2, (20000, 4), generator=g, dtype=torch.uint8)
+    args = SimpleNamespace(p_uncond=0.1, p_drop_attr="uniform")
+    c = train.condition(attrs, g, args, slice(None), len(attrs))
+    assert set(c.unique().tolist()) <= {-1.0, 0.0, 1.0} and torch.equal(c[c != 0], attrs[c != 0].float() * 2 - 1)
+    specified = (c != 0).sum(1)
+    # dropped whole with p 0.1; otherwise a rate u ~ U(0, 1) makes the number specified uniform on 0..K
+    share = torch.bincount(specified, minlength=5).double() / len(c)
+    want = torch.full((5,), 0.9 / 5, dtype=torch.float64)
+    want[0] += 0.1
+    assert (share - want).abs().max() < 0.015, share
+    c = train.condition(attrs, g, SimpleNamespace(p_uncond=0.0, p_drop_attr=0.25), slice(None), len(attrs))
+    assert abs((c == 0).double().mean().item() - 0.25) < 0.01
 
 
 def test_every_parameter_gets_a_gradient():
@@ -772,9 +909,9 @@ def test_batches_are_the_same_for_any_world_size():
     two = [data.Batches(images, 8, "cpu", seed=3, rank=r, world=2) for r in range(2)]
     for step in (0, 4, 5, 11):  # 5 steps per epoch: crosses epochs
         g = lambda: torch.Generator().manual_seed(step)
-        full = one.get(step, g())
+        full = one.get(step, g())[0]
         assert full.shape == (8, 3, 4, 4) and full.min() >= -1 and full.max() <= 1
-        torch.testing.assert_close(torch.cat([b.get(step, g()) for b in two]), full)
+        torch.testing.assert_close(torch.cat([b.get(step, g())[0] for b in two]), full)
     with pytest.raises(data.DataError, match="divisible"):
         data.Batches(images, 7, "cpu", seed=0, world=2)
     with pytest.raises(data.DataError, match="fewer than --batch-size"):
@@ -1254,3 +1391,54 @@ def test_bits_per_dim_commands_and_dpm_solver_cli(faces, tmp_path, capsys):
     for sampler in ("dpm++", "dpm++sde"):
         sample.main([out, "--n", "2", "--sampler", sampler, "--steps", "5", "--out", str(tmp_path / "dpm.png")])
         assert f"{sampler} with 5 steps" in capsys.readouterr().out and os.path.exists(tmp_path / "dpm.png")
+
+
+def test_attributes_guidance_inpainting_cli(faces, tmp_path, capsys):
+    make_celeba(str(tmp_path / "c"), "torchvision", n=12, listed_missing=0, corrupt=False)
+    out, cache = str(tmp_path / "run"), str(tmp_path / "cache")
+    cond = ["--data", str(tmp_path / "c"), "--cache-dir", cache, *TINY[:-2], "--seed", "3"]
+    for data_path, attrs, words in [(faces, "Smiling", "no attribute labels"), (str(tmp_path / "c"), "Smiling,Nose", "no attribute 'Nose'")]:
+        code, _, err = main_error(capsys, train.main, [*cond, "--data", data_path, "--attrs", attrs, "--out", out])
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and not os.path.exists(cache + "/x"), err
+    train.main([*cond, "--attrs", "Young,Smiling", "--max-steps", "2", "--out", out, "--eval-every", "2"])
+    assert "val loss" in capsys.readouterr().out
+    ck = os.path.join(out, "ckpt.pt")
+    assert torch.load(ck, weights_only=True)["model_args"]["attrs"] == ["Smiling", "Young"]  # the annotation file's order
+    for sampler in sample.SAMPLERS:
+        sample.main([ck, "--attrs", "Smiling=1,Young=0", "--guidance", "2", "--sampler", sampler, "--steps", "3", "--n", "2",
+                     "--out", str(tmp_path / "g.png")])
+        assert "Smiling=1,Young=0 with guidance 2" in capsys.readouterr().out
+    # side by side: n faces with the attribute absent, then the same n with it present
+    sample.main([ck, "--compare", "Smiling", "--n", "3", "--steps", "3", "--out", str(tmp_path / "cmp.png"), "--out-dir", str(tmp_path / "cmp")])
+    assert len(os.listdir(tmp_path / "cmp")) == 6 and torchvision.io.read_image(str(tmp_path / "cmp.png")).shape[1:] == (2 * 18 + 2, 3 * 18 + 2)
+    # inpainting keeps the known pixels of the (preprocessed) init image exactly
+    init = os.path.join(tmp_path, "c", "celeba", "img_align_celeba", "000005.jpg")
+    sample.main([ck, "--init", init, "--mask", "center", "--steps", "10", "--jump-length", "3", "--jump-n-sample", "2", "--n", "2",
+                 "--attrs", "Smiling=1", "--out", str(tmp_path / "inp.png"), "--out-dir", str(tmp_path / "inp")])
+    assert "RePaint inpainting" in capsys.readouterr().out
+    want = sample.preprocess(init, 16, "auto")
+    for i in range(2):
+        got = torchvision.io.read_image(str(tmp_path / "inp" / f"00000{i}.png"))
+        keep = torch.ones(16, 16, dtype=torch.bool)
+        keep[4:12, 4:12] = False
+        assert torch.equal(got[:, keep], want[:, keep]) and not torch.equal(got, want)
+    mask_png = str(tmp_path / "mask.png")
+    Image.new("L", (16, 16), 0).save(mask_png)
+    for extra, words in [(["--attrs", "Nose=1"], "it knows Smiling,Young"), (["--attrs", "Smiling=yes"], "NAME=1"),
+                         (["--compare", "Smiling", "--attrs", "Smiling=1"], "do not also set it"),
+                         (["--guidance", "3"], "add --attrs"), (["--mask", "eyes"], "--init IMAGE"),
+                         (["--init", init, "--mask", "nose"], "neither a region"), (["--init", init, "--mask", mask_png], "no white pixels"),
+                         (["--init", init, "--mask", "top", "--strength", "0.5"], "do not go together"),
+                         (["--init", init, "--mask", "top", "--sampler", "dpm++"], "drop --sampler"),
+                         (["--jump-length", "5"], "inpaints")]:
+        code, _, err = main_error(capsys, sample.main, [ck, "--out", str(tmp_path / "x.png"), *extra])
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
+    # an unconditional checkpoint refuses attributes, and samples exactly as the plain model(x_t, t) does
+    plain = str(tmp_path / "plain")
+    train.main(train_args(faces, plain, "--max-steps", "2"))
+    code, _, err = main_error(capsys, sample.main, [plain, "--attrs", "Smiling=1", "--out", str(tmp_path / "x.png")])
+    assert code == 2 and "unconditional model" in err
+    sample.main([plain, "--n", "3", "--steps", "4", "--seed", "9", "--out", str(tmp_path / "p.png"), "--out-dir", str(tmp_path / "p")])
+    model, diffusion = sample.model_from_checkpoint(sample.load_checkpoint(plain), plain)
+    x = diffusion.sample(model.eval(), (3, 3, 16, 16), "ddim", 4, sample.DEFAULT_ETA, torch.Generator().manual_seed(9), device="cpu")
+    assert all(torch.equal(torchvision.io.read_image(str(tmp_path / "p" / f"00000{i}.png")), sample.to_uint8(x)[i]) for i in range(3))

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -55,6 +56,16 @@ def int_list(s):
     return v
 
 
+def drop_rate(s):
+    """argparse type for --p-drop-attr: 'uniform' or a probability."""
+    if s == "uniform":
+        return s
+    v = float(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be 'uniform' or in [0, 1], got {s}")
+    return v
+
+
 def make_parser():
     p = Parser(description="Train a DDPM (denoising diffusion) on CelebA faces.",
                epilog="--resume takes every setting from the checkpoint, --data included. Only these may be given "
@@ -67,6 +78,14 @@ def make_parser():
     g.add_argument("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM CelebA box for 178x218 images, else a centre square")
     g.add_argument("--cache-dir", default=None, help="where decoded images are cached (default: $XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    g = p.add_argument_group("attribute conditioning (sample with sample.py --attrs Smiling=1 --guidance W)")
+    g.add_argument("--attrs", default=None, help="condition on CelebA attributes from the annotation file: 'all' or names, "
+                   "e.g. Smiling,Male,Eyeglasses (default: an unconditional model)")
+    g.add_argument("--p-uncond", type=float, default=0.1, help="probability that an image's whole condition is dropped "
+                   "(trains the unconditional model that classifier-free guidance needs)")
+    g.add_argument("--p-drop-attr", type=drop_rate, default="uniform",
+                   help="probability that each attribute is dropped on its own, so that any subset can be asked for: a number, or "
+                        "'uniform': a rate drawn from U(0, 1) per image, which makes the number of specified attributes uniform on 0..K")
     g = p.add_argument_group("model (defaults come from the --size preset)")
     g.add_argument("--ch", type=positive(int), default=None, help="base channel count")
     g.add_argument("--ch-mult", type=int_list, default=None, help="channel multiplier per level, e.g. 1,2,2,2,4")
@@ -156,6 +175,17 @@ def lr_at(step, args, total):
     if args.lr_decay == "cosine" and math.isfinite(total):
         return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup_steps) / max(1, total - args.warmup_steps)))
     return args.lr
+
+
+def condition(attrs, gen, args, shard, batch):
+    """Condition dropout for classifier-free guidance ([CFG] Algorithm 1, line 3): this rank's (B/world, K) uint8 0/1
+    attributes -> floats in {+1 present, -1 absent, 0 unspecified}. Drawn for the whole global batch of `batch`
+    images, of which this rank takes its shard, like every other draw of the step."""
+    K, device = attrs.shape[1], attrs.device
+    rate = torch.rand(batch, 1, generator=gen, device=device) if args.p_drop_attr == "uniform" else args.p_drop_attr
+    keep = torch.rand(batch, K, generator=gen, device=device) >= rate  # each attribute on its own
+    keep &= torch.rand(batch, 1, generator=gen, device=device) >= args.p_uncond  # the whole condition
+    return (attrs.float() * 2 - 1) * keep[shard]
 
 
 @torch.no_grad()
@@ -252,8 +282,9 @@ def train(args, given):
     if args.minutes and not env.ckpt and not args.dry_run and not given & {"ch", "batch_size"}:
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):  # timing draws no seeded randomness
             fit_model_to_minutes(args, env)
-    faces, val = load_data(args, env)
+    faces, val, run_val_cond = load_data(args, env)
     run = build(args, env, faces)
+    run.val_cond = run_val_cond
     if run.step >= run.total:
         env.log(f"nothing to do: the checkpoint is at step {run.step} and the run ends at step {run.total}; "
                 "raise --max-steps or --epochs to train further")
@@ -322,6 +353,8 @@ def check_args(args, given, env):
         raise UsageError("--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes")
     if args.minutes and not args.resume and "lr_decay" not in given:
         args.lr_decay = "cosine"  # a budgeted run ends with its learning rate at 0
+    if not 0 <= args.p_uncond <= 1:
+        raise UsageError(f"--p-uncond {args.p_uncond}: must be a probability in [0, 1], e.g. 0.1")
     if not 0 <= args.ema_decay < 1:
         raise UsageError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.9999")
     if args.sample_steps > args.timesteps:
@@ -419,27 +452,33 @@ def load_data(args, env):
             data.download(args.data, env.log)
     if env.ddp and not env.master:
         dist.barrier()  # rank 0 decodes and writes the cache first; the others then load it
-    faces = data.load(args.data, args.size, "train", args.crop, args.cache_dir, log=env.log, min_images=args.batch_size)
+    faces = data.load(args.data, args.size, "train", args.crop, args.cache_dir, log=env.log, min_images=args.batch_size, attrs=args.attrs)
     if env.ddp and env.master:
         dist.barrier()
     saved = env.ckpt and env.ckpt.get("train_images")
     if saved and saved != len(faces["images"]):
         raise UsageError(f"--data {args.data} has {len(faces['images']):,} training images, the checkpoint's run had {saved:,}; "
                          "resume with the same data")
-    val = None
+    val, val_cond = None, None
     if env.master and args.eval_every > 0:
         try:
-            v = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=env.log)
+            v = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=env.log, attrs=args.attrs)
             val = data.to_float(v["images"][: args.eval_images], env.device)
+            val_cond = v["cond"][: args.eval_images].to(env.device).float() * 2 - 1 if args.attrs else None  # every attribute given
         except data.DataError as e:
             env.log(f"no validation loss: {e}")
-    return faces["images"], val
+    return faces, val, val_cond
 
 
 def build(args, env, faces):
-    """Model, EMA, optimizer and scaler (from the checkpoint when resuming), the memory plan, the schedule."""
+    """Model, EMA, optimizer and scaler (from the checkpoint when resuming), the memory plan, the schedule.
+    faces: data.load's dict (None for --bench)."""
     ckpt, device = env.ckpt, env.device
-    cfg = unet.config_from_dict(ckpt["model_args"]) if ckpt else model_config(args)
+    attrs = tuple(faces["cond_names"] or ()) if faces is not None else ()
+    cfg = unet.config_from_dict(ckpt["model_args"]) if ckpt else dataclasses.replace(model_config(args), attrs=attrs)
+    if faces is not None and tuple(cfg.attrs) != attrs:
+        raise UsageError(f"the checkpoint's model is conditioned on {','.join(cfg.attrs) or 'nothing'}, but --data {args.data} "
+                         f"gives {','.join(attrs) or 'no attributes'}; resume with the run's data")
     model = unet.UNet(cfg).to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     diffusion = GaussianDiffusion(args.timesteps, args.schedule, args.objective, args.min_snr_gamma).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -464,7 +503,8 @@ def build(args, env, faces):
     run.fwd = torch.compile(model) if args.compile else model  # state dicts come from `model`: no _orig_mod. prefix
     run.fwd = DDP(run.fwd, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else run.fwd
     if faces is not None:
-        run.batches = data.Batches(faces, args.batch_size, device, args.seed, env.rank, env.world, flip=not args.no_flip)
+        faces, cond = faces["images"], faces["cond"]
+        run.batches = data.Batches(faces, args.batch_size, device, args.seed, env.rank, env.world, flip=not args.no_flip, attrs=cond)
         run.total = args.max_steps or run.batches.steps_per_epoch * args.epochs
         run.probe = None
         if args.minutes and not args.max_steps:
@@ -538,12 +578,13 @@ def loop(args, env, run, val, stop):
         for group in run.opt.param_groups:
             group["lr"] = lr
         gen.manual_seed(args.seed * 1_000_003 + run.step)
-        x0 = run.batches.get(run.step, gen)  # (B/world, 3, H, W) in [-1, 1]; Algorithm 1, line 2
+        x0, attrs = run.batches.get(run.step, gen)  # (B/world, 3, H, W) in [-1, 1]; Algorithm 1, line 2
         t = torch.randint(0, args.timesteps, (run.batches.batch_size,), generator=gen, device=device)[shard]  # line 3
         noise = torch.randn((run.batches.batch_size, *x0.shape[1:]), generator=gen, device=device)[shard]  # line 4
         if args.channels_last:
             x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-        loss = train_step(run.fwd, diffusion, x0, t, noise, run.opt, run.scaler, env.ctx, params, ema_params, run.step, args)  # line 5
+        fwd = run.fwd if attrs is None else functools.partial(run.fwd, attrs=condition(attrs, gen, args, shard, run.batches.batch_size))
+        loss = train_step(fwd, diffusion, x0, t, noise, run.opt, run.scaler, env.ctx, params, ema_params, run.step, args)  # line 5
         loss_sum, n_loss, run.step = loss_sum + loss, n_loss + 1, run.step + 1
         if math.isinf(run.total):
             plan_minutes(args, env, run, val)  # --minutes: times the first steps, then sets run.total
@@ -738,8 +779,9 @@ def val_loss(args, env, run, val):
     for i in range(0, len(val), b):
         x0 = val[i:i + b]
         t = torch.randint(0, args.timesteps, (len(x0),), generator=g, device=env.device)
+        model = run.model if run.val_cond is None else functools.partial(run.model, attrs=run.val_cond[i:i + b])
         with env.ctx:
-            losses.append(run.diffusion.training_losses(run.model, x0, t, torch.randn(x0.shape, generator=g, device=env.device)))
+            losses.append(run.diffusion.training_losses(model, x0, t, torch.randn(x0.shape, generator=g, device=env.device)))
     run.model.train()
     return torch.cat(losses).mean().item()
 
@@ -749,7 +791,8 @@ def val_bpd(args, env, run, val):
     g = torch.Generator(device=env.device).manual_seed(0)
     b = run.batches.batch_size // env.world
     with env.ctx:
-        parts = [run.diffusion.bits_per_dim(run.ema, val[i:i + b], g, t_samples=args.eval_bpd)["total"] for i in range(0, len(val), b)]
+        parts = [run.diffusion.bits_per_dim(run.ema if run.val_cond is None else functools.partial(run.ema, attrs=run.val_cond[i:i + b]),
+                                            val[i:i + b], g, t_samples=args.eval_bpd)["total"] for i in range(0, len(val), b)]
     return torch.cat(parts).mean().item()
 
 

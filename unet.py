@@ -7,6 +7,10 @@ The time-conditioned U-Net of DDPM (Ho et al. 2020, appendix B), the network tha
                              -> GroupNorm, SiLU, conv_out (zero-initialised) -> (B, 3, H, W)
 
 The timestep enters as a sinusoidal embedding, then an MLP, and is added inside every ResBlock.
+A conditional model (cfg.attrs names K binary attributes, e.g. CelebA's Smiling, Male) adds one learned
+vector per attribute and state to that embedding: attrs (B, K) holds +1 (present), -1 (absent) or 0
+(unspecified, which adds nothing). So the unconditional model is the conditional one with every attribute
+unspecified, the state classifier-free guidance (Ho & Salimans 2022) contrasts the condition with.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -30,6 +34,7 @@ class UNetConfig:
     attn_res: tuple = (16,)  # feature-map sizes that get self-attention
     dropout: float = 0.1
     head_dim: int = 64  # attention heads = channels // head_dim (at least 1)
+    attrs: tuple = ()  # names of the binary attributes it is conditioned on; () is an unconditional model
 
 
 PRESETS = {
@@ -160,6 +165,9 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch, temb_dim = cfg.ch, 4 * cfg.ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        if cfg.attrs:  # column k: attribute k present, column K + k: absent; no bias, so "unspecified" adds exactly 0
+            self.attr_emb = nn.Linear(2 * len(cfg.attrs), temb_dim, bias=False)
+            nn.init.zeros_(self.attr_emb.weight)  # starts as the unconditional model
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         # encoder: remember the channel count of every feature map that becomes a skip connection
@@ -192,8 +200,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # the network starts by predicting 0
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, t):  # x (B, C, H, W), t (B,) timestep indices 0..T-1
-        temb = F.silu(self.time_mlp(timestep_embedding(t, self.cfg.ch)))  # (B, 4ch)
+    def forward(self, x, t, attrs=None):  # x (B, C, H, W), t (B,) timestep indices 0..T-1, attrs (B, K) in {-1, 0, 1}
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.ch))  # (B, 4ch)
+        if attrs is not None and self.cfg.attrs:
+            onehot = torch.cat([attrs > 0, attrs < 0], dim=1).to(temb.dtype)  # (B, 2K)
+            temb = temb + self.attr_emb(onehot)  # the sum of one vector per specified attribute
+        temb = F.silu(temb)
         h = self.conv_in(x)  # (B, ch, H, W)
         hs = [h]
         for block in self.down:
