@@ -9,6 +9,7 @@ This file needs only unet.py and diffusion.py beside it; train.py imports its ch
 """
 import argparse
 import contextlib
+import csv
 import math
 import os
 import sys
@@ -18,18 +19,20 @@ import warnings
 
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 import unet
-from diffusion import GaussianDiffusion, guided, slerp
+from diffusion import SCHEDULES, GaussianDiffusion, guided, slerp
 
 CKPT_FORMAT = "ddpm-faces-checkpoint-v1"
 # the default sampler: the best face quality per model evaluation measured so far (README, "Choosing a sampler")
 SAMPLERS = ("ddim", "dpm++", "dpm++sde", "ddpm")
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 20, 1.0
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight for --attrs (README, "Faces on request")
+FIGURES = ("forward", "reverse", "schedules", "loss")
+FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # the forward strip's timesteps at T = 1000 (scaled for other T)
 REPAINT_STEPS = 250  # RePaint's face setting: 250 steps, jump length 10, 10 resamplings
 # --mask regions as (top, bottom, left, right) fractions of the image, filled in by the model; eyes and mouth are placed
 # for aligned CelebA faces, under the DDIM crop and the whole frame alike
@@ -271,6 +274,10 @@ def get_args(argv=None):
     p.add_argument("--jump-length", type=positive(int), default=None, help="RePaint: steps the chain goes back up per resampling (default: 10)")
     p.add_argument("--jump-n-sample", type=positive(int), default=None,
                    help="RePaint: passes over each jump, so 1 is no resampling (default: 10)")
+    p.add_argument("--figure", default=None, choices=FIGURES,
+                   help="instead of samples, write a figure to --out: forward (one face noised under each schedule; the face is "
+                        "--init or the model's own), reverse (x_t and predicted x0 along the sampler for up to 8 faces, and a GIF "
+                        "of every step beside --out), schedules (alpha_bar and log-SNR against t), loss (the run's log.csv)")
     p.add_argument("--bench", action="store_true", help="time sampling with a randomly initialised model of --size")
     p.add_argument("--size", type=positive(int), default=64, help="image size for --bench (its preset model)")
     return p.parse_args(argv)
@@ -305,6 +312,10 @@ def check_modes(args):
     """Flags that do not fit together, or values out of range: one line each, before any work. Fills in the
     defaults that depend on the mode (--steps, --sampler, --strength, RePaint's jumps, --guidance)."""
     repaint = [f for f in ("jump_length", "jump_n_sample") if getattr(args, f) is not None]
+    if args.figure and (args.interpolate or args.compare or args.mask or args.strength is not None or args.bench):
+        raise UsageError("--figure draws one figure; drop --interpolate, --compare, --mask, --strength and --bench")
+    if args.figure and args.init is not None and args.figure != "forward":
+        raise UsageError(f"--init is the face of --figure forward; --figure {args.figure} draws its own")
     if args.eta < 0:
         raise UsageError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
     if (args.strength is not None or args.mask is not None) and args.init is None:
@@ -323,7 +334,7 @@ def check_modes(args):
     if args.mask is None:
         args.steps = args.steps or DEFAULT_STEPS  # with --mask: RePaint's 250, or T if less, once T is known
     if args.init is not None:
-        if args.mask is None:
+        if args.mask is None and not args.figure:
             args.strength = 0.5 if args.strength is None else args.strength
         if args.strength is not None and not 0 <= args.strength <= 1:
             raise UsageError(f"--strength {args.strength}: must be in [0, 1] (0 returns the image, 1 ignores it; about 0.5 edits it)")
@@ -419,6 +430,8 @@ def run(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     torch.backends.cudnn.benchmark = True
+    if args.figure in ("schedules", "loss"):  # no model needed
+        return figure_schedules(args) if args.figure == "schedules" else figure_loss(args)
     model, diffusion, size = load_model(args, device)
     args.steps = args.steps or min(REPAINT_STEPS, diffusion.T)
     if (args.sampler != "ddpm" or args.mask) and args.steps > diffusion.T:
@@ -432,8 +445,9 @@ def run(args):
     describe(args, diffusion, device, cond is not None)
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    def draw(n, x_T=None, attrs=cond):
-        """n images (n, 3, H, W) uint8 in the chosen mode, from x_T when given."""
+    def draw(n, x_T=None, attrs=cond, keep=()):
+        """n images (n, 3, H, W) uint8 in the chosen mode, from x_T when given; with `keep`, also the frames
+        (t, x_t, x0_hat) of plain sampling at those t."""
         fn = net if attrs is None else guided(net, attrs.to(device), args.guidance)  # two forward halves in one batch
         kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, generator=gen, clip=not args.no_clip,
                   var_type=args.var, device=device, spacing=args.spacing)
@@ -446,11 +460,17 @@ def run(args):
                 noise = torch.randn(shape, generator=gen, device=device) if x_T is None else x_T
                 x = diffusion.sdedit(fn, x_init.expand(n, -1, -1, -1), args.strength, noise, **kw)
             else:
-                x = diffusion.sample(fn, shape, x_T=x_T, **kw)
-        return to_uint8(x)
+                x = diffusion.sample(fn, shape, x_T=x_T, keep=keep, **kw)
+        return (to_uint8(x[0]), x[1]) if keep else to_uint8(x)
 
     if args.bench:
         return bench(args, draw, device, size, len(sampler_steps(args, diffusion)))
+    if args.figure == "forward":
+        face = x_init if x_init is not None else draw(1).to(device).float() / 127.5 - 1
+        return figure_forward(args, face, diffusion.T, device)
+    if args.figure == "reverse":
+        x_T = torch.randn((min(args.n, 8), 3, size, size), generator=gen, device=device)
+        return figure_reverse(args, draw, sampler_steps(args, diffusion), x_T)
     if args.interpolate:  # frame 0 is --seed's own sample (the same x_T), the last frame --seed + 1's
         z = [torch.randn((1, 3, size, size), generator=torch.Generator(device=device).manual_seed(s), device=device)
              for s in (args.seed, args.seed + 1)]
@@ -493,7 +513,7 @@ def describe(args, diffusion, device, conditional):
                f"{args.jump_n_sample} passes: {n} model evaluations per image")
     else:
         how = f"{args.sampler} with {len(sampler_steps(args, diffusion))} steps" + (f", eta {args.eta}" if args.sampler == "ddim" else "")
-        how += f"; SDEdit of {args.init} from t = {round(args.strength * diffusion.T)} of {diffusion.T}" if args.init else ""
+        how += f"; SDEdit of {args.init} from t = {round(args.strength * diffusion.T)} of {diffusion.T}" if args.strength is not None else ""
     if conditional:
         how += f"; {args.attrs or ''}{' and ' if args.attrs and args.compare else ''}{args.compare + '=0|1' if args.compare else ''} " \
                f"with guidance {args.guidance:g}"
@@ -510,6 +530,129 @@ def bench(args, draw, device, size, steps):
     dt = time.time() - t0
     print(f"bench: {args.batch_size / dt:,.1f} images/s | {args.batch_size} images of {size}x{size} in {dt:.2f}s | "
           f"{args.sampler} {steps} steps | {dt / steps * 1e3:.1f} ms per step")
+
+
+# -----------------------------------------------------------------------------
+# figures: the forward and reverse process, the schedules, the loss curve (Pillow draws the few charts)
+
+
+def face_grid(rows, col_labels, row_labels, scale):
+    """rows: list of (k, 3, H, W) uint8 -> a PIL image, the faces enlarged `scale` times (nearest), labelled."""
+    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=255)  # (3, h, w)
+    img = TF.to_pil_image(grid).resize((grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST)
+    left, top, cell = 8 + 7 * max(map(len, row_labels)), 16, img.height // len(rows)
+    canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
+    canvas.paste(img, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(col_labels):
+        draw.text((left + (i + 0.5) * img.width / len(rows[0]), 8), text, fill="black", anchor="mm")
+    for i, text in enumerate(row_labels):
+        draw.text((4, top + (i + 0.5) * cell), text, fill="black", anchor="lm")
+    return canvas
+
+
+def nice_ticks(lo, hi, log=False):
+    """Round tick values in [lo, hi]: multiples of 1, 2 or 5 times a power of ten (on a log axis, those values themselves)."""
+    if log:
+        ticks = [m * 10 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
+        if len([v for v in ticks if lo <= v <= hi]) >= 3:
+            return [v for v in ticks if lo <= v <= hi]
+    raw = (hi - lo) / 5 or 1
+    step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def line_chart(series, title, xlabel, log_y=False, size=(360, 260)):
+    """series: list of (name, xs, ys) -> a PIL line chart with axes, round ticks and a legend."""
+    W, H, (l, r, t, b) = *size, (52, 10, 22, 34)  # plot area margins: left, right, top, bottom
+    f = math.log10 if log_y else (lambda y: y)
+    xs = [x for _, xx, _ in series for x in xx]
+    ys = [y for _, _, yy in series for y in yy]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    pad = 0.05 * ((f(y1) - f(y0)) or 1)
+    px = lambda x: l + (x - x0) / ((x1 - x0) or 1) * (W - l - r)
+    py = lambda y: H - b - (f(y) - f(y0) + pad) / (f(y1) - f(y0) + 2 * pad) * (H - t - b)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([l, t, W - r, H - b], outline="black")
+    for xv in nice_ticks(x0, x1):
+        d.text((px(xv), H - b + 4), f"{xv:g}", fill="black", anchor="mt")
+    unf = (lambda v: 10 ** v) if log_y else (lambda v: v)
+    for yv in nice_ticks(unf(f(y0) - pad), unf(f(y1) + pad), log_y):
+        d.line([l - 3, py(yv), l, py(yv)], fill="black")
+        d.text((l - 5, py(yv)), f"{yv:.4g}", fill="black", anchor="rm")
+    d.text((W / 2, 4), title, fill="black", anchor="mt")
+    d.text(((l + W - r) / 2, H - 4), xlabel, fill="black", anchor="mb")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for i, (name, xx, yy) in enumerate(series):
+        points = [(px(x), py(y)) for x, y in zip(xx, yy)]
+        d.line(points, fill=colours[i % 4], width=2) if len(points) > 1 else d.ellipse([*points[0], *points[0]], outline=colours[i % 4])
+        d.text((W - r - 6, t + 6 + 12 * i), name, fill=colours[i % 4], anchor="ra")
+    return img
+
+
+def save_figure(args, img, path=None, **kw):
+    fmt = Image.registered_extensions()[os.path.splitext(path or args.out)[1].lower()]
+    atomic_write(lambda tmp: img.save(tmp, format=fmt, **kw), path or args.out, "--out")
+    print(f"wrote {path or args.out}")
+
+
+def figure_forward(args, face, T, device):
+    """One face (1, 3, H, W) in [-1, 1] under q(x_t | x_0) at FORWARD_T, a row per schedule, the same noise in every row."""
+    ts = [round(t * (T - 1) / 999) for t in FORWARD_T]
+    noise = torch.randn(face.shape, generator=torch.Generator(device=device).manual_seed(args.seed), device=device)
+    rows = []
+    for name in SCHEDULES:
+        d = GaussianDiffusion(T, name)
+        rows.append(to_uint8(torch.cat([d.q_sample(face, torch.tensor([t], device=device), noise) for t in ts])))
+    save_figure(args, face_grid(rows, [f"t={t}" for t in ts], list(SCHEDULES), max(1, 64 // face.shape[-1])))
+
+
+def figure_reverse(args, draw, timesteps, x_T):
+    """x_t (the top row of each pair) and the x0 predicted from it (the bottom row) at about ten of the sampler's steps,
+    then the sample; and a GIF of every step. x_T: (n, 3, H, W) starting noise for up to 8 faces."""
+    ts = sorted(set(int(t) for t in timesteps), reverse=True)
+    x0, frames = draw(len(x_T), x_T=x_T, keep=ts)  # frames: (t, the chain after the step from t, x0_hat at t)
+    inputs = [x_T] + [x for _, x, _ in frames[:-1]]  # x_t, the chain where the model is evaluated at t
+    steps = [(f"t={t}", to_uint8(x), to_uint8(p)) for (t, _, p), x in zip(frames, inputs)] + [("sample", x0, x0)]
+    shown = [steps[round(i * (len(steps) - 2) / 9)] for i in range(10)] + steps[-1:] if len(steps) > 11 else steps
+    scale, n = max(1, 64 // x_T.shape[-1]), len(x_T)
+    rows = [torch.stack([s[k][i] for s in shown]) for i in range(n) for k in (1, 2)]
+    save_figure(args, face_grid(rows, [s[0] for s in shown], ["x_t", "x0_hat"] * n, scale))
+    gif = [face_grid([x, p], [label] + [""] * (n - 1), ["x_t", "x0_hat"], scale) for label, x, p in steps]
+    save_figure(args, gif[0], os.path.splitext(args.out)[0] + ".gif", save_all=True, append_images=gif[1:],
+                duration=[100] * (len(gif) - 1) + [2000], loop=0)
+
+
+def figure_schedules(args):
+    """alpha_bar_t and log-SNR = log(alpha_bar / (1 - alpha_bar)) against t for the three schedules, at the checkpoint's T."""
+    T = load_checkpoint(args.ckpt)["args"]["timesteps"] if args.ckpt else 1000
+    ds = [GaussianDiffusion(T, name) for name in SCHEDULES]
+    ts = list(range(T))
+    a = line_chart([(d.schedule, ts, d.alphas_cumprod.tolist()) for d in ds], "alpha_bar_t", "t")
+    b = line_chart([(d.schedule, ts, torch.log(d.snr).tolist()) for d in ds], "log-SNR", "t")
+    img = Image.new("RGB", (a.width + b.width, a.height), "white")
+    img.paste(a, (0, 0))
+    img.paste(b, (a.width, 0))
+    save_figure(args, img)
+
+
+def figure_loss(args):
+    """The training loss of every progress line and the validation loss, from log.csv beside the checkpoint."""
+    if args.ckpt is None:
+        raise UsageError("--figure loss reads the run's log.csv: give the checkpoint or its folder")
+    path = os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "log.csv")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        raise UsageError(f"--figure loss: no {path}; give the checkpoint in a train.py --out folder")
+    series = [(name, [int(r["step"]) for r in rows if r[col]], [float(r[col]) for r in rows if r[col]])
+              for name, col in (("train loss", "loss"), ("val loss", "val_loss"))]
+    series = [s for s in series if s[1]]
+    if not series:
+        raise UsageError(f"--figure loss: {path} has no loss rows yet; train for at least --log-every steps")
+    save_figure(args, line_chart(series, f"loss ({os.path.basename(os.path.dirname(os.path.abspath(path)))})", "step", log_y=True, size=(480, 300)))
 
 
 def write_images(args, batches, first=0, grid=True, pngs=True, nrow=None):

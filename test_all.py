@@ -1442,3 +1442,31 @@ def test_attributes_guidance_inpainting_cli(faces, tmp_path, capsys):
     model, diffusion = sample.model_from_checkpoint(sample.load_checkpoint(plain), plain)
     x = diffusion.sample(model.eval(), (3, 3, 16, 16), "ddim", 4, sample.DEFAULT_ETA, torch.Generator().manual_seed(9), device="cpu")
     assert all(torch.equal(torchvision.io.read_image(str(tmp_path / "p" / f"00000{i}.png")), sample.to_uint8(x)[i]) for i in range(3))
+
+
+def test_figure_commands_write_their_files(faces, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(train_args(faces, out, "--max-steps", "3", "--eval-every", "2"))
+    ck = os.path.join(out, "ckpt.pt")
+    f = lambda name: str(tmp_path / name)
+    sample.main([ck, "--figure", "forward", "--out", f("fwd.png")])  # the model's own face, 3 schedules x 7 timesteps
+    img = Image.open(f("fwd.png"))
+    assert img.width > 7 * 64 and img.height > 3 * 64  # 16 px faces drawn at 64 px
+    sample.main([ck, "--figure", "forward", "--init", os.path.join(faces, "001.png"), "--out", f("fwd2.png")])
+    sample.main([ck, "--figure", "reverse", "--n", "2", "--steps", "15", "--out", f("rev.png")])
+    assert Image.open(f("rev.png")).height > 4 * 64 and Image.open(f("rev.png")).width > 11 * 64  # 2 x (x_t, x0_hat), 10 steps + sample
+    gif = Image.open(f("rev.gif"))
+    assert gif.n_frames == 16 and gif.is_animated  # every step, then the sample
+    sample.main([ck, "--figure", "schedules", "--out", f("sched.png")])
+    sample.main(["--figure", "schedules", "--out", f("sched1000.png")])  # no checkpoint: T = 1000
+    sample.main([out, "--figure", "loss", "--out", f("loss.png")])
+    assert all(Image.open(f(n)).size[0] > 300 for n in ("sched.png", "sched1000.png", "loss.png"))
+    capsys.readouterr()
+    for extra, words in [(["--figure", "loss", "--out", f("x.png")], "log.csv"),
+                         ([ck, "--figure", "reverse", "--init", os.path.join(faces, "001.png"), "--out", f("x.png")], "draws its own"),
+                         ([ck, "--figure", "forward", "--interpolate", "3", "--out", f("x.png")], "one figure")]:
+        code, _, err = main_error(capsys, sample.main, extra)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    os.remove(os.path.join(out, "log.csv"))
+    code, _, err = main_error(capsys, sample.main, [ck, "--figure", "loss", "--out", f("x.png")])
+    assert code == 2 and "no " in err and "log.csv" in err

@@ -78,14 +78,6 @@ def make_parser():
     g.add_argument("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM CelebA box for 178x218 images, else a centre square")
     g.add_argument("--cache-dir", default=None, help="where decoded images are cached (default: $XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    g = p.add_argument_group("attribute conditioning (sample with sample.py --attrs Smiling=1 --guidance W)")
-    g.add_argument("--attrs", default=None, help="condition on CelebA attributes from the annotation file: 'all' or names, "
-                   "e.g. Smiling,Male,Eyeglasses (default: an unconditional model)")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="probability that an image's whole condition is dropped "
-                   "(trains the unconditional model that classifier-free guidance needs)")
-    g.add_argument("--p-drop-attr", type=drop_rate, default="uniform",
-                   help="probability that each attribute is dropped on its own, so that any subset can be asked for: a number, or "
-                        "'uniform': a rate drawn from U(0, 1) per image, which makes the number of specified attributes uniform on 0..K")
     g = p.add_argument_group("model (defaults come from the --size preset)")
     g.add_argument("--ch", type=positive(int), default=None, help="base channel count")
     g.add_argument("--ch-mult", type=int_list, default=None, help="channel multiplier per level, e.g. 1,2,2,2,4")
@@ -97,6 +89,14 @@ def make_parser():
     g.add_argument("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
     g.add_argument("--objective", default="eps", choices=OBJECTIVES, help="what the network predicts")
     g.add_argument("--min-snr-gamma", type=positive(float), default=None, help="min-SNR-gamma loss weighting, e.g. 5 (off unless given)")
+    g = p.add_argument_group("attribute conditioning (sample with sample.py --attrs Smiling=1 --guidance W)")
+    g.add_argument("--attrs", default=None, help="condition on CelebA attributes from the annotation file: 'all' or names, "
+                   "e.g. Smiling,Male,Eyeglasses (default: an unconditional model)")
+    g.add_argument("--p-uncond", type=float, default=0.1, help="probability that an image's whole condition is dropped "
+                   "(trains the unconditional model that classifier-free guidance needs)")
+    g.add_argument("--p-drop-attr", type=drop_rate, default="uniform",
+                   help="probability that each attribute is dropped on its own, so that any subset can be asked for: a number, or "
+                        "'uniform': a rate drawn from U(0, 1) per image, which makes the number of specified attributes uniform on 0..K")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive(int), default=100, help="passes over the training split")
     g.add_argument("--max-steps", type=positive(int), default=None, help="stop after this many steps in all (overrides --epochs)")
