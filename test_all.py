@@ -767,6 +767,12 @@ def test_celeba_layouts_splits_attributes_and_missing(tmp_path, layout):
     assert d["attr_names"] == ATTRS
     kept = [names.index(os.path.basename(f)) for f in d["files"]]
     assert d["attrs"].tolist() == [[int(v > 0) for v in attrs[i]] for i in kept]
+    # --attrs picks columns, in the annotation file's order, and refuses names the file does not have
+    c = data.load(str(tmp_path), 16, "train", cache_dir=str(tmp_path / "cache"), log=quiet, attrs="Young,Smiling")
+    assert c["cond_names"] == ["Smiling", "Young"] and torch.equal(c["cond"], d["attrs"][:, [0, 2]])
+    assert data.load(str(tmp_path), 16, "train", cache_dir=str(tmp_path / "cache"), log=quiet, attrs="all")["cond_names"] == ATTRS
+    with pytest.raises(data.DataError, match="no attribute 'Bald'; choose 'all' or some of Smiling,Male,Young"):
+        data.load(str(tmp_path), 16, "train", cache_dir=str(tmp_path / "cache"), log=quiet, attrs="Smiling,Bald")
 
 
 def test_folder_layout_formats_and_holdout(tmp_path):
