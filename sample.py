@@ -507,16 +507,18 @@ def sampler_steps(args, diffusion):
 
 
 def describe(args, diffusion, device, conditional):
+    """The one line that says what will be drawn, and how."""
     if args.mask:
-        n = sum(q < p for p, q in zip(*[diffusion.repaint_path(args.steps, args.jump_length, args.jump_n_sample)[i:] for i in (0, 1)]))
+        path = diffusion.repaint_path(args.steps, args.jump_length, args.jump_n_sample)
+        n = sum(q < p for p, q in zip(path, path[1:]))  # each step down is one model evaluation
         how = (f"RePaint inpainting of {args.init} ({args.mask}) with {args.steps} steps, jump length {args.jump_length}, "
                f"{args.jump_n_sample} passes: {n} model evaluations per image")
     else:
         how = f"{args.sampler} with {len(sampler_steps(args, diffusion))} steps" + (f", eta {args.eta}" if args.sampler == "ddim" else "")
         how += f"; SDEdit of {args.init} from t = {round(args.strength * diffusion.T)} of {diffusion.T}" if args.strength is not None else ""
     if conditional:
-        how += f"; {args.attrs or ''}{' and ' if args.attrs and args.compare else ''}{args.compare + '=0|1' if args.compare else ''} " \
-               f"with guidance {args.guidance:g}"
+        asked = [a for a in (args.attrs, args.compare and f"{args.compare}=0|1") if a]
+        how += f"; {' and '.join(asked)} with guidance {args.guidance:g}"
     print(f"device {device}, {args.precision}, {how}")
 
 

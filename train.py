@@ -66,6 +66,17 @@ def drop_rate(s):
     return v
 
 
+def add_attribute_flags(p):
+    g = p.add_argument_group("attribute conditioning (sample with sample.py --attrs Smiling=1 --guidance W)")
+    g.add_argument("--attrs", default=None, help="condition on CelebA attributes from the annotation file: 'all' or names, "
+                   "e.g. Smiling,Male,Eyeglasses (default: an unconditional model)")
+    g.add_argument("--p-uncond", type=float, default=0.1, help="probability that an image's whole condition is dropped "
+                   "(trains the unconditional model that classifier-free guidance needs)")
+    g.add_argument("--p-drop-attr", type=drop_rate, default="uniform",
+                   help="probability that each attribute is dropped on its own, so that any subset can be asked for: a number, or "
+                        "'uniform': a rate drawn from U(0, 1) per image, which makes the number of specified attributes uniform on 0..K")
+
+
 def make_parser():
     p = Parser(description="Train a DDPM (denoising diffusion) on CelebA faces.",
                epilog="--resume takes every setting from the checkpoint, --data included. Only these may be given "
@@ -89,14 +100,7 @@ def make_parser():
     g.add_argument("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
     g.add_argument("--objective", default="eps", choices=OBJECTIVES, help="what the network predicts")
     g.add_argument("--min-snr-gamma", type=positive(float), default=None, help="min-SNR-gamma loss weighting, e.g. 5 (off unless given)")
-    g = p.add_argument_group("attribute conditioning (sample with sample.py --attrs Smiling=1 --guidance W)")
-    g.add_argument("--attrs", default=None, help="condition on CelebA attributes from the annotation file: 'all' or names, "
-                   "e.g. Smiling,Male,Eyeglasses (default: an unconditional model)")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="probability that an image's whole condition is dropped "
-                   "(trains the unconditional model that classifier-free guidance needs)")
-    g.add_argument("--p-drop-attr", type=drop_rate, default="uniform",
-                   help="probability that each attribute is dropped on its own, so that any subset can be asked for: a number, or "
-                        "'uniform': a rate drawn from U(0, 1) per image, which makes the number of specified attributes uniform on 0..K")
+    add_attribute_flags(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive(int), default=100, help="passes over the training split")
     g.add_argument("--max-steps", type=positive(int), default=None, help="stop after this many steps in all (overrides --epochs)")
