@@ -42,7 +42,7 @@ PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989),
 RESUME_MAY_CHANGE = ("data", "cache_dir", "epochs", "max_steps", "log_every", "sample_every", "sample_steps", "sample_n",
                      "eval_every", "eval_images", "ckpt_every", "out", "device", "precision", "compile", "channels_last",
                      "grad_checkpoint", "peak_tflops", "eval_bpd")
-NOT_FROM_CHECKPOINT = ("resume", "overwrite", "dry_run", "bench", "bench_steps", "download", "bpd", "x0_error")
+NOT_FROM_CHECKPOINT = ("resume", "overwrite", "dry_run", "bench", "bench_steps", "download", "bpd", "bpd_t", "x0_error")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
 
 
@@ -136,10 +136,12 @@ def make_parser():
     g.add_argument("--eval-every", type=non_negative, default=5000, help="validation loss every N steps (0: never)")
     g.add_argument("--eval-images", type=positive(int), default=1024, help="validation images per evaluation")
     g.add_argument("--eval-bpd", type=non_negative, default=0,
-                   help="also estimate the validation bits/dim (DDPM eq. 5) from this many random t per image (0: off)")
+                   help="also estimate the validation bits/dim (DDPM eq. 5) from this many stratified random t per image (0: off)")
     g.add_argument("--bpd", type=positive(int), default=None,
                    help="evaluate, do not train: the checkpoint's bits/dim bound over all T steps on this many validation "
                         "images (T model calls each), with --resume naming the checkpoint")
+    g.add_argument("--bpd-t", type=non_negative, default=0,
+                   help="with --bpd: an unbiased estimate from this many stratified random t per image instead of all T (0: all T)")
     g.add_argument("--x0-error", type=positive(int), default=None,
                    help="evaluate, do not train: the checkpoint's error in predicting x0 at 14 timesteps on this many validation "
                         "images, beside the best linear (Wiener) denoiser's, with --resume naming the checkpoint")
@@ -353,6 +355,8 @@ def resume_args(args, given, env):
 
 def check_args(args, given, env):
     """Everything that can be checked without data, so that a mistake costs seconds, not a decode."""
+    if args.bpd_t and not args.bpd:
+        raise UsageError("--bpd-t sets how --bpd estimates the bound; add --bpd N (images), or drop --bpd-t")
     if "minutes" in given and given & {"max_steps", "epochs"}:
         raise UsageError("--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes")
     if args.minutes and not args.resume and "lr_decay" not in given:
@@ -801,7 +805,8 @@ def val_bpd(args, env, run, val):
 
 
 def evaluate_bpd(args, env):
-    """--bpd N: the checkpoint's (EMA) variational bound, [DDPM] eq. 5, over every t, on N validation images."""
+    """--bpd N: the checkpoint's (EMA) variational bound, [DDPM] eq. 5, on N validation images: over every t, or
+    estimated from --bpd-t K stratified t per image (K + 1 model calls instead of T)."""
     if env.ckpt is None:
         raise UsageError("--bpd evaluates a checkpoint: name it with --resume PATH (or --resume --out DIR)")
     images = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=env.log)["images"][: args.bpd]
@@ -810,11 +815,12 @@ def evaluate_bpd(args, env):
     g, parts, b, t0 = torch.Generator(device=env.device).manual_seed(0), [], min(args.batch_size, 256), time.time()
     for i in range(0, len(images), b):
         with env.ctx:
-            parts.append(diffusion.bits_per_dim(model, data.to_float(images[i:i + b], env.device), g))
+            parts.append(diffusion.bits_per_dim(model, data.to_float(images[i:i + b], env.device), g, t_samples=args.bpd_t or None))
         env.log(f"bpd: {i + len(parts[-1]['total'])}/{len(images)} images, {fmt_time(time.time() - t0)}")
     r = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     se = r["total"].std().item() / math.sqrt(len(r["total"])) if len(r["total"]) > 1 else float("nan")
-    env.log(f"bits/dim on {len(images)} validation images (step {env.ckpt['step']}, T={diffusion.T}): "
+    how = f"an unbiased estimate from {args.bpd_t} stratified t per image" if args.bpd_t else "every t"
+    env.log(f"bits/dim on {len(images)} validation images (step {env.ckpt['step']}, T={diffusion.T}, {how}): "
             f"prior L_T {r['prior'].mean():.4f} + sum of L_t {r['vb'].mean():.4f} + decoder L_0 {r['decoder'].mean():.4f} "
             f"= {r['total'].mean():.4f} +- {se:.4f}")
     return 0
