@@ -62,10 +62,18 @@ class WriteError(Exception):
 USER_ERRORS = (UsageError, CheckpointError, WriteError)
 
 
+def real(s):
+    """argparse type: a finite float (float() alone also takes 'nan' and 'inf')."""
+    v = float(s)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+    return v
+
+
 def positive(kind):
-    """argparse type: a number > 0."""
+    """argparse type: a finite number > 0."""
     def parse(s):
-        v = kind(s)
+        v = real(s) if kind is float else kind(s)
         if v <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
         return v
@@ -243,7 +251,7 @@ def get_args(argv=None):
                    help=f"model evaluations for ddim and dpm++ (ddpm uses all T); with --mask, RePaint's steps down the sub-sequence "
                         f"(default: {DEFAULT_STEPS}, with --mask {REPAINT_STEPS})")
     p.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="dpm++ time steps: uniform in log-SNR or in t")
-    p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
+    p.add_argument("--eta", type=real, default=DEFAULT_ETA, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     p.add_argument("--var", default="beta", choices=["beta", "posterior"], help="DDPM sigma_t^2: beta_t or the posterior variance")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same faces")
@@ -254,7 +262,7 @@ def get_args(argv=None):
                    help="autocast precision; auto = bf16 on GPUs that support it, fp32 otherwise")
     p.add_argument("--compile", action="store_true", help="torch.compile the sampling step (CUDA graphs on GPU)")
     p.add_argument("--init", default=None, help="SDEdit: edit this image (cropped and resized as in training) instead of sampling from noise")
-    p.add_argument("--strength", type=float, default=None, help="SDEdit: noise --init to t = strength * T, then denoise; in [0, 1] "
+    p.add_argument("--strength", type=real, default=None, help="SDEdit: noise --init to t = strength * T, then denoise; in [0, 1] "
                    "(0 returns the image, 1 ignores it; default 0.5, the SDEdit paper's range)")
     p.add_argument("--crop", default="auto", choices=CROPS, help="how --init is cropped, as train.py's --crop")
     p.add_argument("--interpolate", type=positive(int), default=None, metavar="FRAMES",
@@ -263,7 +271,7 @@ def get_args(argv=None):
     p.add_argument("--attrs", default=None, metavar="NAME=0|1,...",
                    help="ask a model trained with --attrs for attributes, e.g. 'Smiling=1,Eyeglasses=0' (1 present, 0 absent); "
                         "the others are left free")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=real, default=None,
                    help=f"classifier-free guidance weight W for --attrs/--compare: 1 the conditional model alone, larger follows the "
                         f"attributes more strictly at some cost in variety (default: {DEFAULT_GUIDANCE:g})")
     p.add_argument("--compare", default=None, metavar="NAME",

@@ -567,6 +567,13 @@ def test_indivisible_size_is_rejected():
         unet.UNet(unet.preset(72))
 
 
+def test_group_norm_groups_divide_any_width():
+    # 32 groups of >= 4 channels where the width allows (DDPM's), and always a number of groups that divides it
+    assert [unet.norm(c).num_groups for c in (32, 64, 96, 128, 256)] == [8, 16, 8, 32, 32]
+    assert all(c % unet.norm(c).num_groups == 0 for c in range(1, 520))
+    unet.UNet(unet.UNetConfig(image_size=8, ch=3, ch_mult=(1, 3), num_res_blocks=1, attn_res=()))  # widths 3, 9
+
+
 def perturbed(model):
     # zero-initialised output layers make a fresh network constant; nudge every weight to test the wiring
     g = torch.Generator().manual_seed(0)
@@ -1084,6 +1091,13 @@ def test_benchmarks_report_throughput():
     (["train.py", "--device", "gpu"], "not a device"),
     (["train.py", "--ema-decay", "1.5"], "--ema-decay"),
     (["sample.py", "x.pt", "--eta", "-1"], "--eta"),
+    (["sample.py", "x.pt", "--eta", "nan"], "finite"),
+    (["sample.py", "x.pt", "--guidance", "inf"], "finite"),
+    (["train.py", "--lr", "nan"], "finite"),
+    (["train.py", "--weight-decay", "-1"], "--weight-decay"),
+    (["train.py", "--dropout", "1"], "--dropout"),
+    (["train.py", "--ch-mult", "1,0"], "--ch-mult"),
+    (["train.py", "--bpd-t", "5"], "--bpd N"),
 ])
 def test_bad_flags_get_one_line_errors(cmd, message, capsys, tmp_path):
     main = {"train.py": train.main, "sample.py": sample.main}[cmd[0]]

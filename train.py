@@ -33,7 +33,7 @@ import data
 import unet
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from sample import (CKPT_FORMAT, DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, USER_ERRORS, Parser, UsageError, WriteError, atomic_write, check_writable,
-                    load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive, save_checkpoint)
+                    load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive, real, save_checkpoint)
 
 # dense bf16 tensor-core peak (TFLOP/s) by device name; the first match wins. --peak-tflops overrides.
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
@@ -70,7 +70,7 @@ def add_attribute_flags(p):
     g = p.add_argument_group("attribute conditioning (sample with sample.py --attrs Smiling=1 --guidance W)")
     g.add_argument("--attrs", default=None, help="condition on CelebA attributes from the annotation file: 'all' or names, "
                    "e.g. Smiling,Male,Eyeglasses (default: an unconditional model)")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="probability that an image's whole condition is dropped "
+    g.add_argument("--p-uncond", type=real, default=0.1, help="probability that an image's whole condition is dropped "
                    "(trains the unconditional model that classifier-free guidance needs)")
     g.add_argument("--p-drop-attr", type=drop_rate, default="uniform",
                    help="probability that each attribute is dropped on its own, so that any subset can be asked for: a number, or "
@@ -94,7 +94,7 @@ def make_parser():
     g.add_argument("--ch-mult", type=int_list, default=None, help="channel multiplier per level, e.g. 1,2,2,2,4")
     g.add_argument("--num-res-blocks", type=positive(int), default=None, help="residual blocks per level")
     g.add_argument("--attn-res", type=int_list, default=None, help="feature-map sizes with self-attention, e.g. 16")
-    g.add_argument("--dropout", type=float, default=None, help="dropout in the residual blocks")
+    g.add_argument("--dropout", type=real, default=None, help="dropout in the residual blocks")
     g = p.add_argument_group("diffusion")
     g.add_argument("--timesteps", type=positive(int), default=1000, help="T, the number of diffusion steps")
     g.add_argument("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
@@ -113,9 +113,9 @@ def make_parser():
     g.add_argument("--lr-decay", default="constant", choices=["constant", "cosine"],
                    help="learning rate after the warm-up: constant (the DDPM paper) or a cosine decay to 0 at the last step; "
                         "--minutes makes it cosine unless given")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--weight-decay", type=real, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (with warm-up min(decay, (1+s)/(10+s)))")
+    g.add_argument("--ema-decay", type=real, default=0.9999, help="EMA decay (with warm-up min(decay, (1+s)/(10+s)))")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn at random and printed)")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
@@ -363,6 +363,8 @@ def check_args(args, given, env):
         args.lr_decay = "cosine"  # a budgeted run ends with its learning rate at 0
     if not 0 <= args.p_uncond <= 1:
         raise UsageError(f"--p-uncond {args.p_uncond}: must be a probability in [0, 1], e.g. 0.1")
+    if args.weight_decay < 0:
+        raise UsageError(f"--weight-decay {args.weight_decay:g}: must be >= 0 (0, the default, is none)")
     if not 0 <= args.ema_decay < 1:
         raise UsageError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.9999")
     if args.sample_steps > args.timesteps:

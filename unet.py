@@ -62,8 +62,13 @@ def check_config(cfg):
     if cfg.image_size < 1 or cfg.image_size % factor:
         raise ValueError(f"image size {cfg.image_size} is not divisible by {factor} ({len(cfg.ch_mult) - 1} downsamplings "
                          f"for ch_mult {','.join(map(str, cfg.ch_mult))}); use a multiple of {factor} or a shorter --ch-mult")
-    if not cfg.ch_mult or cfg.ch < 1 or cfg.num_res_blocks < 1 or not 0 <= cfg.dropout < 1 or min(cfg.ch_mult) < 1:
-        raise ValueError("--ch, --num-res-blocks and every --ch-mult entry must be >= 1, and --dropout in [0, 1)")
+    for flag, bad in (("--ch", cfg.ch < 1), ("--num-res-blocks", cfg.num_res_blocks < 1),
+                      ("--ch-mult", not cfg.ch_mult or min(cfg.ch_mult) < 1)):
+        if bad:
+            raise ValueError(f"{flag} must be at least 1{' in every entry' if flag == '--ch-mult' else ''}; "
+                             "drop it to use the preset's (python train.py -h)")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout {cfg.dropout:g} must be in [0, 1), e.g. 0.1")
     sizes = [cfg.image_size >> level for level in range(len(cfg.ch_mult))]  # feature-map size at each level
     if any(r not in sizes for r in cfg.attn_res):
         raise ValueError(f"--attn-res {','.join(map(str, cfg.attn_res))}: the feature maps of a {cfg.image_size}px model are "
@@ -78,7 +83,7 @@ def norm(c):
     # GroupNorm with 32 groups (as in DDPM), fewer for narrow layers: every group keeps at least 4
     # channels, because the time embedding enters as a per-channel bias before a GroupNorm, which would
     # subtract it away entirely in a group of one channel.
-    return nn.GroupNorm(math.gcd(32, max(1, c // 4)), c)
+    return nn.GroupNorm(math.gcd(32, max(1, c // 4), c), c)  # the gcd with c: the groups must divide c
 
 
 def timestep_embedding(t, dim, max_period=10000):
