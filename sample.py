@@ -381,6 +381,8 @@ def parse_attrs(args, model):
             raise UsageError(f"--attrs: the model has no attribute {name.strip()!r}; it knows {','.join(names)}")
         if value.strip() not in ("0", "1"):
             raise UsageError(f"--attrs {item.strip()}: write NAME=1 (present) or NAME=0 (absent)")
+        if cond[names.index(name.strip())] != 0:
+            raise UsageError(f"--attrs names {name.strip()} twice; give each attribute once")
         cond[names.index(name.strip())] = 1.0 if value.strip() == "1" else -1.0
     if args.compare is not None:
         if args.compare not in names:

@@ -1455,7 +1455,7 @@ def test_attributes_guidance_inpainting_cli(faces, tmp_path, capsys):
     mask_png = str(tmp_path / "mask.png")
     Image.new("L", (16, 16), 0).save(mask_png)
     for extra, words in [(["--attrs", "Nose=1"], "it knows Smiling,Young"), (["--attrs", "Smiling=yes"], "NAME=1"),
-                         (["--compare", "Smiling", "--attrs", "Smiling=1"], "do not also set it"),
+                         (["--attrs", "Smiling=1,Smiling=0"], "twice"), (["--compare", "Smiling", "--attrs", "Smiling=1"], "do not also set it"),
                          (["--guidance", "3"], "add --attrs"), (["--mask", "eyes"], "--init IMAGE"),
                          (["--init", init, "--mask", "nose"], "neither a region"), (["--init", init, "--mask", mask_png], "no white pixels"),
                          (["--init", init, "--mask", "top", "--strength", "0.5"], "do not go together"),
