@@ -250,9 +250,11 @@ def get_args(argv=None):
     p.add_argument("--steps", type=positive(int), default=None,
                    help=f"model evaluations for ddim and dpm++ (ddpm uses all T); with --mask, RePaint's steps down the sub-sequence "
                         f"(default: {DEFAULT_STEPS}, with --mask {REPAINT_STEPS})")
-    p.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="dpm++ time steps: uniform in log-SNR or in t")
-    p.add_argument("--eta", type=real, default=DEFAULT_ETA, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
-    p.add_argument("--var", default="beta", choices=["beta", "posterior"], help="DDPM sigma_t^2: beta_t or the posterior variance")
+    p.add_argument("--spacing", default=None, choices=["logsnr", "time"],
+                   help="dpm++ and dpm++sde time steps: uniform in log-SNR or in t (default: logsnr)")
+    p.add_argument("--eta", type=real, default=None, help=f"DDIM eta: 0 deterministic, 1 DDPM-like noise (default: {DEFAULT_ETA:g})")
+    p.add_argument("--var", default=None, choices=["beta", "posterior"],
+                   help="ddpm's sigma_t^2: beta_t or the posterior variance (default: beta)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same faces")
     p.add_argument("--out", default="samples.png", help="grid image to write (.png, .jpg, .webp, ...)")
@@ -324,8 +326,7 @@ def check_modes(args):
         raise UsageError("--figure draws one figure; drop --interpolate, --compare, --mask, --strength and --bench")
     if args.figure and args.init is not None and args.figure != "forward":
         raise UsageError(f"--init is the face of --figure forward; --figure {args.figure} draws its own")
-    if args.eta < 0:
-        raise UsageError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
+    check_sampler_flags(args)
     if (args.strength is not None or args.mask is not None) and args.init is None:
         raise UsageError(f"{'--mask' if args.mask is not None else '--strength'} edits an image: give the image with --init IMAGE")
     if repaint and args.mask is None:
@@ -361,6 +362,23 @@ def check_modes(args):
         if args.sampler == "ddim" and args.eta != 0:
             print("--interpolate: DDIM with eta 0, so that every frame is a function of its starting noise alone")
             args.eta = 0.0
+
+
+def check_sampler_flags(args):
+    """--eta, --var, --spacing and --steps each apply to some samplers only: given to another, they are an error
+    (rather than silently ignored). Fills in their defaults."""
+    sampler = "RePaint (--mask)" if args.mask is not None else args.sampler or DEFAULT_SAMPLER
+    for flag, samplers in (("eta", ("ddim",)), ("var", ("ddpm",)), ("spacing", ("dpm++", "dpm++sde"))):
+        if getattr(args, flag) is not None and sampler not in samplers:
+            raise UsageError(f"--{flag} applies to --sampler {' and '.join(samplers)}, not {sampler}; drop --{flag}")
+    if args.steps is not None and sampler == "ddpm":
+        raise UsageError("--sampler ddpm takes all T steps, so --steps does not apply; for fewer stochastic steps use --sampler ddim --eta 1")
+    args.eta = DEFAULT_ETA if args.eta is None else args.eta
+    args.var, args.spacing = args.var or "beta", args.spacing or "logsnr"
+    if args.eta < 0:
+        raise UsageError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
+    if args.interpolate is not None and args.interpolate < 2:
+        raise UsageError(f"--interpolate {args.interpolate}: a strip needs at least 2 frames (the two seeds' faces)")
 
 
 def parse_attrs(args, model):
