@@ -378,7 +378,7 @@ def sde_dpm_path(d, x_T, steps, generator, mu=MU, s=S):
     ab = d.alphas_cumprod.double()
     lam = 0.5 * torch.log(ab / (1 - ab))
     ts = d.dpm_timesteps(steps).tolist()
-    x, prev = x_T.double(), None
+    x, prev, x_prev, h_prev = x_T.double(), None, None, None  # prev: (k, b) of the previous step
     m, C = torch.zeros(2, dtype=torch.float64), torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))  # of (x_i, x_{i-1})
     for i, t_s in enumerate(ts):
         a = ab[t_s].item()
