@@ -355,6 +355,8 @@ def check_modes(args):
     if args.guidance < 0:
         raise UsageError(f"--guidance {args.guidance}: must be >= 0 (0 ignores the attributes, 1 is the conditional model)")
     if args.interpolate:
+        if args.interpolate < 2:
+            raise UsageError(f"--interpolate {args.interpolate}: a strip needs at least 2 frames (the two seeds' faces)")
         if args.init is not None or args.compare is not None:
             raise UsageError(f"--interpolate and {'--init' if args.init is not None else '--compare'} do not go together; use one of them")
         if args.sampler in ("ddpm", "dpm++sde"):
@@ -377,8 +379,6 @@ def check_sampler_flags(args):
     args.var, args.spacing = args.var or "beta", args.spacing or "logsnr"
     if args.eta < 0:
         raise UsageError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
-    if args.interpolate is not None and args.interpolate < 2:
-        raise UsageError(f"--interpolate {args.interpolate}: a strip needs at least 2 frames (the two seeds' faces)")
 
 
 def parse_attrs(args, model):
