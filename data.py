@@ -298,13 +298,14 @@ class Batches:
     are the same whatever the number of GPUs, and resuming under another world size continues the
     same data order."""
 
-    def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None):
+    def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None, resident=None):
+        """resident: keep the images on the GPU (default: when fits_on_gpu says they fit)."""
         if batch_size % world:
             raise DataError(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
         if len(images) < batch_size:
             raise DataError(f"the dataset has {len(images):,} images, fewer than --batch-size {batch_size}; lower --batch-size")
         device = torch.device(device)
-        if device.type == "cuda" and images.nbytes < 0.3 * torch.cuda.mem_get_info(device)[0]:
+        if fits_on_gpu(images.nbytes, device) if resident is None else resident:
             images = images.to(device)  # GPU-resident: a batch is one gather, no host copies
         elif device.type == "cuda":
             images = images.pin_memory()
@@ -329,6 +330,12 @@ class Batches:
             flip = torch.rand(self.batch_size, generator=generator, device=self.device)[self.rank * b:(self.rank + 1) * b] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x, (self.attrs[idx.to(self.attrs.device)] if self.attrs is not None else None)
+
+
+def fits_on_gpu(nbytes, device):
+    """Whether `nbytes` of training images should live on `device`: a GPU with 30% of its free memory to spare."""
+    device = torch.device(device)
+    return device.type == "cuda" and nbytes < 0.3 * torch.cuda.mem_get_info(device)[0]
 
 
 def to_float(images, device):

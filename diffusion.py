@@ -340,8 +340,8 @@ class GaussianDiffusion:
         the sub-sequence (DDIM eta 1, which is DDPM on the respaced chain) for the unknown part and q(x_t | x_0)
         for the known part (Algorithm 1, lines 4-8); a step up is the forward process q(x_t' | x_t) (line 10).
         Returns the clean image, which equals x_known exactly where mask is 1."""
-        taus = self.ddim_timesteps(steps).tolist()
-        alpha_bar = lambda p: self.alphas_cumprod[taus[p]].item() if p >= 0 else 1.0  # at a position on tau
+        taus, alphas_cumprod = self.ddim_timesteps(steps).tolist(), self.alphas_cumprod.tolist()  # on the host: no GPU sync per step
+        alpha_bar = lambda p: alphas_cumprod[taus[p]] if p >= 0 else 1.0  # at a position on tau
         x = torch.randn(x_known.shape, generator=generator, device=x_known.device) if x_T is None else x_T
         path = self.repaint_path(len(taus), jump_length, jump_n_sample)
         for p, q in zip(path[:-1], path[1:]):

@@ -105,8 +105,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (python {self.prog} -h lists the flags)\n")
 
 
-def pick_device(name, local_rank=0):
-    """--device -> torch.device: the first available of cuda, mps, cpu when name is None."""
+def pick_device(name, local_rank=0, local_world=1):
+    """--device -> torch.device: the first available of cuda, mps, cpu when name is None. Under torchrun, process
+    `local_rank` of the `local_world` on this machine takes GPU local_rank."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -115,9 +116,32 @@ def pick_device(name, local_rank=0):
         raise UsageError(f"--device {name}: not a device; use cuda, cuda:N, mps or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and max(local_world, (device.index or 0) + 1) > torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UsageError(f"{max(local_world, (device.index or 0) + 1)} processes want a GPU each but {n} GPU{'s are' if n > 1 else ' is'} "
+                         f"visible; start torchrun with --nproc_per_node={n} (or fewer), or use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
     return device
+
+
+def autocast(device, precision):
+    """--precision -> (its name, the autocast context). auto: bf16 on GPUs with native bf16 (Ampere and later),
+    fp16 on older GPUs (is_bf16_supported() alone also counts the slow emulated bf16 of a V100 or T4), fp32 on
+    CPU and MPS. fp32 means fp32: TF32 matmuls and convolutions only come with the mixed precisions."""
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return precision, contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so that a timing measures it (CUDA and MPS run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def why(e):
@@ -261,7 +285,7 @@ def get_args(argv=None):
     p.add_argument("--out-dir", default=None, help="also write every image as a numbered PNG here (for pytorch-fid / clean-fid)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast precision; auto = bf16 on GPUs that support it, fp32 otherwise")
+                   help="autocast precision; auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU/MPS")
     p.add_argument("--compile", action="store_true", help="torch.compile the sampling step (CUDA graphs on GPU)")
     p.add_argument("--init", default=None, help="SDEdit: edit this image (cropped and resized as in training) instead of sampling from noise")
     p.add_argument("--strength", type=real, default=None, help="SDEdit: noise --init to t = strength * T, then denoise; in [0, 1] "
@@ -453,10 +477,7 @@ def run(args):
     device = pick_device(args.device)
     check_modes(args)
     check_outputs(args)
-    if args.precision == "auto":
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    args.precision, ctx = autocast(device, args.precision)
     torch.backends.cudnn.benchmark = True
     if args.figure in ("schedules", "loss"):  # no model needed
         return figure_schedules(args) if args.figure == "schedules" else figure_loss(args)
@@ -551,12 +572,15 @@ def describe(args, diffusion, device, conditional):
 
 
 def bench(args, draw, device, size, steps):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    draw(min(args.batch_size, 8) if not args.compile else args.batch_size)  # warm-up (and compilation)
-    sync()
+    """Images/s of the chosen sampler. The warm-up runs the timed batch size through a 2-step chain, so that
+    compilation, CUDA graphs and cuDNN's autotuning for these shapes all happen before the clock starts."""
+    timed_steps, args.steps = args.steps, min(args.steps, 2)
+    draw(args.batch_size)  # warm-up
+    args.steps = timed_steps
+    synchronize(device)
     t0 = time.time()
     draw(args.batch_size)
-    sync()
+    synchronize(device)
     dt = time.time() - t0
     print(f"bench: {args.batch_size / dt:,.1f} images/s | {args.batch_size} images of {size}x{size} in {dt:.2f}s | "
           f"{args.sampler} {steps} steps | {dt / steps * 1e3:.1f} ms per step")

@@ -24,6 +24,16 @@ import unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec")  # torchvision 0.29 deprecates its codecs; they still work
+CPU = ["--device", "cpu"]  # the tests assert CPU semantics (bit-exact resume, fp32, CPU generators) on any machine
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_asked(monkeypatch):
+    """A script run in this process without --device uses the CPU, even where a GPU is visible."""
+    import train
+    pick = sample.pick_device
+    for module in (sample, train):
+        monkeypatch.setattr(module, "pick_device", lambda name=None, *a: pick(name or "cpu", *a))
 
 # -----------------------------------------------------------------------------
 # schedules
@@ -937,6 +947,9 @@ def test_batches_are_the_same_for_any_world_size():
 
 
 def run_cli(*args, timeout=240):
+    """Run a command in a fresh process; train.py and sample.py on the CPU unless --device is given."""
+    if args[0] in ("train.py", "sample.py") and "--device" not in args:
+        args = (*args, *CPU)
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
 
 
@@ -959,7 +972,7 @@ import train  # noqa: E402
 
 TINY = ["--size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "8", "--timesteps", "50",
         "--batch-size", "4", "--warmup", "2", "--log-every", "1", "--sample-every", "0", "--eval-every", "0",
-        "--ckpt-every", "0", "--seed", "5"]
+        "--ckpt-every", "0", *CPU, "--seed", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -1080,9 +1093,151 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(faces, tmp
         torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5)
 
 
+def test_ddp_without_a_seed_trains_on_what_one_process_would(faces, tmp_path):
+    # The README's command gives no --seed: the seed is drawn on rank 0 and sent to every rank, so the ranks
+    # shard one permutation (6 steps of 8 of 24 images: two epochs) and one process with that seed matches.
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = ["--max-steps", "6", "--batch-size", "8", "--dropout", "0"]
+    no_seed = lambda args: [a for i, a in enumerate(args) if "--seed" not in args[max(i - 1, 0):i + 1]]
+    r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *no_seed(train_args(faces, two, *common)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    seed = r.stdout.split(", seed ")[1].split()[0]
+    assert run_cli("train.py", *no_seed(train_args(faces, one, *common)), "--seed", seed).returncode == 0
+    (m1, e1, _, _), (m2, e2, _, _) = states(os.path.join(one, "ckpt.pt")), states(os.path.join(two, "ckpt.pt"))
+    for k in m1:
+        torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(e2[k], e1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_minutes_under_two_processes_ends_on_time_with_a_checkpoint(faces, tmp_path):
+    # Rank 0's clock sets the end step and every re-plan (here one per step, --log-every 1), so the ranks
+    # never disagree on the last step (which left them waiting on each other's collectives for ever).
+    out = str(tmp_path / "run")
+    r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                *train_args(faces, out, "--minutes", "0.25", "--batch-size", "8"), timeout=150)
+    assert r.returncode == 0, r.stderr[-2000:]
+    took = r.stdout.split("the run took ")[1].split()[0]  # e.g. 0m14s
+    assert int(took.split("m")[0]) * 60 + int(took.split("m")[1][:-1]) <= 1.1 * 15, r.stdout[-1000:]
+    ckpt = train.load_checkpoint(out)
+    assert ckpt["step"] == ckpt["args"]["max_steps"] > 10 and r.stdout.count("interrupted") == 0
+
+
+def test_resume_takes_the_devices_own_optimizer_settings(faces, tmp_path, monkeypatch):
+    # The optimizer's state dict carries the run's fused/foreach choice; a resume keeps the moments and takes
+    # the resuming device's choice (a CPU checkpoint resumed on a GPU gets the fused AdamW back).
+    out = str(tmp_path / "run")
+    train.main(train_args(faces, out, "--max-steps", "2"))
+    assert train.load_checkpoint(out)["optimizer"]["param_groups"][0]["fused"] in (False, None)
+    monkeypatch.setattr(train, "fused_adamw", lambda device: True)  # a device with a fused AdamW (CPU has one too)
+    train.main(train_args(faces, out, "--max-steps", "3", "--resume"))
+    assert train.load_checkpoint(out)["optimizer"]["param_groups"][0]["fused"] is True
+
+
+def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for rank in (0, 1):  # every process of a 2-process torchrun on a 1-GPU machine refuses, rank 0 too
+        with pytest.raises(sample.UsageError, match="--nproc_per_node=1"):
+            sample.pick_device("cuda", rank, 2)
+    assert sample.pick_device("cuda", 0, 1) == torch.device("cuda:0")
+
+
+def test_auto_precision_needs_native_bf16_and_fp32_means_fp32(monkeypatch):
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # a V100, a T4
+    with pytest.warns(UserWarning, match="CUDA is not available"):  # the autocast object itself, on this CPU machine
+        assert sample.autocast(torch.device("cuda"), "auto")[0] == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        assert sample.autocast(torch.device("cuda"), "auto")[0] == "bf16"
+    assert sample.autocast(torch.device("cpu"), "auto")[0] == "fp32"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    sample.autocast(torch.device("cpu"), "bf16")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_gpu_memory_budget_is_what_is_free_within_the_process_limit(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60e9, 80e9))  # free, total
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2e9)  # already this process's
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0, raising=False)
+    assert train.device_memory(torch.device("cuda")) == 62e9
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.2, raising=False)  # a 16 GB share
+    assert train.device_memory(torch.device("cuda")) == 16e9
+
+
+def test_memory_plan_counts_resident_images_and_ddp_buckets(monkeypatch):
+    m = unet.UNet(unet.preset(16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,)))
+    run = SimpleNamespace(model=m, diffusion=D.GaussianDiffusion(50), cfg=m.cfg)
+    env = SimpleNamespace(device=torch.device("cpu"), world=1, ddp=False, ctx=contextlib.nullcontext(), log=lambda *a: None)
+    args = SimpleNamespace(grad_checkpoint="auto")
+    per_image = 1.25 * train.activation_bytes_per_image(m, run.diffusion, 16, "cpu", env.ctx)
+    monkeypatch.setattr(train, "device_memory", lambda device: (20 * m.num_params() + 5.5 * per_image) / 0.85)
+    train.plan_memory(args, env, run, 4)
+    assert not m.grad_checkpoint  # 4 images fit in the room for 5.5
+    train.plan_memory(args, env, run, 4, resident_bytes=2 * per_image)
+    assert m.grad_checkpoint  # the training images on the device take the room of 2
+    # room for 4 images and 2 more bytes per parameter: enough alone, not beside DDP's buckets (4 bytes per parameter)
+    monkeypatch.setattr(train, "device_memory", lambda device: (22 * m.num_params() + 4 * per_image) / 0.85)
+    train.plan_memory(args, env, run, 4)
+    assert not m.grad_checkpoint
+    env.ddp = True
+    train.plan_memory(args, env, run, 4)
+    assert m.grad_checkpoint
+
+
+def test_a_second_sigterm_does_not_cut_the_checkpoint_short(faces, tmp_path):
+    # Slurm signals every process and torchrun forwards the signal again: the second one must not kill the
+    # process while it writes the checkpoint. The first is acknowledged at once.
+    out = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if "step 2/" in line:
+            p.send_signal(signal.SIGTERM)
+        if "stopping after this step" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    rest = p.communicate(timeout=120)[0]
+    assert p.returncode == 143 and "checkpoint written" in rest, rest
+    assert train.load_checkpoint(out)["step"] >= 2 and sorted(os.listdir(out)) == ["ckpt.pt", "log.csv"]
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_attention_can_use_a_flash_kernel_in_either_memory_format(fmt):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    attn = unet.Attention(128, 64)
+    torch.nn.init.normal_(attn.proj.weight, std=0.02)
+    x = torch.randn(2, 128, 8, 8).to(memory_format=fmt)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # flash only: raises when q, k, v do not qualify
+        y = attn(x.requires_grad_())
+        y.sum().backward()
+    with sdpa_kernel(SDPBackend.MATH):
+        torch.testing.assert_close(y, attn(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_train_resume_sample_and_bench(faces, tmp_path):
+    # The GPU path end to end: bf16 or fp16 autocast, fused AdamW, channels_last, the GPU-resident images; a
+    # resume on the GPU of a checkpoint written on the CPU; sampling. Numbers agree with the CPU's loosely.
+    out, gpu = str(tmp_path / "run"), ["--device", "cuda"]
+    assert run_cli("train.py", *train_args(faces, out, "--max-steps", "2")).returncode == 0  # on the CPU
+    r = run_cli("train.py", *train_args(faces, out, "--max-steps", "4", "--resume", "--sample-every", "4",
+                                        "--sample-steps", "2", "--sample-n", "4"), *gpu)
+    assert r.returncode == 0 and "device cuda" in r.stdout and "precision fp32" not in r.stdout, r.stderr[-2000:]
+    ckpt = train.load_checkpoint(out)
+    assert ckpt["step"] == 4 and ckpt["optimizer"]["param_groups"][0]["fused"] is True
+    assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
+    r = run_cli("sample.py", out, "--n", "4", "--steps", "3", "--out", str(tmp_path / "g.png"), *gpu)
+    assert r.returncode == 0 and os.path.exists(tmp_path / "g.png"), r.stderr[-2000:]
+    r = run_cli("train.py", *TINY, "--bench", "--bench-steps", "2", *gpu)
+    assert r.returncode == 0 and "host" in r.stdout, r.stderr[-2000:]
+
+
 def test_benchmarks_report_throughput():
     r = run_cli("train.py", *TINY, "--bench", "--bench-steps", "2", "--peak-tflops", "1")
     assert r.returncode == 0 and "img/s" in r.stdout and "GFLOP/img" in r.stdout and "MFU" in r.stdout, r.stderr
+    assert "ms/step (host" in r.stdout
     r = run_cli("sample.py", "--bench", "--size", "16", "--batch-size", "2", "--steps", "2")
     assert r.returncode == 0 and "images/s" in r.stdout, r.stderr
 

@@ -9,9 +9,12 @@ Train a DDPM on CelebA. One GPU, many (torchrun), MPS or CPU.
 Everything random in step s (the batch order, flips, t, noise) is drawn from a generator seeded with
 (seed, s) for the whole global batch, and each rank takes its slice. So a resumed run repeats the
 uninterrupted one, and N GPUs train on exactly what one GPU at the same --batch-size would.
+
+Under torchrun, whatever the ranks must agree on is decided once and sent to all of them: the seed and
+the end step of a --minutes run (with every re-plan) come from rank 0, and the run stops at the same
+step on every rank when any of them is signalled or the loss stops being finite.
 """
 import argparse
-import contextlib
 import copy
 import csv
 import dataclasses
@@ -32,8 +35,8 @@ import torchvision
 import data
 import unet
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
-from sample import (CKPT_FORMAT, DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, USER_ERRORS, Parser, UsageError, WriteError, atomic_write, check_writable,
-                    load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive, real, save_checkpoint)
+from sample import (CKPT_FORMAT, DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, USER_ERRORS, Parser, UsageError, WriteError, atomic_write, autocast,
+                    check_writable, load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive, real, save_checkpoint, synchronize)
 
 # dense bf16 tensor-core peak (TFLOP/s) by device name; the first match wins. --peak-tflops overrides.
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
@@ -194,6 +197,11 @@ def condition(attrs, gen, args, shard, batch):
     return (attrs.float() * 2 - 1) * keep[shard]
 
 
+def fused_adamw(device):
+    """Whether AdamW runs fused (the whole update in a few kernels): on GPUs."""
+    return device.type == "cuda"
+
+
 @torch.no_grad()
 def update_ema(ema_params, params, step, decay):
     # ema = decay * ema + (1 - decay) * param, in one foreach kernel, as torch.optim.swa_utils'
@@ -209,7 +217,7 @@ def train_step(fwd, diffusion, x0, t, noise, opt, scaler, ctx, params, ema_param
         loss = diffusion.training_losses(fwd, x0, t, noise).mean()
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # so that clipping sees the true gradient under fp16
-    torch.nn.utils.clip_grad_norm_(params, args.grad_clip, foreach=True)
+    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # foreach where the device has it
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -237,9 +245,13 @@ def activation_bytes_per_image(model, diffusion, size, device, ctx):
 
 
 def device_memory(device):
-    """Bytes a training run may use on `device`: the GPU's total, or the memory the OS has available."""
+    """Bytes a training run may use on `device`: on a GPU, what is free (other processes and MIG slices
+    excluded) plus what this process already holds, within its set_per_process_memory_fraction; on the
+    CPU, the memory the OS has available."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        free, total = torch.cuda.mem_get_info(device)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)  # torch >= 2.7
+        return min(free + torch.cuda.memory_reserved(device), fraction * total)
     try:
         with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable page cache
             return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
@@ -278,6 +290,14 @@ def main(argv=None):
 
 def train(args, given):
     env = setup(args, given)  # devices, processes, resume, checks: everything that needs no data
+    try:
+        return run_phases(args, given, env)
+    finally:  # every exit, errors included: leave the process group cleanly
+        if env.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_phases(args, given, env):
     if args.bench:
         run = build(args, env, None)
         return bench(args, run, env)
@@ -309,24 +329,38 @@ def setup(args, given):
     if args.resume:
         resume_args(args, given, env)
     check_args(args, given, env)
-    env.device = pick_device(args.device, local_rank)
+    env.device = pick_device(args.device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if ddp:
         dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo")
-    env.precision = args.precision
-    if args.precision == "auto":
-        env.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if env.device.type == "cuda" else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[env.precision]
-    env.ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(env.device.type, dtype=dtype)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul/conv work
-    torch.backends.cudnn.allow_tf32 = True
+        # decisions travel as CPU tensors through a gloo group: agreeing on them never waits for the GPU
+        env.ctrl = dist.new_group(backend="gloo") if env.device.type != "cpu" else dist.group.WORLD
+    env.precision, env.ctx = autocast(env.device, args.precision)
     torch.backends.cudnn.benchmark = True
-    if args.seed is None:
-        args.seed = int.from_bytes(os.urandom(4), "little") % 2**31
+    if args.seed is None:  # drawn on rank 0: every rank must shuffle with the same seed
+        args.seed = int(from_rank0(env, int.from_bytes(os.urandom(4), "little") % 2**31))
     torch.manual_seed(args.seed + rank)  # dropout; all data randomness comes from a generator seeded per step
     env.log(f"device {env.device} x {world} process{'es' if world > 1 else ''}, precision {env.precision}, seed {args.seed}")
     return env
+
+
+def from_rank0(env, value):
+    """Rank 0's `value` (a number) on every rank."""
+    if not env.ddp:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.broadcast(t, 0, group=env.ctrl)
+    return t.item()
+
+
+def on_any_rank(env, flag):
+    """True on every rank when `flag` is true on at least one."""
+    if not env.ddp:
+        return bool(flag)
+    t = torch.tensor([float(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.ctrl)
+    return t.item() > 0
 
 
 def resume_args(args, given, env):
@@ -493,13 +527,16 @@ def build(args, env, faces):
     diffusion = GaussianDiffusion(args.timesteps, args.schedule, args.objective, args.min_snr_gamma).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")  # fused: the whole update in a few kernels
+                            fused=fused_adamw(device))
     scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")  # a no-op unless fp16
     run = SimpleNamespace(cfg=cfg, model=model, ema=ema, opt=opt, scaler=scaler, diffusion=diffusion, step=0, elapsed=0.0)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        own = {k: opt.param_groups[0][k] for k in ("fused", "foreach", "capturable")}  # chosen for this device
+        opt.load_state_dict(ckpt["optimizer"])  # brings the saved run's choices along with the moments
+        for group in opt.param_groups:
+            group.update(own)  # a CPU checkpoint resumed on a GPU gets the fused update back
         scaler.load_state_dict(ckpt["scaler"])
         run.step, run.elapsed = ckpt["step"], ckpt.get("elapsed", 0.0)
         if ckpt.get("world_size") == env.world:  # the dropout RNG continues exactly on the same world size
@@ -509,12 +546,14 @@ def build(args, env, faces):
         else:
             torch.manual_seed(args.seed + env.rank + run.step)
     env.log(f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg}")
-    plan_memory(args, env, run, args.batch_size)
+    resident = faces is not None and data.fits_on_gpu(faces["images"].nbytes, device)
+    plan_memory(args, env, run, args.batch_size, faces["images"].nbytes if resident else 0)
     run.fwd = torch.compile(model) if args.compile else model  # state dicts come from `model`: no _orig_mod. prefix
     run.fwd = DDP(run.fwd, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else run.fwd
     if faces is not None:
         faces, cond = faces["images"], faces["cond"]
-        run.batches = data.Batches(faces, args.batch_size, device, args.seed, env.rank, env.world, flip=not args.no_flip, attrs=cond)
+        run.batches = data.Batches(faces, args.batch_size, device, args.seed, env.rank, env.world, flip=not args.no_flip, attrs=cond,
+                                   resident=resident)
         run.total = args.max_steps or run.batches.steps_per_epoch * args.epochs
         run.probe = None
         if args.minutes and not args.max_steps:
@@ -534,16 +573,19 @@ def build(args, env, faces):
     return run
 
 
-def plan_memory(args, env, run, batch):
+def plan_memory(args, env, run, batch, resident_bytes=0):
     """Estimate a training step's memory from the activations autograd keeps per image (measured on 1 and
     2 images); with --grad-checkpoint auto turn activation checkpointing on only when the batch needs it,
-    and refuse a batch that cannot fit with a one-line error that names one that can."""
+    and refuse a batch that cannot fit with a one-line error that names one that can. resident_bytes: the
+    training images that will live on the device."""
     model, b = run.model, batch // env.world
     if env.device.type == "mps":  # unified memory, no figure to plan against
         model.grad_checkpoint = args.grad_checkpoint == "on"
         return
     available = device_memory(env.device)
-    budget, state = 0.85 * available, 20 * model.num_params()  # fp32 weights, grads, two Adam moments, EMA
+    # fp32 weights, grads, two Adam moments and the EMA; DDP adds its gradient buckets (one more copy of the grads)
+    state = (20 + 4 * env.ddp) * model.num_params() + resident_bytes
+    budget = 0.85 * available
     for on in ([False, True] if args.grad_checkpoint == "auto" else [args.grad_checkpoint == "on"]):
         model.grad_checkpoint = on
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):  # leaves the RNG as it was
@@ -564,16 +606,16 @@ def plan_memory(args, env, run, batch):
 
 
 def train_loop(args, env, run, val):
-    stop, handlers = [], {s: signal.getsignal(s) for s in EXIT_CODES}
-    catch_signals(stop)
+    signals, handlers = [], {s: signal.getsignal(s) for s in EXIT_CODES}
+    catch_signals(signals, env)
     try:
-        return loop(args, env, run, val, stop)
+        return loop(args, env, run, val, signals)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
 
 
-def loop(args, env, run, val, stop):
+def loop(args, env, run, val, signals):
     device, diffusion = env.device, run.diffusion
     b = run.batches.batch_size // env.world
     shard = slice(env.rank * b, (env.rank + 1) * b)
@@ -600,8 +642,9 @@ def loop(args, env, run, val, stop):
             plan_minutes(args, env, run, val)  # --minutes: times the first steps, then sets run.total
 
         last = run.step == run.total
-        if run.step % args.log_every == 0 or last or (stop and not env.ddp):
-            loss_avg = reduce_loss(env, loss_sum, stop) / n_loss
+        stop = (signals or [signal.SIGTERM])[0] if on_any_rank(env, signals) else None  # every rank stops after the same step
+        if run.step % args.log_every == 0 or last or stop:
+            loss_avg = reduce_loss(env, loss_sum) / n_loss
             now = time.time()
             run.elapsed = now - t0
             if run.probe and not last and run.step < 0.95 * run.total:
@@ -613,9 +656,7 @@ def loop(args, env, run, val, stop):
         if stop:
             break
         t_log += time.time() - t_extra  # evaluation, sampling and saving are not training time
-    if env.ddp:
-        dist.destroy_process_group()
-    return EXIT_CODES[stop[0]] if stop else 0
+    return EXIT_CODES[stop] if stop else 0
 
 
 def plan_minutes(args, env, run, val):
@@ -654,40 +695,40 @@ def replan_minutes(args, env, run, val, rate):
 
 
 def fit_minutes(args, env, run, val, rate):
-    """The step at which the run ends on time at `rate` training steps/s (rank 0's figure on every rank), or None."""
-    rate = torch.tensor([rate], device=env.device, dtype=torch.float64)
-    if env.ddp:
-        dist.broadcast(rate, 0)  # rank 0's clock decides for every rank, so all stop at the same step
-    rate = rate.item()
-    if rate <= 0:
-        return None
-    left = args.minutes * 60 - (time.time() - env.t_start)
-    # the rest of the run also samples grids and evaluates; a forward pass costs about a third of a training step
-    grid = (args.sample_n * args.sample_steps if args.sample_every else 0) / (3 * args.batch_size * rate)
-    evaluate = (len(val) * (2 + args.eval_bpd) if val is not None else 0) / (3 * args.batch_size * rate)
-    per_step = 1 / rate + (grid / args.sample_every if args.sample_every else 0) + (evaluate / args.eval_every if val is not None else 0)
-    return run.step + max(1, int(0.98 * (left - grid - evaluate) / per_step))
+    """The step at which the run ends on time at `rate` training steps/s, or None before there is a rate.
+    Rank 0's clock and rate decide, and every rank gets its answer: all end at the same step."""
+    end = 0
+    if env.master and rate > 0:
+        left = args.minutes * 60 - (time.time() - env.t_start)
+        # the rest of the run also samples grids and evaluates; a forward pass costs about a third of a training step
+        grid = (args.sample_n * args.sample_steps if args.sample_every else 0) / (3 * args.batch_size * rate)
+        evaluate = (len(val) * (2 + args.eval_bpd) if val is not None else 0) / (3 * args.batch_size * rate)
+        per_step = 1 / rate + (grid / args.sample_every if args.sample_every else 0) + (evaluate / args.eval_every if val is not None else 0)
+        end = run.step + max(1, int(0.98 * (left - grid - evaluate) / per_step))
+    end = int(from_rank0(env, end))
+    return end if end > 0 else None
 
 
-def catch_signals(stop):
+def catch_signals(signals, env):
     """Ctrl-C (SIGINT) and SIGTERM (sent by Slurm, Kubernetes, `timeout`) end the run after the current
-    step, with a checkpoint. A second signal exits at once."""
+    step, with a checkpoint. A second Ctrl-C quits at once, without one; a second SIGTERM is ignored (Slurm
+    signals every process and torchrun forwards the signal again: neither should cut the checkpoint short)."""
     def handler(signum, frame):
-        stop.append(signum)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not signals:
+            env.log(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint; "
+                    "press Ctrl-C again to quit at once without one", flush=True)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signals.append(signum)
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
-def reduce_loss(env, loss_sum, stop):
-    """The summed loss over ranks (read on the host here, every --log-every steps), and whether any rank was signalled."""
+def reduce_loss(env, loss_sum):
+    """The mean over ranks of the summed loss, read on the host (here, every --log-every steps)."""
     if env.ddp:
-        flags = torch.stack([loss_sum, torch.tensor(float(bool(stop)), device=env.device)])
-        dist.all_reduce(flags)
-        loss_sum = flags[0] / env.world
-        if flags[1].item() > 0 and not stop:
-            stop.append(signal.SIGINT)
+        dist.all_reduce(loss_sum)
+        loss_sum = loss_sum / env.world
     return loss_sum.item()
 
 
@@ -752,7 +793,7 @@ def periodic(args, env, run, val, log_rows, last, stop, t0):
         if last and args.minutes:
             env.log(f"--minutes {args.minutes:g}: the run took {fmt_time(time.time() - env.t_start)} from start to this checkpoint")
         if stop:
-            name = signal.Signals(stop[0]).name
+            name = signal.Signals(stop).name
             env.log(f"interrupted by {name} at step {step}" + (f"; checkpoint written. Continue with: python train.py --resume --out {args.out}" if saved else ""))
 
 
@@ -884,26 +925,34 @@ def bench(args, run, env):
     model.grad_checkpoint = gc
     run.opt.zero_grad(set_to_none=True)
     flops = fc.get_total_flops()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_c = time.time()
     for i in range(3):  # warm-up: compilation, cudnn autotuning
         one_step(i)
-    sync()
+    synchronize(device)
     env.log(f"bench: warm-up {time.time() - t_c:.1f}s")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     for i in range(args.bench_steps):
         one_step(3 + i)
-    sync()
+    synchronize(device)
     dt = (time.time() - t0) / args.bench_steps
+    # host time: issuing one step's kernels from an idle device. Near the step time, the GPU waits on Python
+    # and the launches (too small a batch per GPU): --compile, or a larger batch, is what helps then.
+    host = []
+    for i in range(3):
+        t1 = time.time()
+        one_step(3 + args.bench_steps + i)
+        host.append(time.time() - t1)
+        synchronize(device)
     tflops = flops / dt / 1e12
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak = args.peak_tflops or next((p for k, p in PEAK_TFLOPS if k in name), None) if device.type == "cuda" else args.peak_tflops
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
     env.log(f"bench: {name} | size {args.size} | batch {b}/process x {env.world} | {env.precision} | compile {args.compile} | "
             f"channels_last {args.channels_last} | activation checkpointing {model.grad_checkpoint}")
-    env.log(f"bench: {b * env.world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | "
+    env.log(f"bench: {b * env.world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step (host {min(host) * 1e3:.1f} ms to issue one"
+            f"{', launch-bound' if min(host) > 0.8 * dt and device.type != 'cpu' else ''}) | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | "
             f"{tflops:.2f} TFLOP/s/process" + (f" | MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s" if peak else " | MFU n/a (pass --peak-tflops)"))
     return 0
 

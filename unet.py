@@ -122,11 +122,15 @@ class Attention(nn.Module):
 
     def forward(self, x, temb=None):  # x (B, C, H, W)
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)  # (B, 3, nh, hs, HW)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, nh, HW, hs)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, HW, hs)
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
-        return x + self.proj(h)
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): one token per position
+        # The 1x1 convs applied as matmuls over the channels of each token: the output (B, HW, 3C) is contiguous
+        # whatever x's memory format, so q, k and v have unit stride in their last dimension, which SDPA's flash
+        # kernels need (a reshape of the conv's NCHW output would leave a stride of HW and fall back to math).
+        qkv = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
+        q, k, v = qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # each (B, nh, HW, hs)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
+        h = F.linear(h, self.proj.weight.flatten(1), self.proj.bias)  # (B, HW, C)
+        return x + h.transpose(1, 2).view(B, C, H, W)
 
 
 class ResAttnBlock(nn.Module):
