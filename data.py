@@ -25,7 +25,7 @@ import zlib
 import torch
 import torchvision
 
-from sample import CROPS, USER_ERRORS, Parser, atomic_write, check_writable, positive, preprocess
+from sample import CROPS, USER_ERRORS, Parser, atomic_write, check_writable, positive, preprocess, remove_stale_temporaries
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -199,7 +199,7 @@ def decode_all(files, size, crop, workers=None, log=print):
             if time.time() - last > 5 or i + 1 == len(files):
                 last = time.time()
                 rate = (i + 1) / max(last - t0, 1e-9)
-                log(f"data: decoded {i + 1:,}/{len(files):,} images ({rate:,.0f} img/s on {workers} processes, "
+                log(f"data: decoded {i + 1:,}/{len(files):,} images ({rate:,.0f} img/s on {workers} process{'es' if workers > 1 else ''}, "
                     f"ETA {(len(files) - i - 1) / rate:.0f}s)")
     except concurrent.futures.process.BrokenProcessPool:  # a worker was killed (out of memory, or by hand)
         raise DataError(f"a decoding process died after {len(kept) + len(bad):,} of {len(files):,} images (out of memory, "
@@ -256,6 +256,7 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
                         "lower --batch-size")
     cache = cache_file(cache_dir or default_cache_dir(), path, split, crop, size)
     check_writable(os.path.dirname(cache), "--cache-dir")  # fail before decoding, not after
+    remove_stale_temporaries(os.path.dirname(cache))  # left by a process killed while it wrote a cache
     fingerprint = _fingerprint(sel["files"], sel)
     if os.path.exists(cache):
         t0 = time.time()
@@ -417,7 +418,8 @@ def main(argv=None):
             print("splits:  " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " (official partition, images on disk)")
         print(f"cache:   {d['cache']} ({d['images'].numel() / 2**20:,.1f} MiB)")
         if d["decode_seconds"]:
-            print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {args.workers or os.cpu_count()} processes")
+            n = args.workers or os.cpu_count()
+            print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {n} process{'es' if n > 1 else ''}")
         else:
             print(f"decode:  cached, loaded in {time.time() - t0:.1f}s")
         if len(d["images"]) >= args.batch_size:  # how fast training batches come out of the cache

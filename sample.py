@@ -62,12 +62,14 @@ class WriteError(Exception):
 USER_ERRORS = (UsageError, CheckpointError, WriteError)
 
 
+# argparse types; argparse names a value it cannot convert by the type's __name__ ("invalid integer value: 'x'")
 def real(s):
     """argparse type: a finite float (float() alone also takes 'nan' and 'inf')."""
     v = float(s)
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
     return v
+real.__name__ = "number"
 
 
 def positive(kind):
@@ -77,6 +79,7 @@ def positive(kind):
         if v <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
         return v
+    parse.__name__ = "positive integer" if kind is int else "positive number"
     return parse
 
 
@@ -86,6 +89,16 @@ def non_negative(s):
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
     return v
+non_negative.__name__ = "integer"
+
+
+def random_seed(s):
+    """argparse type: a seed in 0..2^63-1 (what torch's generators take, with room for the per-step offsets)."""
+    v = int(s)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {s}")
+    return v
+random_seed.__name__ = "integer"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -102,6 +115,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(formatter_class=HelpFormatter, **kw)
 
     def error(self, message):
+        if "expected one argument" in message:  # e.g. --ch-mult -1,2: argparse takes '-1,2' for a flag
+            message += " (a value that starts with '-' is written --flag=VALUE)"
         self.exit(2, f"error: {message} (python {self.prog} -h lists the flags)\n")
 
 
@@ -152,26 +167,56 @@ def why(e):
 
 
 def check_writable(folder, flag):
-    """Create `folder` and write a scratch file in it, so that a bad output path fails before any work."""
+    """Write a scratch file in `folder`, so that a bad output path fails before any work. Folders it had to
+    create for that are removed again: a run that fails to start leaves nothing behind."""
+    folder, created = os.path.abspath(folder or "."), []
     try:
-        os.makedirs(folder or ".", exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder or "."):
+        parent = folder
+        while not os.path.exists(parent):
+            created.append(parent)
+            parent = os.path.dirname(parent)
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise WriteError(f"{flag} {folder}: cannot write there ({why(e)}); pass a writable folder")
+    finally:
+        for d in created:  # innermost first
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def atomic_write(write, path, flag):
     """write(tmp_path), then rename over `path`: a failure at any point leaves `path` as it was and no
-    temporary file behind, and raises WriteError naming the file and the flag."""
+    temporary file behind, and raises WriteError naming the file and the flag. The folder is created if needed."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise WriteError(f"cannot write {path} ({why(e)}); free some space or pass another {flag}")
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files (NAME.tmpPID) that atomic_write left in `folder` when its process was killed
+    mid-write (kill -9, a second Ctrl-C): those whose process is gone. -> how many were removed."""
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        stem, _, pid = name.rpartition(".tmp")
+        if not stem or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # raises if no such process
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+        except OSError:  # a live process of another user
+            pass
+    return removed
 
 
 def save_checkpoint(obj, path, flag="--out"):
@@ -195,19 +240,32 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "GLOBAL" in str(e):  # weights_only met a reference to Python code: the file could run it if loaded
+            raise CheckpointError(f"{path} was refused as unsafe: it refers to Python objects ({str(e).split('GLOBAL ')[-1].split()[0]}) "
+                                  "that a checkpoint of this project never holds and that could run code when loaded; use a ckpt.pt "
+                                  "written by train.py")
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated? {type(e).__name__}); "
                               "use another checkpoint or retrain")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} was not written by this project's train.py (no '{CKPT_FORMAT}' marker); "
                               "pass a ckpt.pt from train.py's --out folder")
+    for part in ("model", "ema"):
+        weights = ckpt.get(part)
+        if isinstance(weights, dict) and not all(torch.isfinite(v).all() for v in weights.values() if torch.is_tensor(v) and v.is_floating_point()):
+            raise CheckpointError(f"{path}: its {'EMA ' if part == 'ema' else ''}weights are not finite (NaN or inf), so every image "
+                                  "would be blank; the run diverged before this was saved: use an earlier checkpoint or retrain")
     return ckpt
 
 
-def model_from_checkpoint(ckpt, path):
-    """-> (UNet with the EMA weights, GaussianDiffusion) as the checkpoint describes them."""
+def model_from_checkpoint(ckpt, path, weights="ema", device="cpu"):
+    """-> (UNet with the checkpoint's `weights`, the EMA ones by default; GaussianDiffusion) as the checkpoint
+    describes them. On the meta device: a check, at no cost, that the config and the weights fit together."""
     try:
-        model = unet.build(ckpt["model_args"])
-        model.load_state_dict(ckpt["ema"])
+        with torch.device(device):
+            model = unet.build(ckpt["model_args"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # on the meta device the copy is a no-op: only keys and shapes are checked
+            model.load_state_dict(ckpt[weights])
         a = ckpt["args"]
         return model, GaussianDiffusion(a["timesteps"], a["schedule"], a["objective"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
@@ -280,7 +338,7 @@ def get_args(argv=None):
     p.add_argument("--var", default=None, choices=["beta", "posterior"],
                    help="ddpm's sigma_t^2: beta_t or the posterior variance (default: beta)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same faces")
+    p.add_argument("--seed", type=random_seed, default=0, help="random seed: the same seed gives the same faces")
     p.add_argument("--out", default="samples.png", help="grid image to write (.png, .jpg, .webp, ...)")
     p.add_argument("--out-dir", default=None, help="also write every image as a numbered PNG here (for pytorch-fid / clean-fid)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
@@ -313,7 +371,7 @@ def get_args(argv=None):
                         "--init or the model's own), reverse (x_t and predicted x0 along the sampler for up to 8 faces, and a GIF "
                         "of every step beside --out), schedules (alpha_bar and log-SNR against t), loss (the run's log.csv)")
     p.add_argument("--bench", action="store_true", help="time sampling with a randomly initialised model of --size")
-    p.add_argument("--size", type=positive(int), default=64, help="image size for --bench (its preset model)")
+    p.add_argument("--size", type=positive(int), default=None, help="image size for --bench, whose preset model it times (default: 64)")
     return p.parse_args(argv)
 
 
@@ -338,8 +396,10 @@ def check_outputs(args):
         if ext not in image_formats():
             raise UsageError(f"--out {args.out}: '{ext or 'no extension'}' is not an image format Pillow writes; use .png, .jpg or .webp")
         check_writable(os.path.dirname(args.out), "--out")
+        remove_stale_temporaries(os.path.dirname(args.out) or ".")
     if args.out_dir:
         check_writable(args.out_dir, "--out-dir")
+        remove_stale_temporaries(args.out_dir)
 
 
 def check_modes(args):
@@ -351,6 +411,19 @@ def check_modes(args):
     if args.figure and args.init is not None and args.figure != "forward":
         raise UsageError(f"--init is the face of --figure forward; --figure {args.figure} draws its own")
     check_sampler_flags(args)
+    if args.bench:
+        args.size = args.size or 64
+        try:
+            unet.check_config(unet.preset(args.size))
+        except ValueError as e:
+            raise UsageError(f"--size {args.size}: {e}")
+    elif args.size is not None:
+        raise UsageError("--size sets the model that --bench times; a checkpoint has its own size: drop --size")
+    if args.figure == "reverse" and args.n > 8:
+        raise UsageError(f"--figure reverse draws up to 8 faces, each as two rows; use --n 8 or fewer (not {args.n})")
+    if args.attrs is not None and not args.attrs.strip(", "):
+        raise UsageError("--attrs '': ask for attributes as NAME=1 or NAME=0, e.g. --attrs Smiling=1; drop --attrs for "
+                         "faces with every attribute left free")
     if (args.strength is not None or args.mask is not None) and args.init is None:
         raise UsageError(f"{'--mask' if args.mask is not None else '--strength'} edits an image: give the image with --init IMAGE")
     if repaint and args.mask is None:
@@ -401,8 +474,9 @@ def check_sampler_flags(args):
         raise UsageError("--sampler ddpm takes all T steps, so --steps does not apply; for fewer stochastic steps use --sampler ddim --eta 1")
     args.eta = DEFAULT_ETA if args.eta is None else args.eta
     args.var, args.spacing = args.var or "beta", args.spacing or "logsnr"
-    if args.eta < 0:
-        raise UsageError(f"--eta {args.eta}: must be >= 0 (0 deterministic, 1 DDPM-like)")
+    if not 0 <= args.eta <= 1:
+        raise UsageError(f"--eta {args.eta:g}: must be in [0, 1] (0 deterministic, 1 DDPM-like); above 1 DDIM would add more "
+                         "noise per step than the chain can take, and every pixel ends at 0 or 255")
 
 
 def parse_attrs(args, model):
@@ -447,13 +521,17 @@ def load_mask(args, size, device):
             raise UsageError(f"--mask {args.mask}: not an image that can be read ({type(e).__name__}); give a .png whose white pixels are filled in")
         if fill.sum() == 0:
             raise UsageError(f"--mask {args.mask}: has no white pixels, so nothing would be filled in; paint the region white")
+        sizes = [Image.open(f).size for f in (args.mask, args.init)]
+        if sizes[0] != sizes[1]:
+            print(f"note: --mask {args.mask} is {sizes[0][0]}x{sizes[0][1]} and --init {args.init} {sizes[1][0]}x{sizes[1][1]}; "
+                  f"each is cropped and resized to {size}x{size} on its own, so the mask lines up only if it was drawn on the same frame")
     return (1 - fill).view(1, 1, size, size).to(device)
 
 
 def load_model(args, device):
     """-> (model, diffusion, image size): the checkpoint's EMA model, or a random preset model for --bench."""
     if args.bench:
-        return unet.UNet(unet.preset(args.size)), GaussianDiffusion(), args.size
+        return unet.UNet(unet.preset(args.size)), GaussianDiffusion(), args.size  # its size was checked in check_modes
     if args.ckpt is None:
         raise UsageError("no checkpoint given; usage: python sample.py out/ckpt.pt")
     ckpt = load_checkpoint(args.ckpt)

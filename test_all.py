@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -1041,12 +1042,19 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert train.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(faces, tmp_path):
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(faces, tmp_path, monkeypatch, capsys):
+    real_step = train.train_step
+    def diverging(*a):  # from step 5 on, a weight is NaN (a[8] holds the parameters, a[-2] is the step)
+        if a[-2] >= 5:
+            with torch.no_grad():
+                a[8][0].fill_(float("nan"))
+        return real_step(*a)
+    monkeypatch.setattr(train, "train_step", diverging)
     out = str(tmp_path / "nan")
-    r = run_cli("train.py", *train_args(faces, out, "--max-steps", "20", "--lr", "1e30", "--warmup", "0", "--ckpt-every", "1"))
-    assert r.returncode == 1 and "diverged" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    code, _, _ = main_error(capsys, train.main, train_args(faces, out, "--max-steps", "20", "--ckpt-every", "1"))
+    assert "diverged" in str(code) and "was kept" in str(code), code
     ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert ckpt["step"] < 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 def test_ctrl_c_writes_a_checkpoint(faces, tmp_path):
@@ -1195,7 +1203,7 @@ def test_a_second_sigterm_does_not_cut_the_checkpoint_short(faces, tmp_path):
     for line in p.stdout:
         if "step 2/" in line:
             p.send_signal(signal.SIGTERM)
-        if "stopping after this step" in line:
+        if "stopping now" in line or "stopping after this step" in line:
             p.send_signal(signal.SIGTERM)
             break
     rest = p.communicate(timeout=120)[0]
@@ -1253,6 +1261,27 @@ def test_benchmarks_report_throughput():
     (["train.py", "--dropout", "1"], "--dropout"),
     (["train.py", "--ch-mult", "1,0"], "--ch-mult"),
     (["train.py", "--bpd-t", "5"], "--bpd N"),
+    (["train.py", "--minutes", "1e12"], "more than a year"),
+    (["train.py", "--seed", "99999999999999999999"], "0..2^63-1"),
+    (["train.py", "--seed", "-1"], "0..2^63-1"),
+    (["train.py", "--lr", "1e12"], "diverges"),
+    (["train.py", "--attrs", ""], "--attrs ''"),
+    (["train.py", "--p-uncond", "0.5"], "add --attrs"),
+    (["train.py", "--ch-mult", "1,,2"], "positive integers"),
+    (["train.py", "--ch-mult", "-1,2"], "--flag=VALUE"),
+    (["train.py", "--ch", "1e12"], "invalid positive integer value"),
+    (["train.py", "--log-every", "x"], "invalid positive integer value"),
+    (["train.py", "--sample-every", "1.5"], "invalid integer value"),
+    (["train.py", "--dry-run", "--minutes", "1"], "--dry-run"),
+    (["train.py", "--sample-n", "100000"], "1,024"),
+    (["train.py", "--eval-bpd", "1000"], "T-1 = 999"),
+    (["train.py", "--ch", "100000", "--device", "cpu"], "parameters"),
+    (["sample.py", "x.pt", "--eta", "2"], "[0, 1]"),
+    (["sample.py", "x.pt", "--eta", "1e6"], "[0, 1]"),
+    (["sample.py", "--bench", "--size", "17"], "--size 17"),
+    (["sample.py", "x.pt", "--size", "64"], "--bench"),
+    (["sample.py", "x.pt", "--figure", "reverse", "--n", "20"], "up to 8"),
+    (["sample.py", "x.pt", "--attrs", ""], "--attrs ''"),
 ])
 def test_bad_flags_get_one_line_errors(cmd, message, capsys, tmp_path):
     main = {"train.py": train.main, "sample.py": sample.main}[cmd[0]]
@@ -1321,7 +1350,8 @@ def test_resume_takes_every_setting_from_the_checkpoint(faces, tmp_path):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signals_write_a_checkpoint_and_the_hint_resumes(faces, tmp_path, sig, code):
-    out = str(tmp_path / "int")
+    import shlex
+    out = str(tmp_path / "sp ace")
     p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
                          cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in p.stdout:
@@ -1330,13 +1360,121 @@ def test_signals_write_a_checkpoint_and_the_hint_resumes(faces, tmp_path, sig, c
             break
     rest = p.communicate(timeout=120)[0]
     assert p.returncode == code and "interrupted" in rest and "Traceback" not in rest, rest
+    assert "stopping now and writing a checkpoint" in rest  # acknowledged at once
     step = train.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
     assert step >= 2
-    if sig == signal.SIGINT:  # the printed hint, run exactly as printed, continues the run
-        hint = rest.split("Continue with: ")[1].split()
+    if sig == signal.SIGINT:  # the printed hint, run exactly as printed (a shell would split it so), continues the run
+        hint = shlex.split(rest.split("Continue with: ")[1].splitlines()[0])
         assert hint[:3] == ["python", "train.py", "--resume"]
         r = run_cli(*hint[1:], "--max-steps", str(step + 1))
         assert r.returncode == 0 and train.load_checkpoint(out)["step"] == step + 1, r.stderr
+
+
+def test_a_second_ctrl_c_quits_at_once_and_the_next_start_cleans_up(faces, tmp_path):
+    out = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if "step 2/" in line:
+            p.send_signal(signal.SIGINT)
+        if "stopping now" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    p.communicate(timeout=120)
+    assert p.returncode in (-signal.SIGINT, 130)  # killed by the second Ctrl-C, or done just before it
+    # what a process killed mid-write leaves: a temporary file whose process is gone (pid_max is below 2^22 + 1);
+    # one of a live process (this one) is another writer's and stays
+    os.makedirs(out, exist_ok=True)
+    for name in ("ckpt.pt.tmp4194305", f"log.csv.tmp{os.getpid()}"):
+        open(os.path.join(out, name), "w").close()
+    r = run_cli("train.py", *train_args(faces, out, "--max-steps", "1", "--overwrite"))
+    assert r.returncode == 0 and "removed the temporary files" in r.stdout, r.stderr
+    assert "ckpt.pt.tmp4194305" not in os.listdir(out) and f"log.csv.tmp{os.getpid()}" in os.listdir(out)
+
+
+def test_a_signal_cuts_a_long_step_or_grid_short(faces, tmp_path, monkeypatch, capsys):
+    # A signal during a step (on a CPU a step can take minutes) drops the half-done step: the checkpoint is the
+    # previous step's, exactly as an uninterrupted run had it then.
+    real_step = train.train_step
+    def signalled_step(*a):
+        if a[-2] == 3:  # a[-2] is the step index: the signal arrives once this step has begun
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*a)
+    monkeypatch.setattr(train, "train_step", signalled_step)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    code, out, _ = main_error(capsys, train.main, train_args(faces, a, "--max-steps", "100", "--dropout", "0.3", "--warmup", "0"))
+    assert code == 143 and "stopping now" in out and "interrupted by SIGTERM at step 3" in out, out
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(train_args(faces, b, "--max-steps", "3", "--dropout", "0.3", "--warmup", "0"))
+    (ma, ea, oa, sa), (mb, eb, ob, sb) = states(os.path.join(a, "ckpt.pt")), states(os.path.join(b, "ckpt.pt"))
+    assert sa == sb == 3 and all(torch.equal(ma[k], mb[k]) and torch.equal(ea[k], eb[k]) for k in ma)
+    assert torch.equal(train.load_checkpoint(a)["rng"]["torch"], train.load_checkpoint(b)["rng"]["torch"])
+    # a signal during a long sample grid (1,024 images at 50 steps: minutes) ends the run within seconds, with a checkpoint
+    r = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, str(tmp_path / "g"), "--max-steps", "5",
+                          "--sample-every", "1", "--sample-n", "1024", "--sample-steps", "50")],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in r.stdout:
+        if "step 1/" in line:
+            time.sleep(1)  # well into the grid
+            r.send_signal(signal.SIGTERM)
+            break
+    rest = r.communicate(timeout=60)[0]
+    assert r.returncode == 143 and "cut short" in rest and "checkpoint written" in rest, rest
+
+
+def test_a_first_run_far_beyond_a_day_says_so(monkeypatch, capsys):
+    args, given = train.get_args(["--size", "64", "--epochs", "100", "--data", "my data"])
+    env = SimpleNamespace(device=torch.device("cpu"), world=1, ctx=contextlib.nullcontext(), log=print)
+    monkeypatch.setattr(train, "time_step", lambda *a: (2.0, None))  # 2 s per image, as for the 64x64 preset on a laptop
+    train.estimate_run(args, env, 162_770)
+    line = capsys.readouterr().out
+    assert "127,100 steps of 128 images" in line and "about 9038h" in line and "far beyond a day" in line, line
+    import shlex
+    hint = shlex.split(line.split("in 30 minutes: ")[1])
+    assert hint[:2] == ["python", "train.py"] and train.get_args(hint[2:])[0].minutes == 30 and "my data" in hint
+    monkeypatch.setattr(train, "time_step", lambda *a: (0.001, None))
+    train.estimate_run(args, env, 162_770)
+    assert "far beyond" not in capsys.readouterr().out
+
+
+def test_broken_checkpoints_are_refused_on_resume_and_sampling(faces, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(train_args(faces, out, "--max-steps", "1"))
+    good = train.load_checkpoint(out)
+    cases = {"no_ema": {k: v for k, v in good.items() if k != "ema"},
+             "wrong_model": dict(good, model_args=dict(good["model_args"], ch=8)),
+             "nan_ema": dict(good, ema={k: v * float("nan") for k, v in good["ema"].items()})}
+    for name, ckpt in cases.items():
+        path = str(tmp_path / f"{name}.pt")
+        torch.save(ckpt, path)
+        for main, argv in ((train.main, ["--resume", path, "--out", str(tmp_path / name)]), (sample.main, [path, "--out", str(tmp_path / "s.png")])):
+            code, _, err = main_error(capsys, main, argv)
+            assert code == 2 and err.count("\n") == 1 and ("not finite" in err if name == "nan_ema" else "does not match" in err), (name, err)
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save(dict(good, ema=Evil()), str(tmp_path / "evil.pt"))
+    code, out, err = main_error(capsys, sample.main, [str(tmp_path / "evil.pt")])
+    assert code == 2 and "refused as unsafe" in err and "system" in err and "pwned" not in out, err
+
+
+def test_a_failed_start_leaves_no_folders(tmp_path, capsys):
+    out, cache = tmp_path / "a" / "out", tmp_path / "c" / "cache"
+    code, _, err = main_error(capsys, train.main, ["--data", str(tmp_path / "missing"), "--out", str(out), "--cache-dir", str(cache)])
+    assert code == 2 and "no such folder" in err
+    code, _, err = main_error(capsys, train.main, ["--data", str(tmp_path / "missing"), "--download", "--out", str(out)])
+    assert code == 2 and os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def test_logged_loss_after_a_resume_is_the_uninterrupted_runs(faces, tmp_path):
+    # The loss column averages the steps since the last multiple of --log-every; a checkpoint in between carries
+    # the running sum, so the row at step 8 is the same number with or without the stop at step 6.
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(train_args(faces, a, "--max-steps", "6", "--log-every", "4"))
+    train.main(train_args(faces, a, "--max-steps", "8", "--log-every", "4", "--resume"))
+    train.main(train_args(faces, b, "--max-steps", "8", "--log-every", "4"))
+    rows = [{r["step"]: r["loss"] for r in log_rows(d) if r["loss"]} for d in (a, b)]
+    assert rows[0]["8"] == rows[1]["8"] and rows[0]["4"] == rows[1]["4"] and set(rows[1]) == {"1", "4", "8"}, rows
 
 
 def limited_run(limit, *args):
@@ -1439,6 +1577,8 @@ def test_short_runs_leave_the_warmup_early(faces, tmp_path, capsys):
     assert "warm-up over 3 steps (--warmup 5000 is more than a tenth of the run)" in capsys.readouterr().out
     lrs = [float(row["lr"]) for row in log_rows(out) if row["lr"]]
     assert lrs[0] < 1e-3 and all(lr == pytest.approx(1e-3) for lr in lrs[3:])
+    train.main(["--resume", "--out", out, "--max-steps", "31"])  # the warm-up was the run's: nothing to say
+    assert "more than a tenth" not in capsys.readouterr().out
 
 
 def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_path, monkeypatch, capsys):
@@ -1456,6 +1596,7 @@ def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_
     printed = capsys.readouterr().out
     planned = int(printed.split(" steps in all")[0].rsplit(" ", 1)[1].replace(",", ""))
     assert 200 <= planned <= 240  # 60 s at 4 steps/s, less the probe and a 2% margin
+    assert "steps are too few for faces" in printed and "about --minutes 7 on this machine" in printed  # 1,500 steps at 4/s
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     a, steps = ckpt["args"], ckpt["step"]
     assert 0.9 * 60 <= now[0] <= 60  # ended within the budget, not far short of it
@@ -1500,7 +1641,7 @@ def test_interrupting_the_decode_prints_one_line(tmp_path):
                 interrupt(p.pid)
                 break
         out, err = p.communicate(timeout=60)
-        assert err.count("\n") == 1 and "Traceback" not in out + err and not os.listdir(tmp_path / "cache"), (out, err)
+        assert err.count("\n") == 1 and "Traceback" not in out + err and not os.path.exists(tmp_path / "cache"), (out, err)  # nothing left
         return p.returncode, err
     code, err = decode_and(lambda pid: os.killpg(pid, signal.SIGINT))  # Ctrl-C in a terminal: every process of the group
     assert code == 130 and "interrupted" in err
@@ -1565,6 +1706,8 @@ def test_bits_per_dim_commands_and_dpm_solver_cli(faces, tmp_path, capsys):
     assert 0 < totals[0] < 100 and 0 < totals[1] < 100
     code, _, err = main_error(capsys, train.main, ["--resume", "--out", out, "--bpd-t", "7"])
     assert code == 2 and "--bpd N" in err
+    code, _, err = main_error(capsys, train.main, ["--resume", "--out", out, "--bpd", "3", "--bpd-t", "100000"])
+    assert code == 2 and "T-1 = 49" in err and "data:" not in capsys.readouterr().out  # refused before decoding
     code, _, err = main_error(capsys, train.main, train_args(faces, str(tmp_path / "new"), "--bpd", "3"))
     assert code == 2 and "--resume" in err
     # --x0-error: the best linear denoiser predicts the training mean at t = T-1, and does better at t = 0

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -35,8 +36,8 @@ import torchvision
 import data
 import unet
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
-from sample import (CKPT_FORMAT, DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, USER_ERRORS, Parser, UsageError, WriteError, atomic_write, autocast,
-                    check_writable, load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive, real, save_checkpoint, synchronize)
+from sample import (CKPT_FORMAT, DEFAULT_ETA, CheckpointError, DEFAULT_SAMPLER, DEFAULT_STEPS, USER_ERRORS, Parser, UsageError, WriteError, atomic_write, autocast,
+                    check_writable, load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive, random_seed, real, remove_stale_temporaries, save_checkpoint, synchronize)
 
 # dense bf16 tensor-core peak (TFLOP/s) by device name; the first match wins. --peak-tflops overrides.
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
@@ -50,12 +51,13 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal numbe
 
 
 def int_list(s):
+    """argparse type: comma-separated positive integers, e.g. 1,2,2,2."""
     try:
-        v = tuple(int(x) for x in s.split(",") if x.strip())
+        v = tuple(int(x) for x in s.split(","))
     except ValueError:
         v = ()
-    if not v:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,2,2, got {s!r}")
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,2,2, got {s!r}")
     return v
 
 
@@ -119,7 +121,7 @@ def make_parser():
     g.add_argument("--weight-decay", type=real, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
     g.add_argument("--ema-decay", type=real, default=0.9999, help="EMA decay (with warm-up min(decay, (1+s)/(10+s)))")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn at random and printed)")
+    g.add_argument("--seed", type=random_seed, default=None, help="random seed (default: drawn at random and printed)")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -337,12 +339,25 @@ def setup(args, given):
         # decisions travel as CPU tensors through a gloo group: agreeing on them never waits for the GPU
         env.ctrl = dist.new_group(backend="gloo") if env.device.type != "cpu" else dist.group.WORLD
     env.precision, env.ctx = autocast(env.device, args.precision)
+    check_model_fits(args, env)
     torch.backends.cudnn.benchmark = True
     if args.seed is None:  # drawn on rank 0: every rank must shuffle with the same seed
         args.seed = int(from_rank0(env, int.from_bytes(os.urandom(4), "little") % 2**31))
     torch.manual_seed(args.seed + rank)  # dropout; all data randomness comes from a generator seeded per step
     env.log(f"device {env.device} x {world} process{'es' if world > 1 else ''}, precision {env.precision}, seed {args.seed}")
     return env
+
+
+def check_model_fits(args, env):
+    """Refuse, before anything is allocated, a model whose weights and optimizer state alone exceed the memory."""
+    cfg = unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(args)
+    with torch.device("meta"):  # shapes only: no memory, no time
+        params = unet.UNet(cfg).num_params()
+    need, available = 20 * params, device_memory(env.device) if env.device.type != "mps" else math.inf
+    if need > available:
+        raise UsageError(f"the model has {params / 1e6:,.0f}M parameters, whose weights, gradients, Adam moments and EMA need "
+                         f"{fmt_bytes(need)}, more than the {fmt_bytes(available)} available on {env.device.type}: use a smaller --ch "
+                         f"(the --size {args.size} preset has {unet.preset(args.size).ch})")
 
 
 def from_rank0(env, value):
@@ -367,6 +382,11 @@ def resume_args(args, given, env):
     """--resume: every setting comes from the checkpoint; a given flag that contradicts it is refused."""
     path = os.path.join(args.out, "ckpt.pt") if args.resume == "latest" else args.resume
     env.ckpt = load_checkpoint(path)
+    for weights in ("model", "ema"):  # config, weights and EMA fit together (checked on the meta device)
+        model_from_checkpoint(env.ckpt, path, weights, device="meta")
+    if not all(k in env.ckpt for k in ("args", "optimizer", "scaler", "step")):
+        raise CheckpointError(f"{path} lacks the optimizer state or step that a resume needs (written by another version?); "
+                              "sample from it with sample.py, or start a new run")
     if "out" not in given and args.resume != "latest":  # --resume PATH continues in the checkpoint's folder
         args.out = os.path.dirname(path) if not os.path.isdir(path) else path
     saved = env.ckpt["args"]
@@ -393,6 +413,28 @@ def check_args(args, given, env):
         raise UsageError("--bpd-t sets how --bpd estimates the bound; add --bpd N (images), or drop --bpd-t")
     if "minutes" in given and given & {"max_steps", "epochs"}:
         raise UsageError("--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes")
+    if args.minutes and args.minutes > 525_600:
+        raise UsageError(f"--minutes {args.minutes:g} is more than a year (525,600 minutes); give the budget in minutes, e.g. --minutes 30")
+    if args.minutes and args.dry_run:
+        raise UsageError("--dry-run runs 2 steps to check a setup; it does not go with --minutes: drop one of them")
+    if args.lr > 1:
+        raise UsageError(f"--lr {args.lr:g}: above 1, each AdamW step moves the weights by more than their size and the run "
+                         "diverges; diffusion U-Nets train at about 1e-4 to 5e-4 (default 2e-4)")
+    if args.lr > 1e-2 and not args.resume:
+        env.log(f"note: --lr {args.lr:g} is far above what diffusion U-Nets train with (1e-4 to 5e-4): expect the loss to diverge")
+    if args.attrs is not None and not args.attrs.strip(","):
+        raise UsageError("--attrs '': name the attributes to condition on, e.g. --attrs Smiling,Male, or 'all'; "
+                         "drop --attrs for an unconditional model")
+    loose = [f for f in ("p_uncond", "p_drop_attr") if f in given and not args.attrs]
+    if loose:
+        raise UsageError(f"--{loose[0].replace('_', '-')} sets how a conditional model drops its attributes; add --attrs NAMES, "
+                         f"or drop --{loose[0].replace('_', '-')}")
+    if args.sample_n > 1024:
+        raise UsageError(f"--sample-n {args.sample_n}: a training grid shows at most 1,024 images; for more samples, "
+                         "run python sample.py CKPT --n N --out-dir DIR on the checkpoint")
+    if args.eval_bpd >= args.timesteps:
+        raise UsageError(f"--eval-bpd {args.eval_bpd}: there are only T-1 = {args.timesteps - 1} timesteps to draw from; "
+                         f"use at most {args.timesteps - 1}")
     if args.minutes and not args.resume and "lr_decay" not in given:
         args.lr_decay = "cosine"  # a budgeted run ends with its learning rate at 0
     if not 0 <= args.p_uncond <= 1:
@@ -422,11 +464,45 @@ def check_args(args, given, env):
         raise UsageError(f"--out {args.out}: is a file; give a folder for checkpoints and samples")
     if not args.resume and os.path.exists(ckpt_path) and not args.overwrite:
         raise UsageError(f"--out {args.out} already holds a run ({ckpt_path}); continue it with "
-                         f"python train.py --resume --out {args.out}, pick another --out, or pass --overwrite to replace it")
+                         f"python train.py --resume --out {shlex.quote(args.out)}, pick another --out, or pass --overwrite to replace it")
     if env.master:
         check_writable(args.out, "--out")
+        if remove_stale_temporaries(args.out):
+            env.log(f"removed the temporary files that a killed run left in {args.out}")
 
 MIN_STEPS = 1500  # the 32x32 runs on a 2-core CPU (REPORT sec. 3) made faces with the default sampler from about here
+
+
+def time_step(args, env, cfg, batch, steps=1):
+    """-> (seconds, model): the fastest of `steps` training steps of a fresh `cfg` model at `batch` images (after
+    one warm-up step), on synthetic data. Under fork_rng: timing draws none of the run's seeded randomness."""
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        model = unet.UNet(cfg).to(env.device)
+        x0, t = torch.zeros(batch, 3, cfg.image_size, cfg.image_size, device=env.device), torch.zeros(batch, dtype=torch.long, device=env.device)
+        opt, diffusion = torch.optim.AdamW(model.parameters(), lr=0.0), GaussianDiffusion(args.timesteps).to(env.device)
+        times = []
+        for _ in range(steps + 1):  # the first step warms up
+            t0 = time.time()
+            with env.ctx:
+                diffusion.training_losses(model, x0, t, x0).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            synchronize(env.device)
+            times.append(time.time() - t0)
+    return max(min(times[1:]), 1e-9), model
+
+
+def estimate_run(args, env, n_images):
+    """A new run on a CPU or MPS, before decoding: how long it will take, from one timed step of its model at one
+    image scaled to the batch; past a day, the command that gives faces on this machine in 30 minutes. Never refuses."""
+    steps = args.max_steps or args.epochs * (n_images // args.batch_size)
+    per_step = args.batch_size // env.world * time_step(args, env, model_config(args), 1)[0]
+    line = (f"estimate: {steps:,} steps of {args.batch_size} images at ~{per_step:.1f} s each on this {env.device.type}: "
+            f"about {fmt_time(steps * per_step)}")
+    if steps * per_step > 86400:
+        line += (f"; far beyond a day here. For faces on this machine in 30 minutes: "
+                 f"python train.py --data {shlex.quote(args.data)} --size 32 --minutes 30")
+    env.log(line)
 
 
 def fit_model_to_minutes(args, env):
@@ -441,24 +517,8 @@ def fit_model_to_minutes(args, env):
     def cfg_of(ch):
         return dataclasses.replace(base, ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
 
-    diffusion = GaussianDiffusion(args.timesteps).to(env.device)
-
     def seconds_per_step(ch, batch, steps):
-        model = unet.UNet(cfg_of(ch)).to(env.device)
-        b = batch // env.world
-        x0, t = torch.zeros(b, 3, args.size, args.size, device=env.device), torch.zeros(b, dtype=torch.long, device=env.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-        times = []
-        for _ in range(steps + 1):  # the first step warms up
-            t0 = time.time()
-            with env.ctx:
-                diffusion.training_losses(model, x0, t, x0).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if env.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.time() - t0)
-        return max(min(times[1:]), 1e-9), model
+        return time_step(args, env, cfg_of(ch), batch // env.world, steps)
 
     def flops(model):
         with FlopCounterMode(display=False) as fc:
@@ -494,6 +554,8 @@ def load_data(args, env):
             data.select(args.data)
         except data.DataError:
             data.download(args.data, env.log)
+    if env.master and not (env.ckpt or args.minutes or args.dry_run) and env.device.type != "cuda":
+        estimate_run(args, env, len(data.select(args.data, "train", log=lambda *a: None)["files"]))
     if env.ddp and not env.master:
         dist.barrier()  # rank 0 decodes and writes the cache first; the others then load it
     faces = data.load(args.data, args.size, "train", args.crop, args.cache_dir, log=env.log, min_images=args.batch_size, attrs=args.attrs)
@@ -529,7 +591,8 @@ def build(args, env, faces):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                             fused=fused_adamw(device))
     scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")  # a no-op unless fp16
-    run = SimpleNamespace(cfg=cfg, model=model, ema=ema, opt=opt, scaler=scaler, diffusion=diffusion, step=0, elapsed=0.0)
+    run = SimpleNamespace(cfg=cfg, model=model, ema=ema, opt=opt, scaler=scaler, diffusion=diffusion, step=0, elapsed=0.0,
+                          loss_sum=torch.zeros((), device=device), loss_n=0)  # the training loss since the last multiple of --log-every
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -539,6 +602,7 @@ def build(args, env, faces):
             group.update(own)  # a CPU checkpoint resumed on a GPU gets the fused update back
         scaler.load_state_dict(ckpt["scaler"])
         run.step, run.elapsed = ckpt["step"], ckpt.get("elapsed", 0.0)
+        run.loss_sum, run.loss_n = torch.tensor(ckpt.get("loss_sum", 0.0), device=device), ckpt.get("loss_n", 0)
         if ckpt.get("world_size") == env.world:  # the dropout RNG continues exactly on the same world size
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
@@ -569,7 +633,7 @@ def build(args, env, faces):
         else:
             env.log(f"data: {len(faces):,} training images, {run.batches.steps_per_epoch:,} steps per epoch at batch {args.batch_size}, "
                     f"{run.total:,} steps in all, lr warm-up over {args.warmup_steps:,} steps"
-                    + (f" (--warmup {args.warmup} is more than a tenth of the run)" if args.warmup_steps < args.warmup else ""))
+                    + (f" (--warmup {args.warmup} is more than a tenth of the run)" if args.warmup_steps < args.warmup and not ckpt else ""))
     return run
 
 
@@ -607,7 +671,10 @@ def plan_memory(args, env, run, batch, resident_bytes=0):
 
 def train_loop(args, env, run, val):
     signals, handlers = [], {s: signal.getsignal(s) for s in EXIT_CODES}
-    catch_signals(signals, env)
+    # one process on a CPU or MPS: a step can take minutes, so a signal also cuts the step itself short
+    at_once = not env.ddp and env.device.type != "cuda" and not args.compile
+    watch_signals(signals, [run.ema, run.model] if at_once else [run.ema])
+    catch_signals(signals, env, at_once)
     try:
         return loop(args, env, run, val, signals)
     finally:
@@ -622,35 +689,43 @@ def loop(args, env, run, val, signals):
     gen = torch.Generator(device=device)  # re-seeded every step: all of a step's randomness
     log_rows = open_log(args, env, run)
     params, ema_params = list(run.model.parameters()), list(run.ema.parameters())
-    loss_sum, n_loss, t_log, step_log = torch.zeros((), device=device), 0, time.time(), run.step
+    t_log, step_log = time.time(), run.step
     t0 = time.time() - run.elapsed  # elapsed time continues across resumes
     run.model.train()
     while run.step < run.total:
+        rng = torch.get_rng_state()  # dropout's; restored if a signal cuts this step short
         lr = lr_at(run.step, args, run.total)
         for group in run.opt.param_groups:
             group["lr"] = lr
-        gen.manual_seed(args.seed * 1_000_003 + run.step)
+        gen.manual_seed((args.seed * 1_000_003 + run.step) % 2**64)
         x0, attrs = run.batches.get(run.step, gen)  # (B/world, 3, H, W) in [-1, 1]; Algorithm 1, line 2
         t = torch.randint(0, args.timesteps, (run.batches.batch_size,), generator=gen, device=device)[shard]  # line 3
         noise = torch.randn((run.batches.batch_size, *x0.shape[1:]), generator=gen, device=device)[shard]  # line 4
         if args.channels_last:
             x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
         fwd = run.fwd if attrs is None else functools.partial(run.fwd, attrs=condition(attrs, gen, args, shard, run.batches.batch_size))
-        loss = train_step(fwd, diffusion, x0, t, noise, run.opt, run.scaler, env.ctx, params, ema_params, run.step, args)  # line 5
-        loss_sum, n_loss, run.step = loss_sum + loss, n_loss + 1, run.step + 1
+        try:
+            loss = train_step(fwd, diffusion, x0, t, noise, run.opt, run.scaler, env.ctx, params, ema_params, run.step, args)  # line 5
+        except Interrupted:  # the half-done step is dropped: weights, optimizer and RNG stay those of run.step
+            run.opt.zero_grad(set_to_none=True)
+            torch.set_rng_state(rng)
+            periodic(args, env, run, val, log_rows, False, signals[0], t0)
+            return EXIT_CODES[signals[0]]
+        run.loss_sum, run.loss_n, run.step = run.loss_sum + loss, run.loss_n + 1, run.step + 1
         if math.isinf(run.total):
             plan_minutes(args, env, run, val)  # --minutes: times the first steps, then sets run.total
 
         last = run.step == run.total
         stop = (signals or [signal.SIGTERM])[0] if on_any_rank(env, signals) else None  # every rank stops after the same step
-        if run.step % args.log_every == 0 or last or stop:
-            loss_avg = reduce_loss(env, loss_sum) / n_loss
+        if run.step % args.log_every == 0 or last or stop or run.step in (1, 10):
             now = time.time()
             run.elapsed = now - t0
-            if run.probe and not last and run.step < 0.95 * run.total:
+            if run.probe and not last and not math.isinf(run.total) and run.step < 0.95 * run.total:
                 replan_minutes(args, env, run, val, (run.step - step_log) / (now - t_log))
-            progress(args, env, run, loss_avg, (run.step - step_log) / (now - t_log), log_rows)
-            loss_sum, n_loss, t_log, step_log = torch.zeros((), device=device), 0, now, run.step
+            progress(args, env, run, reduce_loss(env, run.loss_sum) / run.loss_n, (run.step - step_log) / (now - t_log), log_rows)
+            if run.step % args.log_every == 0:  # the loss column averages the steps since the last multiple of --log-every
+                run.loss_sum, run.loss_n = torch.zeros((), device=device), 0
+            t_log, step_log = now, run.step
         t_extra = time.time()
         periodic(args, env, run, val, log_rows, last, stop, t0)
         if stop:
@@ -682,6 +757,11 @@ def plan_minutes(args, env, run, val):
     env.log(f"--minutes {args.minutes:g}: {steps / seconds * args.batch_size:,.1f} img/s measured: {run.total:,} steps in all "
             f"({run.total / run.batches.steps_per_epoch:.2f} epochs), lr warm-up {args.warmup_steps:,} steps then "
             f"{args.lr_decay} decay to step {run.total:,}, EMA decay {args.ema_decay:.5f}")
+    if run.total < MIN_STEPS and env.master:
+        per_step, final = budget_terms(args, val, steps / seconds)
+        need = time.time() - env.t_start + (MIN_STEPS - run.step) * per_step + final
+        env.log(f"--minutes {args.minutes:g}: {run.total:,} steps are too few for faces, so the samples will be mostly noise; "
+                f"faces come from about {MIN_STEPS:,} steps, which take about --minutes {math.ceil(need / 60)} on this machine")
 
 
 def replan_minutes(args, env, run, val, rate):
@@ -699,23 +779,47 @@ def fit_minutes(args, env, run, val, rate):
     Rank 0's clock and rate decide, and every rank gets its answer: all end at the same step."""
     end = 0
     if env.master and rate > 0:
-        left = args.minutes * 60 - (time.time() - env.t_start)
-        # the rest of the run also samples grids and evaluates; a forward pass costs about a third of a training step
-        grid = (args.sample_n * args.sample_steps if args.sample_every else 0) / (3 * args.batch_size * rate)
-        evaluate = (len(val) * (2 + args.eval_bpd) if val is not None else 0) / (3 * args.batch_size * rate)
-        per_step = 1 / rate + (grid / args.sample_every if args.sample_every else 0) + (evaluate / args.eval_every if val is not None else 0)
-        end = run.step + max(1, int(0.98 * (left - grid - evaluate) / per_step))
+        per_step, final = budget_terms(args, val, rate)
+        end = run.step + max(1, int(0.98 * (args.minutes * 60 - (time.time() - env.t_start) - final) / per_step))
     end = int(from_rank0(env, end))
     return end if end > 0 else None
 
 
-def catch_signals(signals, env):
+def budget_terms(args, val, rate):
+    """-> (seconds per training step at `rate` steps/s with its share of the periodic grids and evaluations, seconds
+    of the grid and evaluation at the end). A forward pass costs about a third of a training step."""
+    grid = (args.sample_n * args.sample_steps if args.sample_every else 0) / (3 * args.batch_size * rate)
+    evaluate = (len(val) * (2 + args.eval_bpd) if val is not None else 0) / (3 * args.batch_size * rate)
+    per_step = 1 / rate + (grid / args.sample_every if args.sample_every else 0) + (evaluate / args.eval_every if val is not None else 0)
+    return per_step, grid + evaluate
+
+
+class Interrupted(Exception):
+    """A signal arrived in a long phase (a CPU step, a sample grid, an evaluation), which is cut short."""
+
+
+def watch_signals(signals, models):
+    """Make the models' long phases end soon after a signal: every U-Net block checks for one before its forward,
+    and every trained parameter after its gradient is accumulated in backward."""
+    def check(*_):
+        if signals:
+            raise Interrupted
+    for model in models:
+        for block in [*model.down, *model.mid, *model.up]:
+            block.register_forward_pre_hook(check)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(check)
+
+
+def catch_signals(signals, env, at_once):
     """Ctrl-C (SIGINT) and SIGTERM (sent by Slurm, Kubernetes, `timeout`) end the run after the current
-    step, with a checkpoint. A second Ctrl-C quits at once, without one; a second SIGTERM is ignored (Slurm
-    signals every process and torchrun forwards the signal again: neither should cut the checkpoint short)."""
+    step (during it, with `at_once`), with a checkpoint. A second Ctrl-C quits at once, without one; a second
+    SIGTERM is ignored (Slurm signals every process and torchrun forwards the signal again: neither should
+    cut the checkpoint short)."""
     def handler(signum, frame):
         if not signals:
-            env.log(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint; "
+            env.log(f"\n{signal.Signals(signum).name}: stopping {'now' if at_once else 'after this step'} and writing a checkpoint; "
                     "press Ctrl-C again to quit at once without one", flush=True)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -775,35 +879,42 @@ def progress(args, env, run, loss_avg, steps_per_s, log_rows):
 
 def periodic(args, env, run, val, log_rows, last, stop, t0):
     """Rank 0's work every so often: validation loss, the fixed-noise sample grid, the checkpoint."""
+    save = (args.ckpt_every > 0 and run.step % args.ckpt_every == 0) or last or stop
+    loss_sum = reduce_loss(env, run.loss_sum) if save else None  # on every rank: the checkpoint carries the running loss
     if not env.master:
         return
     step, epoch = run.step, run.step // run.batches.steps_per_epoch
-    if val is not None and (step % args.eval_every == 0 or last):
-        vl = val_loss(args, env, run, val)
-        bpd = val_bpd(args, env, run, val) if args.eval_bpd else None
-        env.log(f"step {step} | val loss {vl:.4f}" + (f" | val bits/dim <= {bpd:.3f} (estimate)" if bpd else "") + f" ({len(val)} images)")
-        append_log(log_rows, [step, epoch, "", f"{vl:.6f}", "", "", f"{time.time() - t0:.1f}", f"{bpd:.4f}" if bpd else ""])
-    if (args.sample_every > 0 and step % args.sample_every == 0) or (last and (args.sample_every > 0 or args.dry_run)):
-        env.log(f"step {step} | samples {sample_grid(args, env, run)}")
+    try:  # a signal cuts these short (stopping skips them): the checkpoint below matters more
+        if val is not None and (step % args.eval_every == 0 or last) and not stop:
+            vl = val_loss(args, env, run, val)
+            bpd = val_bpd(args, env, run, val) if args.eval_bpd else None
+            env.log(f"step {step} | val loss {vl:.4f}" + (f" | val bits/dim <= {bpd:.3f} (estimate)" if bpd else "") + f" ({len(val)} images)")
+            append_log(log_rows, [step, epoch, "", f"{vl:.6f}", "", "", f"{time.time() - t0:.1f}", f"{bpd:.4f}" if bpd else ""])
+        if ((args.sample_every > 0 and step % args.sample_every == 0) or (last and (args.sample_every > 0 or args.dry_run))) and not stop:
+            env.log(f"step {step} | samples {sample_grid(args, env, run)}")
+    except Interrupted:
+        run.model.train()
+        env.log(f"step {step} | evaluation or sample grid cut short by the signal")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if (args.ckpt_every > 0 and step % args.ckpt_every == 0) or last or stop:
+    if save:
         run.elapsed = time.time() - t0
-        saved = checkpoint(args, env, run, ckpt_path)
+        saved = checkpoint(args, env, run, ckpt_path, loss_sum)
         env.log(f"step {step} | checkpoint {ckpt_path}" if saved else f"step {step} | weights not finite: checkpoint not written")
         if last and args.minutes:
             env.log(f"--minutes {args.minutes:g}: the run took {fmt_time(time.time() - env.t_start)} from start to this checkpoint")
         if stop:
             name = signal.Signals(stop).name
-            env.log(f"interrupted by {name} at step {step}" + (f"; checkpoint written. Continue with: python train.py --resume --out {args.out}" if saved else ""))
+            env.log(f"interrupted by {name} at step {step}" + (f"; checkpoint written. Continue with: python train.py --resume --out {shlex.quote(args.out)}" if saved else ""))
 
 
-def checkpoint(args, env, run, path):
+def checkpoint(args, env, run, path, loss_sum):
     sd = run.model.state_dict()
     if not all(torch.isfinite(v).all() for v in sd.values()):
         return False
     save_checkpoint(dict(format=CKPT_FORMAT, args=vars(args), model_args=unet.config_dict(run.cfg), model=sd,
                          ema=run.ema.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(),
                          step=run.step, epoch=run.step // run.batches.steps_per_epoch, world_size=env.world,
+                         loss_sum=loss_sum, loss_n=run.loss_n,  # the running mean of the loss goes on after a resume
                          train_images=len(run.batches.images), elapsed=run.elapsed,
                          rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if env.device.type == "cuda" else None)),
                     path)
@@ -811,11 +922,13 @@ def checkpoint(args, env, run, path):
 
 
 def sample_grid(args, env, run):
-    """The EMA model's samples from the same noise at every call (x_T and, for a stochastic sampler, every z)."""
+    """The EMA model's samples from the same noise at every call (x_T and, for a stochastic sampler, every z),
+    drawn in batches of the training batch."""
     x_T = torch.randn(args.sample_n, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed)).to(env.device)
-    g = torch.Generator(device=env.device).manual_seed(args.seed + 1)
+    g, b = torch.Generator(device=env.device).manual_seed(args.seed + 1), args.batch_size // env.world
     with env.ctx:
-        x = run.diffusion.sample(run.ema, x_T.shape, DEFAULT_SAMPLER, args.sample_steps, DEFAULT_ETA, g, x_T=x_T, device=env.device)
+        x = torch.cat([run.diffusion.sample(run.ema, x.shape, DEFAULT_SAMPLER, args.sample_steps, DEFAULT_ETA, g, x_T=x, device=env.device)
+                       for x in x_T.split(b)])
     path = os.path.join(args.out, f"samples_{run.step:07d}.png")
     nrow = int(math.sqrt(args.sample_n) + 0.5)
     atomic_write(lambda tmp: torchvision.utils.save_image((x.float() + 1) / 2, tmp, format="png", nrow=nrow), path, "--out")
@@ -852,8 +965,11 @@ def evaluate_bpd(args, env):
     estimated from --bpd-t K stratified t per image (K + 1 model calls instead of T)."""
     if env.ckpt is None:
         raise UsageError("--bpd evaluates a checkpoint: name it with --resume PATH (or --resume --out DIR)")
-    images = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=env.log)["images"][: args.bpd]
     model, diffusion = model_from_checkpoint(env.ckpt, args.resume)
+    if args.bpd_t >= diffusion.T:
+        raise UsageError(f"--bpd-t {args.bpd_t}: the model has only T-1 = {diffusion.T - 1} timesteps to draw from; "
+                         f"use at most {diffusion.T - 1}, or 0 for every t")
+    images = data.load(args.data, args.size, "valid", args.crop, args.cache_dir, log=env.log)["images"][: args.bpd]
     model, diffusion = model.to(env.device).eval(), diffusion.to(env.device)
     g, parts, b, t0 = torch.Generator(device=env.device).manual_seed(0), [], min(args.batch_size, 256), time.time()
     for i in range(0, len(images), b):
