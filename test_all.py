@@ -1408,6 +1408,7 @@ def test_a_signal_cuts_a_long_step_or_grid_short(faces, tmp_path, monkeypatch, c
     train.main(train_args(faces, b, "--max-steps", "3", "--dropout", "0.3", "--warmup", "0"))
     (ma, ea, oa, sa), (mb, eb, ob, sb) = states(os.path.join(a, "ckpt.pt")), states(os.path.join(b, "ckpt.pt"))
     assert sa == sb == 3 and all(torch.equal(ma[k], mb[k]) and torch.equal(ea[k], eb[k]) for k in ma)
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in ob for k in ob[i])  # the optimizer too
     assert torch.equal(train.load_checkpoint(a)["rng"]["torch"], train.load_checkpoint(b)["rng"]["torch"])
     # a signal during a long sample grid (1,024 images at 50 steps: minutes) ends the run within seconds, with a checkpoint
     r = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, str(tmp_path / "g"), "--max-steps", "5",
