@@ -1753,7 +1753,10 @@ def test_attributes_guidance_inpainting_cli(faces, tmp_path, capsys):
         keep = torch.ones(16, 16, dtype=torch.bool)
         keep[4:12, 4:12] = False
         assert torch.equal(got[:, keep], want[:, keep]) and not torch.equal(got, want)
-    mask_png = str(tmp_path / "mask.png")
+    mask_png = str(tmp_path / "mask.png")  # a mask drawn at another size than the image: said, as the two are resized apart
+    Image.new("L", (16, 16), 255).save(mask_png)
+    sample.main([ck, "--init", init, "--mask", mask_png, "--steps", "4", "--jump-n-sample", "1", "--n", "1", "--out", str(tmp_path / "m.png")])
+    assert "note: --mask" in capsys.readouterr().out
     Image.new("L", (16, 16), 0).save(mask_png)
     for extra, words in [(["--attrs", "Nose=1"], "it knows Smiling,Young"), (["--attrs", "Smiling=yes"], "NAME=1"),
                          (["--attrs", "Smiling=1,Smiling=0"], "twice"), (["--compare", "Smiling", "--attrs", "Smiling=1"], "do not also set it"),
