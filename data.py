@@ -1,6 +1,8 @@
 """
 CelebA loading: find the layout, choose the split, crop and resize every image once into a uint8
-tensor cache, then serve random batches from memory (on the GPU when it fits).
+tensor cache, then serve random batches from memory (on the GPU when it fits). Also what the scripts
+share about images and files: the crop and preprocessing, [-1, 1] <-> uint8, safe writes, and the
+command-line pieces (argparse types, one-line errors). It imports nothing of the project.
 
 Layouts accepted by --data PATH:
   torchvision  PATH/celeba/img_align_celeba/*.jpg + list_eval_partition.txt, list_attr_celeba.txt
@@ -11,30 +13,52 @@ Layouts accepted by --data PATH:
     python data.py --data ~/data/celeba --size 64              # summary, cache, preview grid
     python data.py --data ~/data/celeba --size 64 --export fid_ref   # PNGs for FID reference stats
 """
+import argparse
 import concurrent.futures
+import contextlib
 import csv
 import hashlib
 import importlib.util
+import math
 import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
+import warnings
 import zlib
 
 import torch
 import torchvision
-
-from sample import CROPS, USER_ERRORS, Parser, atomic_write, check_writable, positive, preprocess, remove_stale_temporaries
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+CROPS = ("auto", "celeba", "center", "none")
+# The crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image.
+CELEBA_W, CELEBA_H, CELEBA_CX, CELEBA_CY, CELEBA_SIDE = 178, 218, 89, 121, 128
+warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 deprecates its image codecs; they still work
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 CACHE_VERSION = 2  # 2: a CRC-32 of the image bytes, verified on load
 MAX_WARNINGS = 10
 
 
 class DataError(Exception):
-    """Bad input: the message names the problem and the fix, and is printed as one line."""
+    """Bad data (a missing folder, no images, annotation files that do not fit): the message names the problem
+    and the fix, and is printed as one line."""
+
+
+class UsageError(Exception):
+    """A bad flag, or flags that do not go together: the message names it and the fix."""
+
+
+class WriteError(Exception):
+    """A file could not be written (disk full, read-only, quota): the message names the file and the flag."""
+
+
+USER_ERRORS = (DataError, UsageError, WriteError)  # what the scripts print as one line, with exit code 2
 
 
 def default_cache_dir():
@@ -75,9 +99,9 @@ def find_layout(path):
     """-> dict(layout, image_dir, partition file or None, attr file or None)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        raise DataError(f"--data {path}: no such folder; point --data at your CelebA folder (see README, 'Getting CelebA') or pass --download")
+        raise DataError(f"data folder {path}: no such folder; give your CelebA folder (README, 'Getting CelebA')")
     if not os.path.isdir(path):
-        raise DataError(f"--data {path}: is a file; expected a folder (the CelebA root or a folder of images)")
+        raise DataError(f"data folder {path}: is a file; give a folder (the CelebA root or a folder of images)")
     def first(*names):
         return next((n for n in names if os.path.isfile(n)), None)
     for root in (os.path.join(path, "celeba"), path):  # torchvision
@@ -104,8 +128,8 @@ def select(path, split="train", log=print):
     info = find_layout(path)
     on_disk = list_images(info["image_dir"])
     if not on_disk:
-        raise DataError(f"--data {info['image_dir']}: no images found (looked for {', '.join(IMG_EXTS)} recursively); "
-                        "point --data at the folder that holds img_align_celeba or your images")
+        raise DataError(f"data folder {info['image_dir']}: no images found (looked for {', '.join(IMG_EXTS)} recursively); "
+                        "give the folder that holds img_align_celeba, or your images")
     by_name = {os.path.basename(f): f for f in on_disk}
     attr_names, attrs = None, None
     if info["partition"] or info["attr"]:
@@ -139,15 +163,15 @@ def select(path, split="train", log=print):
 
 
 def pick_attrs(sel, spec):
-    """--attrs all or --attrs Smiling,Male -> the attribute names, in the annotation file's order."""
+    """'all' or 'Smiling,Male' -> the attribute names, in the annotation file's order."""
     if sel["attrs"] is None:
-        raise DataError(f"--attrs: the {sel['layout']} layout at {sel['image_dir']} has no attribute labels; point --data at a "
-                        "CelebA root with list_attr_celeba.txt (torchvision) or list_attr_celeba.csv (Kaggle), or drop --attrs")
+        raise DataError(f"attributes {spec}: the {sel['layout']} layout at {sel['image_dir']} has no attribute labels; use a "
+                        "CelebA root with list_attr_celeba.txt (torchvision) or list_attr_celeba.csv (Kaggle), or no attributes")
     names = sel["attr_names"]
     wanted = names if spec == "all" else [a.strip() for a in spec.split(",") if a.strip()]
     unknown = [a for a in wanted if a not in names]
     if unknown or not wanted or len(set(wanted)) < len(wanted):
-        raise DataError(f"--attrs {spec}: " + (f"no attribute {unknown[0]!r}" if unknown else "name each attribute once")
+        raise DataError(f"attributes {spec}: " + (f"no attribute {unknown[0]!r}" if unknown else "name each attribute once")
                         + f"; choose 'all' or some of {','.join(names)}")
     return [a for a in names if a in wanted]
 
@@ -161,7 +185,63 @@ def _holdout(files, attrs, split):
     return files[keep], (attrs[keep] if attrs is not None else None)
 
 # -----------------------------------------------------------------------------
-# decoding and preprocessing (runs once; the result is cached): preprocess() lives in sample.py, for --init
+# images: the crop and preprocessing (the training images, and sample.py's --init and --mask), [-1, 1] <-> uint8
+
+
+def crop_box(w, h, crop):
+    """(left, top, width, height) of the crop in a w x h image."""
+    if crop == "auto":
+        crop = "celeba" if (w, h) == (CELEBA_W, CELEBA_H) else "center"
+    if crop == "celeba":  # the DDIM box, scaled if the image is not 178x218
+        sx, sy = w / CELEBA_W, h / CELEBA_H
+        side_x, side_y = round(CELEBA_SIDE * sx), round(CELEBA_SIDE * sy)
+        return round(CELEBA_CX * sx) - side_x // 2, round(CELEBA_CY * sy) - side_y // 2, side_x, side_y
+    if crop == "center":
+        s = min(w, h)
+        return (w - s) // 2, (h - s) // 2, s, s
+    return 0, 0, w, h  # none: the whole frame, aspect squashed by the resize
+
+
+def decode(path):
+    """Any image file -> (3, H, W) uint8 RGB. Grayscale, RGBA, palette, CMYK and 16-bit are converted."""
+    try:  # a truncated or corrupt JPEG raises here, and again in PIL below: the file is skipped
+        img = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        img = None
+    if img is None:  # formats torchvision cannot take (e.g. CMYK or exotic PNGs): PIL, strictly
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I;16") or im.mode == "I":
+                im = im.point(lambda v: v / 257).convert("L")
+            img = TF.pil_to_tensor(im.convert("RGB"))
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = TF.to_dtype(img, torch.uint8, scale=True)
+    return img
+
+
+def preprocess(path, size, crop):
+    """File -> (3, size, size) uint8: crop, then an antialiased resize."""
+    img = decode(path)
+    left, top, w, h = crop_box(img.shape[2], img.shape[1], crop)
+    img = TF.crop(img, top, left, h, w)
+    return TF.resize(img, [size, size], antialias=True)
+
+
+def image_formats():
+    """File extensions Pillow can write, e.g. {'.png', '.jpg', ...}."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+def to_float(images, device):
+    """(N, 3, H, W) uint8 -> floats in [-1, 1] on device."""
+    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x):
+    """[-1, 1] -> (N, 3, H, W) uint8 on the CPU."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+# -----------------------------------------------------------------------------
+# decoding every image once, on all cores (the result is cached)
 
 
 def _preprocess_or_none(job):
@@ -236,24 +316,18 @@ def cache_file(cache_dir, path, split, crop, size):
     return os.path.join(cache_dir, f"faces-{split}-{crop}-{size}-{key}.pt")
 
 
-def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print, min_images=1, attrs=None):
+def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print, attrs=None):
     """The images of one split as a uint8 tensor, from the cache when it is fresh.
     -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache, ...,
-            cond (N, K) uint8 and cond_names: the columns --attrs asks for, or None)
-    Fewer than `min_images` files in the split, or --attrs the data cannot give, is an error raised before any decoding."""
-    if split not in (*SPLITS, "all"):
-        raise DataError(f"--split {split}: choose train, valid, test or all")
-    if crop not in CROPS:
-        raise DataError(f"--crop {crop}: choose {', '.join(CROPS)}")
-    if size < 1:
-        raise DataError(f"--size {size}: must be a positive number of pixels, e.g. 64")
+            cond (N, K) uint8 and cond_names: the columns `attrs` ('all' or 'Smiling,Male') asks for, or None)
+    Attributes the data cannot give are an error raised before any decoding."""
+    if split not in (*SPLITS, "all") or crop not in CROPS or size < 1:
+        raise ValueError(f"split {split!r}, crop {crop!r}, size {size}: the split is one of {', '.join(SPLITS)} or all, "
+                         f"the crop one of {', '.join(CROPS)}, the size positive")
     sel = select(path, split, log)
     if not sel["files"]:
-        raise DataError(f"--data {path}: the {split} split is empty; use --split train or all")
+        raise DataError(f"data folder {path}: the {split} split is empty; use the train split, or all")
     cond_names = pick_attrs(sel, attrs) if attrs else None
-    if len(sel["files"]) < min_images:
-        raise DataError(f"--data {path}: the {split} split has {len(sel['files']):,} images, fewer than --batch-size {min_images}; "
-                        "lower --batch-size")
     cache = cache_file(cache_dir or default_cache_dir(), path, split, crop, size)
     check_writable(os.path.dirname(cache), "--cache-dir")  # fail before decoding, not after
     remove_stale_temporaries(os.path.dirname(cache))  # left by a process killed while it wrote a cache
@@ -274,7 +348,7 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
     log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images once (crop {crop}, size {size})")
     images, kept, seconds = decode_all(sel["files"], size, crop, workers, log)
     if not kept:
-        raise DataError(f"--data {path}: none of the {len(sel['files']):,} images could be read; check the files")
+        raise DataError(f"data folder {path}: none of the {len(sel['files']):,} images could be read; check the files")
     c = dict(version=CACHE_VERSION, fingerprint=fingerprint, images=images, checksum=checksum(images),
              files=[sel["files"][i] for i in kept],
              attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
@@ -301,10 +375,8 @@ class Batches:
 
     def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None, resident=None):
         """resident: keep the images on the GPU (default: when fits_on_gpu says they fit)."""
-        if batch_size % world:
-            raise DataError(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
-        if len(images) < batch_size:
-            raise DataError(f"the dataset has {len(images):,} images, fewer than --batch-size {batch_size}; lower --batch-size")
+        if batch_size % world or len(images) < batch_size:
+            raise ValueError(f"a batch of {batch_size} must divide into {world} equal shards and fit in the {len(images):,} images")
         device = torch.device(device)
         if fits_on_gpu(images.nbytes, device) if resident is None else resident:
             images = images.to(device)  # GPU-resident: a batch is one gather, no host copies
@@ -338,11 +410,6 @@ def fits_on_gpu(nbytes, device):
     device = torch.device(device)
     return device.type == "cuda" and nbytes < 0.3 * torch.cuda.mem_get_info(device)[0]
 
-
-def to_float(images, device):
-    """(N, 3, H, W) uint8 -> floats in [-1, 1] on device."""
-    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-
 # -----------------------------------------------------------------------------
 # --download
 
@@ -350,7 +417,7 @@ def to_float(images, device):
 DOWNLOAD_HELP = ("get CelebA by hand: the 'Align&Cropped Images' img_align_celeba.zip plus list_attr_celeba.txt and "
                  "list_eval_partition.txt from the CelebA website (mmlab.ie.cuhk.edu.hk/projects/CelebA.html) or its Google Drive, "
                  "unzipped as PATH/celeba/img_align_celeba/*.jpg with the two .txt files in PATH/celeba/; or Kaggle's "
-                 "'jessicali9530/celeba-dataset' unzipped as is; then pass --data PATH")
+                 "'jessicali9530/celeba-dataset' unzipped as is; then give PATH as the data folder")
 
 
 NO_NETWORK = ("Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
@@ -376,7 +443,7 @@ def download(path, log=print):
     """torchvision's CelebA download (it needs the gdown package for Google Drive); on failure a DataError
     that says why and how to get CelebA by hand. A folder the failed attempt left empty is removed."""
     if importlib.util.find_spec("gdown") is None:
-        raise DataError(f"--download needs the gdown package, which torchvision uses for Google Drive: pip install gdown. Or {DOWNLOAD_HELP}")
+        raise DataError(f"the CelebA download needs the gdown package, which torchvision uses for Google Drive: pip install gdown. Or {DOWNLOAD_HELP}")
     log(f"data: trying torchvision's CelebA download into {path} (about 1.4 GB; Google Drive often refuses with a quota error)")
     existed = os.path.exists(path)
     try:
@@ -386,6 +453,128 @@ def download(path, log=print):
             if os.path.isdir(folder) and not os.listdir(folder) and (folder != path or not existed):
                 os.rmdir(folder)
         raise DataError(f"the CelebA download failed: {download_failure(e)}. Or {DOWNLOAD_HELP}")
+
+# -----------------------------------------------------------------------------
+# what the three scripts share: safe writes and the command line
+
+
+def why(e):
+    """A short reason for a failed write: the OS's words when there are some."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return "the write failed part-way: disk full or over quota?"
+
+
+def check_writable(folder, flag):
+    """Write a scratch file in `folder`, so that a bad output path fails before any work. Folders it had to
+    create for that are removed again: a run that fails to start leaves nothing behind."""
+    folder, created = os.path.abspath(folder or "."), []
+    try:
+        parent = folder
+        while not os.path.exists(parent):
+            created.append(parent)
+            parent = os.path.dirname(parent)
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise WriteError(f"{flag} {folder}: cannot write there ({why(e)}); pass a writable folder")
+    finally:
+        for d in created:  # innermost first
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def atomic_write(write, path, flag):
+    """write(tmp_path), then rename over `path`: a failure at any point leaves `path` as it was and no
+    temporary file behind, and raises WriteError naming the file and the flag. The folder is created if needed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path} ({why(e)}); free some space or pass another {flag}")
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files (NAME.tmpPID) that atomic_write left in `folder` when its process was killed
+    mid-write (kill -9, a second Ctrl-C): those whose process is gone. -> how many were removed."""
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        stem, _, pid = name.rpartition(".tmp")
+        if not stem or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # raises if no such process
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+        except OSError:  # a live process of another user
+            pass
+    return removed
+
+
+# argparse types; argparse names a value it cannot convert by the type's __name__ ("invalid integer value: 'x'")
+def real(s):
+    """argparse type: a finite float (float() alone also takes 'nan' and 'inf')."""
+    v = float(s)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+    return v
+real.__name__ = "number"
+
+
+def positive(kind):
+    """argparse type: a finite number > 0."""
+    def parse(s):
+        v = real(s) if kind is float else kind(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+    parse.__name__ = "positive integer" if kind is int else "positive number"
+    return parse
+
+
+def non_negative(s):
+    """argparse type: an integer >= 0 (0 usually means never)."""
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+non_negative.__name__ = "integer"
+
+
+def random_seed(s):
+    """argparse type: a seed in 0..2^63-1 (what torch's generators take, with room for the per-step offsets)."""
+    v = int(s)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {s}")
+    return v
+random_seed.__name__ = "integer"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' once, and not at all where the default is None or False (the help says it)."""
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with HelpFormatter, whose errors are one line (the usage is what -h prints)."""
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        if "expected one argument" in message:  # e.g. --ch-mult -1,2: argparse takes '-1,2' for a flag
+            message += " (a value that starts with '-' is written --flag=VALUE)"
+        self.exit(2, f"error: {message} (python {self.prog} -h lists the flags)\n")
+
 
 # -----------------------------------------------------------------------------
 
@@ -442,7 +631,7 @@ def main(argv=None):
             for f, img in zip(d["files"], d["images"]):
                 torchvision.io.write_png(img, os.path.join(args.export, os.path.splitext(os.path.basename(f))[0] + ".png"))
             print(f"export:  {len(d['files']):,} PNGs in {args.export}")
-    except (DataError, OSError, *USER_ERRORS) as e:  # bad input: one line, no traceback
+    except (OSError, *USER_ERRORS) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

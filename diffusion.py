@@ -83,6 +83,9 @@ def discretized_gaussian_log_likelihood(x, mean, log_std):
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 OBJECTIVES = ("eps", "x0", "v")
+SAMPLERS = ("ddim", "dpm++", "dpm++sde", "ddpm")
+# the default sampler, here and in both scripts: the best face quality per model evaluation measured (REPORT sec. 3)
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 20, 1.0
 
 def slerp(z0, z1, weights):
     """Spherical interpolation between two noise tensors (1, ...) at each weight in [0, 1] -> (len(weights), ...).
@@ -223,21 +226,24 @@ class GaussianDiffusion:
         var = self._at(self.betas, t, xt) if var_type == "beta" else posterior_var
         return mean, var, x0
 
+    # Every sampler has one signature: sampler(model, x, timesteps, generator, callback, ...) -> x_0. It runs the
+    # reverse process from x, the chain's state at timesteps[0], down the decreasing timesteps to the clean image,
+    # and calls callback(t, x, x0_hat) after the step from t. `sample` below draws x_T and picks the timesteps.
+
     @torch.no_grad()
-    def ddpm_sample_progressive(self, model, shape, generator=None, x_T=None, clip=True, var_type="beta", device=None, t_max=None):
-        """[DDPM] Algorithm 2. Yields (t, x_{t-1}, x0_hat) after every step, from t=T-1 (or t_max, with x_T then
-        the chain's state at t_max, as SDEdit starts) down to 0."""
-        device = device or (x_T.device if x_T is not None else "cpu")
-        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T  # line 1
-        for i in reversed(range(self.T if t_max is None else t_max + 1)):  # line 2
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+    def ddpm_sample(self, model, x, timesteps, generator=None, callback=None, clip=True, var_type="beta"):
+        """[DDPM] Algorithm 2 over consecutive timesteps (t, t-1, ..., 0)."""
+        for i in timesteps:  # line 2
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             mean, var, x0 = self.p_mean_variance(model, x, t, clip, var_type)
-            z = torch.randn(shape, generator=generator, device=device) if i > 0 else torch.zeros_like(x)  # line 3
+            z = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else torch.zeros_like(x)  # line 3
             x = mean + var.sqrt() * z  # line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
-            yield i, x, x0
+            if callback:
+                callback(i, x, x0)
+        return x
 
     def ddim_timesteps(self, steps, t_max=None):
-        """The sub-sequence tau of [DDIM] sec. 4.2: `steps` indices spread evenly over 0..T-1 (or 0..t_max)."""
+        """The sub-sequence tau of [DDIM] sec. 4.2: `steps` indices spread evenly over 0..T-1 (or 0..t_max), increasing."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"DDIM steps must be in 1..{self.T}, got {steps}")
         t_max = self.T - 1 if t_max is None else t_max
@@ -258,17 +264,16 @@ class GaussianDiffusion:
         return x_prev, x0
 
     @torch.no_grad()
-    def ddim_sample_progressive(self, model, shape, steps=50, eta=0.0, generator=None, x_T=None, clip=True, device=None, t_max=None):
-        """[DDIM] eq. 12 over the sub-sequence tau. Yields (t, x_{t_prev}, x0_hat) after every step."""
-        device = device or (x_T.device if x_T is not None else "cpu")
-        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-        taus = self.ddim_timesteps(steps, t_max).tolist()
-        for i, t_now in reversed(list(enumerate(taus))):
-            x, x0 = self.ddim_step(model, x, t_now, taus[i - 1] if i > 0 else -1, eta, generator, clip)
-            yield t_now, x, x0
+    def ddim_sample(self, model, x, timesteps, generator=None, callback=None, clip=True, eta=DEFAULT_ETA):
+        """[DDIM] eq. 12 down the sub-sequence: eta 0 is deterministic, eta 1 stochastic like DDPM."""
+        for i, t_now in enumerate(timesteps):
+            x, x0 = self.ddim_step(model, x, t_now, timesteps[i + 1] if i + 1 < len(timesteps) else -1, eta, generator, clip)
+            if callback:
+                callback(t_now, x, x0)
+        return x
 
     def dpm_timesteps(self, steps, spacing="logsnr", t_max=None):
-        """`steps` indices from T-1 down to 0, uniform in lambda ([DPM] sec. 3.4, the default) or in t.
+        """`steps` indices from T-1 (or t_max) down to 0, uniform in lambda ([DPM] sec. 3.4, the default) or in t.
         Indices are rounded to the nearest integer timestep, so the model is only ever asked about the
         timesteps it was trained on; where two rounded points meet (hundreds of steps), one is kept."""
         if not 1 <= steps <= self.T:
@@ -280,28 +285,23 @@ class GaussianDiffusion:
         return (lam[None, :] - targets[:, None]).abs().argmin(1).unique_consecutive()  # (<= steps,) decreasing t
 
     @torch.no_grad()
-    def dpm_solver_sample_progressive(self, model, shape, steps=20, generator=None, x_T=None, clip=True, device=None,
-                                      spacing="logsnr", lower_order_final=False, sde=False, t_max=None):
+    def dpm_solver_sample(self, model, x, timesteps, generator=None, callback=None, clip=True, sde=False):
         """DPM-Solver++(2M) [DPM++] Algorithm 2: a second-order multistep solver of the probability-flow ODE,
         in data prediction (x0_hat, from any objective). One model evaluation per step; the first step is
-        first order, and with lower_order_final so is the last one between evaluated points when there are
-        fewer than 10. The final jump from t = 0 to the clean image is x_0 = x0_hat. Yields (t, x, x0_hat).
+        first order. The final jump from the last timestep to the clean image is x_0 = x0_hat.
         sde=True: SDE-DPM-Solver++(2M) [DPM++] sec. 5 / appendix, the same second-order data term for the
         reverse SDE, which adds fresh noise every step; its first-order step is DDIM with eta = 1."""
-        device = device or (x_T.device if x_T is not None else "cpu")
-        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-        ts = self.dpm_timesteps(steps, spacing, t_max).tolist()
         alpha, sigma, lam = self.sqrt_alphas_cumprod.cpu(), self.sqrt_one_minus_alphas_cumprod.cpu(), self.lambdas.cpu()
         x0_prev = h_prev = None
-        for i, s in enumerate(ts):
-            x0, eps = self.predict_x0_eps(model(x, torch.full((shape[0],), s, device=device, dtype=torch.long)).float(), x,
-                                          torch.full((shape[0],), s, device=device, dtype=torch.long), clip)
-            if i == len(ts) - 1:  # lambda -> inf: x_0 = alpha_0 x0_hat with alpha_0 = 1, [DPM++] eq. 9 with h = inf
+        for i, s in enumerate(timesteps):
+            t_s = torch.full((x.shape[0],), s, device=x.device, dtype=torch.long)
+            x0, eps = self.predict_x0_eps(model(x, t_s).float(), x, t_s, clip)
+            if i == len(timesteps) - 1:  # lambda -> inf: x_0 = alpha_0 x0_hat with alpha_0 = 1, [DPM++] eq. 9 with h = inf
                 x = x0
             else:
-                t = ts[i + 1]
+                t = timesteps[i + 1]
                 h = (lam[t] - lam[s]).item()  # [DPM++] Algorithm 2: h_i = lambda_{t_i} - lambda_{t_{i-1}}
-                if x0_prev is None or (lower_order_final and len(ts) < 10 and i == len(ts) - 2):
+                if x0_prev is None:
                     D = x0  # first order: DPM-Solver++(1), which is DDIM with eta = 0
                 else:
                     r = h_prev / h  # r_i = h_{i-1} / h_i
@@ -313,12 +313,39 @@ class GaussianDiffusion:
                 e = math.exp(-h) if not sde else math.exp(-2 * h)  # the SDE solver decays the x0_hat term by e^{-2h}
                 x = (alpha[t].item() * e) * x0 + (alpha[t].item() * (1 - e)) * D + (sigma[t].item() * (1 if not sde else math.exp(-h))) * eps
                 if sde:  # x_t = sigma_t e^{-h} eps_hat + alpha_t (e^{-2h} x0_hat + (1 - e^{-2h}) D) + sigma_t sqrt(1 - e^{-2h}) z
-                    x = x + (sigma[t] * math.sqrt(-math.expm1(-2 * h))).item() * torch.randn(shape, generator=generator, device=device)
+                    x = x + (sigma[t] * math.sqrt(-math.expm1(-2 * h))).item() * torch.randn(x.shape, generator=generator, device=x.device)
                 x0_prev, h_prev = x0, h
-            yield s, x, x0
+            if callback:
+                callback(s, x, x0)
+        return x
+
+    def timesteps(self, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, spacing="logsnr", t_max=None):
+        """The decreasing timesteps `sampler` evaluates the model at: all of them from t_max (default T-1) for ddpm,
+        DDIM's sub-sequence, or the DPM-Solvers' spacing."""
+        if sampler == "ddpm":
+            return list(range(self.T - 1 if t_max is None else t_max, -1, -1))
+        if sampler == "ddim":
+            return self.ddim_timesteps(steps, t_max).flip(0).tolist()
+        if sampler in ("dpm++", "dpm++sde"):
+            return self.dpm_timesteps(steps, spacing, t_max).tolist()
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+    def sample(self, model, shape, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, generator=None, x_T=None,
+               clip=True, var_type="beta", device=None, callback=None, spacing="logsnr", t_max=None):
+        """Draw samples (B, C, H, W) with `sampler` from x_T, or from fresh noise of `shape` (drawn here, with `generator`,
+        and nowhere else). t_max: start the reverse process at that index instead of T-1, from x_T as the chain's state
+        there (SDEdit). The defaults are the project's default sampler: DDIM, 20 steps, eta 1."""
+        if x_T is None:
+            x_T = torch.randn(shape, generator=generator, device=device or (generator.device if generator is not None else "cpu"))
+        ts = self.timesteps(sampler, steps, spacing, t_max)
+        if sampler == "ddpm":
+            return self.ddpm_sample(model, x_T, ts, generator, callback, clip, var_type)
+        if sampler == "ddim":
+            return self.ddim_sample(model, x_T, ts, generator, callback, clip, eta)
+        return self.dpm_solver_sample(model, x_T, ts, generator, callback, clip, sde=sampler == "dpm++sde")
 
     # -------------------------------------------------------------------------
-    # inpainting
+    # editing: inpainting and SDEdit
 
     @staticmethod
     def repaint_path(steps, jump_length=10, jump_n_sample=10):
@@ -334,7 +361,7 @@ class GaussianDiffusion:
         return path
 
     @torch.no_grad()
-    def repaint(self, model, x_known, mask, steps=250, jump_length=10, jump_n_sample=10, generator=None, clip=True, x_T=None):
+    def repaint(self, model, x_T, x_known, mask, steps=250, jump_length=10, jump_n_sample=10, generator=None, clip=True):
         """Inpainting by [RePaint] Algorithm 1 on `steps` of the T timesteps. x_known (B, C, H, W); mask 1 where
         x_known is kept, 0 where the model fills in (broadcast to x_known). A step down is ancestral sampling on
         the sub-sequence (DDIM eta 1, which is DDPM on the respaced chain) for the unknown part and q(x_t | x_0)
@@ -342,7 +369,7 @@ class GaussianDiffusion:
         Returns the clean image, which equals x_known exactly where mask is 1."""
         taus, alphas_cumprod = self.ddim_timesteps(steps).tolist(), self.alphas_cumprod.tolist()  # on the host: no GPU sync per step
         alpha_bar = lambda p: alphas_cumprod[taus[p]] if p >= 0 else 1.0  # at a position on tau
-        x = torch.randn(x_known.shape, generator=generator, device=x_known.device) if x_T is None else x_T
+        x = x_T
         path = self.repaint_path(len(taus), jump_length, jump_n_sample)
         for p, q in zip(path[:-1], path[1:]):
             z = torch.randn(x.shape, generator=generator, device=x.device)
@@ -354,6 +381,20 @@ class GaussianDiffusion:
                 r = alpha_bar(q) / alpha_bar(p)
                 x = math.sqrt(r) * x + math.sqrt(1 - r) * z
         return x
+
+    def sdedit(self, model, x_init, strength, noise, **sample_kwargs):
+        """SDEdit [SDEdit] sec. 3: noise the image to t_0 = strength * T with q(x_t0 | x_0) (eq. 4), then run the
+        reverse process from t_0. Strength 0 returns x_init; strength 1 starts from the noise itself, which is
+        plain sampling from that noise. sample_kwargs go to sample()."""
+        if not 0 <= strength <= 1:
+            raise ValueError(f"SDEdit strength must be in [0, 1], got {strength}")
+        n_steps = round(strength * self.T)  # how many of the T forward steps are applied
+        if n_steps == 0:
+            return x_init
+        if n_steps == self.T:
+            return self.sample(model, x_init.shape, x_T=noise, **sample_kwargs)
+        t0 = torch.full((x_init.shape[0],), n_steps - 1, device=x_init.device, dtype=torch.long)
+        return self.sample(model, x_init.shape, x_T=self.q_sample(x_init, t0, noise), t_max=n_steps - 1, **sample_kwargs)
 
     # -------------------------------------------------------------------------
     # likelihood: the variational bound of [DDPM] eq. 5, in bits per dimension
@@ -402,38 +443,3 @@ class GaussianDiffusion:
                      for lo, hi in zip(edges[:-1], edges[1:]))
         prior, decoder = self.prior_bpd(x0), term(full(0))
         return dict(prior=prior, vb=vb, decoder=decoder, total=prior + vb + decoder)
-
-    @torch.no_grad()
-    def sample(self, model, shape, sampler="ddim", steps=50, eta=0.0, generator=None, x_T=None, clip=True,
-               var_type="beta", device=None, keep=(), spacing="logsnr", t_max=None):
-        """Draw samples. Returns x_0 (B, C, H, W), or (x_0, frames) where frames lists (t, x_t, x0_hat)
-        for every t in `keep`: x_t is the chain after the step from index t, x0_hat is predicted at t.
-        t_max: start the reverse process at that index instead of T-1, from x_T as the state there (SDEdit)."""
-        if sampler == "ddpm":
-            steps_iter = self.ddpm_sample_progressive(model, shape, generator, x_T, clip, var_type, device, t_max)
-        elif sampler == "ddim":
-            steps_iter = self.ddim_sample_progressive(model, shape, steps, eta, generator, x_T, clip, device, t_max)
-        elif sampler in ("dpm++", "dpm++sde"):
-            steps_iter = self.dpm_solver_sample_progressive(model, shape, steps, generator, x_T, clip, device, spacing,
-                                                            sde=sampler == "dpm++sde", t_max=t_max)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm, ddim, dpm++ or dpm++sde")
-        keep, frames, x = set(keep), [], None
-        for t, x, x0 in steps_iter:
-            if t in keep:
-                frames.append((t, x, x0))
-        return (x, frames) if keep else x
-
-    def sdedit(self, model, x_init, strength, noise, **sample_kwargs):
-        """SDEdit [SDEdit] sec. 3: noise the image to t_0 = strength * T with q(x_t0 | x_0) (eq. 4), then run the
-        reverse process from t_0. Strength 0 returns x_init; strength 1 starts from the noise itself, which is
-        plain sampling from that noise. sample_kwargs go to sample()."""
-        if not 0 <= strength <= 1:
-            raise ValueError(f"SDEdit strength must be in [0, 1], got {strength}")
-        n_steps = round(strength * self.T)  # how many of the T forward steps are applied
-        if n_steps == 0:
-            return x_init
-        if n_steps == self.T:
-            return self.sample(model, x_init.shape, x_T=noise, **sample_kwargs)
-        t0 = torch.full((x_init.shape[0],), n_steps - 1, device=x_init.device, dtype=torch.long)
-        return self.sample(model, x_init.shape, x_T=self.q_sample(x_init, t0, noise), t_max=n_steps - 1, **sample_kwargs)

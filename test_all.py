@@ -316,7 +316,8 @@ def test_repaint_approaches_the_exact_conditional_as_resampling_grows():
     known, mask = torch.tensor([c, 0.0]).expand(2000, 2).clone(), torch.tensor([1.0, 0.0])
     errors = []
     for passes in (1, 3, 10):
-        x = d.repaint(oracle_2d(d), known, mask, 200, 10, passes, torch.Generator().manual_seed(0), clip=False)
+        g = torch.Generator().manual_seed(0)
+        x = d.repaint(oracle_2d(d), torch.randn(known.shape, generator=g), known, mask, 200, 10, passes, g, clip=False)
         assert torch.equal(x[:, 0], known[:, 0])  # the known part is the input, exactly
         errors.append((abs(x[:, 1].mean().item() - want_mean), abs(x[:, 1].std().item() - want_std)))
     # no resampling is far off (it keeps much of the marginal N(-0.1, 0.6^2)); each resampling pass moves it closer
@@ -447,7 +448,7 @@ def test_order_of_accuracy_second_for_dpm_solver_first_for_ddim():
     exact = k0 * v(ab[0]) / v(ab[999])
     x_T = torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1)
     def error(sampler, steps):
-        x = d.sample(oracle(d), x_T.shape, sampler, steps=steps, x_T=x_T, clip=False).double().flatten()
+        x = d.sample(oracle(d), x_T.shape, sampler, steps=steps, eta=0.0, x_T=x_T, clip=False).double().flatten()
         return abs((x[1] - x[0]).item() / 2 - exact)  # the slope of the affine map: the final std
     for sampler, steps, lo, hi in [("dpm++", (20, 40, 80), 3.0, 5.0), ("ddim", (20, 40, 80), 1.7, 2.3)]:
         errs = [error(sampler, n) for n in steps]
@@ -540,10 +541,21 @@ def test_min_snr_weighting():
     torch.testing.assert_close(loss.double(), (5.0 / snr).clamp(max=1.0), rtol=1e-5, atol=0)
 
 
-def test_intermediate_frames():
-    d = D.GaussianDiffusion(100, "linear")
-    x, frames = d.sample(oracle(d), (4, 1, 2, 2), "ddim", steps=10, keep={99, 0}, generator=torch.Generator().manual_seed(0))
-    assert [t for t, _, _ in frames] == [99, 0] and torch.equal(frames[-1][1], x)
+@pytest.mark.parametrize("sampler", D.SAMPLERS)
+def test_every_sampler_reports_each_step_to_its_callback(sampler):
+    d, frames = D.GaussianDiffusion(100, "linear"), []
+    x = d.sample(oracle(d), (4, 1, 2, 2), sampler, steps=10, generator=torch.Generator().manual_seed(0),
+                 callback=lambda t, x_t, x0: frames.append((t, x_t, x0)))
+    ts = [t for t, _, _ in frames]
+    assert ts == d.timesteps(sampler, 10) and ts[0] == 99 and ts[-1] == 0 and torch.equal(frames[-1][1], x)
+    assert len(ts) == (100 if sampler == "ddpm" else 10)
+
+
+def test_the_library_default_sampler_is_the_scripts_default():
+    # sample.py, train.py's grids and diffusion.sample all use one default: DDIM, 20 steps, eta 1
+    import inspect
+    p = inspect.signature(D.GaussianDiffusion.sample).parameters
+    assert (p["sampler"].default, p["steps"].default, p["eta"].default) == (D.DEFAULT_SAMPLER, D.DEFAULT_STEPS, D.DEFAULT_ETA) == ("ddim", 20, 1.0)
 
 # -----------------------------------------------------------------------------
 # the U-Net
@@ -574,8 +586,9 @@ def test_presets_parameter_counts_match_readme():
 
 
 def test_indivisible_size_is_rejected():
-    with pytest.raises(ValueError, match="not divisible by 16"):
+    with pytest.raises(ValueError, match="not divisible by 16") as e:
         unet.UNet(unet.preset(72))
+    assert e.value.args[0] == "image_size"  # the field at fault: each script names its own flag for it
 
 
 def test_group_norm_groups_divide_any_width():
@@ -815,13 +828,13 @@ def test_folder_layout_formats_and_holdout(tmp_path):
 def test_celeba_crop_centres_the_marker():
     img = torch.zeros(3, 218, 178, dtype=torch.uint8)
     img[:, 121 - 4:121 + 4, 89 - 4:89 + 4] = 255  # a marker at (x=89, y=121)
-    assert sample.crop_box(178, 218, "auto") == (25, 57, 128, 128)
-    left, top, w, h = sample.crop_box(178, 218, "auto")
+    assert data.crop_box(178, 218, "auto") == (25, 57, 128, 128)
+    left, top, w, h = data.crop_box(178, 218, "auto")
     out = torchvision.transforms.v2.functional.resize(img[:, top:top + h, left:left + w], [32, 32], antialias=True)
     ys, xs = torch.nonzero(out[0] > 60, as_tuple=True)
     assert abs(ys.float().mean() - 15.5) < 0.6 and abs(xs.float().mean() - 15.5) < 0.6
-    assert sample.crop_box(300, 200, "auto") == (50, 0, 200, 200)  # other images: centre square
-    assert sample.crop_box(300, 200, "none") == (0, 0, 300, 200)
+    assert data.crop_box(300, 200, "auto") == (50, 0, 200, 200)  # other images: centre square
+    assert data.crop_box(300, 200, "none") == (0, 0, 300, 200)
 
 
 def test_cache_reuse_and_invalidation(tmp_path):
@@ -941,10 +954,9 @@ def test_batches_are_the_same_for_any_world_size():
         full = one.get(step, g())[0]
         assert full.shape == (8, 3, 4, 4) and full.min() >= -1 and full.max() <= 1
         torch.testing.assert_close(torch.cat([b.get(step, g())[0] for b in two]), full)
-    with pytest.raises(data.DataError, match="divisible"):
-        data.Batches(images, 7, "cpu", seed=0, world=2)
-    with pytest.raises(data.DataError, match="fewer than --batch-size"):
-        data.Batches(images, 64, "cpu", seed=0)
+    for batch, world in ((7, 2), (64, 1)):  # train.py refuses both before it decodes
+        with pytest.raises(ValueError, match="equal shards"):
+            data.Batches(images, batch, "cpu", seed=0, world=world)
 
 
 def run_cli(*args, timeout=240):
@@ -1028,24 +1040,24 @@ def test_resume_is_bit_exact(faces, tmp_path):
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    good = dict(format=train.CKPT_FORMAT, step=1, model={"w": torch.ones(3)})
-    train.save_checkpoint(good, path)
+    good = dict(format=sample.CKPT_FORMAT, step=1, model={"w": torch.ones(3)})
+    sample.save_checkpoint(good, path)
     real_save = torch.save
     def crashing_save(obj, f):
         real_save(obj, f)
         f.truncate(10)  # half-written file, then the write fails
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 12568192 vs 12568080")
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(sample.WriteError, match="cannot write .*ckpt.pt .*--out"):
-        train.save_checkpoint(dict(good, step=2), path)
+    with pytest.raises(data.WriteError, match="cannot write .*ckpt.pt .*--out"):
+        sample.save_checkpoint(dict(good, step=2), path)
     monkeypatch.undo()
-    assert train.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+    assert sample.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(faces, tmp_path, monkeypatch, capsys):
     real_step = train.train_step
-    def diverging(*a):  # from step 5 on, a weight is NaN (a[8] holds the parameters, a[-2] is the step)
-        if a[-2] >= 5:
+    def diverging(*a):  # from step 5 on, a weight is NaN (a[8] holds the parameters, a[10] is the step)
+        if a[10] >= 5:
             with torch.no_grad():
                 a[8][0].fill_(float("nan"))
         return real_step(*a)
@@ -1053,7 +1065,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(faces, tmp_path, monkeyp
     out = str(tmp_path / "nan")
     code, _, _ = main_error(capsys, train.main, train_args(faces, out, "--max-steps", "20", "--ckpt-every", "1"))
     assert "diverged" in str(code) and "was kept" in str(code), code
-    ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ckpt = sample.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -1067,7 +1079,7 @@ def test_ctrl_c_writes_a_checkpoint(faces, tmp_path):
             break
     rest = p.communicate(timeout=120)[0]
     assert p.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
-    assert train.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] >= 2
+    assert sample.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] >= 2
 
 
 def test_bad_checkpoints_get_one_line_errors(faces, tmp_path, capsys):
@@ -1126,8 +1138,8 @@ def test_minutes_under_two_processes_ends_on_time_with_a_checkpoint(faces, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     took = r.stdout.split("the run took ")[1].split()[0]  # e.g. 0m14s
     assert int(took.split("m")[0]) * 60 + int(took.split("m")[1][:-1]) <= 1.1 * 15, r.stdout[-1000:]
-    ckpt = train.load_checkpoint(out)
-    assert ckpt["step"] == ckpt["args"]["max_steps"] > 10 and r.stdout.count("interrupted") == 0
+    ckpt = sample.load_checkpoint(out)
+    assert ckpt["step"] == ckpt["plan"]["total"] > 10 and r.stdout.count("interrupted") == 0
 
 
 def test_resume_takes_the_devices_own_optimizer_settings(faces, tmp_path, monkeypatch):
@@ -1135,17 +1147,17 @@ def test_resume_takes_the_devices_own_optimizer_settings(faces, tmp_path, monkey
     # the resuming device's choice (a CPU checkpoint resumed on a GPU gets the fused AdamW back).
     out = str(tmp_path / "run")
     train.main(train_args(faces, out, "--max-steps", "2"))
-    assert train.load_checkpoint(out)["optimizer"]["param_groups"][0]["fused"] in (False, None)
+    assert sample.load_checkpoint(out)["optimizer"]["param_groups"][0]["fused"] in (False, None)
     monkeypatch.setattr(train, "fused_adamw", lambda device: True)  # a device with a fused AdamW (CPU has one too)
     train.main(train_args(faces, out, "--max-steps", "3", "--resume"))
-    assert train.load_checkpoint(out)["optimizer"]["param_groups"][0]["fused"] is True
+    assert sample.load_checkpoint(out)["optimizer"]["param_groups"][0]["fused"] is True
 
 
 def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     for rank in (0, 1):  # every process of a 2-process torchrun on a 1-GPU machine refuses, rank 0 too
-        with pytest.raises(sample.UsageError, match="--nproc_per_node=1"):
+        with pytest.raises(data.UsageError, match="--nproc_per_node=1"):
             sample.pick_device("cuda", rank, 2)
     assert sample.pick_device("cuda", 0, 1) == torch.device("cuda:0")
 
@@ -1176,21 +1188,21 @@ def test_gpu_memory_budget_is_what_is_free_within_the_process_limit(monkeypatch)
 
 def test_memory_plan_counts_resident_images_and_ddp_buckets(monkeypatch):
     m = unet.UNet(unet.preset(16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,)))
-    run = SimpleNamespace(model=m, diffusion=D.GaussianDiffusion(50), cfg=m.cfg)
+    diffusion = D.GaussianDiffusion(50)
     env = SimpleNamespace(device=torch.device("cpu"), world=1, ddp=False, ctx=contextlib.nullcontext(), log=lambda *a: None)
     args = SimpleNamespace(grad_checkpoint="auto")
-    per_image = 1.25 * train.activation_bytes_per_image(m, run.diffusion, 16, "cpu", env.ctx)
+    per_image = 1.25 * train.activation_bytes_per_image(m, diffusion, 16, "cpu", env.ctx)
     monkeypatch.setattr(train, "device_memory", lambda device: (20 * m.num_params() + 5.5 * per_image) / 0.85)
-    train.plan_memory(args, env, run, 4)
+    train.plan_memory(args, env, m, diffusion, 4)
     assert not m.grad_checkpoint  # 4 images fit in the room for 5.5
-    train.plan_memory(args, env, run, 4, resident_bytes=2 * per_image)
+    train.plan_memory(args, env, m, diffusion, 4, resident_bytes=2 * per_image)
     assert m.grad_checkpoint  # the training images on the device take the room of 2
     # room for 4 images and 2 more bytes per parameter: enough alone, not beside DDP's buckets (4 bytes per parameter)
     monkeypatch.setattr(train, "device_memory", lambda device: (22 * m.num_params() + 4 * per_image) / 0.85)
-    train.plan_memory(args, env, run, 4)
+    train.plan_memory(args, env, m, diffusion, 4)
     assert not m.grad_checkpoint
     env.ddp = True
-    train.plan_memory(args, env, run, 4)
+    train.plan_memory(args, env, m, diffusion, 4)
     assert m.grad_checkpoint
 
 
@@ -1208,7 +1220,7 @@ def test_a_second_sigterm_does_not_cut_the_checkpoint_short(faces, tmp_path):
             break
     rest = p.communicate(timeout=120)[0]
     assert p.returncode == 143 and "checkpoint written" in rest, rest
-    assert train.load_checkpoint(out)["step"] >= 2 and sorted(os.listdir(out)) == ["ckpt.pt", "log.csv"]
+    assert sample.load_checkpoint(out)["step"] >= 2 and sorted(os.listdir(out)) == ["ckpt.pt", "log.csv"]
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
@@ -1233,7 +1245,7 @@ def test_gpu_train_resume_sample_and_bench(faces, tmp_path):
     r = run_cli("train.py", *train_args(faces, out, "--max-steps", "4", "--resume", "--sample-every", "4",
                                         "--sample-steps", "2", "--sample-n", "4"), *gpu)
     assert r.returncode == 0 and "device cuda" in r.stdout and "precision fp32" not in r.stdout, r.stderr[-2000:]
-    ckpt = train.load_checkpoint(out)
+    ckpt = sample.load_checkpoint(out)
     assert ckpt["step"] == 4 and ckpt["optimizer"]["param_groups"][0]["fused"] is True
     assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
     r = run_cli("sample.py", out, "--n", "4", "--steps", "3", "--out", str(tmp_path / "g.png"), *gpu)
@@ -1293,7 +1305,7 @@ def test_unwritable_cache_fails_before_decoding(tmp_path):
     make_folder(str(tmp_path / "imgs"), n=2)
     (tmp_path / "file").write_text("x")
     msgs = []
-    with pytest.raises(sample.WriteError, match="--cache-dir .*cannot write there"):
+    with pytest.raises(data.WriteError, match="--cache-dir .*cannot write there"):
         data.load(str(tmp_path / "imgs"), 8, "all", cache_dir=str(tmp_path / "file" / "cache"), log=msgs.append)
     assert not any("decoding" in m for m in msgs)
 
@@ -1324,7 +1336,7 @@ def test_a_new_run_never_replaces_a_run(faces, tmp_path):
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
     r = run_cli("train.py", *train_args(faces, out, "--max-steps", "3", "--ch", "8", "--overwrite"))
     assert r.returncode == 0, r.stderr
-    assert train.load_checkpoint(out)["model_args"]["ch"] == 8 and [row["step"] for row in log_rows(out) if row["loss"]] == ["1", "2", "3"]
+    assert sample.load_checkpoint(out)["model_args"]["ch"] == 8 and [row["step"] for row in log_rows(out) if row["loss"]] == ["1", "2", "3"]
 
 
 def test_resume_takes_every_setting_from_the_checkpoint(faces, tmp_path):
@@ -1334,7 +1346,7 @@ def test_resume_takes_every_setting_from_the_checkpoint(faces, tmp_path):
     # only --out and --max-steps: data, cache, batch size and model all come from the checkpoint
     r = run_cli("train.py", "--resume", "--out", out, "--max-steps", "5")
     assert r.returncode == 0 and "resuming" in r.stdout and "at batch 6" in r.stdout, r.stdout + r.stderr
-    ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ckpt = sample.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == 5 and ckpt["args"]["batch_size"] == 6 and ckpt["args"]["size"] == 16
     rows = [row for row in log_rows(out) if row["loss"]]
     assert [row["step"] for row in rows] == ["1", "2", "3", "4", "5"]  # each step once
@@ -1361,13 +1373,13 @@ def test_signals_write_a_checkpoint_and_the_hint_resumes(faces, tmp_path, sig, c
     rest = p.communicate(timeout=120)[0]
     assert p.returncode == code and "interrupted" in rest and "Traceback" not in rest, rest
     assert "stopping now and writing a checkpoint" in rest  # acknowledged at once
-    step = train.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
+    step = sample.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
     assert step >= 2
     if sig == signal.SIGINT:  # the printed hint, run exactly as printed (a shell would split it so), continues the run
         hint = shlex.split(rest.split("Continue with: ")[1].splitlines()[0])
         assert hint[:3] == ["python", "train.py", "--resume"]
         r = run_cli(*hint[1:], "--max-steps", str(step + 1))
-        assert r.returncode == 0 and train.load_checkpoint(out)["step"] == step + 1, r.stderr
+        assert r.returncode == 0 and sample.load_checkpoint(out)["step"] == step + 1, r.stderr
 
 
 def test_a_second_ctrl_c_quits_at_once_and_the_next_start_cleans_up(faces, tmp_path):
@@ -1397,7 +1409,7 @@ def test_a_signal_cuts_a_long_step_or_grid_short(faces, tmp_path, monkeypatch, c
     # previous step's, exactly as an uninterrupted run had it then.
     real_step = train.train_step
     def signalled_step(*a):
-        if a[-2] == 3:  # a[-2] is the step index: the signal arrives once this step has begun
+        if a[10] == 3:  # a[10] is the step index: the signal arrives once this step has begun
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*a)
     monkeypatch.setattr(train, "train_step", signalled_step)
@@ -1409,7 +1421,7 @@ def test_a_signal_cuts_a_long_step_or_grid_short(faces, tmp_path, monkeypatch, c
     (ma, ea, oa, sa), (mb, eb, ob, sb) = states(os.path.join(a, "ckpt.pt")), states(os.path.join(b, "ckpt.pt"))
     assert sa == sb == 3 and all(torch.equal(ma[k], mb[k]) and torch.equal(ea[k], eb[k]) for k in ma)
     assert all(torch.equal(oa[i][k], ob[i][k]) for i in ob for k in ob[i])  # the optimizer too
-    assert torch.equal(train.load_checkpoint(a)["rng"]["torch"], train.load_checkpoint(b)["rng"]["torch"])
+    assert torch.equal(sample.load_checkpoint(a)["rng"]["torch"], sample.load_checkpoint(b)["rng"]["torch"])
     # a signal during a long sample grid (1,024 images at 50 steps: minutes) ends the run within seconds, with a checkpoint
     r = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, str(tmp_path / "g"), "--max-steps", "5",
                           "--sample-every", "1", "--sample-n", "1024", "--sample-steps", "50")],
@@ -1441,7 +1453,7 @@ def test_a_first_run_far_beyond_a_day_says_so(monkeypatch, capsys):
 def test_broken_checkpoints_are_refused_on_resume_and_sampling(faces, tmp_path, capsys):
     out = str(tmp_path / "run")
     train.main(train_args(faces, out, "--max-steps", "1"))
-    good = train.load_checkpoint(out)
+    good = sample.load_checkpoint(out)
     cases = {"no_ema": {k: v for k, v in good.items() if k != "ema"},
              "wrong_model": dict(good, model_args=dict(good["model_args"], ch=8)),
              "nan_ema": dict(good, ema={k: v * float("nan") for k, v in good["ema"].items()})}
@@ -1588,7 +1600,7 @@ def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_
     now = [0.0]
     real_step = train.train_step
     def slow_step(*a):
-        now[0] += 0.25 if a[-2] < 60 else 0.5  # a[-2] is the step index
+        now[0] += 0.25 if a[10] < 60 else 0.5  # a[10] is the step index
         return real_step(*a)
     monkeypatch.setattr(train, "train_step", slow_step)
     monkeypatch.setattr(train, "time", type("clock", (), {"time": staticmethod(lambda: now[0])}))
@@ -1599,11 +1611,12 @@ def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_
     assert 200 <= planned <= 240  # 60 s at 4 steps/s, less the probe and a 2% margin
     assert "steps are too few for faces" in printed and "about --minutes 7 on this machine" in printed  # 1,500 steps at 4/s
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    a, steps = ckpt["args"], ckpt["step"]
+    a, plan, steps = ckpt["args"], ckpt["plan"], ckpt["step"]
     assert 0.9 * 60 <= now[0] <= 60  # ended within the budget, not far short of it
     assert "the run will end at step" in printed and steps < 0.8 * planned
-    assert a["max_steps"] == steps and a["lr_decay"] == "cosine"
-    assert a["warmup_steps"] == planned // 10 and a["ema_decay"] == pytest.approx(1 - 10 / steps)
+    assert plan["total"] == steps and plan["lr_decay"] == a["lr_decay"] == "cosine"
+    assert plan["warmup"] == planned // 10 and plan["ema_decay"] == pytest.approx(1 - 10 / steps)
+    assert a["max_steps"] is None and a["warmup"] == 1000 and a["ema_decay"] == 0.9999  # the settings stay as given
     lrs = [float(row["lr"]) for row in log_rows(out) if row["lr"]]
     assert max(lrs) <= 2e-4 and lrs[-1] < 1e-6  # the cosine decay ends at the last step
     # it resumes to the planned end, and the flags that would contradict the budget are refused
@@ -1622,8 +1635,8 @@ def test_minutes_narrows_the_model_only_when_the_budget_needs_it(monkeypatch, mi
     monkeypatch.setattr(train, "MIN_STEPS", min_steps)
     args, given = train.get_args(["--size", "16", "--ch-mult", "1,2", "--attn-res", "8", "--batch-size", "16", "--minutes", minutes])
     env = type("env", (), dict(device=torch.device("cpu"), ctx=contextlib.nullcontext(), world=1, ddp=False, log=print))
-    train.fit_model_to_minutes(args, env)
-    assert (args.ch, args.batch_size, args.dropout) == (ch, batch, dropout)
+    cfg = train.fit_model_to_minutes(args, env)
+    assert (cfg.ch, cfg.batch_size, cfg.dropout) == (ch, batch, dropout) and args.ch is None  # a new settings object
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the workers in /proc")
@@ -1680,7 +1693,7 @@ def test_sdedit_and_interpolation_cli(faces, tmp_path, capsys):
     # strength 0 gives back the init image, preprocessed exactly as training preprocesses it
     sample.main([ck, "--init", init, "--strength", "0", "--n", "2", "--out", str(tmp_path / "s.png"), "--out-dir", str(tmp_path / "s")])
     assert "SDEdit of" in capsys.readouterr().out
-    want = sample.preprocess(init, 16, "auto")
+    want = data.preprocess(init, 16, "auto")
     assert all(torch.equal(torchvision.io.read_image(str(tmp_path / "s" / f"00000{i}.png")), want) for i in range(2))
     # the first interpolation frame is the --seed sample itself, the last is --seed + 1's (DDIM eta 0)
     sample.main([ck, "--interpolate", "5", "--seed", "4", "--out", str(tmp_path / "i.png"), "--out-dir", str(tmp_path / "i")])
@@ -1747,7 +1760,7 @@ def test_attributes_guidance_inpainting_cli(faces, tmp_path, capsys):
     sample.main([ck, "--init", init, "--mask", "center", "--steps", "10", "--jump-length", "3", "--jump-n-sample", "2", "--n", "2",
                  "--attrs", "Smiling=1", "--out", str(tmp_path / "inp.png"), "--out-dir", str(tmp_path / "inp")])
     assert "RePaint inpainting" in capsys.readouterr().out
-    want = sample.preprocess(init, 16, "auto")
+    want = data.preprocess(init, 16, "auto")
     for i in range(2):
         got = torchvision.io.read_image(str(tmp_path / "inp" / f"00000{i}.png"))
         keep = torch.ones(16, 16, dtype=torch.bool)
@@ -1775,7 +1788,7 @@ def test_attributes_guidance_inpainting_cli(faces, tmp_path, capsys):
     sample.main([plain, "--n", "3", "--steps", "4", "--seed", "9", "--out", str(tmp_path / "p.png"), "--out-dir", str(tmp_path / "p")])
     model, diffusion = sample.model_from_checkpoint(sample.load_checkpoint(plain), plain)
     x = diffusion.sample(model.eval(), (3, 3, 16, 16), "ddim", 4, sample.DEFAULT_ETA, torch.Generator().manual_seed(9), device="cpu")
-    assert all(torch.equal(torchvision.io.read_image(str(tmp_path / "p" / f"00000{i}.png")), sample.to_uint8(x)[i]) for i in range(3))
+    assert all(torch.equal(torchvision.io.read_image(str(tmp_path / "p" / f"00000{i}.png")), data.to_uint8(x)[i]) for i in range(3))
 
 
 def test_figure_commands_write_their_files(faces, tmp_path, capsys):

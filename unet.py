@@ -57,21 +57,19 @@ def preset(image_size, **overrides):
 
 
 def check_config(cfg):
-    """Raise ValueError with a one-line fix if the network cannot be built for cfg.image_size."""
+    """Raise ValueError(field, message) if the network cannot be built: the UNetConfig field at fault, and the fix."""
     factor = 2 ** (len(cfg.ch_mult) - 1)
     if cfg.image_size < 1 or cfg.image_size % factor:
-        raise ValueError(f"image size {cfg.image_size} is not divisible by {factor} ({len(cfg.ch_mult) - 1} downsamplings "
-                         f"for ch_mult {','.join(map(str, cfg.ch_mult))}); use a multiple of {factor} or a shorter --ch-mult")
-    for flag, bad in (("--ch", cfg.ch < 1), ("--num-res-blocks", cfg.num_res_blocks < 1),
-                      ("--ch-mult", not cfg.ch_mult or min(cfg.ch_mult) < 1)):
+        raise ValueError("image_size", f"{cfg.image_size} is not divisible by {factor} ({len(cfg.ch_mult) - 1} downsamplings for "
+                         f"ch_mult {','.join(map(str, cfg.ch_mult))}); use a multiple of {factor} or fewer levels")
+    for field, bad in (("ch", cfg.ch < 1), ("num_res_blocks", cfg.num_res_blocks < 1), ("ch_mult", not cfg.ch_mult or min(cfg.ch_mult) < 1)):
         if bad:
-            raise ValueError(f"{flag} must be at least 1{' in every entry' if flag == '--ch-mult' else ''}; "
-                             "drop it to use the preset's (python train.py -h)")
+            raise ValueError(field, f"must be at least 1{' in every entry' if field == 'ch_mult' else ''}")
     if not 0 <= cfg.dropout < 1:
-        raise ValueError(f"--dropout {cfg.dropout:g} must be in [0, 1), e.g. 0.1")
+        raise ValueError("dropout", f"{cfg.dropout:g} must be in [0, 1), e.g. 0.1")
     sizes = [cfg.image_size >> level for level in range(len(cfg.ch_mult))]  # feature-map size at each level
     if any(r not in sizes for r in cfg.attn_res):
-        raise ValueError(f"--attn-res {','.join(map(str, cfg.attn_res))}: the feature maps of a {cfg.image_size}px model are "
+        raise ValueError("attn_res", f"{','.join(map(str, cfg.attn_res))}: the feature maps of a {cfg.image_size}px model are "
                          f"{','.join(map(str, sizes))} wide; pick attention sizes among those")
 
 
