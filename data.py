@@ -579,7 +579,7 @@ class Parser(argparse.ArgumentParser):
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
+def get_args(argv=None):
     p = Parser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview of the crop.")
     p.add_argument("--data", required=True, help="CelebA root (torchvision or Kaggle layout) or any folder of images")
     p.add_argument("--size", type=positive(int), default=64, help="image size after crop and resize")
@@ -592,7 +592,11 @@ def main(argv=None):
     p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images here ('' to skip)")
     p.add_argument("--export", default=None, metavar="DIR", help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
     p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into --data")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
     try:
         if args.download:
             download(args.data)

@@ -598,7 +598,7 @@ def periodic(cfg, env, run, log, last, stop, t0):
         run.elapsed = time.time() - t0
         saved = checkpoint(cfg, env, run, ckpt_path, loss_sum)
         env.log(f"step {step} | checkpoint {ckpt_path}" if saved else f"step {step} | weights not finite: checkpoint not written")
-        if last and cfg.minutes:
+        if last and cfg.minutes and not env.ckpt:
             env.log(f"--minutes {cfg.minutes:g}: the run took {fmt_time(time.time() - env.t_start)} from start to this checkpoint")
         if stop:
             env.log(f"interrupted by {signal.Signals(stop).name} at step {step}"
