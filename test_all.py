@@ -1494,34 +1494,32 @@ def test_signals_write_a_checkpoint_and_the_hint_resumes(faces, tmp_path, sig, c
         assert r.returncode == 0 and sample.load_checkpoint(out)["step"] == step + 1, r.stderr
 
 
-def test_a_second_sigterm_does_not_cut_the_checkpoint_short(faces, tmp_path):
-    # Slurm signals every process and torchrun forwards the signal again: the second one must not kill the
-    # process while it writes the checkpoint. The first is acknowledged at once.
-    out = str(tmp_path / "run")
+def signal_twice(faces, out, sig):
+    """Start a long training run, signal it after step 2, and again once it has acknowledged the first.
+    -> (the process, ended, and what it printed after the acknowledgement)."""
     p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
                          cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in p.stdout:
         if "step 2/" in line:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(sig)
         if "stopping now" in line or "stopping after this step" in line:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(sig)
             break
-    rest = p.communicate(timeout=120)[0]
+    return p, p.communicate(timeout=120)[0]
+
+
+def test_a_second_sigterm_does_not_cut_the_checkpoint_short(faces, tmp_path):
+    # Slurm signals every process and torchrun forwards the signal again: the second one must not kill the
+    # process while it writes the checkpoint. The first is acknowledged at once.
+    out = str(tmp_path / "run")
+    p, rest = signal_twice(faces, out, signal.SIGTERM)
     assert p.returncode == 143 and "checkpoint written" in rest, rest
     assert sample.load_checkpoint(out)["step"] >= 2 and sorted(os.listdir(out)) == ["ckpt.pt", "log.csv"]
 
 
 def test_a_second_ctrl_c_quits_at_once_and_the_next_start_cleans_up(faces, tmp_path):
     out = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
-                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:
-        if "step 2/" in line:
-            p.send_signal(signal.SIGINT)
-        if "stopping now" in line:
-            p.send_signal(signal.SIGINT)
-            break
-    p.communicate(timeout=120)
+    p, _ = signal_twice(faces, out, signal.SIGINT)
     assert p.returncode in (-signal.SIGINT, 130)  # killed by the second Ctrl-C, or done just before it
     # what a process killed mid-write leaves: a temporary file whose process is gone (pid_max is below 2^22 + 1);
     # one of a live process (this one) is another writer's and stays
@@ -1931,3 +1929,16 @@ def test_readme_commands_parse_with_the_current_flags():
                 assert e.code == 0, line
             commands += 1
     assert commands >= 20, commands
+
+
+def test_every_table_row_has_its_tables_number_of_cells():
+    # a stray | (an unescaped one inside backticks, say) silently breaks a markdown table
+    import re
+    for name, text in doc_text().items():
+        lines = text.splitlines()
+        for i in range(len(lines) - 1):
+            if lines[i].startswith("|") and re.fullmatch(r"\|( ?-+ ?\|)+", lines[i + 1].strip()):
+                cells, j = lines[i].count("|"), i + 2
+                while j < len(lines) and lines[j].startswith("|"):
+                    assert lines[j].count("|") - lines[j].count("\\|") == cells, (name, j + 1, lines[j])
+                    j += 1
