@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torchvision
 from PIL import Image, ImageDraw
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 import data
@@ -35,12 +36,14 @@ DEFAULT_GUIDANCE = 3.0  # classifier-free guidance weight: the largest measured 
 REPAINT_STEPS = 250  # RePaint's face setting: 250 steps, jump length 10, 10 resamplings
 # the flags that apply to some samplers only ("repaint" is --mask's): given to another, they are an error, not ignored
 SAMPLER_FLAGS = {"eta": ("ddim",), "var": ("ddpm",), "spacing": ("dpm++", "dpm++sde"), "steps": ("ddim", "dpm++", "dpm++sde", "repaint")}
-FIGURES = ("forward", "reverse", "schedules", "loss")
+FIGURES = ("forward", "reverse", "attention", "schedules", "loss")
 FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # the forward strip's timesteps at T = 1000 (scaled for other T)
 # --mask regions as (top, bottom, left, right) fractions of the image, filled in by the model; eyes and mouth are placed
 # for aligned CelebA faces, under the DDIM crop and the whole frame alike
 MASKS = dict(center=(0.25, 0.75, 0.25, 0.75), top=(0, 0.5, 0, 1), bottom=(0.5, 1, 0, 1), left=(0, 1, 0, 0.5),
              right=(0, 1, 0.5, 1), eyes=(0.33, 0.57, 0.15, 0.85), mouth=(0.62, 0.84, 0.28, 0.72))
+# --figure attention's query positions, (y, x) fractions of an aligned CelebA face, as MASKS places the eyes and mouth
+QUERIES = dict(eye=(0.45, 0.36), mouth=(0.73, 0.5), background=(0.06, 0.06))
 
 
 class CheckpointError(Exception):
@@ -77,7 +80,7 @@ def run(args):
     if args.bench:
         return bench(job)
     if args.figure:
-        return figure_forward(job) if args.figure == "forward" else figure_reverse(job)
+        return {"forward": figure_forward, "reverse": figure_reverse, "attention": figure_attention}[args.figure](job)
     if args.interpolate:
         return interpolate(job)
     if args.compare:
@@ -261,6 +264,10 @@ def get_args(argv=None):
     p.add_argument("--attrs", default=None, metavar="NAME=0|1,...",
                    help="ask a model trained with --attrs for attributes, e.g. 'Smiling=1,Eyeglasses=0' (1 present, 0 absent); "
                         "the others are left free")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="ask for attributes in plain words, e.g. 'a smiling blond woman with glasses, no hat': a parser over "
+                        "CelebA's 40 attribute names and their common phrasings, with negation (no, not, without); it prints "
+                        "what it understood and what it ignored (instead of --attrs)")
     p.add_argument("--guidance", type=real, default=None,
                    help=f"classifier-free guidance weight W for --attrs/--compare: 1 the conditional model alone, larger follows the "
                         f"attributes more strictly at some cost in variety (default: {DEFAULT_GUIDANCE:g})")
@@ -275,7 +282,8 @@ def get_args(argv=None):
     p.add_argument("--figure", default=None, choices=FIGURES,
                    help="instead of samples, write a figure to --out: forward (one face noised under each schedule; the face is "
                         "--init or the model's own), reverse (x_t and predicted x0 along the sampler for up to 8 faces, and a GIF "
-                        "of every step beside --out), schedules (alpha_bar and log-SNR against t), loss (the run's log.csv)")
+                        "of every step beside --out), attention (where the self-attention of an eye, the mouth and the "
+                        "background looks, at four t), schedules (alpha_bar and log-SNR against t), loss (the run's log.csv)")
     p.add_argument("--bench", action="store_true", help="time sampling with a randomly initialised model of --size")
     p.add_argument("--size", type=positive(int), default=None, help="image size for --bench, whose preset model it times (default: 64)")
     return p.parse_args(argv)
@@ -329,8 +337,10 @@ def check_modes(args):
         raise UsageError("--mask (inpainting) and --strength (SDEdit) do not go together; use one of them")
     if args.mask is not None and args.sampler is not None:
         raise UsageError(f"--mask samples with RePaint's own ancestral steps, not --sampler {args.sampler}; drop --sampler")
-    if args.guidance is not None and args.attrs is None and args.compare is None:
-        raise UsageError("--guidance weighs the attributes asked for: add --attrs NAME=1 (or --compare NAME)")
+    if args.prompt is not None and args.attrs is not None:
+        raise UsageError("--prompt and --attrs both ask for attributes; use one of them")
+    if args.guidance is not None and args.attrs is None and args.compare is None and args.prompt is None:
+        raise UsageError("--guidance weighs the attributes asked for: add --attrs NAME=1 (or --prompt TEXT, or --compare NAME)")
     if args.interpolate and (args.init is not None or args.compare is not None):
         raise UsageError(f"--interpolate and {'--init' if args.init is not None else '--compare'} do not go together; use one of them")
     if args.interpolate and args.sampler in ("ddpm", "dpm++sde"):
@@ -380,7 +390,20 @@ def check_outputs(args):
 
 
 def parse_attrs(args, attr_names):
-    """--attrs 'Smiling=1,Eyeglasses=0' and --compare -> (K,) float in {+1, -1, 0}, or None: the model's unconditional path."""
+    """--attrs 'Smiling=1,Eyeglasses=0' (or --prompt's words) and --compare -> (K,) float in {+1, -1, 0}, or None: the
+    model's unconditional path."""
+    if args.prompt is not None:
+        asked, understood, ignored = parse_prompt(args.prompt)
+        if not asked:
+            raise UsageError(f"--prompt {args.prompt!r}: no word of it names a CelebA attribute; try words such as smiling, "
+                             "man, woman, blond, glasses, beard, hat, young, old (or --attrs NAME=1)")
+        missing = [a for a in asked if a not in attr_names]
+        if missing:
+            raise UsageError(f"--prompt: {understood[missing[0]]!r} asks for {missing[0]}, which this model was not trained on; "
+                             f"it knows {','.join(attr_names) or 'no attributes'}")
+        print(f"prompt: understood {', '.join(f'{a}={v} ({understood[a]!r})' for a, v in asked.items())}; "
+              f"ignored {', '.join(repr(w) for w in ignored) or 'nothing'}")
+        args.attrs = ",".join(f"{a}={v}" for a, v in asked.items())
     if args.attrs is None and args.compare is None:
         return None
     names = list(attr_names)
@@ -426,6 +449,69 @@ def load_mask(args, size, device):
             print(f"note: --mask {args.mask} is {sizes[0][0]}x{sizes[0][1]} and --init {args.init} {sizes[1][0]}x{sizes[1][1]}; "
                   f"each is cropped and resized to {size}x{size} on its own, so the mask lines up only if it was drawn on the same frame")
     return (1 - fill).view(1, 1, size, size).to(device)
+
+
+# --prompt: plain words -> CelebA attributes. A parser over the attributes' names and their common phrasings, not a
+# language model: a text encoder would be a dependency (and a download) this project keeps out on purpose.
+PHRASES = {  # phrase -> (attribute, value); each attribute is also reachable by its own name, underscores as spaces
+    "5 o clock shadow": ("5_o_Clock_Shadow", 1), "five o clock shadow": ("5_o_Clock_Shadow", 1), "stubble": ("5_o_Clock_Shadow", 1),
+    "arched eyebrows": ("Arched_Eyebrows", 1), "attractive": ("Attractive", 1), "beautiful": ("Attractive", 1), "handsome": ("Attractive", 1),
+    "bags under the eyes": ("Bags_Under_Eyes", 1), "bags under eyes": ("Bags_Under_Eyes", 1), "bald": ("Bald", 1),
+    "bangs": ("Bangs", 1), "fringe": ("Bangs", 1), "big lips": ("Big_Lips", 1), "full lips": ("Big_Lips", 1),
+    "big nose": ("Big_Nose", 1), "large nose": ("Big_Nose", 1), "black hair": ("Black_Hair", 1), "black haired": ("Black_Hair", 1),
+    "blond": ("Blond_Hair", 1), "blonde": ("Blond_Hair", 1), "blond hair": ("Blond_Hair", 1), "blonde hair": ("Blond_Hair", 1),
+    "blurry": ("Blurry", 1), "blurred": ("Blurry", 1), "out of focus": ("Blurry", 1), "sharp": ("Blurry", 0),
+    "brown hair": ("Brown_Hair", 1), "brown haired": ("Brown_Hair", 1), "brunette": ("Brown_Hair", 1),
+    "bushy eyebrows": ("Bushy_Eyebrows", 1), "thick eyebrows": ("Bushy_Eyebrows", 1), "chubby": ("Chubby", 1), "plump": ("Chubby", 1),
+    "double chin": ("Double_Chin", 1), "eyeglasses": ("Eyeglasses", 1), "glasses": ("Eyeglasses", 1), "spectacles": ("Eyeglasses", 1),
+    "sunglasses": ("Eyeglasses", 1), "goatee": ("Goatee", 1), "gray hair": ("Gray_Hair", 1), "grey hair": ("Gray_Hair", 1),
+    "gray haired": ("Gray_Hair", 1), "grey haired": ("Gray_Hair", 1), "white hair": ("Gray_Hair", 1),
+    "heavy makeup": ("Heavy_Makeup", 1), "makeup": ("Heavy_Makeup", 1), "make up": ("Heavy_Makeup", 1), "high cheekbones": ("High_Cheekbones", 1),
+    "man": ("Male", 1), "men": ("Male", 1), "male": ("Male", 1), "boy": ("Male", 1), "guy": ("Male", 1), "gentleman": ("Male", 1), "he": ("Male", 1),
+    "woman": ("Male", 0), "women": ("Male", 0), "female": ("Male", 0), "girl": ("Male", 0), "lady": ("Male", 0), "she": ("Male", 0),
+    "open mouth": ("Mouth_Slightly_Open", 1), "mouth open": ("Mouth_Slightly_Open", 1), "parted lips": ("Mouth_Slightly_Open", 1),
+    "mustache": ("Mustache", 1), "moustache": ("Mustache", 1), "narrow eyes": ("Narrow_Eyes", 1), "squinting": ("Narrow_Eyes", 1),
+    "beard": ("No_Beard", 0), "bearded": ("No_Beard", 0), "clean shaven": ("No_Beard", 1), "beardless": ("No_Beard", 1),
+    "oval face": ("Oval_Face", 1), "pale": ("Pale_Skin", 1), "pale skin": ("Pale_Skin", 1), "pointy nose": ("Pointy_Nose", 1),
+    "pointed nose": ("Pointy_Nose", 1), "receding hairline": ("Receding_Hairline", 1), "rosy cheeks": ("Rosy_Cheeks", 1),
+    "sideburns": ("Sideburns", 1), "smiling": ("Smiling", 1), "smile": ("Smiling", 1), "smiles": ("Smiling", 1), "grinning": ("Smiling", 1),
+    "happy": ("Smiling", 1), "serious": ("Smiling", 0), "frowning": ("Smiling", 0), "straight hair": ("Straight_Hair", 1),
+    "wavy hair": ("Wavy_Hair", 1), "wavy": ("Wavy_Hair", 1), "curly hair": ("Wavy_Hair", 1), "curly": ("Wavy_Hair", 1),
+    "earrings": ("Wearing_Earrings", 1), "hat": ("Wearing_Hat", 1), "cap": ("Wearing_Hat", 1), "lipstick": ("Wearing_Lipstick", 1),
+    "necklace": ("Wearing_Necklace", 1), "necktie": ("Wearing_Necktie", 1), "tie": ("Wearing_Necktie", 1),
+    "young": ("Young", 1), "youthful": ("Young", 1), "old": ("Young", 0), "older": ("Young", 0), "elderly": ("Young", 0), "aged": ("Young", 0),
+}
+NEGATIONS = {"no", "not", "without", "non", "never"}
+FILLER = {"a", "an", "the", "with", "and", "of", "face", "person", "portrait", "photo", "picture", "who", "is", "has", "having", "wearing",
+          "in", "on", "her", "his", "very", "slightly", "some", "looking", "but", "or"}
+
+
+def parse_prompt(text):
+    """Plain words -> ({attribute: 1 or 0}, {attribute: the words that asked for it}, [ignored words]). A negation (no,
+    not, without) flips the next attribute phrase of its clause (clauses end at commas and at 'and', 'but', 'with').
+    An attribute asked for both ways is an error."""
+    phrases = {**{name.lower().replace("_", " "): (name, 1) for name, _ in PHRASES.values()}, **PHRASES}
+    phrases["no beard"] = ("No_Beard", 1)  # CelebA's own name, which the negation would otherwise flip
+    text = text.lower().replace("n't", " not").replace("'", " ").replace("-", " ")
+    words = text.replace(",", " , ").replace(".", " , ").replace(";", " , ").split()
+    asked, understood, ignored, negation, i = {}, {}, [], None, 0
+    while i < len(words):
+        n = next((n for n in (5, 4, 3, 2, 1) if " ".join(words[i:i + n]) in phrases), 0)
+        if n == 0:  # a negation, a word between phrases, or one it does not know
+            w = words[i]
+            negation = w if w in NEGATIONS else None if w in (",", "and", "but", "with") else negation
+            if w not in NEGATIONS | FILLER | {","}:
+                ignored.append(w)
+            i += 1
+            continue
+        said = " ".join(words[i:i + n])
+        (name, value), i = phrases[said], i + n
+        if negation and said != "no beard":
+            value, said = 1 - value, f"{negation} ... {said}"
+        if name in asked and asked[name] != value:
+            raise UsageError(f"--prompt asks for {name} both ways ({understood[name]!r} and {said!r}); ask for one")
+        asked[name], understood[name], negation = value, said, None
+    return asked, understood, ignored
 
 
 def load_image(args, size, device):
@@ -629,6 +715,55 @@ def figure_reverse(job):
     gif = [face_grid([x, p], [label] + [""] * (n - 1), ["x_t", "x0_hat"], scale) for label, x, p in steps]
     save_figure(args, gif[0], os.path.splitext(args.out)[0] + ".gif", save_all=True, append_images=gif[1:],
                 duration=[100] * (len(gif) - 1) + [2000], loop=0)
+
+
+@torch.no_grad()
+def attention_maps(job, x_T, timesteps):
+    """Sample one face from x_T (1, 3, H, W), recording at each of `timesteps` the attention weights of the finest
+    attention maps (averaged over their layers and heads) for each of QUERIES. -> (the face (1, 3, H, W) uint8,
+    maps (len(QUERIES), len(timesteps), r, r): each a distribution over the r x r positions)."""
+    model = getattr(job.model, "_orig_mod", job.model)  # hooks need the eager modules
+    r = max(model.cfg.attn_res)
+    queries = [round(y * (r - 1)) * r + round(x * (r - 1)) for y, x in QUERIES.values()]
+    now, maps = [None], {t: [] for t in timesteps}
+    def hook(module, inputs, output):
+        x = inputs[0]
+        if x.shape[-1] == r and now[0] in maps:  # the first image of the batch (the conditional half under guidance)
+            maps[now[0]].append(module.weights(x[:1].float())[0].mean(0)[queries])  # (Q, r*r)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, unet.Attention)]
+    def model_at(x, t, *a):
+        now[0] = int(t[0])
+        return job.model(x, t, *a)
+    try:
+        face = draw(Job(**{**vars(job), "model": model_at}), 1, x_T)
+    finally:
+        for h in handles:
+            h.remove()
+    return face, torch.stack([torch.stack(maps[t]).mean(0) for t in timesteps], 1).view(len(queries), len(timesteps), r, r)
+
+
+def figure_attention(job):
+    """For one generated face: where the finest self-attention (16x16 in the presets) of an eye, the mouth and the
+    background looks, at four timesteps from noisy to clean (a row per query; red where it looks, the query boxed)."""
+    ts = job.diffusion.timesteps(job.args.sampler, job.args.steps, job.args.spacing)
+    ts = [ts[round(i * (len(ts) - 1) / 3)] for i in range(4)]
+    x_T = torch.randn((1, 3, job.size, job.size), generator=job.generator, device=job.device)
+    face, maps = attention_maps(job, x_T, ts)
+    scale, colours = max(1, 128 // job.size), torch.tensor([[0, 255, 255], [255, 255, 0], [0, 255, 0]], dtype=torch.uint8)
+    big = face[0].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, S, S)
+    grey = big.float().mean(0, keepdim=True).expand(3, -1, -1)
+    rows = []
+    for q, (y, x) in enumerate(QUERIES.values()):
+        cells = [big.clone()]
+        for m in maps[q]:
+            a = F.interpolate(m[None, None] / m.max(), size=big.shape[1:], mode="bilinear")[0].clamp(0, 1)  # (1, S, S)
+            cells.append((grey * (1 - a) + torch.tensor([255.0, 0, 0]).view(3, 1, 1) * a).round().to(torch.uint8))
+        cy, cx, half = round(y * (big.shape[1] - 1)), round(x * (big.shape[2] - 1)), max(2, scale)
+        for c in cells:  # a box around the query position
+            box = c[:, max(cy - half, 0):cy + half + 1, max(cx - half, 0):cx + half + 1]
+            box[:, [0, -1], :], box[:, :, [0, -1]] = colours[q].view(3, 1, 1), colours[q].view(3, 1, 1)
+        rows.append(torch.stack(cells))
+    save_figure(job.args, face_grid(rows, ["face"] + [f"t={t}" for t in ts], list(QUERIES), 1))
 
 
 def figure_schedules(args):

@@ -1840,6 +1840,62 @@ def test_attribute_and_inpainting_flag_errors(cond_run, tiny_run, tmp_path, caps
     assert code == 2 and "unconditional model" in err
 
 
+CELEBA_ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair Blond_Hair "
+                "Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup High_Cheekbones Male "
+                "Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks "
+                "Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace "
+                "Wearing_Necktie Young").split()
+
+
+def test_prompt_reaches_every_celeba_attribute_by_name_and_by_its_phrases():
+    for name in CELEBA_ATTRS:  # the attribute's own name, in words
+        assert sample.parse_prompt(name.replace("_", " "))[0] == {name: 1}, name
+    targets = {a for a, _ in sample.PHRASES.values()}
+    assert targets == set(CELEBA_ATTRS)  # every attribute has phrasings of its own too
+    asked = sample.parse_prompt("a smiling blond woman with glasses, bearded, old")[0]
+    assert asked == {"Smiling": 1, "Blond_Hair": 1, "Male": 0, "Eyeglasses": 1, "No_Beard": 0, "Young": 0}
+
+
+def test_prompt_negation_unknown_words_and_conflicts():
+    asked, understood, ignored = sample.parse_prompt("A man without a beard, not smiling, no hat and wearing a tie; isn't blurry")
+    assert asked == {"Male": 1, "No_Beard": 1, "Smiling": 0, "Wearing_Hat": 0, "Wearing_Necktie": 1, "Blurry": 0}, asked
+    assert understood["Wearing_Hat"] == "no ... hat" and ignored == []
+    assert sample.parse_prompt("no glasses and a smile")[0] == {"Eyeglasses": 0, "Smiling": 1}  # the negation ends with its clause
+    assert sample.parse_prompt("no beard")[0] == {"No_Beard": 1}  # CelebA's own name is not negated twice
+    assert sample.parse_prompt("a pretty purple dragon with glasses") == ({"Eyeglasses": 1}, {"Eyeglasses": "glasses"}, ["pretty", "purple", "dragon"])
+    for text in ("a man and a woman", "smiling but serious", "young and old"):
+        with pytest.raises(data.UsageError, match="both ways"):
+            sample.parse_prompt(text)
+
+
+def test_prompt_cli_says_what_it_understood_and_refuses_what_it_cannot_do(cond_run, tmp_path, capsys):
+    sample.main([cond_run[0], "--prompt", "a smiling young face, lovely", "--steps", "3", "--n", "2", "--out", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert "understood Smiling=1 ('smiling'), Young=1 ('young'); ignored 'lovely'" in out and "Smiling=1,Young=1 with guidance 3" in out
+    for argv, words in [([cond_run[0], "--prompt", "a purple dragon"], "no word of it names"),
+                        ([cond_run[0], "--prompt", "a smiling man"], "'man' asks for Male, which this model was not trained on"),
+                        ([cond_run[0], "--prompt", "smiling", "--attrs", "Young=1"], "use one of them")]:
+        code, _, err = main_error(capsys, sample.main, [*argv, "--out", str(tmp_path / "x.png")])
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_figure_attention_draws_where_each_query_looks(tiny_run, tmp_path):
+    args = sample.get_args([tiny_run, "--steps", "6", "--out", str(tmp_path / "unused.png")])
+    sample.check_flags(args)
+    job = sample.load(args, torch.device("cpu"), contextlib.nullcontext())
+    x_T = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    face, maps = sample.attention_maps(job, x_T, [49, 0])
+    assert face.shape == (1, 3, 16, 16) and maps.shape == (3, 2, 8, 8)  # 3 queries, 2 timesteps, the 8x8 attention maps
+    torch.testing.assert_close(maps.sum((2, 3)), torch.ones(3, 2))  # each a distribution over the positions
+    out = str(tmp_path / "attn.png")
+    sample.main([tiny_run, "--figure", "attention", "--steps", "6", "--out", out])
+    t = TF.pil_to_tensor(Image.open(out).convert("RGB")).int()
+    redness = t[0] - (t[1] + t[2]) // 2
+    left = 8 + 7 * len("background")
+    cell = lambda row, col: redness[16 + row * 130 + 2: 16 + row * 130 + 130, left + col * 130 + 2: left + col * 130 + 130]
+    assert cell(0, 1).float().mean() > cell(0, 0).float().mean() + 20  # the maps are drawn in red over the plain face
+
+
 def grid_face(path, row, col, size=16, scale=4, left=8 + 7 * 6):
     """The face at (row, col) of a figure drawn by face_grid (2-pixel padding, enlarged `scale` times, 16 px of
     labels on top and `left` on the left), read back at its own size: (3, size, size) uint8."""

@@ -118,17 +118,26 @@ class Attention(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x, temb=None):  # x (B, C, H, W)
+    def queries_keys_values(self, x):  # x (B, C, H, W) -> q, k, v, each (B, nh, HW, hs)
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): one token per position
         # The 1x1 convs applied as matmuls over the channels of each token: the output (B, HW, 3C) is contiguous
         # whatever x's memory format, so q, k and v have unit stride in their last dimension, which SDPA's flash
         # kernels need (a reshape of the conv's NCHW output would leave a stride of HW and fall back to math).
         qkv = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
-        q, k, v = qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # each (B, nh, HW, hs)
+        return qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x, temb=None):  # x (B, C, H, W)
+        B, C, H, W = x.shape
+        q, k, v = self.queries_keys_values(x)
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
         h = F.linear(h, self.proj.weight.flatten(1), self.proj.bias)  # (B, HW, C)
         return x + h.transpose(1, 2).view(B, C, H, W)
+
+    def weights(self, x):
+        """Where each position looks: softmax(q k^T / sqrt(hs)), (B, nh, HW, HW). For figures; forward uses SDPA."""
+        q, k, _ = self.queries_keys_values(x)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
 
 
 class ResAttnBlock(nn.Module):
