@@ -1180,16 +1180,32 @@ def test_short_runs_leave_the_warmup_early(faces, tmp_path, capsys):
     assert "more than a tenth" not in capsys.readouterr().out
 
 
+def fake_clock(monkeypatch, seconds_per_step):
+    """train.py's clock, advanced by the training steps alone: nothing then depends on this machine's speed."""
+    now, real_step = [0.0], train.train_step
+    def step(*a):
+        now[0] += seconds_per_step(a[10])  # a[10] is the step index
+        return real_step(*a)
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "time", type("clock", (), {"time": staticmethod(lambda: now[0])}))
+    return now
+
+
+def test_minutes_draws_four_grids_over_the_run(faces, tmp_path, monkeypatch):
+    fake_clock(monkeypatch, lambda step: 0.25)
+    out = str(tmp_path / "run")
+    args = [a for a in train_args(faces, out, "--minutes", "0.5", "--log-every", "10", "--sample-steps", "2", "--sample-n", "4")]
+    del args[args.index("--sample-every"):args.index("--sample-every") + 2]  # as a user runs it: the plan chooses the grids
+    train.main(args)
+    total = sample.load_checkpoint(out)["plan"]["total"]
+    grids = sorted(int(f[8:15]) for f in os.listdir(out) if f.startswith("samples_"))
+    assert grids == sorted({total // 4, 2 * (total // 4), 3 * (total // 4), 4 * (total // 4), total} - {0}), (grids, total)
+
+
 def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_path, monkeypatch, capsys):
     # A fake clock, so nothing here depends on this machine's speed: a training step takes 0.25 s until
     # step 60, then 0.5 s (the machine got busy). The plan from the first steps would overrun by a third.
-    now = [0.0]
-    real_step = train.train_step
-    def slow_step(*a):
-        now[0] += 0.25 if a[10] < 60 else 0.5  # a[10] is the step index
-        return real_step(*a)
-    monkeypatch.setattr(train, "train_step", slow_step)
-    monkeypatch.setattr(train, "time", type("clock", (), {"time": staticmethod(lambda: now[0])}))
+    now = fake_clock(monkeypatch, lambda step: 0.25 if step < 60 else 0.5)
     out = str(tmp_path / "run")
     train.main(train_args(faces, out, "--minutes", "1", "--log-every", "10", "--warmup", "1000"))
     printed = capsys.readouterr().out

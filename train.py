@@ -229,11 +229,13 @@ class Env:
 
 @dataclass
 class Plan:
-    """The schedule: steps in all (inf until --minutes has timed the first steps), LR warm-up and decay, EMA decay."""
+    """The schedule: steps in all (inf until --minutes has timed the first steps), LR warm-up and decay, EMA decay,
+    and the steps between sample grids."""
     total: float
     warmup: int
     lr_decay: str
     ema_decay: float
+    grid_every: int = 0
 
 
 @dataclass
@@ -268,8 +270,10 @@ def setup(args, given):
     env = Env(ddp, rank, world, rank == 0, print if rank == 0 else (lambda *a, **k: None), t_start=time.time())
     cfg = resumed(args, given, env) if args.resume else argparse.Namespace(**vars(args))
     check_args(cfg, given, env)
+    new_minutes = cfg.minutes and not cfg.resume
     cfg = replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)),  # so that --resume works from any folder
-                  lr_decay="cosine" if cfg.minutes and not cfg.resume and "lr_decay" not in given else cfg.lr_decay)  # ends at 0
+                  lr_decay="cosine" if new_minutes and "lr_decay" not in given else cfg.lr_decay,  # ends at 0
+                  sample_every=None if new_minutes and "sample_every" not in given else cfg.sample_every)  # the plan's: 4 grids
     if cfg.dry_run:  # small enough to run anywhere
         cfg = replace(cfg, batch_size=min(cfg.batch_size, 4 * world), sample_steps=min(cfg.sample_steps, 10),
                       sample_n=min(cfg.sample_n, 4), eval_images=min(cfg.eval_images, 16))
@@ -526,9 +530,10 @@ def make_plan(cfg, env, step, steps_per_epoch, given):
         total = math.inf  # until plan_minutes has measured the speed
     else:
         total = steps_per_epoch * cfg.epochs
+    grid_every = cfg.sample_every if cfg.sample_every is not None else saved.get("grid_every", 0) if saved else 0
     if saved:  # the warm-up never takes more than a tenth of the run; kept from the start on resume
-        return Plan(total, saved["warmup"], cfg.lr_decay, saved["ema_decay"])
-    return Plan(total, cfg.warmup if math.isinf(total) else min(cfg.warmup, total // 10), cfg.lr_decay, cfg.ema_decay)
+        return Plan(total, saved["warmup"], cfg.lr_decay, saved["ema_decay"], grid_every)
+    return Plan(total, cfg.warmup if math.isinf(total) else min(cfg.warmup, total // 10), cfg.lr_decay, cfg.ema_decay, grid_every)
 
 
 def model_config(cfg):
@@ -588,7 +593,8 @@ def periodic(cfg, env, run, log, last, stop, t0):
             bpd = val_bpd(cfg, env, run) if cfg.eval_bpd else None
             env.log(f"step {step} | val loss {vl:.4f}" + (f" | val bits/dim <= {bpd:.3f} (estimate)" if bpd else "") + f" ({len(run.val)} images)")
             append_log(log, [step, epoch, "", f"{vl:.6f}", "", "", f"{time.time() - t0:.1f}", f"{bpd:.4f}" if bpd else ""])
-        if ((cfg.sample_every > 0 and step % cfg.sample_every == 0) or (last and (cfg.sample_every > 0 or cfg.dry_run))) and not stop:
+        every = run.plan.grid_every
+        if ((every > 0 and step % every == 0) or (last and (every > 0 or cfg.dry_run))) and not stop:
             env.log(f"step {step} | samples {sample_grid(cfg, env, run)}")
     except Interrupted:
         run.model.train()
@@ -799,8 +805,9 @@ def plan_minutes(cfg, env, run):
     total = fit_minutes(cfg, env, run, steps / seconds if steps >= 10 and seconds >= min(10, 1.2 * cfg.minutes) else 0)
     if total is None:
         return
-    # the warm-up takes a tenth of the run, and the EMA averages about its last tenth
-    run.plan = Plan(total, min(cfg.warmup, total // 10), cfg.lr_decay, min(cfg.ema_decay, 1 - 10 / total))
+    # the warm-up takes a tenth of the run, the EMA averages about its last tenth, and a grid shows each quarter
+    run.plan = Plan(total, min(cfg.warmup, total // 10), cfg.lr_decay, min(cfg.ema_decay, 1 - 10 / total),
+                    cfg.sample_every if cfg.sample_every is not None else max(1, total // 4))
     env.log(f"--minutes {cfg.minutes:g}: {steps / seconds * cfg.batch_size:,.1f} img/s measured: {total:,} steps in all "
             f"({total / run.batches.steps_per_epoch:.2f} epochs), lr warm-up {run.plan.warmup:,} steps then "
             f"{cfg.lr_decay} decay to step {total:,}, EMA decay {run.plan.ema_decay:.5f}")
@@ -815,7 +822,8 @@ def replan_minutes(cfg, env, run, rate):
     """--minutes, at every progress line: if the speed changed (a busy machine), move the end to keep the budget."""
     total = fit_minutes(cfg, env, run, rate)
     if total is not None and abs(total - run.plan.total) > 0.02 * run.plan.total:
-        run.plan = dataclasses.replace(run.plan, total=total, ema_decay=min(cfg.ema_decay, 1 - 10 / total))
+        run.plan = dataclasses.replace(run.plan, total=total, ema_decay=min(cfg.ema_decay, 1 - 10 / total),
+                                       grid_every=cfg.sample_every if cfg.sample_every is not None else max(1, total // 4))
         env.log(f"--minutes {cfg.minutes:g}: now {rate * cfg.batch_size:,.1f} img/s; the run will end at step {total:,} "
                 f"(EMA decay {run.plan.ema_decay:.5f})")
 
@@ -833,11 +841,12 @@ def fit_minutes(cfg, env, run, rate):
 
 def budget_terms(cfg, val, rate):
     """-> (seconds per training step at `rate` steps/s with its share of the periodic grids and evaluations, seconds
-    of the grid and evaluation at the end). A forward pass costs about a third of a training step."""
-    grid = (cfg.sample_n * cfg.sample_steps if cfg.sample_every else 0) / (3 * cfg.batch_size * rate)
+    of the grids and evaluation that do not scale with the steps: the last ones, and the plan's four grids).
+    A forward pass costs about a third of a training step."""
+    grid = (cfg.sample_n * cfg.sample_steps if cfg.sample_every != 0 else 0) / (3 * cfg.batch_size * rate)
     evaluate = (len(val) * (2 + cfg.eval_bpd) if val is not None else 0) / (3 * cfg.batch_size * rate)
     per_step = 1 / rate + (grid / cfg.sample_every if cfg.sample_every else 0) + (evaluate / cfg.eval_every if val is not None else 0)
-    return per_step, grid + evaluate
+    return per_step, (4 if cfg.sample_every is None else 1) * grid + evaluate
 
 # -----------------------------------------------------------------------------
 # memory: plan a step against the device's memory
@@ -1141,7 +1150,8 @@ def make_parser():
     g.add_argument("--out", default="out", help="folder for checkpoints, sample grids and log.csv")
     g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that already holds one, replacing it")
     g.add_argument("--log-every", type=positive(int), default=100, help="print a progress line every N steps")
-    g.add_argument("--sample-every", type=non_negative, default=5000, help="sample grid from fixed noise with the EMA weights every N steps (0: never)")
+    g.add_argument("--sample-every", type=non_negative, default=5000, help="sample grid from fixed noise with the EMA weights every N steps "
+                   "(0: never; --minutes: four over the run, the last at its end, unless given)")
     g.add_argument("--sample-steps", type=positive(int), default=DEFAULT_STEPS, help=f"model evaluations of the default sampler ({DEFAULT_SAMPLER}, eta {DEFAULT_ETA:g}) for those grids")
     g.add_argument("--sample-n", type=positive(int), default=64, help="images in those grids")
     g.add_argument("--eval-every", type=non_negative, default=5000, help="validation loss every N steps (0: never)")
