@@ -1101,7 +1101,7 @@ def test_condition_dropout_rates():
     g = torch.Generator().manual_seed(0)
     attrs = torch.randint(0, 2, (20000, 4), generator=g, dtype=torch.uint8)
     args = SimpleNamespace(p_uncond=0.1, p_drop_attr="uniform")
-    c = train.condition(attrs, g, args, slice(None), len(attrs))
+    c = train.condition(attrs, g, args, slice(None), len(attrs), None)
     assert set(c.unique().tolist()) <= {-1.0, 0.0, 1.0} and torch.equal(c[c != 0], attrs[c != 0].float() * 2 - 1)
     specified = (c != 0).sum(1)
     # dropped whole with p 0.1; otherwise a rate u ~ U(0, 1) makes the number specified uniform on 0..K
@@ -1109,8 +1109,15 @@ def test_condition_dropout_rates():
     want = torch.full((5,), 0.9 / 5, dtype=torch.float64)
     want[0] += 0.1
     assert (share - want).abs().max() < 0.015, share
-    c = train.condition(attrs, g, SimpleNamespace(p_uncond=0.0, p_drop_attr=0.25), slice(None), len(attrs))
+    c = train.condition(attrs, g, SimpleNamespace(p_uncond=0.0, p_drop_attr=0.25), slice(None), len(attrs), None)
     assert abs((c == 0).double().mean().item() - 0.25) < 0.01
+    # balanced: an attribute in its rarer state (here: present for the first two, absent for the last two) is only
+    # ever dropped with the whole condition; its other state is dropped at the uniform rate, half of the time
+    rare = torch.tensor([1, 1, 0, 0], dtype=torch.uint8)
+    c = train.condition(attrs, g, SimpleNamespace(p_uncond=0.1, p_drop_attr="balanced"), slice(None), len(attrs), rare)
+    whole, is_rare = (c == 0).all(1), attrs == rare
+    assert abs(whole[is_rare.any(1)].double().mean().item() - 0.1) < 0.01 and (c[~whole][is_rare[~whole]] != 0).all()
+    assert abs((c[~whole][~is_rare[~whole]] == 0).double().mean().item() - 0.5) < 0.02
 
 
 def test_resume_is_bit_exact(faces, tmp_path):

@@ -116,7 +116,7 @@ def loop(cfg, env, run, signals):
         noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[shard]  # line 4
         if cfg.channels_last:
             x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-        fwd = run.fwd if attrs is None else functools.partial(run.fwd, attrs=condition(attrs, gen, cfg, shard, B))
+        fwd = run.fwd if attrs is None else functools.partial(run.fwd, attrs=condition(attrs, gen, cfg, shard, B, run.rare))
         try:
             loss = train_step(fwd, diffusion, x0, t, noise, run.opt, run.scaler, env.ctx, params, ema_params, run.step,
                               cfg.grad_clip, run.plan.ema_decay)  # line 5
@@ -181,15 +181,18 @@ def update_ema(ema_params, params, step, decay):
     torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
 
-def condition(attrs, gen, cfg, shard, batch):
+def condition(attrs, gen, cfg, shard, batch, rare):
     """Condition dropout for classifier-free guidance ([CFG] Algorithm 1, line 3): this rank's (B/world, K) uint8 0/1
     attributes -> floats in {+1 present, -1 absent, 0 unspecified}. Drawn for the whole global batch of `batch`
-    images, of which this rank takes its shard, like every other draw of the step."""
+    images, of which this rank takes its shard, like every other draw of the step. With --p-drop-attr balanced, an
+    attribute in its rarer state (`rare`, (K,): Eyeglasses=1, Young=0) is only dropped with the whole condition."""
     K, device = attrs.shape[1], attrs.device
-    rate = torch.rand(batch, 1, generator=gen, device=device) if cfg.p_drop_attr == "uniform" else cfg.p_drop_attr
-    keep = torch.rand(batch, K, generator=gen, device=device) >= rate  # each attribute on its own
-    keep &= torch.rand(batch, 1, generator=gen, device=device) >= cfg.p_uncond  # the whole condition
-    return (attrs.float() * 2 - 1) * keep[shard]
+    rate = torch.rand(batch, 1, generator=gen, device=device) if cfg.p_drop_attr in ("uniform", "balanced") else cfg.p_drop_attr
+    keep = (torch.rand(batch, K, generator=gen, device=device) >= rate)[shard]  # each attribute on its own
+    if cfg.p_drop_attr == "balanced":
+        keep |= attrs == rare
+    keep &= (torch.rand(batch, 1, generator=gen, device=device) >= cfg.p_uncond)[shard]  # the whole condition
+    return (attrs.float() * 2 - 1) * keep
 
 
 def checkpoint(cfg, env, run, path, loss_sum):
@@ -257,6 +260,7 @@ class Run:
     loss_sum: torch.Tensor = None  # the training loss summed since the last multiple of --log-every
     loss_n: int = 0
     probe: tuple = None  # --minutes: (step, time) where the timing of steps began
+    rare: torch.Tensor = None  # (K,) each attribute's rarer state in the training data (1: present is rarer)
 
 # -----------------------------------------------------------------------------
 # setup: the settings, the processes and the device, and every check that needs no data
@@ -478,7 +482,8 @@ def build(cfg, env, faces, val, given):
     step = ckpt["step"] if ckpt else 0
     run = Run(net, model, ema, opt, scaler, diffusion, fwd, batches, make_plan(cfg, env, step, batches.steps_per_epoch, given),
               *(val or (None, None)), step=step, elapsed=ckpt.get("elapsed", 0.0) if ckpt else 0.0,
-              loss_sum=torch.tensor(ckpt.get("loss_sum", 0.0) if ckpt else 0.0, device=device), loss_n=ckpt.get("loss_n", 0) if ckpt else 0)
+              loss_sum=torch.tensor(ckpt.get("loss_sum", 0.0) if ckpt else 0.0, device=device), loss_n=ckpt.get("loss_n", 0) if ckpt else 0,
+              rare=(faces["cond"].float().mean(0) < 0.5).to(device, torch.uint8) if faces["cond"] is not None else None)
     plan = run.plan
     if math.isinf(plan.total):
         env.log(f"data: {len(batches.images):,} training images, {batches.steps_per_epoch:,} steps per epoch at batch {cfg.batch_size}; "
@@ -1077,12 +1082,12 @@ def int_list(s):
 
 
 def drop_rate(s):
-    """argparse type for --p-drop-attr: 'uniform' or a probability."""
-    if s == "uniform":
+    """argparse type for --p-drop-attr: 'uniform', 'balanced' or a probability."""
+    if s in ("uniform", "balanced"):
         return s
     v = float(s)
     if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be 'uniform' or in [0, 1], got {s}")
+        raise argparse.ArgumentTypeError(f"must be 'uniform', 'balanced' or in [0, 1], got {s}")
     return v
 
 
@@ -1094,7 +1099,9 @@ def add_attribute_flags(p):
                    "(trains the unconditional model that classifier-free guidance needs)")
     g.add_argument("--p-drop-attr", type=drop_rate, default="uniform",
                    help="probability that each attribute is dropped on its own, so that any subset can be asked for: a number, or "
-                        "'uniform': a rate drawn from U(0, 1) per image, which makes the number of specified attributes uniform on 0..K")
+                        "'uniform': a rate drawn from U(0, 1) per image, which makes the number of specified attributes uniform on 0..K; "
+                        "'balanced': as uniform, but an attribute in its rarer state (Eyeglasses=1, Young=0) is kept unless the "
+                        "whole condition is dropped")
 
 
 def make_parser():
