@@ -598,8 +598,9 @@ def test_output_depends_on_t():
     assert not torch.allclose(m(x, torch.tensor([1, 1])), m(x, torch.tensor([500, 500])), atol=1e-4)
 
 
-def test_conditional_unet_with_the_condition_dropped_is_its_unconditional_path():
-    m = perturbed(unet.UNet(tiny_config(attrs=("Smiling", "Male", "Young")))).eval()
+@pytest.mark.parametrize("film", [False, True])
+def test_conditional_unet_with_the_condition_dropped_is_its_unconditional_path(film):
+    m = perturbed(unet.UNet(tiny_config(attrs=("Smiling", "Male", "Young"), attr_film=film))).eval()
     x, t = torch.randn(4, 3, 16, 16), torch.tensor([3, 40, 300, 999])
     attrs = torch.tensor([[1.0, 0, -1], [0, 1, 0], [-1, -1, -1], [0, 0, 0]])
     assert torch.equal(m(x, t), m(x, t, torch.zeros(4, 3)))  # every attribute unspecified adds exactly nothing
@@ -612,17 +613,20 @@ def test_conditional_unet_with_the_condition_dropped_is_its_unconditional_path()
     # an unconditional model keeps exactly its parameters: a checkpoint's model_args from before `attrs` existed still load
     plain = unet.UNet(tiny_config())
     old_args = {k: v for k, v in unet.config_dict(plain.cfg).items() if k != "attrs"}
+    old_args = {k: v for k, v in old_args.items() if k != "attr_film"}
     unet.build(old_args).load_state_dict(plain.state_dict())
-    assert set(m.state_dict()) - set(plain.state_dict()) == {"attr_emb.weight"}
+    extra = set(m.state_dict()) - set(plain.state_dict())
+    assert extra == {"attr_emb.weight"} | ({k for k in m.state_dict() if ".film." in k} if film else set()), extra
 
 
-def test_every_parameter_gets_a_gradient():
-    m = unet.UNet(tiny_config(attn_res=(16, 8)))
+@pytest.mark.parametrize("attrs", [(), ("Smiling", "Male")])
+def test_every_parameter_gets_a_gradient(attrs):
+    m = unet.UNet(tiny_config(attn_res=(16, 8), attrs=attrs, attr_film=bool(attrs)))
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    x, t, a = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([[1.0, -1.0], [-1.0, 0.0]])
     for _ in range(3):  # zero-initialised layers (conv_out, then each block's conv2) pass gradient on one step later
         opt.zero_grad()
-        (m(x, t) - x).pow(2).mean().backward()
+        (m(x, t, a if attrs else None) - x).pow(2).mean().backward()
         opt.step()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

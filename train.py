@@ -376,7 +376,7 @@ def check_attribute_flags(cfg, given):
     if cfg.attrs is not None and not cfg.attrs.strip(","):
         raise UsageError("--attrs '': name the attributes to condition on, e.g. --attrs Smiling,Male, or 'all'; "
                          "drop --attrs for an unconditional model")
-    loose = [f for f in ("p_uncond", "p_drop_attr") if f in given and not cfg.attrs]
+    loose = [f for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given and not cfg.attrs]
     if loose:
         raise UsageError(f"--{loose[0].replace('_', '-')} sets how a conditional model drops its attributes; add --attrs NAMES, "
                          f"or drop --{loose[0].replace('_', '-')}")
@@ -543,7 +543,7 @@ def make_plan(cfg, env, step, steps_per_epoch, given):
 
 def model_config(cfg):
     return unet.preset(cfg.size, ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
-                       attn_res=cfg.attn_res, dropout=cfg.dropout)
+                       attn_res=cfg.attn_res, dropout=cfg.dropout, attr_film=cfg.attr_film)
 
 
 def fused_adamw(device):
@@ -1095,6 +1095,8 @@ def add_attribute_flags(p):
     g = p.add_argument_group("attribute conditioning (sample with sample.py --attrs Smiling=1 --guidance W)")
     g.add_argument("--attrs", default=None, help="condition on CelebA attributes from the annotation file: 'all' or names, "
                    "e.g. Smiling,Male,Eyeglasses (default: an unconditional model)")
+    g.add_argument("--attr-film", action="store_true", help="the attributes also scale and shift every residual block's "
+                   "normalised features (FiLM), besides the bias they add with the time embedding")
     g.add_argument("--p-uncond", type=real, default=0.1, help="probability that an image's whole condition is dropped "
                    "(trains the unconditional model that classifier-free guidance needs)")
     g.add_argument("--p-drop-attr", type=drop_rate, default="uniform",

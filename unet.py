@@ -10,7 +10,8 @@ The timestep enters as a sinusoidal embedding, then an MLP, and is added inside 
 A conditional model (cfg.attrs names K binary attributes, e.g. CelebA's Smiling, Male) adds one learned
 vector per attribute and state to that embedding: attrs (B, K) holds +1 (present), -1 (absent) or 0
 (unspecified, which adds nothing). So the unconditional model is the conditional one with every attribute
-unspecified, the state classifier-free guidance (Ho & Salimans 2022) contrasts the condition with.
+unspecified, the state classifier-free guidance (Ho & Salimans 2022) contrasts the condition with. With
+cfg.attr_film the attribute embedding also scales and shifts each ResBlock's normalised features (FiLM).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ class UNetConfig:
     dropout: float = 0.1
     head_dim: int = 64  # attention heads = channels // head_dim (at least 1)
     attrs: tuple = ()  # names of the binary attributes it is conditioned on; () is an unconditional model
+    attr_film: bool = False  # the attributes also scale and shift every ResBlock's normalised features (FiLM)
 
 
 PRESETS = {
@@ -94,7 +96,7 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in, c_out, temb_dim, dropout):
+    def __init__(self, c_in, c_out, temb_dim, dropout, film=False):
         super().__init__()
         self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.temb = nn.Linear(temb_dim, c_out)  # per-channel bias from the time embedding
@@ -102,11 +104,19 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)  # each residual branch starts as the identity
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        if film:  # per-channel scale and shift from the attribute embedding, starting at (1, 0)
+            self.film = nn.Linear(temb_dim, 2 * c_out)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
-    def forward(self, x, temb):  # x (B, c_in, H, W), temb (B, temb_dim) already passed through SiLU
+    def forward(self, x, emb):  # x (B, c_in, H, W); emb: the time embedding (B, temb_dim) after SiLU, or with FiLM
+        temb, aemb = emb if isinstance(emb, tuple) else (emb, None)  # (it, the attribute embedding (B, temb_dim))
         h = self.conv1(F.silu(self.norm1(x)))  # (B, c_out, H, W)
-        h = h + self.temb(temb)[:, :, None, None]  # time injected into every block
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.norm2(h + self.temb(temb)[:, :, None, None])  # time injected into every block
+        if aemb is not None:
+            scale, shift = self.film(aemb)[:, :, None, None].chunk(2, dim=1)  # each (B, c_out, 1, 1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -143,9 +153,9 @@ class Attention(nn.Module):
 class ResAttnBlock(nn.Module):
     """A ResBlock, followed by self-attention when the feature map is in attn_res."""
 
-    def __init__(self, c_in, c_out, temb_dim, dropout, attn, head_dim):
+    def __init__(self, c_in, c_out, temb_dim, dropout, attn, head_dim, film=False):
         super().__init__()
-        self.res = ResBlock(c_in, c_out, temb_dim, dropout)
+        self.res = ResBlock(c_in, c_out, temb_dim, dropout, film)
         self.attn = Attention(c_out, head_dim) if attn else None
 
     def forward(self, x, temb):
@@ -185,13 +195,14 @@ class UNet(nn.Module):
             # Linear's default init gives each vector a norm like the time embedding's; zero-initialised ones
             # stayed ~20x smaller after 1,600 steps and the model barely followed them (REPORT sec. 6)
             self.attr_emb = nn.Linear(2 * len(cfg.attrs), temb_dim, bias=False)
+        film = bool(cfg.attrs) and cfg.attr_film
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         # encoder: remember the channel count of every feature map that becomes a skip connection
         self.down, skips, c, res = nn.ModuleList(), [ch], ch, cfg.image_size
         for level, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(ResAttnBlock(c, ch * mult, temb_dim, cfg.dropout, res in cfg.attn_res, cfg.head_dim))
+                self.down.append(ResAttnBlock(c, ch * mult, temb_dim, cfg.dropout, res in cfg.attn_res, cfg.head_dim, film))
                 c = ch * mult
                 skips.append(c)
             if level != len(cfg.ch_mult) - 1:
@@ -199,14 +210,14 @@ class UNet(nn.Module):
                 skips.append(c)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResAttnBlock(c, c, temb_dim, cfg.dropout, True, cfg.head_dim),
-                                  ResAttnBlock(c, c, temb_dim, cfg.dropout, False, cfg.head_dim)])
+        self.mid = nn.ModuleList([ResAttnBlock(c, c, temb_dim, cfg.dropout, True, cfg.head_dim, film),
+                                  ResAttnBlock(c, c, temb_dim, cfg.dropout, False, cfg.head_dim, film)])
 
         # decoder: each block takes concat(h, skip); one more block per level than the encoder
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.ch_mult))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(ResAttnBlock(c + skips.pop(), ch * mult, temb_dim, cfg.dropout, res in cfg.attn_res, cfg.head_dim))
+                self.up.append(ResAttnBlock(c + skips.pop(), ch * mult, temb_dim, cfg.dropout, res in cfg.attn_res, cfg.head_dim, film))
                 c = ch * mult
             if level != 0:
                 self.up.append(Upsample(c))
@@ -219,10 +230,15 @@ class UNet(nn.Module):
 
     def forward(self, x, t, attrs=None):  # x (B, C, H, W), t (B,) timestep indices 0..T-1, attrs (B, K) in {-1, 0, 1}
         temb = self.time_mlp(timestep_embedding(t, self.cfg.ch))  # (B, 4ch)
-        if attrs is not None and self.cfg.attrs:
+        aemb = None
+        if self.cfg.attrs:
+            attrs = attrs if attrs is not None else torch.zeros(len(x), len(self.cfg.attrs), device=x.device)
             onehot = torch.cat([attrs > 0, attrs < 0], dim=1).to(temb.dtype)  # (B, 2K)
-            temb = temb + self.attr_emb(onehot)  # the sum of one vector per specified attribute
+            aemb = self.attr_emb(onehot)  # the sum of one vector per specified attribute (0 if none is)
+            temb = temb + aemb
         temb = F.silu(temb)
+        if aemb is not None and self.cfg.attr_film:
+            temb = (temb, aemb)  # the blocks' FiLM reads the attributes on their own
         h = self.conv_in(x)  # (B, ch, H, W)
         hs = [h]
         for block in self.down:
