@@ -123,9 +123,9 @@ def load(args, device, ctx):
         print(f"loaded {args.ckpt}: step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, {model.cfg.image_size}x"
               f"{model.cfg.image_size}, T={diffusion.T} {diffusion.schedule} {diffusion.objective}")
     size = model.cfg.image_size
-    args.steps = args.steps or min(REPAINT_STEPS, diffusion.T)
-    if args.steps > diffusion.T:
+    if (args.steps or 0) > diffusion.T:
         raise UsageError(f"--steps {args.steps} is more than the model's T={diffusion.T}; use at most {diffusion.T}")
+    args.steps = args.steps or min(REPAINT_STEPS if args.mask else DEFAULT_STEPS, diffusion.T)
     cond = parse_attrs(args, model.cfg.attrs)
     x_init = load_image(args, size, device) if args.init else None
     mask = load_mask(args, size, device) if args.mask else None
@@ -301,9 +301,7 @@ def check_flags(args):
                              "use --sampler ddim --eta 1" if flag == "steps" else ""))
     args.sampler, args.var, args.spacing = args.sampler or DEFAULT_SAMPLER, args.var or "beta", args.spacing or "logsnr"
     args.eta = DEFAULT_ETA if args.eta is None else args.eta
-    if args.mask is None:
-        args.steps = args.steps or DEFAULT_STEPS  # with --mask: RePaint's 250, or T if less, once T is known
-    else:
+    if args.mask is not None:  # --steps: the sampler's default (RePaint's with --mask), or T if less, once T is known
         args.jump_length, args.jump_n_sample = args.jump_length or 10, args.jump_n_sample or 10
     if args.init is not None and args.mask is None and not args.figure:
         args.strength = 0.5 if args.strength is None else args.strength

@@ -1785,6 +1785,17 @@ def test_broken_checkpoints_are_refused_on_resume_and_sampling(faces, tmp_path, 
     assert code == 2 and "refused as unsafe" in err and "system" in err and "pwned" not in out, err
 
 
+def test_a_model_of_few_timesteps_samples_with_every_default(faces, tmp_path, capsys):
+    # T = 10 is fewer than the default 20 steps: the default takes all T, and --sampler ddpm never minds --steps
+    out = str(tmp_path / "run")
+    train.main([a if a != "50" else "10" for a in train_args(faces, out, "--max-steps", "1")])
+    for extra, said in ([], "ddim with 10 steps"), (["--sampler", "ddpm"], "ddpm with 10 steps"):
+        sample.main([out, "--n", "1", *extra, "--out", str(tmp_path / "s.png")])
+        assert said in capsys.readouterr().out
+    code, _, err = main_error(capsys, sample.main, [out, "--steps", "11", "--out", str(tmp_path / "s.png")])
+    assert code == 2 and "T=10" in err
+
+
 def test_sampler_and_editing_flag_errors(tiny_run, faces, tmp_path, capsys):
     init = os.path.join(faces, "003.png")
     for extra, words in [(["--strength", "0.5"], "--init IMAGE"), (["--init", init, "--strength", "1.5"], "must be in [0, 1]"),

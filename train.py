@@ -277,7 +277,8 @@ def setup(args, given):
     new_minutes = cfg.minutes and not cfg.resume
     cfg = replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)),  # so that --resume works from any folder
                   lr_decay="cosine" if new_minutes and "lr_decay" not in given else cfg.lr_decay,  # ends at 0
-                  sample_every=None if new_minutes and "sample_every" not in given else cfg.sample_every)  # the plan's: 4 grids
+                  sample_every=None if new_minutes and "sample_every" not in given else cfg.sample_every,  # the plan's: 4 grids
+                  sample_steps=min(cfg.sample_steps, cfg.timesteps))  # the default 20, or all T if fewer
     if cfg.dry_run:  # small enough to run anywhere
         cfg = replace(cfg, batch_size=min(cfg.batch_size, 4 * world), sample_steps=min(cfg.sample_steps, 10),
                       sample_n=min(cfg.sample_n, 4), eval_images=min(cfg.eval_images, 16))
@@ -353,7 +354,7 @@ def check_args(cfg, given, env):
         raise UsageError(f"--weight-decay {cfg.weight_decay:g}: must be >= 0 (0, the default, is none)")
     if not 0 <= cfg.ema_decay < 1:
         raise UsageError(f"--ema-decay {cfg.ema_decay}: must be in [0, 1), e.g. 0.9999")
-    if cfg.sample_steps > cfg.timesteps:
+    if cfg.sample_steps > cfg.timesteps and "sample_steps" in given:
         raise UsageError(f"--sample-steps {cfg.sample_steps} is more than --timesteps {cfg.timesteps}; lower it")
     if cfg.sample_n > 1024:
         raise UsageError(f"--sample-n {cfg.sample_n}: a training grid shows at most 1,024 images; for more samples, "
