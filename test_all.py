@@ -1211,6 +1211,10 @@ def test_minutes_draws_four_grids_over_the_run(faces, tmp_path, monkeypatch):
     total = sample.load_checkpoint(out)["plan"]["total"]
     grids = sorted(int(f[8:15]) for f in os.listdir(out) if f.startswith("samples_"))
     assert grids == sorted({total // 4, 2 * (total // 4), 3 * (total // 4), 4 * (total // 4), total} - {0}), (grids, total)
+    # extended by a resume, the run keeps four grids over its new length
+    train.main(["--resume", "--out", out, "--max-steps", str(2 * total)])
+    later = sorted(int(f[8:15]) for f in os.listdir(out) if f.startswith("samples_") and int(f[8:15]) > total)
+    assert later == [k * (2 * total // 4) for k in range(1, 5) if k * (2 * total // 4) > total] + [2 * total] * (2 * total % 4 != 0), later
 
 
 def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_path, monkeypatch, capsys):

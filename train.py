@@ -536,7 +536,8 @@ def make_plan(cfg, env, step, steps_per_epoch, given):
         total = math.inf  # until plan_minutes has measured the speed
     else:
         total = steps_per_epoch * cfg.epochs
-    grid_every = cfg.sample_every if cfg.sample_every is not None else saved.get("grid_every", 0) if saved else 0
+    # --minutes' grids (sample_every None): four over the run, also when a resume moves its end
+    grid_every = cfg.sample_every if cfg.sample_every is not None else 0 if math.isinf(total) else max(1, total // 4)
     if saved:  # the warm-up never takes more than a tenth of the run; kept from the start on resume
         return Plan(total, saved["warmup"], cfg.lr_decay, saved["ema_decay"], grid_every)
     return Plan(total, cfg.warmup if math.isinf(total) else min(cfg.warmup, total // 10), cfg.lr_decay, cfg.ema_decay, grid_every)
