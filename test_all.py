@@ -1244,16 +1244,20 @@ def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_
         assert code == 2 and "--minutes chooses the number of steps itself" in err
 
 
-@pytest.mark.parametrize("minutes,min_steps,ch,batch,dropout", [("1", 10**12, 64, 8, 0.0), ("1e9", 1, 128, 16, 0.1)])
-def test_minutes_narrows_the_model_only_when_the_budget_needs_it(monkeypatch, minutes, min_steps, ch, batch, dropout):
-    # A budget too short for the preset halves its channels and batch together (here once: batch >= 8);
-    # a generous one keeps the preset as it is, dropout included. The budgets are far from the edge, so the
-    # outcome does not depend on this machine's speed.
+@pytest.mark.parametrize("minutes,min_steps,lr,ch,batch,dropout,new_lr", [("1", 10**12, None, 64, 8, 0.0, 4e-4), ("1", 10**12, "1e-4", 64, 8, 0.0, 1e-4),
+                                                                     ("1e9", 1, None, 128, 16, 0.1, 2e-4)])
+def test_minutes_narrows_the_model_only_when_the_budget_needs_it(monkeypatch, capsys, minutes, min_steps, lr, ch, batch, dropout, new_lr):
+    # A budget too short for the preset halves its channels and batch together (here once: batch >= 8) and
+    # scales the learning rate by the width ratio, unless --lr is given; a generous one keeps the preset as it
+    # is, dropout and lr included. The budgets are far from the edge, so the outcome does not depend on this
+    # machine's speed.
     monkeypatch.setattr(train, "MIN_STEPS", min_steps)
-    args, given = train.get_args(["--size", "16", "--ch-mult", "1,2", "--attn-res", "8", "--batch-size", "16", "--minutes", minutes])
+    args, given = train.get_args(["--size", "16", "--ch-mult", "1,2", "--attn-res", "8", "--batch-size", "16", "--minutes", minutes]
+                                 + (["--lr", lr] if lr else []))
     env = type("env", (), dict(device=torch.device("cpu"), ctx=contextlib.nullcontext(), world=1, ddp=False, log=print))
-    cfg = train.fit_model_to_minutes(args, env)
+    cfg = train.fit_model_to_minutes(args, env, given)
     assert (cfg.ch, cfg.batch_size, cfg.dropout) == (ch, batch, dropout) and args.ch is None  # a new settings object
+    assert cfg.lr == pytest.approx(new_lr) and ("--lr 0.0004, 0.0002 times 128/64" in capsys.readouterr().out) == (lr is None and ch == 64)
 
 
 def test_a_first_run_far_beyond_a_day_says_so(monkeypatch, capsys):

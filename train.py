@@ -83,7 +83,7 @@ def train(args, given):
         if cfg.bench or cfg.bpd or cfg.x0_error:
             return bench(cfg, env) if cfg.bench else evaluate_bpd(cfg, env) if cfg.bpd else evaluate_x0_error(cfg, env)
         if cfg.minutes and not env.ckpt and not cfg.dry_run and not given & {"ch", "batch_size"}:
-            cfg = fit_model_to_minutes(cfg, env)  # a model and batch that leave MIN_STEPS steps in the budget
+            cfg = fit_model_to_minutes(cfg, env, given)  # a model, batch and lr that leave MIN_STEPS steps in the budget
         faces, val = load_data(cfg, env)
         run = build(cfg, env, faces, val, given)
         if run.step >= run.plan.total:
@@ -762,11 +762,13 @@ def estimate_run(cfg, env, n_images):
     env.log(line)
 
 
-def fit_model_to_minutes(cfg, env):
+def fit_model_to_minutes(cfg, env, given):
     """--minutes without --ch or --batch-size: the --size preset's width and batch, halved together (128 -> 64 -> 32)
     until the budget holds MIN_STEPS training steps, so that a short run on a small machine still ends with faces.
     The smallest candidate is timed first; a wider one is timed only if its FLOPs say that it could fit.
-    A narrowed model gets dropout 0 (a run of a few epochs does not overfit). -> the settings with that model."""
+    A narrowed model gets dropout 0 (a run of a few epochs does not overfit) and, unless --lr is given, the learning
+    rate scaled by how much narrower it is (Adam's best step grows as a layer's fan-in shrinks; REPORT sec. 3,
+    "What a time budget buys"). -> the settings with that model."""
     base = model_config(cfg)
     candidates = [(base.ch >> k, cfg.batch_size >> k) for k in range(3) if base.ch >> k >= 32 and cfg.batch_size >> k >= 8 * env.world]
     budget = cfg.minutes * 60
@@ -794,7 +796,11 @@ def fit_model_to_minutes(cfg, env):
             f"{', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch) whose speed here leaves "
             f">= {MIN_STEPS:,} steps in the budget" + (" (none does: the smallest)" if choice == len(candidates) - 1
                                                          and budget / small_s < MIN_STEPS else ""))
-    return replace(cfg, ch=ch, batch_size=b, dropout=net_of(ch).dropout)
+    lr = cfg.lr if "lr" in given else cfg.lr * base.ch / ch
+    if lr != cfg.lr:
+        env.log(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}, the preset's width over the model's: "
+                "a narrower net takes larger steps")
+    return replace(cfg, ch=ch, batch_size=b, dropout=net_of(ch).dropout, lr=lr)
 
 
 def plan_minutes(cfg, env, run):
