@@ -56,7 +56,8 @@ RESUME_MAY_CHANGE = ("data", "cache_dir", "epochs", "max_steps", "log_every", "s
                      "grad_checkpoint", "peak_tflops", "eval_bpd")
 NOT_FROM_CHECKPOINT = ("resume", "overwrite", "dry_run", "bench", "bench_steps", "download", "bpd", "bpd_t", "x0_error")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
-MIN_STEPS = 1500  # the 32x32 runs on a 2-core CPU (REPORT sec. 3) made faces with the default sampler from about here
+MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (32x32 on a 2-core CPU: REPORT sec. 3)
+FACE_STEPS = 1000  # with the lr --minutes scales up, 1,037 steps made faces there (det 0.914); fewer get a warning
 
 # -----------------------------------------------------------------------------
 # the run: main -> train -> loop -> train_step, then the checkpoint
@@ -537,7 +538,7 @@ def make_plan(cfg, env, step, steps_per_epoch, given):
     else:
         total = steps_per_epoch * cfg.epochs
     # --minutes' grids (sample_every None): four over the run, also when a resume moves its end
-    grid_every = cfg.sample_every if cfg.sample_every is not None else 0 if math.isinf(total) else max(1, total // 4)
+    grid_every = 0 if cfg.sample_every is None and math.isinf(total) else grids_every(cfg, total)
     if saved:  # the warm-up never takes more than a tenth of the run; kept from the start on resume
         return Plan(total, saved["warmup"], cfg.lr_decay, saved["ema_decay"], grid_every)
     return Plan(total, cfg.warmup if math.isinf(total) else min(cfg.warmup, total // 10), cfg.lr_decay, cfg.ema_decay, grid_every)
@@ -820,15 +821,15 @@ def plan_minutes(cfg, env, run):
         return
     # the warm-up takes a tenth of the run, the EMA averages about its last tenth, and a grid shows each quarter
     run.plan = Plan(total, min(cfg.warmup, total // 10), cfg.lr_decay, min(cfg.ema_decay, 1 - 10 / total),
-                    cfg.sample_every if cfg.sample_every is not None else max(1, total // 4))
+                    grids_every(cfg, total))
     env.log(f"--minutes {cfg.minutes:g}: {steps / seconds * cfg.batch_size:,.1f} img/s measured: {total:,} steps in all "
             f"({total / run.batches.steps_per_epoch:.2f} epochs), lr warm-up {run.plan.warmup:,} steps then "
             f"{cfg.lr_decay} decay to step {total:,}, EMA decay {run.plan.ema_decay:.5f}")
-    if total < MIN_STEPS and env.master:
+    if total < FACE_STEPS and env.master:
         per_step, final = budget_terms(cfg, run.val, steps / seconds)
-        need = time.time() - env.t_start + (MIN_STEPS - run.step) * per_step + final
-        env.log(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces, so the samples will be mostly noise; "
-                f"faces come from about {MIN_STEPS:,} steps, which take about --minutes {math.ceil(need / 60)} on this machine")
+        need = time.time() - env.t_start + (FACE_STEPS - run.step) * per_step + final
+        env.log(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces, so the samples may be mostly noise; "
+                f"faces come from about {FACE_STEPS:,} steps, which take about --minutes {math.ceil(need / 60)} on this machine")
 
 
 def replan_minutes(cfg, env, run, rate):
@@ -836,9 +837,14 @@ def replan_minutes(cfg, env, run, rate):
     total = fit_minutes(cfg, env, run, rate)
     if total is not None and abs(total - run.plan.total) > 0.02 * run.plan.total:
         run.plan = dataclasses.replace(run.plan, total=total, ema_decay=min(cfg.ema_decay, 1 - 10 / total),
-                                       grid_every=cfg.sample_every if cfg.sample_every is not None else max(1, total // 4))
+                                       grid_every=grids_every(cfg, total))
         env.log(f"--minutes {cfg.minutes:g}: now {rate * cfg.batch_size:,.1f} img/s; the run will end at step {total:,} "
                 f"(EMA decay {run.plan.ema_decay:.5f})")
+
+
+def grids_every(cfg, total):
+    """--sample-every, or for a --minutes plan a quarter of the run rounded up: three grids on the way, then the last."""
+    return cfg.sample_every if cfg.sample_every is not None else -(-total // 4)
 
 
 def fit_minutes(cfg, env, run, rate):
@@ -1111,7 +1117,8 @@ def add_attribute_flags(p):
                    help="probability that each attribute is dropped on its own, so that any subset can be asked for: a number, or "
                         "'uniform': a rate drawn from U(0, 1) per image, which makes the number of specified attributes uniform on 0..K; "
                         "'balanced': as uniform, but an attribute in its rarer state (Eyeglasses=1, Young=0) is kept unless the "
-                        "whole condition is dropped")
+                        "whole condition is dropped: rare states are followed more closely, but an attribute left out of a "
+                        "request then leans to its common state (REPORT sec. 6)")
 
 
 def make_parser():
