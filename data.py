@@ -1,30 +1,25 @@
 """
-CelebA loading: find the layout, choose the split, crop and resize every image once into a uint8
-tensor cache, then serve random batches from memory (on the GPU when it fits). Also what the scripts
-share about images and files: the crop and preprocessing, [-1, 1] <-> uint8, safe writes, and the
-command-line pieces (argparse types, one-line errors). It imports nothing of the project.
+CelebA loading: find the layout, choose the split, crop and resize every image once into a uint8 tensor
+cache, then serve random batches from memory (on the GPU when it fits). Also the crop itself, which
+sample.py applies to an image it edits, and [-1, 1] <-> uint8.
 
-Layouts accepted by --data PATH:
+Layouts accepted as the data folder PATH:
   torchvision  PATH/celeba/img_align_celeba/*.jpg + list_eval_partition.txt, list_attr_celeba.txt
                (PATH may also be the celeba folder itself)
   kaggle       PATH/img_align_celeba/img_align_celeba/*.jpg + list_eval_partition.csv, list_attr_celeba.csv
   folder       any folder of .jpg/.jpeg/.png/.webp images, searched recursively, no labels
 
-    python data.py --data ~/data/celeba --size 64              # summary, cache, preview grid
-    python data.py --data ~/data/celeba --size 64 --export fid_ref   # PNGs for FID reference stats
+    python data.py --data ~/data/celeba --size 64                    # summary, cache, preview grid
+    python data.py --data ~/data/celeba --size 64 --export fid_ref   # PNGs for FID reference statistics
 """
-import argparse
 import concurrent.futures
-import contextlib
 import csv
 import hashlib
 import importlib.util
-import math
 import multiprocessing
 import os
 import signal
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -35,30 +30,21 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+import util
+
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CROPS = ("auto", "celeba", "center", "none")
 # The crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image.
 CELEBA_W, CELEBA_H, CELEBA_CX, CELEBA_CY, CELEBA_SIDE = 178, 218, 89, 121, 128
-warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 deprecates its image codecs; they still work
+warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 deprecates its codecs; they work
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 CACHE_VERSION = 2  # 2: a CRC-32 of the image bytes, verified on load
 MAX_WARNINGS = 10
 
 
 class DataError(Exception):
-    """Bad data (a missing folder, no images, annotation files that do not fit): the message names the problem
-    and the fix, and is printed as one line."""
-
-
-class UsageError(Exception):
-    """A bad flag, or flags that do not go together: the message names it and the fix."""
-
-
-class WriteError(Exception):
-    """A file could not be written (disk full, read-only, quota): the message names the file and the flag."""
-
-
-USER_ERRORS = (DataError, UsageError, WriteError)  # what the scripts print as one line, with exit code 2
+    """Bad data (a missing folder, no images, annotation files that do not fit): the message names the
+    problem and the fix, and is printed as one line."""
 
 
 def default_cache_dir():
@@ -69,8 +55,8 @@ def default_cache_dir():
 
 
 def _read_table(path):
-    """list_*.txt or list_*.csv -> (column names or None, {image name: (lineno, raw values)}).
-    Values stay text until `_ints` parses the rows actually used (202,599 rows take seconds to parse)."""
+    """list_*.txt or list_*.csv -> (column names or None, {image name: (lineno, raw values)}). Values stay
+    text until `_ints` parses the rows actually used (202,599 rows take seconds to parse)."""
     rows = {}
     with open(path, newline="") as f:
         if path.endswith(".csv"):
@@ -92,7 +78,8 @@ def _ints(path, row):
     try:
         return [int(v) for v in (raw.split() if isinstance(raw, str) else raw)]
     except ValueError:
-        raise DataError(f"{path} line {lineno}: expected an image name and integers; is it an official CelebA annotation file?")
+        raise DataError(f"{path} line {lineno}: expected an image name and integers; is it an official CelebA "
+                        "annotation file?")
 
 
 def find_layout(path):
@@ -105,7 +92,8 @@ def find_layout(path):
     def first(*names):
         return next((n for n in names if os.path.isfile(n)), None)
     for root in (os.path.join(path, "celeba"), path):  # torchvision
-        part, attr = first(os.path.join(root, "list_eval_partition.txt")), first(os.path.join(root, "list_attr_celeba.txt"))
+        part = first(os.path.join(root, "list_eval_partition.txt"))
+        attr = first(os.path.join(root, "list_attr_celeba.txt"))
         if os.path.isdir(os.path.join(root, "img_align_celeba")) and (part or attr):
             return dict(layout="torchvision", image_dir=os.path.join(root, "img_align_celeba"), partition=part, attr=attr)
     part, attr = first(os.path.join(path, "list_eval_partition.csv")), first(os.path.join(path, "list_attr_celeba.csv"))
@@ -119,7 +107,8 @@ def list_images(image_dir):
     files = []
     for dirpath, dirnames, filenames in os.walk(image_dir, followlinks=True):
         dirnames.sort()
-        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTS) and not f.startswith(".")]
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMG_EXTS) and not f.startswith(".")]
     return files
 
 
@@ -128,8 +117,8 @@ def select(path, split="train", log=print):
     info = find_layout(path)
     on_disk = list_images(info["image_dir"])
     if not on_disk:
-        raise DataError(f"data folder {info['image_dir']}: no images found (looked for {', '.join(IMG_EXTS)} recursively); "
-                        "give the folder that holds img_align_celeba, or your images")
+        raise DataError(f"data folder {info['image_dir']}: no images found (looked for {', '.join(IMG_EXTS)} "
+                        "recursively); give the folder that holds img_align_celeba, or your images")
     by_name = {os.path.basename(f): f for f in on_disk}
     attr_names, attrs = None, None
     if info["partition"] or info["attr"]:
@@ -138,9 +127,9 @@ def select(path, split="train", log=print):
         listed = list(partition or attr_rows)
         found = [n for n in listed if n in by_name]
         if not found:
-            ann = info["partition"] or info["attr"]
-            raise DataError(f"{ann} lists {len(listed):,} images but none of the {len(on_disk):,} images in {info['image_dir']}; "
-                            "the annotation files do not belong to these images: use matching files or remove them to load a plain folder")
+            raise DataError(f"{info['partition'] or info['attr']} lists {len(listed):,} images but none of the "
+                            f"{len(on_disk):,} images in {info['image_dir']}; the annotation files do not belong to "
+                            "these images: use matching files or remove them to load a plain folder")
         if len(found) < len(listed):
             log(f"data: {len(found):,} of {len(listed):,} listed images found")
         if partition is not None and split != "all":
@@ -148,8 +137,8 @@ def select(path, split="train", log=print):
         if attr_rows is not None:
             missing = [n for n in found if n not in attr_rows]
             if missing:
-                raise DataError(f"{info['attr']} has no row for {missing[0]} ({len(missing):,} images in all); the attribute "
-                                "and partition files do not match: use the official pair")
+                raise DataError(f"{info['attr']} has no row for {missing[0]} ({len(missing):,} images in all); the "
+                                "attribute and partition files do not match: use the official pair")
             rows = [_ints(info["attr"], attr_rows[n]) for n in found]
             if attr_names is None or any(len(r) != len(attr_names) for r in rows):
                 raise DataError(f"{info['attr']}: rows do not have one value per attribute name; use the official file")
@@ -165,8 +154,9 @@ def select(path, split="train", log=print):
 def pick_attrs(sel, spec):
     """'all' or 'Smiling,Male' -> the attribute names, in the annotation file's order."""
     if sel["attrs"] is None:
-        raise DataError(f"attributes {spec}: the {sel['layout']} layout at {sel['image_dir']} has no attribute labels; use a "
-                        "CelebA root with list_attr_celeba.txt (torchvision) or list_attr_celeba.csv (Kaggle), or no attributes")
+        raise DataError(f"attributes {spec}: the {sel['layout']} layout at {sel['image_dir']} has no attribute "
+                        "labels; use a CelebA root with list_attr_celeba.txt (torchvision) or list_attr_celeba.csv "
+                        "(Kaggle), or no attributes")
     names = sel["attr_names"]
     wanted = names if spec == "all" else [a.strip() for a in spec.split(",") if a.strip()]
     unknown = [a for a in wanted if a not in names]
@@ -177,15 +167,25 @@ def pick_attrs(sel, spec):
 
 
 def _holdout(files, attrs, split):
-    """Without an official partition: the last 2% of the sorted files (1 to 1,000) are the valid/test slice."""
+    """Without an official partition: the last 2% of the sorted files, at least 1 and at most 1,000, are the
+    valid (and test) slice. A folder of one image keeps it for training."""
     if split == "all":
         return files, attrs
     n_val = min(1000, max(1, len(files) // 50)) if len(files) > 1 else 0
     keep = slice(0, len(files) - n_val) if split == "train" else slice(len(files) - n_val, len(files))
     return files[keep], (attrs[keep] if attrs is not None else None)
 
+
+def identity(sel):
+    """What makes a selection the same data wherever it lies: a hash of the image paths relative to the image
+    folder and their sizes. A moved or copied CelebA keeps it; other images, or more or fewer, change it."""
+    h = hashlib.sha1()
+    for f in sel["files"]:
+        h.update(f"{os.path.relpath(f, sel['image_dir'])}|{os.path.getsize(f)}\n".encode())
+    return h.hexdigest()[:16]
+
 # -----------------------------------------------------------------------------
-# images: the crop and preprocessing (the training images, and sample.py's --init and --mask), [-1, 1] <-> uint8
+# images: the crop and preprocessing (the training images, and sample.py's --init and --mask)
 
 
 def crop_box(w, h, crop):
@@ -227,10 +227,6 @@ def preprocess(path, size, crop):
     return TF.resize(img, [size, size], antialias=True)
 
 
-def image_formats():
-    """File extensions Pillow can write, e.g. {'.png', '.jpg', ...}."""
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
-
 def to_float(images, device):
     """(N, 3, H, W) uint8 -> floats in [-1, 1] on device."""
     return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
@@ -254,7 +250,7 @@ def _preprocess_or_none(job):
 
 def _worker_init():
     torch.set_num_threads(1)  # one image per process; cores come from the processes
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: one line, not one per worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: one line, not one per worker
 
 
 def decode_all(files, size, crop, workers=None, log=print):
@@ -262,13 +258,12 @@ def decode_all(files, size, crop, workers=None, log=print):
     -> ((N, 3, size, size) uint8, kept indices, seconds)"""
     workers = min(workers or os.cpu_count() or 1, max(1, len(files) // 64))
     images, kept, bad = torch.empty(len(files), 3, size, size, dtype=torch.uint8), [], []
-    t0, last = time.time(), 0.0
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+    progress = util.Progress(len(files), f"data: decoding on {workers} process{'es' if workers > 1 else ''}",
+                             "images", log, every=5, first=True)
     try:
-        jobs = [(f, size, crop) for f in files]
-        for i, (img, err) in enumerate(pool.map(_preprocess_or_none, jobs, chunksize=32)):
+        for i, (img, err) in enumerate(pool.map(_preprocess_or_none, [(f, size, crop) for f in files], chunksize=32)):
             if err:
                 bad.append(err)
                 if len(bad) <= MAX_WARNINGS:
@@ -276,19 +271,15 @@ def decode_all(files, size, crop, workers=None, log=print):
             else:
                 images[len(kept)] = torch.frombuffer(bytearray(img), dtype=torch.uint8).view(3, size, size)
                 kept.append(i)
-            if time.time() - last > 5 or i + 1 == len(files):
-                last = time.time()
-                rate = (i + 1) / max(last - t0, 1e-9)
-                log(f"data: decoded {i + 1:,}/{len(files):,} images ({rate:,.0f} img/s on {workers} process{'es' if workers > 1 else ''}, "
-                    f"ETA {(len(files) - i - 1) / rate:.0f}s)")
+            progress(i + 1)
     except concurrent.futures.process.BrokenProcessPool:  # a worker was killed (out of memory, or by hand)
-        raise DataError(f"a decoding process died after {len(kept) + len(bad):,} of {len(files):,} images (out of memory, "
-                        "or killed?); nothing was cached: run again")
+        raise DataError(f"a decoding process died after {len(kept) + len(bad):,} of {len(files):,} images (out of "
+                        "memory, or killed?); nothing was cached: run again")
     finally:  # also on Ctrl-C: drop the queued work, let the running chunks end
         pool.shutdown(wait=True, cancel_futures=True)
     if len(bad) > MAX_WARNINGS:
         log(f"warning: {len(bad) - MAX_WARNINGS:,} more unreadable images skipped ({len(bad):,} in all)")
-    return images[: len(kept)].clone(), kept, time.time() - t0
+    return images[: len(kept)].clone(), kept, time.time() - progress.t0
 
 # -----------------------------------------------------------------------------
 # the cache: one file per (data path, split, crop, size)
@@ -322,15 +313,16 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
             cond (N, K) uint8 and cond_names: the columns `attrs` ('all' or 'Smiling,Male') asks for, or None)
     Attributes the data cannot give are an error raised before any decoding."""
     if split not in (*SPLITS, "all") or crop not in CROPS or size < 1:
-        raise ValueError(f"split {split!r}, crop {crop!r}, size {size}: the split is one of {', '.join(SPLITS)} or all, "
-                         f"the crop one of {', '.join(CROPS)}, the size positive")
+        raise ValueError(f"split {split!r}, crop {crop!r}, size {size}: the split is one of {', '.join(SPLITS)} "
+                         f"or all, the crop one of {', '.join(CROPS)}, the size positive")
     sel = select(path, split, log)
     if not sel["files"]:
-        raise DataError(f"data folder {path}: the {split} split is empty; use the train split, or all")
+        raise DataError(f"data folder {path}: no {split} images"
+                        + (" (a folder of one image keeps it for training)" if sel["layout"] == "folder" else ""))
     cond_names = pick_attrs(sel, attrs) if attrs else None
     cache = cache_file(cache_dir or default_cache_dir(), path, split, crop, size)
-    check_writable(os.path.dirname(cache), "--cache-dir")  # fail before decoding, not after
-    remove_stale_temporaries(os.path.dirname(cache))  # left by a process killed while it wrote a cache
+    util.check_writable(os.path.dirname(cache), "cache folder")  # fail before decoding, not after
+    util.remove_stale_temporaries(os.path.dirname(cache))  # left by a process killed while it wrote a cache
     fingerprint = _fingerprint(sel["files"], sel)
     if os.path.exists(cache):
         t0 = time.time()
@@ -341,18 +333,19 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
             if ok and checksum(c["images"]) == c["checksum"]:
                 log(f"data: loaded {len(c['files']):,} {split} images from cache {cache} in {time.time() - t0:.1f}s")
                 return with_cond(dict(sel, **c, cache=cache, decode_seconds=None), cond_names)
-            log(f"data: cache {cache} is " + ("corrupt (its image bytes fail their checksum)" if ok else "stale (the data changed)")
-                + "; rebuilding")
+            why = "corrupt (its image bytes fail their checksum)" if ok else "stale (the data changed)"
+            log(f"data: cache {cache} is {why}; rebuilding")
         except Exception as e:
             log(f"data: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
-    log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images once (crop {crop}, size {size})")
+    log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images once "
+        f"(crop {crop}, size {size})")
     images, kept, seconds = decode_all(sel["files"], size, crop, workers, log)
     if not kept:
         raise DataError(f"data folder {path}: none of the {len(sel['files']):,} images could be read; check the files")
     c = dict(version=CACHE_VERSION, fingerprint=fingerprint, images=images, checksum=checksum(images),
-             files=[sel["files"][i] for i in kept],
-             attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
-    atomic_write(lambda tmp: torch.save(c, tmp), cache, "--cache-dir")  # a failed write never leaves a half-written cache
+             files=[sel["files"][i] for i in kept], attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
+    # a failed write never leaves a half-written cache
+    util.atomic_write(lambda tmp: torch.save(c, tmp), cache, "cache folder")
     log(f"data: wrote cache {cache} ({images.numel() / 2**20:,.0f} MiB)")
     return with_cond(dict(sel, **c, cache=cache, decode_seconds=seconds), cond_names)
 
@@ -376,7 +369,8 @@ class Batches:
     def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None, resident=None):
         """resident: keep the images on the GPU (default: when fits_on_gpu says they fit)."""
         if batch_size % world or len(images) < batch_size:
-            raise ValueError(f"a batch of {batch_size} must divide into {world} equal shards and fit in the {len(images):,} images")
+            raise ValueError(f"a batch of {batch_size} must divide into {world} equal shards and fit in the "
+                             f"{len(images):,} images")
         device = torch.device(device)
         if fits_on_gpu(images.nbytes, device) if resident is None else resident:
             images = images.to(device)  # GPU-resident: a batch is one gather, no host copies
@@ -389,39 +383,41 @@ class Batches:
         self._perm_epoch, self._perm = None, None
 
     def get(self, step, generator):
-        """The local shard of global batch `step` (0-based): ((B/world, 3, H, W) floats in [-1, 1], its attributes
-        (B/world, K) uint8 or None). `generator` (on self.device) draws the flips, which keep every attribute."""
+        """The local shard of global batch `step` (0-based): ((B/world, 3, H, W) floats in [-1, 1], its
+        attributes (B/world, K) uint8 or None). `generator` (on self.device) draws the flips, which keep
+        every attribute."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:  # a fixed permutation per epoch, the same on every rank
-            self._perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + epoch))
-            self._perm = self._perm.to(self.images.device)
-            self._perm_epoch = epoch
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=g).to(self.images.device), epoch
         b = self.batch_size // self.world
-        idx = self._perm[i * self.batch_size + self.rank * b: i * self.batch_size + (self.rank + 1) * b]
+        mine = slice(self.rank * b, (self.rank + 1) * b)  # this rank's shard of the global batch
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size][mine]
         x = to_float(self.images[idx], self.device)
         if self.flip:
-            flip = torch.rand(self.batch_size, generator=generator, device=self.device)[self.rank * b:(self.rank + 1) * b] < 0.5
+            flip = torch.rand(self.batch_size, generator=generator, device=self.device)[mine] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x, (self.attrs[idx.to(self.attrs.device)] if self.attrs is not None else None)
 
 
 def fits_on_gpu(nbytes, device):
-    """Whether `nbytes` of training images should live on `device`: a GPU with 30% of its free memory to spare."""
+    """Whether `nbytes` of training images should live on `device`: a GPU with 30% of its free memory to
+    spare."""
     device = torch.device(device)
     return device.type == "cuda" and nbytes < 0.3 * torch.cuda.mem_get_info(device)[0]
 
 # -----------------------------------------------------------------------------
-# --download
+# the download
 
 
-DOWNLOAD_HELP = ("get CelebA by hand: the 'Align&Cropped Images' img_align_celeba.zip plus list_attr_celeba.txt and "
-                 "list_eval_partition.txt from the CelebA website (mmlab.ie.cuhk.edu.hk/projects/CelebA.html) or its Google Drive, "
-                 "unzipped as PATH/celeba/img_align_celeba/*.jpg with the two .txt files in PATH/celeba/; or Kaggle's "
-                 "'jessicali9530/celeba-dataset' unzipped as is; then give PATH as the data folder")
-
-
+DOWNLOAD_HELP = ("get CelebA by hand: the 'Align&Cropped Images' img_align_celeba.zip plus list_attr_celeba.txt "
+                 "and list_eval_partition.txt from the CelebA website (mmlab.ie.cuhk.edu.hk/projects/CelebA.html) "
+                 "or its Google Drive, unzipped as PATH/celeba/img_align_celeba/*.jpg with the two .txt files in "
+                 "PATH/celeba/; or Kaggle's 'jessicali9530/celeba-dataset' unzipped as is; then give PATH as the "
+                 "data folder")
 NO_NETWORK = ("Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
-              "Connection refused", "timed out", "nodename nor servname", "No route to host", "Max retries exceeded")
+              "Connection refused", "timed out", "nodename nor servname", "No route to host", "Max retries exceeded",
+              "ConnectionError", "URLError")
 QUOTA = ("Too many users", "quota", "Cannot retrieve the public link", "FileURLRetrievalError")
 
 
@@ -434,7 +430,7 @@ def download_failure(e):
     text = " | ".join(chain)
     if any(k in text for k in QUOTA):
         return "Google Drive refused the file (its download quota for CelebA is used up; this often lasts a day)"
-    if any(k in text for k in NO_NETWORK) or "ConnectionError" in text or "URLError" in text:
+    if any(k in text for k in NO_NETWORK):
         return "no network: Google Drive could not be reached"
     return chain[0].splitlines()[0][:300]
 
@@ -443,8 +439,10 @@ def download(path, log=print):
     """torchvision's CelebA download (it needs the gdown package for Google Drive); on failure a DataError
     that says why and how to get CelebA by hand. A folder the failed attempt left empty is removed."""
     if importlib.util.find_spec("gdown") is None:
-        raise DataError(f"the CelebA download needs the gdown package, which torchvision uses for Google Drive: pip install gdown. Or {DOWNLOAD_HELP}")
-    log(f"data: trying torchvision's CelebA download into {path} (about 1.4 GB; Google Drive often refuses with a quota error)")
+        raise DataError("the CelebA download needs the gdown package, which torchvision uses for Google Drive: "
+                        f"pip install gdown. Or {DOWNLOAD_HELP}")
+    log(f"data: trying torchvision's CelebA download into {path} (about 1.4 GB; Google Drive often refuses "
+        "with a quota error)")
     existed = os.path.exists(path)
     try:
         torchvision.datasets.CelebA(path, split="all", target_type="attr", download=True)
@@ -455,187 +453,82 @@ def download(path, log=print):
         raise DataError(f"the CelebA download failed: {download_failure(e)}. Or {DOWNLOAD_HELP}")
 
 # -----------------------------------------------------------------------------
-# what the three scripts share: safe writes and the command line
-
-
-def why(e):
-    """A short reason for a failed write: the OS's words when there are some."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return "the write failed part-way: disk full or over quota?"
-
-
-def check_writable(folder, flag):
-    """Write a scratch file in `folder`, so that a bad output path fails before any work. Folders it had to
-    create for that are removed again: a run that fails to start leaves nothing behind."""
-    folder, created = os.path.abspath(folder or "."), []
-    try:
-        parent = folder
-        while not os.path.exists(parent):
-            created.append(parent)
-            parent = os.path.dirname(parent)
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise WriteError(f"{flag} {folder}: cannot write there ({why(e)}); pass a writable folder")
-    finally:
-        for d in created:  # innermost first
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-
-
-def atomic_write(write, path, flag):
-    """write(tmp_path), then rename over `path`: a failure at any point leaves `path` as it was and no
-    temporary file behind, and raises WriteError naming the file and the flag. The folder is created if needed."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise WriteError(f"cannot write {path} ({why(e)}); free some space or pass another {flag}")
-
-
-def remove_stale_temporaries(folder):
-    """Delete the temporary files (NAME.tmpPID) that atomic_write left in `folder` when its process was killed
-    mid-write (kill -9, a second Ctrl-C): those whose process is gone. -> how many were removed."""
-    removed = 0
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        stem, _, pid = name.rpartition(".tmp")
-        if not stem or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # raises if no such process
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
-                removed += 1
-        except OSError:  # a live process of another user
-            pass
-    return removed
-
-
-# argparse types; argparse names a value it cannot convert by the type's __name__ ("invalid integer value: 'x'")
-def real(s):
-    """argparse type: a finite float (float() alone also takes 'nan' and 'inf')."""
-    v = float(s)
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
-    return v
-real.__name__ = "number"
-
-
-def positive(kind):
-    """argparse type: a finite number > 0."""
-    def parse(s):
-        v = real(s) if kind is float else kind(s)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return v
-    parse.__name__ = "positive integer" if kind is int else "positive number"
-    return parse
-
-
-def non_negative(s):
-    """argparse type: an integer >= 0 (0 usually means never)."""
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-non_negative.__name__ = "integer"
-
-
-def random_seed(s):
-    """argparse type: a seed in 0..2^63-1 (what torch's generators take, with room for the per-step offsets)."""
-    v = int(s)
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {s}")
-    return v
-random_seed.__name__ = "integer"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends '(default: X)' once, and not at all where the default is None or False (the help says it)."""
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with HelpFormatter, whose errors are one line (the usage is what -h prints)."""
-    def __init__(self, **kw):
-        super().__init__(formatter_class=HelpFormatter, **kw)
-
-    def error(self, message):
-        if "expected one argument" in message:  # e.g. --ch-mult -1,2: argparse takes '-1,2' for a flag
-            message += " (a value that starts with '-' is written --flag=VALUE)"
-        self.exit(2, f"error: {message} (python {self.prog} -h lists the flags)\n")
-
-
-# -----------------------------------------------------------------------------
+# python data.py: check a data folder
 
 
 def get_args(argv=None):
-    p = Parser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview of the crop.")
-    p.add_argument("--data", required=True, help="CelebA root (torchvision or Kaggle layout) or any folder of images")
-    p.add_argument("--size", type=positive(int), default=64, help="image size after crop and resize")
+    p = util.Parser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview of the crop.")
+    p.add_argument("--data", required=True, type=util.path, help="CelebA root (torchvision or Kaggle layout) or "
+                   "any folder of images")
+    p.add_argument("--size", type=util.positive(int), default=64, help="image size after crop and resize")
     p.add_argument("--split", default="train", choices=[*SPLITS, "all"], help="which split")
-    p.add_argument("--crop", default="auto", choices=CROPS,
-                   help="auto: the DDIM CelebA box for 178x218 images, else a centre square; celeba, center, or none (squash)")
-    p.add_argument("--cache-dir", default=None, help="where the decoded tensors go (default: $XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
-    p.add_argument("--workers", type=positive(int), default=None, help="decoding processes (default: all cores)")
-    p.add_argument("--batch-size", type=positive(int), default=128, help="batch size for the serving-speed measurement")
-    p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images here ('' to skip)")
-    p.add_argument("--export", default=None, metavar="DIR", help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
+    p.add_argument("--crop", default="auto", choices=CROPS, help="auto: the DDIM CelebA box for 178x218 images, "
+                   "else a centre square; celeba, center, or none (squash)")
+    p.add_argument("--cache-dir", type=util.path, default=None, help="where the decoded tensors go (default: "
+                   "$XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
+    p.add_argument("--workers", type=util.positive(int), default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--batch-size", type=util.positive(int), default=128, help="batch size for the serving speed")
+    p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images here "
+                   "('' to skip)")
+    p.add_argument("--export", type=util.path, default=None, metavar="DIR",
+                   help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
     p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into --data")
     return p.parse_args(argv)
+
+
+def summary(d, split, workers, t0):
+    print(f"layout:  {d['layout']} ({d['image_dir']})")
+    labels = f", {len(d['attr_names'])} attributes" if d["attrs"] is not None else ", no labels"
+    print(f"images:  {len(d['files']):,} in split '{split}'{labels}")
+    if d["partition"]:
+        _, part = _read_table(d["partition"])
+        present = {os.path.basename(f) for f in list_images(d["image_dir"])}
+        counts = {s: sum(1 for n, v in part.items() if n in present and _ints(d["partition"], v)[:1] == [k])
+                  for s, k in SPLITS.items()}
+        print("splits:  " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " (official partition, on disk)")
+    print(f"cache:   {d['cache']} ({d['images'].numel() / 2**20:,.1f} MiB)")
+    if d["decode_seconds"]:
+        n = workers or os.cpu_count()
+        print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {n} process{'es' if n > 1 else ''}")
+    else:
+        print(f"decode:  cached, loaded in {time.time() - t0:.1f}s")
+
+
+def serving_speed(images, batch_size):
+    """How fast training batches come out of the cache."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    b, g = Batches(images, batch_size, device, seed=0), torch.Generator(device=device)
+    b.get(0, g)
+    t1, n = time.time(), 0
+    while time.time() - t1 < 2 or n < 10:
+        b.get(n, g)
+        n += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t1
+    print(f"serve:   {n / dt:,.0f} batches/s of {batch_size} on {device} ({n * batch_size / dt:,.0f} img/s)")
 
 
 def main(argv=None):
     args = get_args(argv)
     try:
+        if args.export:
+            util.check_writable(args.export, "--export")
         if args.download:
             download(args.data)
         t0 = time.time()
         d = load(args.data, args.size, args.split, args.crop, args.cache_dir, args.workers)
-        print(f"layout:  {d['layout']} ({d['image_dir']})")
-        print(f"images:  {len(d['files']):,} in split '{args.split}'" + (f", {len(d['attr_names'])} attributes" if d["attrs"] is not None else ", no labels"))
-        if d["partition"]:
-            _, part = _read_table(d["partition"])
-            present = {os.path.basename(f) for f in list_images(d["image_dir"])}
-            counts = {s: sum(1 for n, v in part.items() if n in present and _ints(d["partition"], v)[:1] == [k]) for s, k in SPLITS.items()}
-            print("splits:  " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " (official partition, images on disk)")
-        print(f"cache:   {d['cache']} ({d['images'].numel() / 2**20:,.1f} MiB)")
-        if d["decode_seconds"]:
-            n = args.workers or os.cpu_count()
-            print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {n} process{'es' if n > 1 else ''}")
-        else:
-            print(f"decode:  cached, loaded in {time.time() - t0:.1f}s")
-        if len(d["images"]) >= args.batch_size:  # how fast training batches come out of the cache
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            b, g = Batches(d["images"], args.batch_size, device, seed=0), torch.Generator(device=device)
-            b.get(0, g)
-            t1, n = time.time(), 0
-            while time.time() - t1 < 2 or n < 10:
-                b.get(n, g)
-                n += 1
-            if device == "cuda":
-                torch.cuda.synchronize()
-            print(f"serve:   {n / (time.time() - t1):,.0f} batches/s of {args.batch_size} on {device} "
-                  f"({n * args.batch_size / (time.time() - t1):,.0f} img/s)")
+        summary(d, args.split, args.workers, t0)
+        if len(d["images"]) >= args.batch_size:
+            serving_speed(d["images"], args.batch_size)
         if args.preview:
-            torchvision.utils.save_image(d["images"][:64].float() / 255, args.preview, nrow=8, padding=2)
+            util.save_image(d["images"][:64], args.preview, "--preview", nrow=8, padding=2)
             print(f"preview: {args.preview}")
-        if args.export:
-            os.makedirs(args.export, exist_ok=True)
+        if args.export:  # each file whole or not at all: a full disk stops the export with an error
             for f, img in zip(d["files"], d["images"]):
-                torchvision.io.write_png(img, os.path.join(args.export, os.path.splitext(os.path.basename(f))[0] + ".png"))
+                util.write_png(img, os.path.join(args.export, os.path.splitext(os.path.basename(f))[0] + ".png"), "--export")
             print(f"export:  {len(d['files']):,} PNGs in {args.export}")
-    except (OSError, *USER_ERRORS) as e:  # bad input: one line, no traceback
+    except (OSError, DataError, util.UsageError, util.WriteError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -11,11 +11,15 @@ References (equation numbers refer to these papers):
   [PD]    Salimans, Ho 2022, "Progressive Distillation for Fast Sampling", arXiv:2202.00512 (v target)
   [SNR]   Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556
   [NS]    Chen 2023, "On the Importance of Noise Scheduling for Diffusion Models", arXiv:2301.10972
-  [DPM]   Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling", arXiv:2206.00927
-  [DPM++] Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", arXiv:2211.01095
-  [SDEdit] Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations", arXiv:2108.01073
+  [DPM]   Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling",
+          arXiv:2206.00927
+  [DPM++] Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+          arXiv:2211.01095
+  [SDEdit] Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential
+          Equations", arXiv:2108.01073
   [CFG]   Ho, Salimans 2022, "Classifier-Free Diffusion Guidance", arXiv:2207.12598
-  [RePaint] Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic Models", arXiv:2201.09865
+  [RePaint] Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic Models",
+          arXiv:2201.09865
 
 Indexing: the paper's t = 1..T is index t = 0..T-1 here. alphas_cumprod[t] is the paper's
 alpha_bar_{t+1}; index 0 is the least noisy step and "t-1" of index 0 is the clean image x_0.
@@ -69,28 +73,32 @@ def make_beta_schedule(name, T):
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_std):
-    """log p(x) of [DDPM] sec. 3.3, eq. 13: x on the 256-level grid of [-1, 1] takes the mass of N(mean, std^2)
-    over its bin [x - 1/255, x + 1/255]; the outermost bins reach to -inf and +inf. Elementwise, in nats."""
+    """log p(x) of [DDPM] sec. 3.3, eq. 13: x on the 256-level grid of [-1, 1] takes the mass of
+    N(mean, std^2) over its bin [x - 1/255, x + 1/255]; the outermost bins reach to -inf and +inf.
+    Elementwise, in nats."""
     upper = (x - mean + 1 / 255) * torch.exp(-log_std)
     lower = (x - mean - 1 / 255) * torch.exp(-log_std)
     mid = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
-    return torch.where(x < -0.999, torch.special.log_ndtr(upper), torch.where(x > 0.999, torch.special.log_ndtr(-lower), mid))
+    edges = torch.where(x > 0.999, torch.special.log_ndtr(-lower), mid)
+    return torch.where(x < -0.999, torch.special.log_ndtr(upper), edges)
 
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 OBJECTIVES = ("eps", "x0", "v")
 SAMPLERS = ("ddim", "dpm++", "dpm++sde", "ddpm")
-# the default sampler, here and in both scripts: the best face quality per model evaluation measured (REPORT sec. 3)
+# the default sampler, here and in both scripts: the best face quality per model evaluation measured (REPORT
+# sec. 3)
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "ddim", 20, 1.0
 
 def slerp(z0, z1, weights):
-    """Spherical interpolation between two noise tensors (1, ...) at each weight in [0, 1] -> (len(weights), ...).
-    Gaussian noise in many dimensions lies near a sphere; a straight line between two draws would pass through
-    noise of too small a norm, which the model has never seen."""
+    """Spherical interpolation between two noise tensors (1, ...) at each weight in [0, 1]
+    -> (len(weights), ...). Gaussian noise in many dimensions lies near a sphere; a straight line between two
+    draws would pass through noise of too small a norm, which the model has never seen."""
     a, b = z0.flatten().double(), z1.flatten().double()
     theta = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))  # the angle between them
     w = weights.to(a)[:, None]
@@ -101,15 +109,17 @@ def slerp(z0, z1, weights):
 
 def guided(model, attrs, guidance=1.0):
     """A conditional model(x_t, t, attrs) under classifier-free guidance [CFG] eq. 6, as a model(x_t, t):
-        out = out(x_t, t, unspecified) + W (out(x_t, t, attrs) - out(x_t, t, unspecified)),   W = 1 + w of [CFG]
-    attrs (K,) or (B, K): +1 present, -1 absent, 0 unspecified. W = 1 is the conditional model alone, W = 0 the
-    unconditional one. Both halves go through the network as one batch. Guiding the raw output is the same for
-    every objective: eps, x0 and v are affine in each other at a given x_t, and the weights (W, 1 - W) sum to 1."""
+        out = out(x_t, t, unspecified) + W (out(x_t, t, attrs) - out(x_t, t, unspecified))
+    with W = 1 + w of [CFG]. attrs (K,) or (B, K): +1 present, -1 absent, 0 unspecified. W = 1 is the
+    conditional model alone, W = 0 the unconditional one. Both halves go through the network as one batch.
+    Guiding the raw output is the same for every objective: eps, x0 and v are affine in each other at a given
+    x_t, and the weights (W, 1 - W) sum to 1."""
     def model_fn(x, t):
         a = attrs.expand(x.shape[0], -1) if attrs.dim() == 1 else attrs  # (B, K)
         if guidance == 1:
             return model(x, t, a)
-        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([a, torch.zeros_like(a)])).chunk(2)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([a, torch.zeros_like(a)]))
+        cond, uncond = both.chunk(2)
         return uncond + guidance * (cond - uncond)
     return model_fn
 
@@ -120,13 +130,17 @@ class GaussianDiffusion:
     def __init__(self, timesteps=1000, schedule="linear", objective="eps", min_snr_gamma=None):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose eps, x0 or v")
-        self.T, self.schedule, self.objective, self.min_snr_gamma = timesteps, schedule, objective, min_snr_gamma
+        if timesteps < 2:  # T = 1 has no reverse step to learn: x_0 would come from pure noise in one jump
+            raise ValueError(f"T must be at least 2, got {timesteps}")
+        self.T, self.schedule, self.objective = timesteps, schedule, objective
+        self.min_snr_gamma = min_snr_gamma
         # Everything below is float64 (T,); `_at` casts to the sample's dtype at use.
         betas = make_beta_schedule(schedule, timesteps)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)  # alpha_bar_t
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        self.betas, self.alphas, self.alphas_cumprod, self.alphas_cumprod_prev = betas, alphas, alphas_cumprod, alphas_cumprod_prev
+        self.betas, self.alphas, self.alphas_cumprod = betas, alphas, alphas_cumprod
+        self.alphas_cumprod_prev = alphas_cumprod_prev
         # q(x_t | x_0), [DDPM] eq. 4
         self.sqrt_alphas_cumprod = alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt()
@@ -136,7 +150,8 @@ class GaussianDiffusion:
         # q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde), [DDPM] eqs. 6-7
         self.posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # beta_tilde at index 0 is 0; clip its log to the next value (as the reference code does)
-        self.posterior_log_variance_clipped = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        var = self.posterior_variance
+        self.posterior_log_variance_clipped = torch.log(torch.cat([var[1:2], var[1:]]))
         self.posterior_mean_coef1 = betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod)
         # signal-to-noise ratio alpha_bar / (1 - alpha_bar), for min-SNR weighting [SNR]
@@ -161,34 +176,42 @@ class GaussianDiffusion:
 
     def q_sample(self, x0, t, noise):
         # [DDPM] eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        a, s = self._at(self.sqrt_alphas_cumprod, t, x0), self._at(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        return a * x0 + s * noise
 
     def q_posterior_mean_variance(self, x0, xt, t):
         # [DDPM] eq. 7: mu_tilde = coef1 x_0 + coef2 x_t, beta_tilde = posterior_variance
-        mean = self._at(self.posterior_mean_coef1, t, xt) * x0 + self._at(self.posterior_mean_coef2, t, xt) * xt
-        return mean, self._at(self.posterior_variance, t, xt), self._at(self.posterior_log_variance_clipped, t, xt)
+        coef1, coef2 = self._at(self.posterior_mean_coef1, t, xt), self._at(self.posterior_mean_coef2, t, xt)
+        mean = coef1 * x0 + coef2 * xt
+        var = self._at(self.posterior_variance, t, xt)
+        return mean, var, self._at(self.posterior_log_variance_clipped, t, xt)
 
     # -------------------------------------------------------------------------
     # one place that turns any model output into (x0, eps)
 
     def predict_x0_eps(self, out, xt, t, clip=False):
-        """Model output for self.objective -> (x0_hat, eps_hat), consistent with each other unless clip is set."""
+        """Model output for self.objective -> (x0_hat, eps_hat), consistent with each other unless clip is
+        set."""
+        recip = self._at(self.sqrt_recip_alphas_cumprod, t, xt)  # 1 / sqrt(alpha_bar)
+        recipm1 = self._at(self.sqrt_recipm1_alphas_cumprod, t, xt)  # sqrt(1 / alpha_bar - 1)
         if self.objective == "eps":
             eps = out
-            x0 = self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+            x0 = recip * xt - recipm1 * eps
         elif self.objective == "x0":
             x0 = out
             eps = None
         else:  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 [PD] sec. 4, so
-            a, s = self._at(self.sqrt_alphas_cumprod, t, xt), self._at(self.sqrt_one_minus_alphas_cumprod, t, xt)
+            a = self._at(self.sqrt_alphas_cumprod, t, xt)
+            s = self._at(self.sqrt_one_minus_alphas_cumprod, t, xt)
             x0 = a * xt - s * out  # x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
             eps = s * xt + a * out  # eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v
         if eps is None:  # eq. 4 solved for eps
-            eps = (self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, xt)
+            eps = (recip * xt - x0) / recipm1
         if clip:
             # Only x0_hat is clipped; eps_hat stays the model's own. Recomputing eps from the clipped x0 (as
-            # improved-diffusion does) feeds the clipped, saturated x0 of the noisiest steps back into x_t, and a
-            # deterministic sampler then keeps it to the end: colour speckle (REPORT sec. 3, "Why eta 0 fails").
+            # improved-diffusion does) feeds the clipped, saturated x0 of the noisiest steps back into x_t,
+            # and a deterministic sampler then keeps it to the end: colour speckle (REPORT sec. 3, "Why eta 0
+            # fails").
             x0 = x0.clamp(-1, 1)
         return x0, eps
 
@@ -204,7 +227,8 @@ class GaussianDiffusion:
         elif self.objective == "x0":
             target = x0
         else:  # [PD] eq. in sec. 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0
-            target = self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+            a = self._at(self.sqrt_alphas_cumprod, t, x0)
+            target = a * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
         loss = F.mse_loss(out, target.float(), reduction="none").mean(dim=list(range(1, x0.dim())))
         if self.min_snr_gamma:
             # [SNR] eq. 9: weight the x0-space loss by min(SNR, gamma); expressed for each target:
@@ -226,9 +250,10 @@ class GaussianDiffusion:
         var = self._at(self.betas, t, xt) if var_type == "beta" else posterior_var
         return mean, var, x0
 
-    # Every sampler has one signature: sampler(model, x, timesteps, generator, callback, ...) -> x_0. It runs the
-    # reverse process from x, the chain's state at timesteps[0], down the decreasing timesteps to the clean image,
-    # and calls callback(t, x, x0_hat) after the step from t. `sample` below draws x_T and picks the timesteps.
+    # Every sampler has one signature: sampler(model, x, timesteps, generator, callback, ...) -> x_0. It runs
+    # the reverse process from x, the chain's state at timesteps[0], down the decreasing timesteps to the
+    # clean image, and calls callback(t, x, x0_hat) after the step from t. `sample` below draws x_T and picks
+    # the timesteps.
 
     @torch.no_grad()
     def ddpm_sample(self, model, x, timesteps, generator=None, callback=None, clip=True, var_type="beta"):
@@ -236,14 +261,15 @@ class GaussianDiffusion:
         for i in timesteps:  # line 2
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             mean, var, x0 = self.p_mean_variance(model, x, t, clip, var_type)
-            z = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else torch.zeros_like(x)  # line 3
+            z = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else 0  # line 3
             x = mean + var.sqrt() * z  # line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
             if callback:
                 callback(i, x, x0)
         return x
 
     def ddim_timesteps(self, steps, t_max=None):
-        """The sub-sequence tau of [DDIM] sec. 4.2: `steps` indices spread evenly over 0..T-1 (or 0..t_max), increasing."""
+        """The sub-sequence tau of [DDIM] sec. 4.2: `steps` indices spread evenly over 0..T-1 (or 0..t_max),
+        increasing."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"DDIM steps must be in 1..{self.T}, got {steps}")
         t_max = self.T - 1 if t_max is None else t_max
@@ -254,8 +280,10 @@ class GaussianDiffusion:
         t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
         x0, eps = self.predict_x0_eps(model(x, t).float(), x, t, clip)
         a = self._at(self.alphas_cumprod, t, x)  # alpha_t in [DDIM] notation (= our alpha_bar)
-        a_prev = self._at(self.alphas_cumprod, torch.full_like(t, t_prev), x) if t_prev >= 0 else torch.ones_like(a)
-        # [DDIM] eq. 16: sigma = eta sqrt((1 - a_prev)/(1 - a)) sqrt(1 - a/a_prev); eta = 1 is DDPM's beta_tilde on tau
+        t_p = torch.full_like(t, max(t_prev, 0))
+        a_prev = self._at(self.alphas_cumprod, t_p, x) if t_prev >= 0 else torch.ones_like(a)
+        # [DDIM] eq. 16: sigma = eta sqrt((1 - a_prev)/(1 - a)) sqrt(1 - a/a_prev); eta = 1 is DDPM's
+        # beta_tilde on tau
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
         # [DDIM] eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
@@ -267,22 +295,25 @@ class GaussianDiffusion:
     def ddim_sample(self, model, x, timesteps, generator=None, callback=None, clip=True, eta=DEFAULT_ETA):
         """[DDIM] eq. 12 down the sub-sequence: eta 0 is deterministic, eta 1 stochastic like DDPM."""
         for i, t_now in enumerate(timesteps):
-            x, x0 = self.ddim_step(model, x, t_now, timesteps[i + 1] if i + 1 < len(timesteps) else -1, eta, generator, clip)
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            x, x0 = self.ddim_step(model, x, t_now, t_prev, eta, generator, clip)
             if callback:
                 callback(t_now, x, x0)
         return x
 
     def dpm_timesteps(self, steps, spacing="logsnr", t_max=None):
-        """`steps` indices from T-1 (or t_max) down to 0, uniform in lambda ([DPM] sec. 3.4, the default) or in t.
-        Indices are rounded to the nearest integer timestep, so the model is only ever asked about the
+        """`steps` indices from T-1 (or t_max) down to 0, uniform in lambda ([DPM] sec. 3.4, the default) or
+        in t. Indices are rounded to the nearest integer timestep, so the model is only ever asked about the
         timesteps it was trained on; where two rounded points meet (hundreds of steps), one is kept."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"DPM-Solver++ steps must be in 1..{self.T}, got {steps}")
         if spacing == "time":
             return self.ddim_timesteps(steps, t_max).flip(0)
         lam = self.lambdas.cpu()[: (self.T if t_max is None else t_max + 1)]
-        targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)  # (steps,) increasing
-        return (lam[None, :] - targets[:, None]).abs().argmin(1).unique_consecutive()  # (<= steps,) decreasing t
+        # (steps,) increasing
+        targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+        # (<= steps,) decreasing t
+        return (lam[None, :] - targets[:, None]).abs().argmin(1).unique_consecutive()
 
     @torch.no_grad()
     def dpm_solver_sample(self, model, x, timesteps, generator=None, callback=None, clip=True, sde=False):
@@ -291,37 +322,45 @@ class GaussianDiffusion:
         first order. The final jump from the last timestep to the clean image is x_0 = x0_hat.
         sde=True: SDE-DPM-Solver++(2M) [DPM++] sec. 5 / appendix, the same second-order data term for the
         reverse SDE, which adds fresh noise every step; its first-order step is DDIM with eta = 1."""
-        alpha, sigma, lam = self.sqrt_alphas_cumprod.cpu(), self.sqrt_one_minus_alphas_cumprod.cpu(), self.lambdas.cpu()
+        alpha, sigma = self.sqrt_alphas_cumprod.tolist(), self.sqrt_one_minus_alphas_cumprod.tolist()
+        lam = self.lambdas.tolist()  # on the host: no GPU sync per step
         x0_prev = h_prev = None
         for i, s in enumerate(timesteps):
             t_s = torch.full((x.shape[0],), s, device=x.device, dtype=torch.long)
             x0, eps = self.predict_x0_eps(model(x, t_s).float(), x, t_s, clip)
-            if i == len(timesteps) - 1:  # lambda -> inf: x_0 = alpha_0 x0_hat with alpha_0 = 1, [DPM++] eq. 9 with h = inf
+            # lambda -> inf: x_0 = alpha_0 x0_hat with alpha_0 = 1, [DPM++] eq. 9 with h = inf
+            if i == len(timesteps) - 1:
                 x = x0
             else:
                 t = timesteps[i + 1]
-                h = (lam[t] - lam[s]).item()  # [DPM++] Algorithm 2: h_i = lambda_{t_i} - lambda_{t_{i-1}}
+                h = lam[t] - lam[s]  # [DPM++] Algorithm 2: h_i = lambda_{t_i} - lambda_{t_{i-1}}
                 if x0_prev is None:
                     D = x0  # first order: DPM-Solver++(1), which is DDIM with eta = 0
                 else:
                     r = h_prev / h  # r_i = h_{i-1} / h_i
                     D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # D_i, the second-order correction
-                # [DPM++] Algorithm 2: x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i.
-                # With x_s = alpha_s x0_hat + sigma_s eps_hat, the first term is alpha_t e^{-h} x0_hat + sigma_t eps_hat;
-                # written that way, a clipped x0_hat enters both x0 terms while eps_hat stays the model's, as in DDIM
-                # (the same update exactly when nothing is clipped; its first-order step is DDIM's).
-                e = math.exp(-h) if not sde else math.exp(-2 * h)  # the SDE solver decays the x0_hat term by e^{-2h}
-                x = (alpha[t].item() * e) * x0 + (alpha[t].item() * (1 - e)) * D + (sigma[t].item() * (1 if not sde else math.exp(-h))) * eps
-                if sde:  # x_t = sigma_t e^{-h} eps_hat + alpha_t (e^{-2h} x0_hat + (1 - e^{-2h}) D) + sigma_t sqrt(1 - e^{-2h}) z
-                    x = x + (sigma[t] * math.sqrt(-math.expm1(-2 * h))).item() * torch.randn(x.shape, generator=generator, device=x.device)
+                # [DPM++] Algorithm 2: x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i}
+                # (e^{-h_i} - 1) D_i. With x_s = alpha_s x0_hat + sigma_s eps_hat, the first term is alpha_t
+                # e^{-h} x0_hat + sigma_t eps_hat; written that way, a clipped x0_hat enters both x0 terms
+                # while eps_hat stays the model's, as in DDIM (the same update exactly when nothing is
+                # clipped; its first-order step is DDIM's).
+                # the SDE solver decays the x0_hat term by e^{-2h}
+                e = math.exp(-h) if not sde else math.exp(-2 * h)
+                x = (alpha[t] * e) * x0 + (alpha[t] * (1 - e)) * D
+                x = x + (sigma[t] * (math.exp(-h) if sde else 1)) * eps
+                # x_t = sigma_t e^{-h} eps_hat + alpha_t (e^{-2h} x0_hat + (1 - e^{-2h}) D) + sigma_t sqrt(1 -
+                # e^{-2h}) z
+                if sde:
+                    z = torch.randn(x.shape, generator=generator, device=x.device)
+                    x = x + sigma[t] * math.sqrt(-math.expm1(-2 * h)) * z
                 x0_prev, h_prev = x0, h
             if callback:
                 callback(s, x, x0)
         return x
 
     def timesteps(self, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, spacing="logsnr", t_max=None):
-        """The decreasing timesteps `sampler` evaluates the model at: all of them from t_max (default T-1) for ddpm,
-        DDIM's sub-sequence, or the DPM-Solvers' spacing."""
+        """The decreasing timesteps `sampler` evaluates the model at: all of them from t_max (default T-1) for
+        ddpm, DDIM's sub-sequence, or the DPM-Solvers' spacing."""
         if sampler == "ddpm":
             return list(range(self.T - 1 if t_max is None else t_max, -1, -1))
         if sampler == "ddim":
@@ -330,13 +369,16 @@ class GaussianDiffusion:
             return self.dpm_timesteps(steps, spacing, t_max).tolist()
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
-    def sample(self, model, shape, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, generator=None, x_T=None,
-               clip=True, var_type="beta", device=None, callback=None, spacing="logsnr", t_max=None):
-        """Draw samples (B, C, H, W) with `sampler` from x_T, or from fresh noise of `shape` (drawn here, with `generator`,
-        and nowhere else). t_max: start the reverse process at that index instead of T-1, from x_T as the chain's state
-        there (SDEdit). The defaults are the project's default sampler: DDIM, 20 steps, eta 1."""
+    def sample(self, model, shape, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, eta=DEFAULT_ETA,
+               generator=None, x_T=None, clip=True, var_type="beta", device=None, callback=None,
+               spacing="logsnr", t_max=None):
+        """Draw samples (B, C, H, W) with `sampler` from x_T, or from fresh noise of `shape` (drawn here, with
+        `generator`, and nowhere else). t_max: start the reverse process at that index instead of T-1, from
+        x_T as the chain's state there (SDEdit). The defaults are the project's default sampler: DDIM, 20
+        steps, eta 1."""
         if x_T is None:
-            x_T = torch.randn(shape, generator=generator, device=device or (generator.device if generator is not None else "cpu"))
+            device = device or (generator.device if generator is not None else "cpu")
+            x_T = torch.randn(shape, generator=generator, device=device)
         ts = self.timesteps(sampler, steps, spacing, t_max)
         if sampler == "ddpm":
             return self.ddpm_sample(model, x_T, ts, generator, callback, clip, var_type)
@@ -349,43 +391,52 @@ class GaussianDiffusion:
 
     @staticmethod
     def repaint_path(steps, jump_length=10, jump_n_sample=10):
-        """The positions on the sub-sequence tau (steps - 1 = the noisiest, -1 = the clean image) that RePaint's
-        chain visits, [RePaint] sec. 4.2: it goes down one position at a time, and at every jump_length-th
-        position it goes back up jump_length positions and down again, jump_n_sample - 1 times."""
+        """The positions on the sub-sequence tau (steps - 1 = the noisiest, -1 = the clean image) that
+        RePaint's chain visits, [RePaint] sec. 4.2: it goes down one position at a time, and at every
+        jump_length-th position it goes back up jump_length positions and down again, jump_n_sample - 1
+        times."""
         path = [steps - 1]
         for p in reversed(range(-1, steps - 1)):
             path.append(p)
             if p >= 0 and p % jump_length == 0 and p + jump_length <= steps - 1:
                 for _ in range(jump_n_sample - 1):  # up to p + jump_length, then down to p again
-                    path += list(range(p + 1, p + jump_length + 1)) + list(range(p + jump_length - 1, p - 1, -1))
+                    path += list(range(p + 1, p + jump_length + 1))
+                    path += list(range(p + jump_length - 1, p - 1, -1))
         return path
 
     @torch.no_grad()
-    def repaint(self, model, x_T, x_known, mask, steps=250, jump_length=10, jump_n_sample=10, generator=None, clip=True):
-        """Inpainting by [RePaint] Algorithm 1 on `steps` of the T timesteps. x_known (B, C, H, W); mask 1 where
-        x_known is kept, 0 where the model fills in (broadcast to x_known). A step down is ancestral sampling on
-        the sub-sequence (DDIM eta 1, which is DDPM on the respaced chain) for the unknown part and q(x_t | x_0)
-        for the known part (Algorithm 1, lines 4-8); a step up is the forward process q(x_t' | x_t) (line 10).
-        Returns the clean image, which equals x_known exactly where mask is 1."""
-        taus, alphas_cumprod = self.ddim_timesteps(steps).tolist(), self.alphas_cumprod.tolist()  # on the host: no GPU sync per step
+    def repaint(self, model, x_T, x_known, mask, steps=250, jump_length=10, jump_n_sample=10, generator=None,
+                clip=True, callback=None):
+        """Inpainting by [RePaint] Algorithm 1 on `steps` of the T timesteps. x_known (B, C, H, W); mask 1
+        where x_known is kept, 0 where the model fills in (broadcast to x_known). A step down is ancestral
+        sampling on the sub-sequence (DDIM eta 1, which is DDPM on the respaced chain) for the unknown part
+        and q(x_t | x_0) for the known part (Algorithm 1, lines 4-8); a step up is the forward process
+        q(x_t' | x_t) (line 10). Returns the clean image, which equals x_known exactly where mask is 1.
+        callback(t, x, x0_hat) after every step down."""
+        # on the host: no GPU sync per step
+        taus, alphas_cumprod = self.ddim_timesteps(steps).tolist(), self.alphas_cumprod.tolist()
         alpha_bar = lambda p: alphas_cumprod[taus[p]] if p >= 0 else 1.0  # at a position on tau
         x = x_T
         path = self.repaint_path(len(taus), jump_length, jump_n_sample)
         for p, q in zip(path[:-1], path[1:]):
             z = torch.randn(x.shape, generator=generator, device=x.device)
             if q < p:  # down: the model denoises the unknown part, the forward process noises the known part
-                x_unknown, _ = self.ddim_step(model, x, taus[p], taus[q] if q >= 0 else -1, 1.0, generator, clip)
-                x_known_t = math.sqrt(alpha_bar(q)) * x_known + math.sqrt(1 - alpha_bar(q)) * z  # eq. 4 (line 5)
+                t_q = taus[q] if q >= 0 else -1
+                x_unknown, x0 = self.ddim_step(model, x, taus[p], t_q, 1.0, generator, clip)
+                # eq. 4 (line 5)
+                x_known_t = math.sqrt(alpha_bar(q)) * x_known + math.sqrt(1 - alpha_bar(q)) * z
                 x = mask * x_known_t + (1 - mask) * x_unknown  # line 8
-            else:  # up: x_{t'} ~ N(sqrt(alpha_bar' / alpha_bar) x_t, (1 - alpha_bar' / alpha_bar) I), eq. 4's kernel over t..t'
+                if callback:
+                    callback(taus[p], x, x0)
+            else:  # up: x_{t'} ~ N(sqrt(alpha_bar' / alpha_bar) x_t, (1 - alpha_bar' / alpha_bar) I), eq. 4
                 r = alpha_bar(q) / alpha_bar(p)
                 x = math.sqrt(r) * x + math.sqrt(1 - r) * z
         return x
 
     def sdedit(self, model, x_init, strength, noise, **sample_kwargs):
-        """SDEdit [SDEdit] sec. 3: noise the image to t_0 = strength * T with q(x_t0 | x_0) (eq. 4), then run the
-        reverse process from t_0. Strength 0 returns x_init; strength 1 starts from the noise itself, which is
-        plain sampling from that noise. sample_kwargs go to sample()."""
+        """SDEdit [SDEdit] sec. 3: noise the image to t_0 = strength * T with q(x_t0 | x_0) (eq. 4), then run
+        the reverse process from t_0. Strength 0 returns x_init; strength 1 starts from the noise itself,
+        which is plain sampling from that noise. sample_kwargs go to sample()."""
         if not 0 <= strength <= 1:
             raise ValueError(f"SDEdit strength must be in [0, 1], got {strength}")
         n_steps = round(strength * self.T)  # how many of the T forward steps are applied
@@ -394,26 +445,30 @@ class GaussianDiffusion:
         if n_steps == self.T:
             return self.sample(model, x_init.shape, x_T=noise, **sample_kwargs)
         t0 = torch.full((x_init.shape[0],), n_steps - 1, device=x_init.device, dtype=torch.long)
-        return self.sample(model, x_init.shape, x_T=self.q_sample(x_init, t0, noise), t_max=n_steps - 1, **sample_kwargs)
+        x_t0 = self.q_sample(x_init, t0, noise)
+        return self.sample(model, x_init.shape, x_T=x_t0, t_max=n_steps - 1, **sample_kwargs)
 
     # -------------------------------------------------------------------------
     # likelihood: the variational bound of [DDPM] eq. 5, in bits per dimension
 
     def model_log_variance(self, t, x, var_type="beta"):
         # log sigma_t^2 of p(x_{t-1} | x_t): beta_t or beta_tilde_t ([DDPM] sec. 3.2). At t = 0, where
-        # beta_tilde is 0, both use beta_tilde of index 1 (as improved-diffusion does) for the decoder's width.
+        # beta_tilde is 0, both use beta_tilde of index 1 (as improved-diffusion does) for the decoder's
+        # width.
         beta = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
         return self._at(torch.log(beta) if var_type == "beta" else self.posterior_log_variance_clipped, t, x)
 
     def prior_bpd(self, x0):
         """L_T = KL(q(x_T | x_0) || N(0, I)) per image, in bits/dim."""
         a = self.alphas_cumprod[-1].item()
-        kl = normal_kl(math.sqrt(a) * x0.double(), torch.tensor(math.log(1 - a), dtype=torch.float64), 0.0, torch.zeros((), dtype=torch.float64))
+        log_var = torch.tensor(math.log(1 - a), dtype=torch.float64)
+        kl = normal_kl(math.sqrt(a) * x0.double(), log_var, 0.0, torch.zeros((), dtype=torch.float64))
         return kl.mean(dim=list(range(1, x0.dim()))) / math.log(2)
 
     def vb_term_bpd(self, model, x0, t, noise, var_type="beta"):
-        """One term of the bound per image, in bits/dim: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
-        where t > 0, and L_0 = -log p(x_0 | x_1) under the discretised decoder where t = 0 (our index 0)."""
+        """One term of the bound per image, in bits/dim: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) ||
+        p(x_{t-1} | x_t)) where t > 0, and L_0 = -log p(x_0 | x_1) under the discretised decoder where t = 0
+        (our index 0)."""
         xt = self.q_sample(x0, t, noise)
         mean, _, _ = self.p_mean_variance(model, xt, t, False, var_type)
         logvar = self.model_log_variance(t, xt, var_type).double()
@@ -427,18 +482,22 @@ class GaussianDiffusion:
     def bits_per_dim(self, model, x0, generator=None, var_type="beta", t_samples=None):
         """The bound of [DDPM] eq. 5 per image, in bits/dim, as dict(prior=L_T, vb=sum of L_{t-1} over t > 0,
         decoder=L_0, total). x0 in [-1, 1] on the 256-level grid. t_samples=None evaluates every t (T model
-        calls per image); an integer K gives an unbiased estimate of the sum from K random t, one in each of K slices
-        of 1..T-1 whose widths grow geometrically, since most of the bound sits at small t (K = T-1 is every t once)."""
+        calls per image); an integer K gives an unbiased estimate of the sum from K random t, one in each of K
+        slices of 1..T-1 whose widths grow geometrically, since most of the bound sits at small t (K = T-1 is
+        every t once)."""
         B, device = x0.shape[0], x0.device
         def term(t):  # t: (B,)
-            return self.vb_term_bpd(model, x0, t, torch.randn(x0.shape, generator=generator, device=device), var_type)
+            noise = torch.randn(x0.shape, generator=generator, device=device)
+            return self.vb_term_bpd(model, x0, t, noise, var_type)
         full = lambda i: torch.full((B,), i, device=device, dtype=torch.long)
         if t_samples is None or self.T == 1:  # every t (T = 1 has no L_t)
             vb = sum(term(full(i)) for i in range(1, self.T))
-        else:  # a random t per image in each slice [lo, hi), weighted by its size: E[(hi - lo) L_t] is the slice's sum
+        else:  # a random t per image in each slice [lo, hi), times its size: E[(hi - lo) L_t] is its sum
             K = min(t_samples, self.T - 1)
-            k = torch.arange(K + 1, dtype=torch.float64)  # edges 1 = e_0 < e_1 < ... < e_K = T: each slice holds >= 1 t
-            edges = (1 + k + (self.T - 1 - K) * (self.T ** (k / K) - 1) / (self.T - 1)).round().long().tolist()
+            # edges 1 = e_0 < e_1 < ... < e_K = T: each slice holds >= 1 t
+            k = torch.arange(K + 1, dtype=torch.float64)
+            edges = 1 + k + (self.T - 1 - K) * (self.T ** (k / K) - 1) / (self.T - 1)
+            edges = edges.round().long().tolist()
             vb = sum((hi - lo) * term(torch.randint(lo, hi, (B,), generator=generator, device=device))
                      for lo, hi in zip(edges[:-1], edges[1:]))
         prior, decoder = self.prior_bpd(x0), term(full(0))

@@ -14,6 +14,7 @@ unspecified, the state classifier-free guidance (Ho & Salimans 2022) contrasts t
 cfg.attr_film the attribute embedding also scales and shifts each ResBlock's normalised features (FiLM).
 """
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -59,20 +60,24 @@ def preset(image_size, **overrides):
 
 
 def check_config(cfg):
-    """Raise ValueError(field, message) if the network cannot be built: the UNetConfig field at fault, and the fix."""
+    """Raise ValueError(field, message) if the network cannot be built: the UNetConfig field at fault, and the
+    fix."""
     factor = 2 ** (len(cfg.ch_mult) - 1)
     if cfg.image_size < 1 or cfg.image_size % factor:
-        raise ValueError("image_size", f"{cfg.image_size} is not divisible by {factor} ({len(cfg.ch_mult) - 1} downsamplings for "
-                         f"ch_mult {','.join(map(str, cfg.ch_mult))}); use a multiple of {factor} or fewer levels")
-    for field, bad in (("ch", cfg.ch < 1), ("num_res_blocks", cfg.num_res_blocks < 1), ("ch_mult", not cfg.ch_mult or min(cfg.ch_mult) < 1)):
+        levels = f"{len(cfg.ch_mult) - 1} downsamplings for ch_mult {','.join(map(str, cfg.ch_mult))}"
+        raise ValueError("image_size", f"{cfg.image_size} is not divisible by {factor} ({levels}); "
+                         f"use a multiple of {factor} or fewer levels")
+    for field, bad in (("ch", cfg.ch < 1), ("num_res_blocks", cfg.num_res_blocks < 1),
+                       ("ch_mult", not cfg.ch_mult or min(cfg.ch_mult) < 1)):
         if bad:
             raise ValueError(field, f"must be at least 1{' in every entry' if field == 'ch_mult' else ''}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError("dropout", f"{cfg.dropout:g} must be in [0, 1), e.g. 0.1")
     sizes = [cfg.image_size >> level for level in range(len(cfg.ch_mult))]  # feature-map size at each level
     if any(r not in sizes for r in cfg.attn_res):
-        raise ValueError("attn_res", f"{','.join(map(str, cfg.attn_res))}: the feature maps of a {cfg.image_size}px model are "
-                         f"{','.join(map(str, sizes))} wide; pick attention sizes among those")
+        asked, wide = ",".join(map(str, cfg.attn_res)), ",".join(map(str, sizes))
+        raise ValueError("attn_res", f"{asked}: the feature maps of a {cfg.image_size}px model are "
+                         f"{wide} wide; pick attention sizes among those")
 
 
 # -----------------------------------------------------------------------------
@@ -100,7 +105,8 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.temb = nn.Linear(temb_dim, c_out)  # per-channel bias from the time embedding
-        self.norm2, self.dropout, self.conv2 = norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.dropout = norm(c_out), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each residual branch starts as the identity
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -109,8 +115,8 @@ class ResBlock(nn.Module):
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
 
-    def forward(self, x, emb):  # x (B, c_in, H, W); emb: the time embedding (B, temb_dim) after SiLU, or with FiLM
-        temb, aemb = emb if isinstance(emb, tuple) else (emb, None)  # (it, the attribute embedding (B, temb_dim))
+    def forward(self, x, emb):  # x (B, c_in, H, W); emb: the time embedding (B, temb_dim) after SiLU
+        temb, aemb = emb if isinstance(emb, tuple) else (emb, None)  # FiLM: also the attributes
         h = self.conv1(F.silu(self.norm1(x)))  # (B, c_out, H, W)
         h = self.norm2(h + self.temb(temb)[:, :, None, None])  # time injected into every block
         if aemb is not None:
@@ -131,9 +137,10 @@ class Attention(nn.Module):
     def queries_keys_values(self, x):  # x (B, C, H, W) -> q, k, v, each (B, nh, HW, hs)
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): one token per position
-        # The 1x1 convs applied as matmuls over the channels of each token: the output (B, HW, 3C) is contiguous
-        # whatever x's memory format, so q, k and v have unit stride in their last dimension, which SDPA's flash
-        # kernels need (a reshape of the conv's NCHW output would leave a stride of HW and fall back to math).
+        # The 1x1 convs applied as matmuls over the channels of each token: the output (B, HW, 3C) is
+        # contiguous whatever x's memory format, so q, k and v have unit stride in their last dimension, which
+        # SDPA's flash kernels need (a reshape of the conv's NCHW output would leave a stride of HW and fall
+        # back to math).
         qkv = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
         return qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
 
@@ -145,7 +152,8 @@ class Attention(nn.Module):
         return x + h.transpose(1, 2).view(B, C, H, W)
 
     def weights(self, x):
-        """Where each position looks: softmax(q k^T / sqrt(hs)), (B, nh, HW, HW). For figures; forward uses SDPA."""
+        """Where each position looks: softmax(q k^T / sqrt(hs)), (B, nh, HW, HW). For figures; forward uses
+        SDPA."""
         q, k, _ = self.queries_keys_values(x)
         return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
 
@@ -191,7 +199,7 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch, temb_dim = cfg.ch, 4 * cfg.ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        if cfg.attrs:  # column k: attribute k present, column K + k: absent; no bias, so "unspecified" adds exactly 0
+        if cfg.attrs:  # column k: attribute k present, K + k: absent; no bias: "unspecified" adds exactly 0
             # Linear's default init gives each vector a norm like the time embedding's; zero-initialised ones
             # stayed ~20x smaller after 1,600 steps and the model barely followed them (REPORT sec. 6)
             self.attr_emb = nn.Linear(2 * len(cfg.attrs), temb_dim, bias=False)
@@ -202,7 +210,8 @@ class UNet(nn.Module):
         self.down, skips, c, res = nn.ModuleList(), [ch], ch, cfg.image_size
         for level, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(ResAttnBlock(c, ch * mult, temb_dim, cfg.dropout, res in cfg.attn_res, cfg.head_dim, film))
+                attn = res in cfg.attn_res
+                self.down.append(ResAttnBlock(c, ch * mult, temb_dim, cfg.dropout, attn, cfg.head_dim, film))
                 c = ch * mult
                 skips.append(c)
             if level != len(cfg.ch_mult) - 1:
@@ -217,7 +226,9 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.ch_mult))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(ResAttnBlock(c + skips.pop(), ch * mult, temb_dim, cfg.dropout, res in cfg.attn_res, cfg.head_dim, film))
+                attn = res in cfg.attn_res
+                c_in = c + skips.pop()
+                self.up.append(ResAttnBlock(c_in, ch * mult, temb_dim, cfg.dropout, attn, cfg.head_dim, film))
                 c = ch * mult
             if level != 0:
                 self.up.append(Upsample(c))
@@ -228,7 +239,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # the network starts by predicting 0
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, t, attrs=None):  # x (B, C, H, W), t (B,) timestep indices 0..T-1, attrs (B, K) in {-1, 0, 1}
+    def forward(self, x, t, attrs=None):  # x (B, C, H, W), t (B,) indices 0..T-1, attrs (B, K) in {-1, 0, 1}
         temb = self.time_mlp(timestep_embedding(t, self.cfg.ch))  # (B, 4ch)
         aemb = None
         if self.cfg.attrs:
@@ -253,7 +264,7 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
 
     def _block(self, block, h, temb):
-        if self.grad_checkpoint and self.training:  # keep only the block's input; recompute the rest in backward
+        if self.grad_checkpoint and self.training:  # keep the block's input; recompute the rest in backward
             return checkpoint(block, h, temb, use_reentrant=False)
         return block(h, temb)
 
@@ -270,6 +281,12 @@ def config_from_dict(model_args):
     return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()})
 
 
-def build(model_args):
-    """Rebuild a UNet from the plain dict stored in a checkpoint."""
-    return UNet(config_from_dict(model_args))
+def from_checkpoint(ckpt, weights="ema", device="cpu"):
+    """The U-Net a train.py checkpoint describes, with its `weights` ("ema" or "model"). On the meta device
+    nothing is allocated or copied: a check that the config and the weights fit together."""
+    with torch.device(device):
+        model = UNet(config_from_dict(ckpt["model_args"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # on the meta device the copy is a no-op: keys and shapes are checked
+        model.load_state_dict(ckpt[weights])
+    return model

@@ -1,0 +1,548 @@
+"""
+The plumbing that train.py and sample.py share, so that neither imports the other and neither reads it to
+learn diffusion: the errors printed as one line and the argparse types; writes that are all or nothing and
+the lock that keeps two runs out of one folder; the checkpoint file; the device, its memory, precision and
+CPU threads, and the agreement of torchrun's ranks; messages that survive a closed terminal and progress
+lines with an ETA; labelled picture grids and line charts drawn with Pillow.
+"""
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+import zlib
+
+import torch
+import torch.distributed as dist
+import torchvision
+from PIL import Image, ImageDraw
+from torchvision.transforms.v2 import functional as TF
+
+import unet
+from diffusion import GaussianDiffusion
+
+CKPT_FORMAT = "ddpm-faces-checkpoint-v1"
+
+
+class UsageError(Exception):
+    """A bad flag, or flags that do not go together: the message names it and the fix."""
+
+
+class WriteError(Exception):
+    """A file could not be written (disk full, read-only, quota): the message names the file and the fix."""
+
+
+class CheckpointError(Exception):
+    """A missing, corrupt, unsafe or foreign checkpoint, or one whose parts do not fit together."""
+
+# -----------------------------------------------------------------------------
+# the command line: argparse types (argparse names a bad value by the type's __name__) and the parser
+
+
+def real(s):
+    """A finite float (float() alone also takes 'nan' and 'inf')."""
+    v = float(s)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+    return v
+real.__name__ = "number"
+
+
+def positive(kind):
+    """A finite number > 0 of `kind` (int or float)."""
+    def parse(s):
+        v = real(s) if kind is float else kind(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+    parse.__name__ = "positive integer" if kind is int else "positive number"
+    return parse
+
+
+def non_negative(s):
+    """An integer >= 0 (0 usually means never)."""
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+non_negative.__name__ = "integer"
+
+
+def random_seed(s):
+    """A seed in 0..2^63-1: what torch's generators take, with room for the per-step offsets."""
+    v = int(s)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {s}")
+    return v
+random_seed.__name__ = "integer"
+
+
+def int_list(s):
+    """Comma-separated positive integers, e.g. 1,2,2,2."""
+    parts = s.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,2,2, got {s!r}")
+    return tuple(int(p) for p in parts)
+
+
+def path(s):
+    """A file or folder name; an empty one would silently mean the working directory."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("is empty; give a file or folder name")
+    return os.path.expanduser(s)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' once, and not at all where the default is None or False (the help says it)."""
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage is what -h prints)."""
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        if "expected one argument" in message:  # --ch-mult -1,2: argparse takes '-1,2' for a flag
+            message += " (a value that starts with '-' is written --flag=VALUE)"
+        self.exit(2, f"error: {message} (python {self.prog} -h lists the flags)\n")
+
+    def parse(self, argv=None):
+        """-> (args, the set of flags typed on the command line)."""
+        args = self.parse_args(argv)
+        defaults = {a.dest: a.default for a in self._actions}
+        for a in self._actions:  # parse again with no defaults: what is left was typed
+            a.default = argparse.SUPPRESS
+        try:
+            return args, set(vars(self.parse_args(argv)))
+        finally:
+            for a in self._actions:
+                a.default = defaults[a.dest]
+
+# -----------------------------------------------------------------------------
+# files: all-or-nothing writes, the folder lock
+
+
+def why(e):
+    """A short reason for a failed write: the OS's words when there are some."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else "the write failed part-way: disk full or over quota?"
+
+
+def check_writable(folder, what):
+    """Write a scratch file in `folder`, so that a bad output path fails before any work. Folders made for
+    that are removed again: a run that fails to start leaves nothing behind."""
+    folder, created = os.path.abspath(folder or "."), []
+    try:
+        parent = folder
+        while not os.path.exists(parent):
+            created.append(parent)
+            parent = os.path.dirname(parent)
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise WriteError(f"{what} {folder}: cannot write there ({why(e)}); pass a writable folder")
+    finally:
+        for d in created:  # innermost first
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def atomic_write(write, path, what):
+    """write(tmp_path), then rename over `path`: a failure at any point leaves `path` as it was and no
+    temporary file behind, and raises WriteError naming the file and `what` to change (a flag, a folder)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path} ({why(e)}); free some space or pass another {what}")
+
+
+def write_png(img, path, what):
+    """(3, H, W) uint8 -> a PNG file, atomically. torchvision's write_png does not report a full disk (it
+    leaves an empty file), so the encoded bytes are written here, where Python raises on a short write."""
+    data = torchvision.io.encode_png(img).numpy().tobytes()
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(write, path, what)
+
+
+def save_image(x, path, what, **grid):
+    """(N, 3, H, W) uint8 -> one grid image in the format of `path`'s extension, atomically."""
+    fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # the temporary name has no extension
+    atomic_write(lambda tmp: torchvision.utils.save_image(x.float() / 255, tmp, format=fmt, **grid), path, what)
+
+
+def image_formats():
+    """File extensions Pillow can write, e.g. {'.png', '.jpg', ...}."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files (NAME.tmpPID) that atomic_write left in `folder` when its process was
+    killed mid-write: those whose process is gone. -> how many were removed."""
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        stem, _, pid = name.rpartition(".tmp")
+        if not stem or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # raises if no such process
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+        except OSError:  # a live process of another user
+            pass
+    return removed
+
+
+def lock_folder(folder, what):
+    """Hold `folder` for this process: an exclusive flock on folder/.lock, which the OS drops when the process
+    ends in any way (kill -9 included), so a killed run never leaves it stuck. -> the open lock file (keep it
+    open; None where there is no flock). UsageError when another process holds the folder."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UsageError(f"{what} {folder} is in use by another run (process {pid}); wait for it to end, "
+                         f"or pass another {what}")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+# -----------------------------------------------------------------------------
+# checkpoints: one self-describing file, written atomically, loaded with weights_only and verified
+
+
+def tensor_crc(obj, crc=0):
+    """CRC-32 of the bytes of every tensor in `obj` (nested dicts and lists, in key order)."""
+    if torch.is_tensor(obj):
+        return zlib.crc32(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            crc = tensor_crc(obj[k], crc)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            crc = tensor_crc(v, crc)
+    return crc
+
+
+CHECKED = ("model", "ema", "optimizer")  # the parts whose tensors carry a checksum
+
+
+def save_checkpoint(ckpt, path, what="--out"):
+    ckpt = dict(ckpt, checksums={part: tensor_crc(ckpt[part]) for part in CHECKED if part in ckpt})
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+    atomic_write(write, path, what)
+
+
+def load_checkpoint(path, parts=CHECKED):
+    """torch.load(weights_only=True) with one-line errors for missing, corrupt, unsafe, foreign and damaged
+    files: the tensors of `parts` must be finite and match their checksums. A folder means its ckpt.pt."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
+        raise CheckpointError(f"{path} is a folder without a ckpt.pt; pass the checkpoint file that train.py wrote")
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote (in its --out folder)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "GLOBAL" in str(e):  # weights_only met a reference to Python code: loading it could run that code
+            name = str(e).split("GLOBAL ")[-1].split()[0]
+            raise CheckpointError(f"{path} was refused as unsafe: it refers to Python objects ({name}) that could run "
+                                  "code when loaded, which no checkpoint of this project holds; use a train.py ckpt.pt")
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated? "
+                              f"{type(e).__name__}); use another checkpoint or retrain")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} was not written by this project's train.py (no '{CKPT_FORMAT}' marker); "
+                              "pass a ckpt.pt from train.py's --out folder")
+    for part in parts:
+        if part != "optimizer" and not all(torch.isfinite(v).all() for v in ckpt.get(part, {}).values()
+                                           if torch.is_tensor(v) and v.is_floating_point()):
+            raise CheckpointError(f"{path}: its {part} weights are not finite (NaN or inf), so every image would be "
+                                  "blank; the run diverged before this was saved: use an earlier checkpoint or retrain")
+        saved = ckpt.get("checksums", {}).get(part)  # checkpoints before checksums have none
+        if saved is not None and part in ckpt and tensor_crc(ckpt[part]) != saved:
+            raise CheckpointError(f"{path}: its {part} tensors fail their checksum, so the file was damaged after "
+                                  "it was written (disk, copy or transfer); use another copy or an earlier checkpoint")
+    step = ckpt.get("step")
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: its step {step!r} is not a count of steps; the file was edited or damaged")
+    return ckpt
+
+
+def diffusion_from_checkpoint(ckpt):
+    a = ckpt["args"]
+    return GaussianDiffusion(a["timesteps"], a["schedule"], a["objective"], a.get("min_snr_gamma"))
+
+
+def model_from_checkpoint(ckpt, path, weights="ema", device="cpu"):
+    """-> (the U-Net with the checkpoint's `weights`, GaussianDiffusion), as the checkpoint describes them.
+    On the meta device: a check, at no cost, that the config and the weights fit together."""
+    try:
+        return unet.from_checkpoint(ckpt, weights, device), diffusion_from_checkpoint(ckpt)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not match this version of unet.py "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+# -----------------------------------------------------------------------------
+# the device, its precision, and the CPU's threads
+
+
+def pick_device(name, local_rank=0, local_world=1):
+    """--device -> torch.device: the first available of cuda, mps, cpu when name is None. Under torchrun,
+    process `local_rank` of the `local_world` on this machine takes GPU local_rank."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use cuda, cuda:N, mps or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    want, n = max(local_world, (device.index or 0) + 1), torch.cuda.device_count()
+    if device.type == "cuda" and want > n:
+        raise UsageError(f"{want} processes want a GPU each but {n} GPU{'s are' if n > 1 else ' is'} visible; "
+                         f"start torchrun with --nproc_per_node={n} (or fewer), or use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+def autocast(device, precision):
+    """--precision -> (its name, the autocast context). auto: bf16 on GPUs with native bf16 (Ampere and
+    later), fp16 on older GPUs (is_bf16_supported() alone also counts the slow emulated bf16 of a V100 or T4),
+    fp32 on CPU and MPS. fp32 means fp32: TF32 matmuls and convolutions only come with the mixed precisions."""
+    if precision == "auto":
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        precision = "fp32" if device.type != "cuda" else "bf16" if native else "fp16"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return precision, contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so that a timing measures it (CUDA and MPS run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def busy_cores(seconds=0.25):
+    """How many cores other programs keep busy, from /proc/stat over `seconds` (this process is idle then).
+    None where there is no /proc/stat."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all ticks, idle + iowait ticks
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def set_threads(device, processes=1, say=print):
+    """On the CPU: one thread per core that no other program keeps busy, shared by this machine's `processes`.
+    A thread that shares its core with another program stalls every parallel op (OpenMP waits for all its
+    threads at each op's end): on 2 cores with one busy, 2 threads trained 6x slower than 1 (REPORT sec. 5).
+    OMP_NUM_THREADS, when set, decides instead. -> the thread count."""
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = busy_cores() or 0.0
+    idle = max(1, cores - math.floor(busy + 0.3))  # a core 70% busy counts as taken
+    n = max(1, idle // processes)
+    torch.set_num_threads(n)
+    if n * processes < cores:
+        say(f"threads: {n} per process, {cores - idle} of {cores} cores being busy with other programs "
+            "(OMP_NUM_THREADS=N chooses)")
+    return n
+
+def device_memory(device):
+    """Bytes a run may use on `device`: on a GPU what is free (other processes and MIG slices excluded) plus
+    what this process holds, within its memory fraction; on the CPU what the OS has available."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)  # torch 2.7+
+        return min(free + torch.cuda.memory_reserved(device), fraction * total)
+    try:
+        with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable page cache
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@contextlib.contextmanager
+def memory_errors(what, fix):
+    """Running out of memory during `what` becomes a one-line UsageError that says `fix`."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        raise UsageError(f"{what} does not fit the memory ({str(e).splitlines()[0][:80]}); {fix}")
+
+
+def from_rank0(value, group=None):
+    """Rank 0's `value` (a number) on every rank of a torchrun job."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.broadcast(t, 0, group=group)
+    return t.item()
+
+
+def on_any_rank(flag, group=None):
+    """True on every rank when `flag` is true on at least one."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item() > 0
+
+# -----------------------------------------------------------------------------
+# messages
+
+
+def fmt_bytes(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Say:
+    """print(), flushed, that outlives its terminal: once stdout fails (a closed terminal, SIGHUP, a closed pipe
+    as in `| head`), stdout is sent to /dev/null, the lines go to the file `fallback()` names (or nowhere),
+    and on_lost() is called once, so that the run can stop as it would on SIGTERM."""
+
+    def __init__(self, fallback=lambda: None, on_lost=lambda: None):
+        self.fallback, self.on_lost, self.lost = fallback, on_lost, False
+
+    def __call__(self, *args, **kw):
+        if not self.lost:
+            try:
+                print(*args, **{**kw, "flush": True})
+                return
+            except OSError:  # BrokenPipeError (SIGPIPE is ignored by Python), or EIO from a hung-up terminal
+                self.lost = True
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit either
+                self.on_lost()
+        name = self.fallback()
+        if name:
+            with contextlib.suppress(OSError), open(name, "a") as f:
+                print(*args, **{k: v for k, v in kw.items() if k == "sep"}, file=f)
+
+
+class Progress:
+    """Progress lines for a long phase: `done` of `total` `unit`s, with the rate and the ETA once a few seconds
+    have passed, every `every` seconds and at the end; with `first`, also at the first call (work has begun)."""
+
+    def __init__(self, total, what, unit, say=print, every=10.0, first=False):
+        self.total, self.what, self.unit, self.say, self.every = total, what, unit, say, every
+        self.t0, self.last = time.time(), -math.inf if first else time.time()
+
+    def __call__(self, done):
+        now = time.time()
+        if (now - self.last < self.every and done < self.total) or self.last is None:
+            return
+        self.last, rate = (now if done < self.total else None), done / max(now - self.t0, 1e-9)
+        line = f"{self.what}: {done:,.0f}/{self.total:,} {self.unit}"
+        if now - self.t0 > 2 or done >= self.total:  # a rate of the first moments would mislead
+            line += f" | {rate:,.1f} {self.unit}/s" + (f" | ETA {fmt_time((self.total - done) / rate)}"
+                                                       if done < self.total else "")
+        self.say(line)
+
+# -----------------------------------------------------------------------------
+# pictures: a labelled grid of images, a line chart (Pillow draws the few charts)
+
+
+def image_grid(rows, col_labels, row_labels, scale):
+    """rows: list of (k, 3, H, W) uint8 -> a PIL image, the images enlarged `scale` times (nearest), labelled."""
+    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=255)  # (3, h, w)
+    img = TF.to_pil_image(grid).resize((grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST)
+    left, top, cell = 8 + 7 * max(map(len, row_labels)), 16, img.height // len(rows)
+    canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
+    canvas.paste(img, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(col_labels):
+        draw.text((left + (i + 0.5) * img.width / len(rows[0]), 8), text, fill="black", anchor="mm")
+    for i, text in enumerate(row_labels):
+        draw.text((4, top + (i + 0.5) * cell), text, fill="black", anchor="lm")
+    return canvas
+
+
+def nice_ticks(lo, hi, log=False):
+    """Round values in [lo, hi]: multiples of 1, 2 or 5 times a power of ten (on a log axis, those values)."""
+    if log:
+        decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        ticks = [v for v in (m * 10 ** k for k in decades for m in (1, 2, 5)) if lo <= v <= hi]
+        if len(ticks) >= 3:
+            return ticks
+    raw = (hi - lo) / 5 or 1
+    step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def line_chart(series, title, xlabel, log_y=False, size=(360, 260)):
+    """series: list of (name, xs, ys) -> a PIL line chart with axes, round ticks and a legend."""
+    W, H, (l, r, t, b) = *size, (52, 10, 22, 34)  # plot area margins: left, right, top, bottom
+    f, unf = (math.log10, lambda v: 10 ** v) if log_y else (lambda y: y, lambda v: v)
+    xs, ys = [x for _, xx, _ in series for x in xx], [y for _, _, yy in series for y in yy]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    pad = 0.05 * ((f(y1) - f(y0)) or 1)
+    px = lambda x: l + (x - x0) / ((x1 - x0) or 1) * (W - l - r)
+    py = lambda y: H - b - (f(y) - f(y0) + pad) / (f(y1) - f(y0) + 2 * pad) * (H - t - b)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([l, t, W - r, H - b], outline="black")
+    for xv in nice_ticks(x0, x1):
+        d.text((px(xv), H - b + 4), f"{xv:g}", fill="black", anchor="mt")
+    for yv in nice_ticks(unf(f(y0) - pad), unf(f(y1) + pad), log_y):
+        d.line([l - 3, py(yv), l, py(yv)], fill="black")
+        d.text((l - 5, py(yv)), f"{yv:.4g}", fill="black", anchor="rm")
+    d.text((W / 2, 4), title, fill="black", anchor="mt")
+    d.text(((l + W - r) / 2, H - 4), xlabel, fill="black", anchor="mb")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for i, (name, xx, yy) in enumerate(series):
+        points = [(px(x), py(y)) for x, y in zip(xx, yy)]
+        if len(points) > 1:
+            d.line(points, fill=colours[i % 4], width=2)
+        else:
+            d.ellipse([*points[0], *points[0]], outline=colours[i % 4])
+        d.text((W - r - 6, t + 6 + 12 * i), name, fill=colours[i % 4], anchor="ra")
+    return img
