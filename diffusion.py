@@ -210,8 +210,7 @@ class GaussianDiffusion:
         if clip:
             # Only x0_hat is clipped; eps_hat stays the model's own. Recomputing eps from the clipped x0 (as
             # improved-diffusion does) feeds the clipped, saturated x0 of the noisiest steps back into x_t,
-            # and a deterministic sampler then keeps it to the end: colour speckle (REPORT sec. 3, "Why eta 0
-            # fails").
+            # and a deterministic sampler then keeps it to the end: colour speckle (REPORT sec. 3.3).
             x0 = x0.clamp(-1, 1)
         return x0, eps
 

@@ -32,7 +32,7 @@ from diffusion import DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SCH
 from util import UsageError
 
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # one line, exit code 2
-DEFAULT_GUIDANCE = 3.0  # the largest guidance weight whose face quality stays within 10% (REPORT sec. 6)
+DEFAULT_GUIDANCE = 3.0  # the largest guidance weight whose face quality stays within 10% (REPORT sec. 3.7)
 REPAINT_STEPS = 250  # RePaint's face setting: 250 steps, jump length 10, 10 resamplings
 FIGURES = ("forward", "reverse", "attention", "schedules", "loss")
 FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # the forward strip's timesteps at T = 1000 (scaled for other T)

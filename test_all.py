@@ -7,6 +7,7 @@ to end on a tiny model of 16x16 fake faces, and the docs. CPU only, whatever the
 """
 import contextlib
 import math
+import shutil
 import os
 import signal
 import subprocess
@@ -792,6 +793,19 @@ def main_error(capsys, main, args):
     return e.value.code, out, err
 
 
+def cli(capsys, main, args):
+    """A script's main() run in this process, as run_cli runs it in another (faster): -> its exit code, stdout
+    and stderr."""
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 def one_line_error(r, *words):
     """The command failed with exit code 2 and one line on stderr that holds every word."""
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
@@ -1009,17 +1023,57 @@ def test_interrupting_the_decode_prints_one_line(tmp_path):
     assert code == 2 and "a decoding process died" in err
 
 
-def test_data_cli_summary_preview_export_and_errors(tmp_path):
+def test_data_cli_summary_preview_export_and_errors(tmp_path, capsys):
     make_celeba(str(tmp_path / "c"), "torchvision")
-    r = run_cli("data.py", "--data", str(tmp_path / "c"), "--size", "16", "--cache-dir", str(tmp_path / "cache"),
-                "--preview", str(tmp_path / "p.png"), "--export", str(tmp_path / "exp"))
+    r = cli(capsys, data.main, ["--data", str(tmp_path / "c"), "--size", "16", "--cache-dir", str(tmp_path / "cache"),
+                "--preview", str(tmp_path / "p.png"), "--export", str(tmp_path / "exp")])
     assert r.returncode == 0, r.stderr
     assert "layout:  torchvision" in r.stdout and "train 8" in r.stdout and "img/s" in r.stdout
     assert os.path.exists(tmp_path / "p.png") and len(os.listdir(tmp_path / "exp")) == 7
     exported = torchvision.io.read_image(str(tmp_path / "exp" / "000001.png"))
     assert exported.shape == (3, 16, 16)
-    r = run_cli("data.py", "--data", str(tmp_path / "missing"))
+    r = cli(capsys, data.main, ["--data", str(tmp_path / "missing")])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_progress_says_the_rate_and_eta_once_they_mean_something(monkeypatch):
+    now, lines = [0.0], []
+    monkeypatch.setattr(util, "time", SimpleNamespace(time=lambda: now[0]))
+    p = util.Progress(1000, "data: decoding", "images", lines.append, every=5, first=True)
+    p(1)  # the first image: work has begun, but a rate from it would say hours
+    now[0] = 6.0
+    p(600)
+    now[0] = 6.5
+    p(700)  # within 5 s of the last line: nothing
+    now[0] = 8.0
+    p(1000)
+    assert lines[0] == "data: decoding: 1/1,000 images" and "ETA 0m04s" in lines[1] and "100.0 images/s" in lines[1]
+    assert len(lines) == 3 and "ETA" not in lines[2] and "125.0 images/s" in lines[2]
+    quiet = util.Progress(10, "sample grid", "image-steps", lines.append, last=False)
+    quiet(10)  # a short phase says nothing at its end: the line after it does
+    assert len(lines) == 3
+
+
+def test_a_folder_of_one_image_trains_without_a_validation_split(tmp_path, capsys):
+    (tmp_path / "one").mkdir()
+    Image.fromarray(face(1, 20, 20).permute(1, 2, 0).numpy()).save(str(tmp_path / "one" / "a.png"))
+    with pytest.raises(data.DataError, match="no valid images .a folder of one image keeps it for training.$"):
+        data.load(str(tmp_path / "one"), 8, "valid", cache_dir=str(tmp_path / "cache"), log=quiet)
+    train.main(["--data", str(tmp_path / "one"), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+                *TINY, "--batch-size", "1", "--max-steps", "1", "--eval-every", "1"])
+    out, err = capsys.readouterr()
+    assert "no validation loss: data folder" in out and "split" not in out + err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
+def test_exporting_onto_a_full_disk_fails_and_leaves_no_empty_file(tmp_path):
+    make_folder(str(tmp_path / "imgs"), n=6)
+    out, args = tmp_path / "exp", ["data.py", "--data", str(tmp_path / "imgs"), "--size", "16", "--cache-dir", str(tmp_path / "c"),
+                                   "--preview", ""]
+    assert run_cli(*args).returncode == 0  # the cache, written without a limit
+    r = limited_run(300, *args, "--export", str(out))
+    one_line_error(r, "cannot write", str(out), "--export")
+    assert all(os.path.getsize(out / f) > 0 for f in os.listdir(out)) and not [f for f in os.listdir(out) if ".tmp" in f]
 
 
 # -----------------------------------------------------------------------------
@@ -1033,7 +1087,6 @@ TINY = ["--size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1
 @pytest.fixture(autouse=True)
 def cpu_unless_asked(monkeypatch):
     """A script run in this process without --device uses the CPU, even where a GPU is visible."""
-    import train
     pick = util.pick_device
     monkeypatch.setattr(util, "pick_device", lambda name=None, *a: pick(name or "cpu", *a))
 
@@ -1081,10 +1134,10 @@ def cond_run(tmp_path_factory):
     return out, str(root / "c")
 
 
-def test_training_prints_progress_and_writes_grid_log_and_checkpoint(faces, tmp_path):
+def test_training_prints_progress_and_writes_grid_log_and_checkpoint(faces, tmp_path, capsys):
     out = str(tmp_path / "run")
-    r = run_cli("train.py", *train_args(faces, out, "--max-steps", "3", "--sample-every", "3", "--eval-every", "3",
-                                        "--sample-steps", "2", "--sample-n", "4"))
+    r = cli(capsys, train.main, [*train_args(faces, out, "--max-steps", "3", "--sample-every", "3", "--eval-every", "3",
+                                        "--sample-steps", "2", "--sample-n", "4")])
     assert r.returncode == 0, r.stderr
     assert "device cpu" in r.stdout and "seed 5" in r.stdout and "img/s" in r.stdout and "ETA" in r.stdout
     assert Image.open(os.path.join(out, "samples_0000003.png")).size == (2 * 18 + 2, 2 * 18 + 2)  # 4 faces, 2 x 2
@@ -1143,12 +1196,12 @@ def test_resume_is_bit_exact(faces, tmp_path):
         assert all(torch.equal(oa[i][k], ob[i][k]) for k in ob[i])
 
 
-def test_resume_takes_every_setting_from_the_checkpoint(faces, tmp_path):
+def test_resume_takes_every_setting_from_the_checkpoint(faces, tmp_path, capsys):
     out = str(tmp_path / "run")
-    r = run_cli("train.py", *train_args(faces, out, "--max-steps", "3", "--batch-size", "6"))
+    r = cli(capsys, train.main, [*train_args(faces, out, "--max-steps", "3", "--batch-size", "6")])
     assert r.returncode == 0, r.stderr
     # only --out and --max-steps: data, cache, batch size and model all come from the checkpoint
-    r = run_cli("train.py", "--resume", "--out", out, "--max-steps", "5")
+    r = cli(capsys, train.main, ["--resume", "--out", out, "--max-steps", "5"])
     assert r.returncode == 0 and "resuming" in r.stdout and "at batch 6" in r.stdout, r.stdout + r.stderr
     ckpt = util.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == 5 and ckpt["args"]["batch_size"] == 6 and ckpt["args"]["size"] == 16
@@ -1157,10 +1210,10 @@ def test_resume_takes_every_setting_from_the_checkpoint(faces, tmp_path):
     elapsed = [float(row["elapsed_s"]) for row in rows]
     assert elapsed == sorted(elapsed) and elapsed[3] >= elapsed[2]  # continuous across the resume
     # a contradicting flag is refused, naming both values; one that may change is taken
-    one_line_error(run_cli("train.py", "--resume", "--out", out, "--size", "32"), "--size 32", "16")
-    one_line_error(run_cli("train.py", "--resume", "--out", out, "--batch-size", "4", "--max-steps", "9"), "--batch-size 4", "6")
+    one_line_error(cli(capsys, train.main, ["--resume", "--out", out, "--size", "32"]), "--size 32", "16")
+    one_line_error(cli(capsys, train.main, ["--resume", "--out", out, "--batch-size", "4", "--max-steps", "9"]), "--batch-size 4", "6")
     # nothing to do is said
-    r = run_cli("train.py", "--resume", "--out", out, "--max-steps", "4")
+    r = cli(capsys, train.main, ["--resume", "--out", out, "--max-steps", "4"])
     assert r.returncode == 0 and "nothing to do" in r.stdout and "step 5" in r.stdout, r.stdout
 
 
@@ -1175,16 +1228,51 @@ def test_logged_loss_after_a_resume_is_the_uninterrupted_runs(faces, tmp_path):
     assert rows[0]["8"] == rows[1]["8"] and rows[0]["4"] == rows[1]["4"] and set(rows[1]) == {"1", "4", "8"}, rows
 
 
-def test_a_new_run_never_replaces_a_run(faces, tmp_path):
+def test_a_new_run_never_replaces_a_run(faces, tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert run_cli("train.py", *train_args(faces, out, "--max-steps", "2")).returncode == 0
+    assert cli(capsys, train.main, [*train_args(faces, out, "--max-steps", "2")]).returncode == 0
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
-    r = run_cli("train.py", *train_args(faces, out, "--max-steps", "3", "--ch", "8"))
+    r = cli(capsys, train.main, [*train_args(faces, out, "--max-steps", "3", "--ch", "8")])
     one_line_error(r, "already holds a run", "--resume", "--overwrite")
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
-    r = run_cli("train.py", *train_args(faces, out, "--max-steps", "3", "--ch", "8", "--overwrite"))
-    assert r.returncode == 0, r.stderr
+    open(os.path.join(out, "samples_0000002.png"), "wb").close()  # the old run's grid
+    r = cli(capsys, train.main, [*train_args(faces, out, "--max-steps", "3", "--ch", "8", "--overwrite")])
+    assert r.returncode == 0 and "removed the earlier run's ckpt.pt, log.csv, samples_0000002.png" in r.stdout, r.stderr
     assert util.load_checkpoint(out)["model_args"]["ch"] == 8 and [row["step"] for row in log_rows(out) if row["loss"]] == ["1", "2", "3"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.csv"]  # nothing of the old run beside the new one
+    os.remove(os.path.join(out, "ckpt.pt"))  # a run killed before its first checkpoint left its log
+    one_line_error(cli(capsys, train.main, [*train_args(faces, out, "--max-steps", "1")]), "holds an earlier run's files (log.csv)")
+
+
+def test_two_runs_in_one_out_folder_the_second_is_refused(faces, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if "step 1/" in line:
+            break
+    r = run_cli("train.py", *train_args(faces, out, "--max-steps", "5", "--seed", "22", "--overwrite"))
+    one_line_error(r, f"--out {out} is in use by another run (process {p.pid})")
+    os.kill(p.pid, signal.SIGKILL)  # the holder dies without a word: its lock goes with it
+    p.communicate(timeout=60)
+    r = cli(capsys, train.main, [*train_args(faces, out, "--max-steps", "2", "--overwrite")])
+    assert r.returncode == 0 and util.load_checkpoint(out)["step"] == 2, r.stderr
+
+
+def test_resume_refuses_other_data_before_decoding_it(faces, tmp_path, capsys):
+    out, other = str(tmp_path / "run"), tmp_path / "other"
+    assert cli(capsys, train.main, [*train_args(faces, out, "--max-steps", "2")]).returncode == 0
+    other.mkdir()
+    for i, name in enumerate(sorted(os.listdir(faces))):  # as many images, one of them another
+        img = Image.open(os.path.join(faces, name)) if i else Image.new("RGB", (20, 20))
+        img.save(other / name)
+    r = cli(capsys, train.main, ["--resume", "--out", out, "--max-steps", "3", "--data", str(other), "--cache-dir", str(tmp_path / "c2")])
+    one_line_error(r, "not the data the checkpoint's run trained on", "--other-data")
+    assert "decoding" not in r.stdout
+    moved = shutil.copytree(faces, tmp_path / "moved")  # a moved copy of the same images is the same data
+    assert cli(capsys, train.main, ["--resume", "--out", out, "--max-steps", "3", "--data", str(moved)]).returncode == 0
+    r = cli(capsys, train.main, ["--resume", "--out", out, "--max-steps", "4", "--data", str(other), "--other-data"])
+    assert r.returncode == 0 and util.load_checkpoint(out)["step"] == 4, r.stderr
 
 
 def test_short_runs_leave_the_warmup_early(faces, tmp_path, capsys):
@@ -1223,6 +1311,26 @@ def test_minutes_draws_four_grids_over_the_run(faces, tmp_path, monkeypatch):
     later = sorted(int(f[8:15]) for f in os.listdir(out) if f.startswith("samples_") and int(f[8:15]) > total)
     q = -(-2 * total // 4)
     assert later == [k * q for k in range(1, 4) if k * q > total] + [2 * total], later
+
+
+def test_a_short_budget_draws_four_grids_and_uses_its_time(faces, tmp_path, monkeypatch):
+    # A one-minute budget on a slow machine: 2 s a step, and a grid that costs 3 s (its forward passes at
+    # 0.1 s per image-step, as timed). The plan comes at step 13, after the first quarter of the run: a grid
+    # then, and three more over the rest; the budget is used, not left idle.
+    now = fake_clock(monkeypatch, lambda step: 2.0)
+    real_grid = train.sample_grid
+    def grid(cfg, env, run):
+        now[0] += 3.0
+        return real_grid(cfg, env, run)
+    monkeypatch.setattr(train, "sample_grid", grid)
+    monkeypatch.setattr(train, "time_forward", lambda cfg, env, run: 3.0 / (cfg.sample_n * cfg.sample_steps))
+    out = str(tmp_path / "run")
+    args = train_args(faces, out, "--minutes", "1", "--log-every", "10", "--sample-steps", "2", "--sample-n", "4")
+    del args[args.index("--sample-every"):args.index("--sample-every") + 2]
+    train.main(args)
+    grids = sorted(int(f[8:15]) for f in os.listdir(out) if f.startswith("samples_"))
+    assert len(grids) == 4 and grids[0] == 13 and grids[-1] == util.load_checkpoint(out)["step"], grids
+    assert 0.9 * 60 <= now[0] <= 60, now[0]
 
 
 def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_path, monkeypatch, capsys):
@@ -1383,13 +1491,13 @@ def test_benchmarks_report_throughput():
 # train.py under torchrun, and on a GPU when there is one
 
 
-def test_ddp_two_processes_match_one_process_at_the_same_global_batch(faces, tmp_path):
+def test_ddp_two_processes_match_one_process_at_the_same_global_batch(faces, tmp_path, capsys):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     common = ["--max-steps", "3", "--batch-size", "8", "--dropout", "0"]
     r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *train_args(faces, two, *common))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("step 3/3") == 1  # only rank 0 logs
-    assert run_cli("train.py", *train_args(faces, one, *common)).returncode == 0
+    assert cli(capsys, train.main, [*train_args(faces, one, *common)]).returncode == 0
     (m1, e1, _, _), (m2, e2, _, _) = states(os.path.join(one, "ckpt.pt")), states(os.path.join(two, "ckpt.pt"))
     for k in m1:
         torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5)
@@ -1397,14 +1505,14 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(faces, tmp
     # the 2-process checkpoint resumes in 1 process and continues like the 1-process run
     more = ["--max-steps", "5", "--batch-size", "8", "--dropout", "0"]
     assert run_cli("train.py", *train_args(faces, two, *more, "--resume")).returncode == 0
-    assert run_cli("train.py", *train_args(faces, one, *more, "--resume")).returncode == 0
+    assert cli(capsys, train.main, [*train_args(faces, one, *more, "--resume")]).returncode == 0
     (m1, _, _, s1), (m2, _, _, s2) = states(os.path.join(one, "ckpt.pt")), states(os.path.join(two, "ckpt.pt"))
     assert s1 == s2 == 5
     for k in m1:
         torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5)
 
 
-def test_ddp_without_a_seed_trains_on_what_one_process_would(faces, tmp_path):
+def test_ddp_without_a_seed_trains_on_what_one_process_would(faces, tmp_path, capsys):
     # The README's command gives no --seed: the seed is drawn on rank 0 and sent to every rank, so the ranks
     # shard one permutation (6 steps of 8 of 24 images: two epochs) and one process with that seed matches.
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -1413,7 +1521,7 @@ def test_ddp_without_a_seed_trains_on_what_one_process_would(faces, tmp_path):
     r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *no_seed(train_args(faces, two, *common)))
     assert r.returncode == 0, r.stderr[-2000:]
     seed = r.stdout.split(", seed ")[1].split()[0]
-    assert run_cli("train.py", *no_seed(train_args(faces, one, *common)), "--seed", seed).returncode == 0
+    assert cli(capsys, train.main, [*no_seed(train_args(faces, one, *common)), "--seed", seed]).returncode == 0
     (m1, e1, _, _), (m2, e2, _, _) = states(os.path.join(one, "ckpt.pt")), states(os.path.join(two, "ckpt.pt"))
     for k in m1:
         torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5)
@@ -1518,8 +1626,8 @@ def test_ctrl_c_writes_a_checkpoint(faces, tmp_path):
     assert util.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] >= 2
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_write_a_checkpoint_and_the_hint_resumes(faces, tmp_path, sig, code):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_signals_write_a_checkpoint_and_the_hint_resumes(faces, tmp_path, sig, code, capsys):
     import shlex
     out = str(tmp_path / "sp ace")
     p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
@@ -1536,8 +1644,23 @@ def test_signals_write_a_checkpoint_and_the_hint_resumes(faces, tmp_path, sig, c
     if sig == signal.SIGINT:  # the printed hint, run exactly as printed (a shell would split it so), continues the run
         hint = shlex.split(rest.split("Continue with: ")[1].splitlines()[0])
         assert hint[:3] == ["python", "train.py", "--resume"]
-        r = run_cli(*hint[1:], "--max-steps", str(step + 1))
+        r = cli(capsys, train.main, [*hint[2:], "--max-steps", str(step + 1)])
         assert r.returncode == 0 and util.load_checkpoint(out)["step"] == step + 1, r.stderr
+
+
+def test_a_closed_stdout_stops_the_run_with_a_checkpoint(faces, tmp_path):
+    # `train.py ... | head -2`: the reader goes away; the run stops as on SIGTERM, and says so in its --out
+    out = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if "step 2/" in line:
+            p.stdout.close()
+            break
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 141 and "Traceback" not in err and util.load_checkpoint(out)["step"] >= 2, err
+    said = open(os.path.join(out, "stdout.log")).read()
+    assert "interrupted by SIGPIPE (stdout closed)" in said and "Continue with: python train.py --resume" in said
 
 
 def signal_twice(faces, out, sig):
@@ -1635,9 +1758,9 @@ def limited_run(limit, *args):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
-def test_a_write_that_fails_midway_keeps_the_last_checkpoint_and_cache(faces, tmp_path):
+def test_a_write_that_fails_midway_keeps_the_last_checkpoint_and_cache(faces, tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert run_cli("train.py", *train_args(faces, out, "--max-steps", "2")).returncode == 0
+    assert cli(capsys, train.main, [*train_args(faces, out, "--max-steps", "2")]).returncode == 0
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
     assert len(before) > 100_000
     r = limited_run(50_000, "train.py", "--resume", "--out", out, "--max-steps", "4")
@@ -1651,9 +1774,9 @@ def test_a_write_that_fails_midway_keeps_the_last_checkpoint_and_cache(faces, tm
     assert os.listdir(cache) == []
 
 
-def test_unwritable_out_names_the_flag(faces, tmp_path):
+def test_unwritable_out_names_the_flag(faces, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    r = run_cli("train.py", *train_args(faces, str(tmp_path / "file" / "out"), "--max-steps", "1"))
+    r = cli(capsys, train.main, [*train_args(faces, str(tmp_path / "file" / "out"), "--max-steps", "1")])
     one_line_error(r, "--out", "cannot write there")
     assert "decoding" not in r.stdout
 
@@ -1747,16 +1870,16 @@ def test_help_shows_each_default_once_and_true(capsys):
 # sample.py: checkpoint to images
 
 
-def test_sampling_writes_a_grid_and_numbered_pngs(tiny_run, tmp_path):
-    r = run_cli("sample.py", os.path.join(tiny_run, "ckpt.pt"), "--n", "5", "--batch-size", "3", "--steps", "3",
-                "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "pngs"))
+def test_sampling_writes_a_grid_and_numbered_pngs(tiny_run, tmp_path, capsys):
+    r = cli(capsys, sample.main, [os.path.join(tiny_run, "ckpt.pt"), "--n", "5", "--batch-size", "3", "--steps", "3",
+                "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "pngs")])
     assert r.returncode == 0, r.stderr
     assert "images/s" in r.stdout and sorted(os.listdir(tmp_path / "pngs")) == [f"{i:06d}.png" for i in range(5)]
     assert torchvision.io.read_image(str(tmp_path / "pngs" / "000004.png")).shape == (3, 16, 16)
     grid = torchvision.io.read_image(str(tmp_path / "grid.png"))  # 5 faces in rows of 5 (up to 8 in one row)
     assert grid.shape == (3, 18 + 2, 5 * 18 + 2) and torch.equal(grid[:, 2:18, 2 + 4 * 18:18 + 4 * 18],
                                                                  torchvision.io.read_image(str(tmp_path / "pngs" / "000004.png")))
-    r = run_cli("sample.py", os.path.join(tiny_run, "ckpt.pt"), "--n", "2", "--sampler", "ddpm", "--out", str(tmp_path / "g2.png"))
+    r = cli(capsys, sample.main, [os.path.join(tiny_run, "ckpt.pt"), "--n", "2", "--sampler", "ddpm", "--out", str(tmp_path / "g2.png")])
     assert r.returncode == 0 and "ddpm with 50 steps" in r.stdout, r.stderr
 
 
@@ -1793,7 +1916,7 @@ def test_bad_checkpoints_get_one_line_errors(faces, tmp_path, capsys):
     for name, message in [("missing.pt", "not found"), ("corrupt.pt", "not a readable"), ("foreign.pt", "not written by")]:
         code, _, err = main_error(capsys, sample.main, [str(tmp_path / name)])
         assert code == 2 and message in err and err.count("\n") == 1, err
-    r = run_cli("train.py", *train_args(faces, str(tmp_path / "x"), "--resume", str(tmp_path / "corrupt.pt")))
+    r = cli(capsys, train.main, [*train_args(faces, str(tmp_path / "x"), "--resume", str(tmp_path / "corrupt.pt"))])
     one_line_error(r, "not a readable")  # and as a real command line: no traceback
 
 

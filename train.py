@@ -20,7 +20,7 @@ slice: a resumed run repeats the uninterrupted one, and N GPUs train on what one
 """
 import os
 # OpenMP threads spin a while when they run out of work; longer, and a core that another program also
-# uses stalls every op (REPORT sec. 5). Set before torch loads OpenMP.
+# uses stalls every op (REPORT sec. 3.10). Set before torch loads OpenMP.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import argparse
 import copy
@@ -48,9 +48,9 @@ from util import UsageError, fmt_time
 
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # one line, exit code 2
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGPIPE: 141}
-MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (REPORT sec. 3)
-FACE_STEPS = 1000  # 1,037 steps made faces at the scaled lr (REPORT sec. 3); fewer get a warning
-COMPILE_SECONDS = 90  # torch.compile's warm-up for the 64 px preset on an H200: 87 s (REPORT sec. 5)
+MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (REPORT sec. 3.5)
+FACE_STEPS = 1000  # 1,037 steps made faces at the scaled lr (REPORT sec. 3.5); fewer get a warning
+COMPILE_SECONDS = 90  # torch.compile's warm-up for the 64 px preset on an H200: 87 s (REPORT sec. 3.10)
 SMALLER = "use a smaller --size, --ch or --batch-size"
 
 # -----------------------------------------------------------------------------
@@ -262,6 +262,7 @@ class Plan:
     lr_decay: str
     ema_decay: float
     grid_every: int = 0
+    grid_from: int = 0  # grids at grid_from + k * grid_every (and the last step)
 
 
 @dataclass
@@ -290,7 +291,6 @@ class Run:
     step_log: int = 0
     probe: tuple = None  # --minutes: (step, time) where the timing began
     forward_s: float = None  # --minutes: seconds of an EMA forward pass per image (grids, validation)
-    grid_now: bool = False  # a grid after this step: the --minutes plan came after its first quarter
 
     def __post_init__(self):
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
@@ -331,8 +331,7 @@ def evaluate(cfg, env, run, last):
             vl = val_loss(cfg, env, run)
             env.say(f"step {run.step} | val loss {vl:.4f} ({len(run.val[0])} images, EMA weights)")
             log_row(cfg, env, run, val_loss=f"{vl:.6f}")
-        if (every > 0 and run.step % every == 0) or run.grid_now or (last and (every > 0 or cfg.dry_run)):
-            run.grid_now = False
+        if (every > 0 and (run.step - run.plan.grid_from) % every == 0) or (last and (every > 0 or cfg.dry_run)):
             env.say(f"step {run.step} | samples {sample_grid(cfg, env, run)}")
     except Interrupted:
         env.say(f"step {run.step} | evaluation or sample grid cut short by the signal")
@@ -381,7 +380,7 @@ def sample_grid(cfg, env, run):
     x_T = torch.randn(cfg.sample_n, 3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(cfg.seed))
     g = torch.Generator(device=env.device).manual_seed(cfg.seed + 1)
     todo = len(x_T) * len(run.diffusion.timesteps(DEFAULT_SAMPLER, cfg.sample_steps))
-    progress, done, images, t0 = util.Progress(todo, "sample grid", "image-steps", env.say), [0], [], time.time()
+    progress, done, images, t0 = util.Progress(todo, "sample grid", "image-steps", env.say, last=False), [0], [], time.time()
     for x in x_T.to(env.device).split(cfg.batch_size // env.world):
         def count(*_):
             done[0] += len(x)
@@ -486,7 +485,7 @@ def setup(args, given):
     env.precision, env.ctx = util.autocast(device, cfg.precision)
     triton = device.type == "cuda" and importlib.util.find_spec("triton") is not None
     env.compile = cfg.compile if cfg.compile is not None else triton and not cfg.dry_run
-    # an eager step on a GPU measured faster in NCHW, the compiled one in channels_last (REPORT sec. 5)
+    # an eager step on a GPU measured faster in NCHW, the compiled one in channels_last (REPORT sec. 3.10)
     env.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type != "cuda" or env.compile
     check_model_fits(cfg, env)
     torch.backends.cudnn.benchmark = True
@@ -602,18 +601,18 @@ def check_out(cfg, env):
     if not env.master:
         return
     util.check_writable(cfg.out, "--out")
-    d = cfg.out
-    while not os.path.exists(d):  # the folders this run makes: a failed start removes them again
-        env.made.append(d)
-        d = os.path.dirname(d)
-    env.lock = util.lock_folder(cfg.out, "--out")
     old = [f for f in sorted(os.listdir(cfg.out)) if f in ("ckpt.pt", "log.csv", "stdout.log")
-           or (f.startswith("samples_") and f.endswith(".png"))]
+           or (f.startswith("samples_") and f.endswith(".png"))] if os.path.isdir(cfg.out) else []
     listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
     if old and not cfg.resume and not cfg.overwrite:
         raise UsageError(f"--out {cfg.out} already holds {'a run' if 'ckpt.pt' in old else 'an earlier run'}'s "
                          f"files ({listed}); continue it with python train.py --resume --out "
                          f"{shlex.quote(cfg.out)}, pick another --out, or pass --overwrite to replace it")
+    d = cfg.out
+    while not os.path.exists(d):  # the folders this run makes: a failed start removes them again
+        env.made.append(d)
+        d = os.path.dirname(d)
+    env.lock = util.lock_folder(cfg.out, "--out")  # last: nothing after it fails, so setup never leaves it held
     if old and cfg.overwrite:
         for f in old:
             os.remove(os.path.join(cfg.out, f))
@@ -703,7 +702,7 @@ def build(cfg, env, faces, val, data_id, given):
     if faces["cond"] is not None:
         run.rare = (faces["cond"].float().mean(0) < 0.5).to(env.device, torch.uint8)
     steps = "set once the first are timed" if math.isinf(run.plan.total) else f"{run.plan.total:,}"
-    short = run.plan.warmup < cfg.warmup and not env.ckpt and math.isfinite(run.plan.total)
+    short = run.plan.warmup < cfg.warmup and not (env.ckpt or cfg.dry_run) and math.isfinite(run.plan.total)
     env.say(f"data: {len(faces['images']):,} training images, {run.batches.steps_per_epoch:,} steps per epoch at "
             f"batch {cfg.batch_size}; steps: {steps}, lr warm-up {run.plan.warmup:,}"
             + (f" (--warmup {cfg.warmup} is more than a tenth of the run)" if short else ""))
@@ -832,7 +831,7 @@ def fit_model_to_minutes(cfg, env, given):
     candidate is timed, from the smallest; on a CPU a wider one only if 8x the narrower's time (4x the
     FLOPs of twice the width, at twice the batch) could fit. A narrowed model gets dropout 0 and, unless
     --lr is given, the lr scaled by the width ratio (Adam's best step grows as the fan-in shrinks;
-    REPORT sec. 3). -> the settings."""
+    REPORT sec. 3.5). -> the settings."""
     base = model_config(cfg)
     candidates = [(base.ch >> k, cfg.batch_size >> k) for k in range(3)
                   if base.ch >> k >= 32 and cfg.batch_size >> k >= 8 * env.world]
@@ -879,14 +878,15 @@ def replan(cfg, env, run, rate):
     total, first = fit_minutes(cfg, env, run, rate), math.isinf(run.plan.total)
     if not first and abs(total - run.plan.total) <= 0.02 * run.plan.total:
         return
+    # a plan that comes after the first quarter of the run draws a grid now, and three more over the rest
+    start = run.step if first and -(-total // 4) <= run.step else 0 if first else run.plan.grid_from
     run.plan = Plan(total, min(cfg.warmup, total // 10) if first else run.plan.warmup, cfg.lr_decay,
-                    min(cfg.ema_decay, 1 - 10 / total), grids_every(cfg, total))
+                    min(cfg.ema_decay, 1 - 10 / total), grids_every(cfg, total - start, 3 if start else 4), start)
     img_s = f"{rate * cfg.batch_size:,.1f} img/s"
     if not first:
         env.say(f"--minutes {cfg.minutes:g}: now {img_s}; the run will end at step {total:,} (EMA decay "
                 f"{run.plan.ema_decay:.5f})")
         return
-    run.grid_now = 0 < run.plan.grid_every <= run.step  # the first quarter is over: its grid now
     env.say(f"--minutes {cfg.minutes:g}: {img_s} measured: {total:,} steps in all ({total / run.batches.steps_per_epoch:.2f} "
             f"epochs), lr warm-up {run.plan.warmup:,} steps then {cfg.lr_decay} decay to step {total:,}, EMA decay "
             f"{run.plan.ema_decay:.5f}")
@@ -898,9 +898,9 @@ def replan(cfg, env, run, rate):
                 f"{math.ceil(need / 60)} on this machine")
 
 
-def grids_every(cfg, total):
-    """--sample-every, or for a --minutes plan a quarter of the run rounded up (three grids, then the last)."""
-    return cfg.sample_every if cfg.sample_every is not None else -(-total // 4)
+def grids_every(cfg, steps, grids=4):
+    """--sample-every, or for a --minutes plan `steps` in `grids` parts rounded up (the last grid is the end)."""
+    return cfg.sample_every if cfg.sample_every is not None else -(-steps // grids)
 
 
 def fit_minutes(cfg, env, run, rate):
@@ -1098,7 +1098,7 @@ def make_parser():
                    "(the unconditional model that guidance needs)")
     g.add_argument("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each "
                    "attribute on its own: a number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, "
-                   "but an attribute in its rarer state is kept unless all are dropped (REPORT sec. 6)")
+                   "but an attribute in its rarer state is kept unless all are dropped (REPORT sec. 3.7)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=pos, default=100, help="passes over the training split")
     g.add_argument("--max-steps", type=pos, default=None, help="stop after this many steps (overrides --epochs)")

@@ -201,7 +201,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         if cfg.attrs:  # column k: attribute k present, K + k: absent; no bias: "unspecified" adds exactly 0
             # Linear's default init gives each vector a norm like the time embedding's; zero-initialised ones
-            # stayed ~20x smaller after 1,600 steps and the model barely followed them (REPORT sec. 6)
+            # stayed ~20x smaller after 1,600 steps and the model barely followed them (REPORT sec. 3.7)
             self.attr_emb = nn.Linear(2 * len(cfg.attrs), temb_dim, bias=False)
         film = bool(cfg.attrs) and cfg.attr_film
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)

@@ -374,7 +374,7 @@ def busy_cores(seconds=0.25):
 def set_threads(device, processes=1, say=print):
     """On the CPU: one thread per core that no other program keeps busy, shared by this machine's `processes`.
     A thread that shares its core with another program stalls every parallel op (OpenMP waits for all its
-    threads at each op's end): on 2 cores with one busy, 2 threads trained 6x slower than 1 (REPORT sec. 5).
+    threads at each op's end): on 2 cores with one busy, 2 threads trained 6x slower than 1 (REPORT sec. 3.10).
     OMP_NUM_THREADS, when set, decides instead. -> the thread count."""
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
@@ -470,15 +470,19 @@ class Say:
 
 class Progress:
     """Progress lines for a long phase: `done` of `total` `unit`s, with the rate and the ETA once a few seconds
-    have passed, every `every` seconds and at the end; with `first`, also at the first call (work has begun)."""
+    have passed, every `every` seconds and at the end; with `first` also at the first call (work has begun)."""
 
-    def __init__(self, total, what, unit, say=print, every=10.0, first=False):
+    def __init__(self, total, what, unit, say=print, every=10.0, first=False, last=True):
         self.total, self.what, self.unit, self.say, self.every = total, what, unit, say, every
-        self.t0, self.last = time.time(), -math.inf if first else time.time()
+        self.t0 = time.time()
+        self.last, self.end = -math.inf if first else self.t0, last
 
     def __call__(self, done):
+        """With last=False the end goes unsaid when nothing was said before it (a short phase)."""
         now = time.time()
-        if (now - self.last < self.every and done < self.total) or self.last is None:
+        if self.last is None or (done < self.total and now - self.last < self.every):
+            return
+        if done >= self.total and not self.end and self.last == self.t0:
             return
         self.last, rate = (now if done < self.total else None), done / max(now - self.t0, 1e-9)
         line = f"{self.what}: {done:,.0f}/{self.total:,} {self.unit}"
