@@ -568,6 +568,36 @@ def test_preset_shapes(size):
     assert m(x, torch.tensor([3])).shape == x.shape
 
 
+def test_one_timestep_is_refused_by_the_math_too():
+    with pytest.raises(ValueError, match="at least 2"):
+        D.GaussianDiffusion(1)
+
+
+def test_channels_last_gives_every_4d_weight_its_strides_1x1_kernels_too():
+    m = unet.UNet(tiny_config())
+    train.to_channels_last(m)
+    weights = [p for p in m.parameters() if p.dim() == 4]
+    assert any(p.shape[2:] == (1, 1) for p in weights)  # the skip connections' 1x1 convs
+    for p in weights:
+        o, i, h, w = p.shape
+        assert p.stride() == (i * h * w, 1, w * i, i), (p.shape, p.stride())
+
+
+@pytest.mark.parametrize("busy,cores,processes,threads", [(0.1, 2, 1, 2), (1.0, 2, 1, 1), (0.8, 16, 1, 15), (3.0, 16, 4, 3)])
+def test_threads_are_the_idle_cores(monkeypatch, busy, cores, processes, threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(util, "busy_cores", lambda seconds=0.25: busy)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    chosen, said = [], []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    assert util.set_threads(torch.device("cpu"), processes, said.append) == threads and chosen == [threads]
+    assert bool(said) == (threads * processes < cores)  # a choice below the cores is said, with how to override it
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    chosen.clear()
+    util.set_threads(torch.device("cpu"), processes, said.append)
+    assert chosen == []  # the variable decides
+
+
 def test_presets_parameter_counts_match_readme():
     readme = open(os.path.join(HERE, "README.md")).read()
     for size in unet.PRESETS:
@@ -1140,6 +1170,7 @@ def test_training_prints_progress_and_writes_grid_log_and_checkpoint(faces, tmp_
                                         "--sample-steps", "2", "--sample-n", "4")])
     assert r.returncode == 0, r.stderr
     assert "device cpu" in r.stdout and "seed 5" in r.stdout and "img/s" in r.stdout and "ETA" in r.stdout
+    assert "--size 16 takes the --size 32 preset" in r.stdout  # a size without a preset of its own says which it took
     assert Image.open(os.path.join(out, "samples_0000003.png")).size == (2 * 18 + 2, 2 * 18 + 2)  # 4 faces, 2 x 2
     log = open(os.path.join(out, "log.csv")).read().splitlines()
     assert log[0].startswith("step,epoch,loss,val_loss") and len(log) >= 5
@@ -1425,6 +1456,8 @@ def test_memory_plan_refuses_a_batch_that_cannot_fit_and_names_one_that_can(face
     # with checkpointing off, the same batch is refused and the error names a batch that fits
     code, _, err = main_error(capsys, train.main, args + ["--grad-checkpoint", "off", "--overwrite"])
     assert code == 2 and "a batch of 16 needs" in err and err.count("\n") == 1, err
+    budget, available = err.split("more than the ")[1].split(" a run may use (85% of the ")  # says both, consistently
+    assert float(budget.split()[0]) < float(available.split()[0]), err
     fits = int(err.split("use --batch-size ")[1].split()[0])
     assert 4 <= fits <= 6, err  # room for about 5 (the measurement differs a little with the memory format)
     train.main(args + ["--grad-checkpoint", "off", "--overwrite", "--batch-size", str(fits)])
@@ -1479,12 +1512,14 @@ def test_bpd_command_prints_the_bound_or_its_estimate(tiny_run, capsys):
     assert code == 2 and "T-1 = 49" in err and "data:" not in capsys.readouterr().out  # refused before decoding
 
 
-def test_benchmarks_report_throughput():
-    r = run_cli("train.py", *TINY, "--bench", "--bench-steps", "2", "--peak-tflops", "1")
+def test_benchmarks_report_throughput(tiny_run, capsys):
+    r = cli(capsys, train.main, [*TINY, "--bench", "--bench-steps", "2", "--peak-tflops", "1"])
     assert r.returncode == 0 and "img/s" in r.stdout and "GFLOP/img" in r.stdout and "MFU" in r.stdout, r.stderr
     assert "ms/step (host" in r.stdout
-    r = run_cli("sample.py", "--bench", "--size", "16", "--batch-size", "2", "--steps", "2")
-    assert r.returncode == 0 and "images/s" in r.stdout, r.stderr
+    r = cli(capsys, sample.main, ["--bench", "--size", "16", "--batch-size", "2", "--steps", "2"])
+    assert r.returncode == 0 and "images/s" in r.stdout and "16x16" in r.stdout, r.stderr
+    r = cli(capsys, sample.main, [tiny_run, "--bench", "--batch-size", "2", "--steps", "2"])  # the checkpoint's model
+    assert r.returncode == 0 and f"loaded {tiny_run}" in r.stdout and "2 images of 16x16" in r.stdout, r.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -1817,6 +1852,10 @@ def test_checks_that_need_no_data_come_before_decoding(faces, tmp_path, capsys, 
     (["sample.py", "x.pt", "--bpd-t", "5"], "--bpd-t does not apply to sampling"),
     (["sample.py", "x.pt", "--bpd", "3", "--steps", "5"], "--steps does not apply to --bpd"),
     (["train.py", "--timesteps", "1"], "at least 2 steps"),
+    (["train.py", "--size", "1048576", "--ch", "4", "--ch-mult", "1", "--attn-res", "1048576", "--device", "cpu"],
+     "needs at least"),
+    (["train.py", "--size", "4096", "--ch-mult", "1,1,1,1,1,1,1,1", "--attn-res", "32", "--device", "cpu"], "needs at least"),
+    (["train.py", "--size", "48"], "--attn-res (the --size 32 preset's) 16"),
     (["train.py", "--data", ""], "--data: is empty"),
     (["train.py", "--out", " "], "--out: is empty"),
     (["train.py", "--resume", "--overwrite"], "drop one of them"),
@@ -1896,6 +1935,30 @@ def test_dpm_solvers_draw_from_a_checkpoint(tiny_run, tmp_path, capsys, sampler)
     assert f"{sampler} with 5 steps" in capsys.readouterr().out and os.path.exists(tmp_path / "dpm.png")
 
 
+def test_sampling_shows_its_progress_with_an_eta(tiny_run, tmp_path, monkeypatch, capsys):
+    # a clock that moves 3 s per reading: the 50 steps of ddpm take minutes, and say so as they go
+    now = [0.0]
+    def tick():
+        now[0] += 3.0
+        return now[0]
+    monkeypatch.setattr(util, "time", SimpleNamespace(time=tick, sleep=lambda s: None))
+    sample.main([tiny_run, "--n", "3", "--batch-size", "2", "--sampler", "ddpm", "--out", str(tmp_path / "g.png")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sampling: ")]
+    assert len(lines) > 5 and all("ETA" in line for line in lines[:-1]) and lines[-1].startswith("sampling: 3/3 images"), lines
+
+
+def test_an_out_dir_of_an_earlier_run_is_refused_and_a_full_disk_stops_sampling(tiny_run, tmp_path, capsys):
+    pngs, args = str(tmp_path / "pngs"), [tiny_run, "--n", "3", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    sample.main([*args, "--out-dir", pngs])
+    r = cli(capsys, sample.main, [*args, "--n", "2", "--out-dir", pngs])
+    one_line_error(r, f"--out-dir {pngs} already holds 3 numbered PNGs")
+    if sys.platform.startswith("linux"):
+        full = str(tmp_path / "full")
+        r = limited_run(100, "sample.py", *args, "--out-dir", full)
+        one_line_error(r, "cannot write", full, "--out-dir")
+        assert os.listdir(full) == []  # no empty files for an FID tool to read
+
+
 def test_sample_checks_its_outputs_before_sampling(faces, tmp_path, capsys):
     out = str(tmp_path / "run")
     train.main(train_args(faces, out, "--max-steps", "1"))
@@ -1918,6 +1981,19 @@ def test_bad_checkpoints_get_one_line_errors(faces, tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, err
     r = cli(capsys, train.main, [*train_args(faces, str(tmp_path / "x"), "--resume", str(tmp_path / "corrupt.pt"))])
     one_line_error(r, "not a readable")  # and as a real command line: no traceback
+
+
+def test_a_checkpoint_damaged_after_it_was_written_is_refused(tiny_run, tmp_path, capsys):
+    good = util.load_checkpoint(tiny_run)
+    torch.save(dict(good, step=-5), str(tmp_path / "edited.pt"))
+    raw = bytearray(open(os.path.join(tiny_run, "ckpt.pt"), "rb").read())
+    at = bytes(raw).find(good["ema"]["conv_in.bias"].numpy().tobytes())  # one bit of the EMA weights flipped
+    raw[at + 5] ^= 1
+    open(tmp_path / "flipped.pt", "wb").write(raw)
+    for name, words in [("edited.pt", "its step -5 is not a count of steps"), ("flipped.pt", "its ema tensors fail their checksum")]:
+        for main, args in [(sample.main, ["--n", "1", "--out", str(tmp_path / "s.png")]), (train.main, ["--max-steps", "9"])]:
+            r = cli(capsys, main, [str(tmp_path / name), *args] if main is sample.main else ["--resume", str(tmp_path / name), *args])
+            one_line_error(r, words)
 
 
 def test_broken_checkpoints_are_refused_on_resume_and_sampling(faces, tmp_path, capsys):
@@ -2056,6 +2132,8 @@ def test_prompt_negation_unknown_words_and_conflicts():
     assert understood["Wearing_Hat"] == "no ... hat" and ignored == []
     assert sample.parse_prompt("no glasses and a smile")[0] == {"Eyeglasses": 0, "Smiling": 1}  # the negation ends with its clause
     assert sample.parse_prompt("no beard")[0] == {"No_Beard": 1}  # CelebA's own name is not negated twice
+    assert sample.parse_prompt("not not smiling")[0] == {"Smiling": 1}  # two negations cancel
+    assert sample.parse_prompt("never without glasses")[0] == {"Eyeglasses": 1}
     assert sample.parse_prompt("a pretty purple dragon with glasses") == ({"Eyeglasses": 1}, {"Eyeglasses": "glasses"}, ["pretty", "purple", "dragon"])
     for text in ("a man and a woman", "smiling but serious", "young and old"):
         with pytest.raises(util.UsageError, match="both ways"):
@@ -2164,21 +2242,31 @@ def test_every_figure_the_docs_show_exists():
         assert not missing, (name, missing)
 
 
-def test_readme_commands_parse_with_the_current_flags():
-    # every train.py, sample.py and data.py command in README.md, as a user would paste it (comments dropped)
+def test_every_command_in_the_docs_parses_with_the_current_flags():
+    # every train.py, sample.py and data.py command in README.md and REPORT.md, as a user would paste it (comments
+    # dropped, continued lines joined); a sample.py command must also use only flags that its mode takes
     import re, shlex
     parsers = {"train.py": lambda a: train.make_parser().parse(a), "sample.py": lambda a: sample.make_parser().parse(a),
-               "data.py": data.get_args}
-    commands = 0
-    for line in doc_text()["README.md"].splitlines():
-        for m in re.finditer(r"(?:python|torchrun[^`]*?)\s+(train\.py|sample\.py|data\.py)((?:\s+[^`#&|]*)?)", line):
-            argv = shlex.split(m.group(2))
-            try:
-                parsers[m.group(1)](argv)
-            except SystemExit as e:  # -h exits 0; an unknown flag or a value that does not parse, 2
-                assert e.code == 0, line
-            commands += 1
-    assert commands >= 20, commands
+               "data.py": lambda a: (data.get_args(a), set())}
+    for name, text in doc_text().items():
+        commands = 0
+        for line in text.replace("\\\n", " ").splitlines():
+            for m in re.finditer(r"(?:python|torchrun[^`]*?)\s+(train\.py|sample\.py|data\.py)((?:\s+[^`#&|;]*)?)", line):
+                argv = [a for a in shlex.split(m.group(2)) if a not in ("[CHANGE]", "[SAMPLER", "FLAGS]")]
+                argv = [a for a in argv if not (a.startswith("[") or a.endswith("]"))]  # [--eta ETA]: optional parts
+                examples = {"S": "1", "N": "100", "N/10": "10", "1-10/N": "0.99", "W": "2", "ETA": "0", "SAMPLER": "ddim",
+                            "A=v": "Smiling=1", "K": "5"}  # the docs' placeholders
+                argv = [examples.get(a, a) for a in argv]
+                try:
+                    args, given = parsers[m.group(1)](argv)
+                except SystemExit as e:  # -h exits 0; an unknown flag or a value that does not parse, 2
+                    assert e.code == 0, (name, line)
+                    continue
+                if m.group(1) == "sample.py":
+                    extra = given - sample.MODES[sample.mode_of(args)] - {"ckpt", sample.mode_of(args)}
+                    assert not extra, (name, line, extra)
+                commands += 1
+        assert commands >= 20, (name, commands)
 
 
 def test_every_table_row_has_its_tables_number_of_cells():

@@ -7,19 +7,19 @@ Train a DDPM on CelebA faces: one GPU, many (torchrun), MPS or CPU.
     python train.py --resume --out out                   # continue the run in out/, with its settings
     python train.py --bench                              # img/s, TFLOP/s and MFU on synthetic data
 
-Read from the top: `train` sets up and runs `loop`, which is [DDPM] Algorithm 1. Each step is
-`train_step`; what the loop does every so often (progress, validation, grids, checkpoints, stopping) is
-behind one call, `after_step`. Then the setup and its checks, the data and model, and the extras:
---minutes, the memory plan, --bench, the flags.
+Read from the top: `train` sets up and runs `loop`, which is [DDPM] Algorithm 1; a step is `train_step`,
+and what is due every so often (progress, validation, grids, checkpoints, stopping) is behind one call,
+`after_step`. Then the setup and its checks, the data and model, and the extras: --minutes, the memory
+plan, --bench, the flags.
 
 A run is carried by `cfg` (the flags, or the checkpoint's settings on --resume; replaced, never changed
-in place), `env` (the processes, the device, the signals received) and `run` (what the loop updates,
-its plan included). Everything random in step s (batch order, flips, t, noise, condition dropout) is
-drawn from a generator seeded with (seed, s) for the whole global batch, of which each rank takes its
-slice: a resumed run repeats the uninterrupted one, and N GPUs train on what one GPU would.
+in place), `env` (the processes, the device, the signals received) and `run` (what the loop updates).
+Everything random in step s (batch order, flips, t, noise, condition dropout) comes from a generator
+seeded with (seed, s) for the whole global batch, of which each rank takes its slice: a resumed run
+repeats the uninterrupted one, and N GPUs train on what one GPU would.
 """
 import os
-# OpenMP threads spin a while when they run out of work; longer, and a core that another program also
+# OpenMP threads spin a while when they run out of work; much longer, and a core that another program also
 # uses stalls every op (REPORT sec. 3.10). Set before torch loads OpenMP.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import argparse
@@ -33,7 +33,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -44,13 +44,13 @@ import data
 import unet
 import util
 from diffusion import DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, OBJECTIVES, SCHEDULES, GaussianDiffusion
-from util import UsageError, fmt_time
+from util import UsageError, fmt_bytes, fmt_time
 
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # one line, exit code 2
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGPIPE: 141}
 MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (REPORT sec. 3.5)
 FACE_STEPS = 1000  # 1,037 steps made faces at the scaled lr (REPORT sec. 3.5); fewer get a warning
-COMPILE_SECONDS = 90  # torch.compile's warm-up for the 64 px preset on an H200: 87 s (REPORT sec. 3.10)
+COMPILE_SECONDS = 90  # torch.compile's warm-up of the 64 px preset on an H200: 87 s (REPORT sec. 3.10)
 SMALLER = "use a smaller --size, --ch or --batch-size"
 
 # -----------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def main(argv=None):
 
 def train(args, given):
     """The phases of a run. -> exit code."""
-    cfg, env = setup(args, given)  # settings, processes, device, --out, and every check that needs no data
+    cfg, env = setup(args, given)  # settings, processes, device, --out, every check that needs no data
     try:
         if cfg.bench:
             return bench(cfg, env)
@@ -84,10 +84,12 @@ def train(args, given):
             env.say(f"nothing to do: the checkpoint is at step {run.step} and the run ends at step "
                     f"{run.plan.total}; raise --max-steps or --epochs to train further")
             return 0
-        with SignalsStop(env, run):
+        with util.StopSignals(env.signals, env.say, "now" if cut_short(env, run) else "after this step"):
             return loop(cfg, env, run)
     finally:  # every exit, errors included
-        teardown(env)
+        if env.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+        util.release_folder(env.lock, env.made)
 
 
 def loop(cfg, env, run):
@@ -100,7 +102,7 @@ def loop(cfg, env, run):
         gen.manual_seed((cfg.seed * 1_000_003 + run.step) % 2**64)
         x0, attrs = run.batches.get(run.step, gen)  # line 2: x_0 ~ q(x_0), (B/world, 3, H, W) in [-1, 1]
         t = torch.randint(0, cfg.timesteps, (B,), generator=gen, device=device)[shard]  # 3: t ~ U(0..T-1)
-        noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[shard]  # line 4: eps ~ N(0, I)
+        noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[shard]  # 4: eps ~ N(0, I)
         cond = condition(attrs, gen, cfg, shard, run.rare) if attrs is not None else None
         rng = torch.get_rng_state()  # dropout's: a step that a signal cuts short is rolled back
         try:
@@ -147,8 +149,8 @@ def lr_at(step, lr, plan):
 
 @torch.no_grad()
 def update_ema(ema_params, params, step, decay):
-    # ema = d * ema + (1 - d) * param in one foreach kernel, as torch.optim.swa_utils' get_ema_multi_avg_fn
-    # does (AveragedModel itself reads its step count on the host: a GPU sync per step); d warms up.
+    # ema = d ema + (1 - d) param in one foreach kernel, as torch.optim.swa_utils' get_ema_multi_avg_fn does
+    # (AveragedModel itself reads its step count on the host: a GPU sync per step); d warms up
     torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
 
 
@@ -191,15 +193,14 @@ def save(cfg, env, run, last, stop):
     loss_sum = reduce_loss(env, run.loss_sum)  # on every rank: the running loss goes on after a resume
     if not env.master:
         return
-    path = os.path.join(cfg.out, "ckpt.pt")
+    path, took = os.path.join(cfg.out, "ckpt.pt"), fmt_time(time.time() - env.t_start)
     run.elapsed = time.time() - run.t0
     saved = checkpoint(cfg, env, run, path, loss_sum)
     env.say(f"step {run.step} | checkpoint {path}" if saved else f"step {run.step} | weights not finite: not saved")
-    took = fmt_time(time.time() - env.t_start)
     if last and cfg.minutes and not env.ckpt:
         env.say(f"--minutes {cfg.minutes:g}: the run took {took} from start to this checkpoint")
     if last and cfg.dry_run:
-        env.say(f"dry run: the setup works ({took}; a checkpoint of {os.path.getsize(path) / 2**20:,.0f} MiB)")
+        env.say(f"dry run: the setup works ({took}; a checkpoint of {fmt_bytes(os.path.getsize(path))})")
     if stop:
         why = {signal.SIGHUP: " (the terminal closed)", signal.SIGPIPE: " (stdout closed)"}.get(stop, "")
         env.say(f"interrupted by {signal.Signals(stop).name}{why} at step {run.step}" + (
@@ -213,14 +214,14 @@ def checkpoint(cfg, env, run, path, loss_sum):
     sd = run.model.state_dict()
     if not all(torch.isfinite(v).all() for v in sd.values()):
         return False
-    cuda = env.device.type == "cuda"
+    cuda_rng = torch.cuda.get_rng_state() if env.device.type == "cuda" else None
     util.save_checkpoint(dict(
         format=util.CKPT_FORMAT, args=vars(cfg), plan=dataclasses.asdict(run.plan),
         model_args=unet.config_dict(run.model.cfg), model=sd, ema=run.ema.state_dict(),
         optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), step=run.step,
         epoch=run.step // run.batches.steps_per_epoch, world_size=env.world, data_id=run.data_id,
         train_images=len(run.batches.images), elapsed=run.elapsed, loss_sum=loss_sum, loss_n=run.loss_n,
-        rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)), path)
+        rng=dict(torch=torch.get_rng_state(), cuda=cuda_rng)), path)
     return True
 
 # -----------------------------------------------------------------------------
@@ -237,7 +238,7 @@ class Env:
     t_start: float  # when the process began: --minutes budgets from here
     out: str
     say: object = print  # print on rank 0 (surviving a closed terminal), a no-op elsewhere
-    signals: list = dataclasses.field(default_factory=list)
+    signals: list = field(default_factory=list)
     device: torch.device = None
     precision: str = None
     ctx: object = None  # the autocast context
@@ -245,8 +246,8 @@ class Env:
     channels_last: bool = False
     ctrl: object = None  # the gloo group through which the ranks agree (torchrun only)
     ckpt: dict = None  # the checkpoint a --resume continues
-    lock: object = None  # rank 0's lock on --out
-    made: list = dataclasses.field(default_factory=list)  # the folders that this run created for --out
+    lock: object = None  # rank 0's claim on --out: the lock, and the folders it made
+    made: list = field(default_factory=list)
 
     @property
     def master(self):
@@ -255,14 +256,14 @@ class Env:
 
 @dataclass
 class Plan:
-    """The schedule: steps in all (inf until --minutes has timed the first ones), the LR warm-up and decay,
-    the EMA decay, the steps between sample grids."""
+    """The schedule: steps in all (inf until --minutes has timed the first), the LR warm-up and decay, the EMA
+    decay, and the grids: at grid_from + k * grid_every, and the last step."""
     total: float
     warmup: int
     lr_decay: str
     ema_decay: float
     grid_every: int = 0
-    grid_from: int = 0  # grids at grid_from + k * grid_every (and the last step)
+    grid_from: int = 0
 
 
 @dataclass
@@ -303,7 +304,6 @@ def progress(cfg, env, run):
     """A progress line and a row of log.csv; a loss that is not finite ends the run on every rank."""
     now = time.time()
     rate = (run.step - run.step_log) / max(now - run.t_log, 1e-9)  # steps/s since the last line
-    run.elapsed = now - run.t0
     if run.probe and not math.isinf(run.plan.total) and run.step < 0.95 * run.plan.total:
         replan(cfg, env, run, rate)  # --minutes: the machine got slower or faster
     loss = reduce_loss(env, run.loss_sum) / run.loss_n
@@ -323,8 +323,7 @@ def progress(cfg, env, run):
 
 
 def evaluate(cfg, env, run, last):
-    """Rank 0: the validation loss and the fixed-noise sample grid, when due. A signal cuts them short
-    (the checkpoint after them matters more)."""
+    """Rank 0: the validation loss and the fixed-noise sample grid, when due; a signal cuts them short."""
     every = run.plan.grid_every
     try:
         if run.val is not None and (run.step % cfg.eval_every == 0 or last):
@@ -361,14 +360,12 @@ def open_log(cfg, env, run):
 
 
 def log_row(cfg, env, run, **values):
-    if not env.master:
-        return
     path = os.path.join(cfg.out, "log.csv")
-    row = dict(step=run.step, epoch=run.step // run.batches.steps_per_epoch, elapsed_s=f"{time.time() - run.t0:.1f}",
-               **values)
+    values.update(step=run.step, epoch=run.step // run.batches.steps_per_epoch, elapsed_s=f"{time.time() - run.t0:.1f}")
     try:
-        with open(path, "a", newline="") as f:
-            csv.writer(f).writerow([row.get(k, "") for k in LOG_COLUMNS])
+        if env.master:
+            with open(path, "a", newline="") as f:
+                csv.writer(f).writerow([values.get(k, "") for k in LOG_COLUMNS])
     except OSError as e:
         raise util.WriteError(f"cannot write {path} ({util.why(e)}); free some space or pass another --out")
 
@@ -378,16 +375,16 @@ def sample_grid(cfg, env, run):
     """The EMA model's samples from the same noise at every call (x_T and every later z), drawn with the
     default sampler in batches of the training batch."""
     x_T = torch.randn(cfg.sample_n, 3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(cfg.seed))
-    g = torch.Generator(device=env.device).manual_seed(cfg.seed + 1)
+    g, images, t0 = torch.Generator(device=env.device).manual_seed(cfg.seed + 1), [], time.time()
     todo = len(x_T) * len(run.diffusion.timesteps(DEFAULT_SAMPLER, cfg.sample_steps))
-    progress, done, images, t0 = util.Progress(todo, "sample grid", "image-steps", env.say, last=False), [0], [], time.time()
+    progress, done = util.Progress(todo, "sample grid", "image-steps", env.say, last=False), [0]
     for x in x_T.to(env.device).split(cfg.batch_size // env.world):
         def count(*_):
             done[0] += len(x)
             progress(done[0])
         with run.ctx:
-            images.append(run.diffusion.sample(run.ema, x.shape, DEFAULT_SAMPLER, cfg.sample_steps, DEFAULT_ETA, g,
-                                               x_T=x, callback=count))
+            images.append(run.diffusion.sample(run.ema, x.shape, DEFAULT_SAMPLER, cfg.sample_steps, DEFAULT_ETA,
+                                               g, x_T=x, callback=count))
     run.forward_s = (time.time() - t0) / todo  # --minutes prices the grids and validation with it
     path = os.path.join(cfg.out, f"samples_{run.step:07d}.png")
     util.save_image(data.to_uint8(torch.cat(images)), path, "--out", nrow=round(math.sqrt(cfg.sample_n)))
@@ -396,7 +393,7 @@ def sample_grid(cfg, env, run):
 
 @torch.no_grad()
 def val_loss(cfg, env, run):
-    """L_simple of the EMA weights, which sample.py draws with, on the validation images, with the same t
+    """L_simple of the EMA weights (which sample.py draws with) on the validation images, with the same t
     and noise at every evaluation."""
     (images, attrs), g = run.val, torch.Generator(device=env.device).manual_seed(0)
     losses, b = [], cfg.batch_size // env.world
@@ -414,42 +411,20 @@ class Interrupted(Exception):
     """A signal arrived in a long phase (a CPU step, a sample grid, an evaluation), which is cut short."""
 
 
-class SignalsStop:
-    """While the loop runs, Ctrl-C, SIGTERM (Slurm, Kubernetes, `timeout`) and SIGHUP (a closed terminal)
-    stop the run after this step with a checkpoint; so does a stdout that stops taking lines. A second
-    Ctrl-C quits at once, without one; a second SIGTERM is ignored (Slurm signals every process and torchrun
-    forwards it again: neither may cut the checkpoint short). A single CPU or MPS process, whose step can
-    take minutes, also cuts the step (or grid) short: every block checks for a signal."""
-
-    def __init__(self, env, run):
-        self.env, self.run = env, run
-        self.at_once = not env.ddp and env.device.type != "cuda" and not env.compile
-        self.saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-
-    def __enter__(self):
-        env = self.env
-        def check(*_):
-            if env.signals:
-                raise Interrupted
-        for model in [self.run.ema, self.run.model] if self.at_once else [self.run.ema]:
-            for block in [*model.down, *model.mid, *model.up]:
-                block.register_forward_pre_hook(check)
-            for p in model.parameters():  # in backward, after each gradient
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(check)
-        def handler(signum, frame):
-            if not env.signals:
-                env.say(f"\n{signal.Signals(signum).name}: stopping {'now' if self.at_once else 'after this step'} "
-                        "and writing a checkpoint; press Ctrl-C again to quit at once without one")
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            env.signals.append(signum)
-        for s in self.saved:
-            signal.signal(s, handler)
-
-    def __exit__(self, *exc):
-        for s, h in self.saved.items():
-            signal.signal(s, h)
+def cut_short(env, run):
+    """A single CPU or MPS process, whose step can take minutes, also cuts a step (or a grid) short when a
+    signal arrives: every block checks before its forward, every weight after its gradient. -> whether."""
+    def check(*_):
+        if env.signals:
+            raise Interrupted
+    at_once = not env.ddp and env.device.type != "cuda" and not env.compile
+    for model in [run.ema, run.model] if at_once else [run.ema]:  # the EMA draws grids everywhere
+        for block in [*model.down, *model.mid, *model.up]:
+            block.register_forward_pre_hook(check)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(check)
+    return at_once
 
 # -----------------------------------------------------------------------------
 # setup: settings, processes, device and --out, and every check that needs no data
@@ -466,36 +441,33 @@ def setup(args, given):
                        lambda: env.signals.append(signal.SIGPIPE)) if env.master else lambda *a, **k: None
     cfg = resumed(args, given, env) if args.resume else argparse.Namespace(**vars(args))
     check_args(cfg, given, env)
-    new_minutes = cfg.minutes and not cfg.resume
+    minutes = cfg.minutes and not cfg.resume
     cfg = replace(cfg, data=os.path.abspath(cfg.data), out=os.path.abspath(cfg.out),
-                  lr_decay="cosine" if new_minutes and "lr_decay" not in given else cfg.lr_decay,  # ends at 0
-                  sample_every=None if new_minutes and "sample_every" not in given else cfg.sample_every,
+                  lr_decay="cosine" if minutes and "lr_decay" not in given else cfg.lr_decay,  # ends at 0
+                  sample_every=None if minutes and "sample_every" not in given else cfg.sample_every,
                   sample_steps=min(cfg.sample_steps, cfg.timesteps))
     if cfg.dry_run:  # quick at any size
         cfg = replace(cfg, batch_size=world, sample_steps=min(cfg.sample_steps, 2), sample_n=1, eval_images=2)
     env.out, device = cfg.out, util.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)), env.local_world)
-    env.device = device
-    if device.type == "cuda":
+    env.device, cuda = device, device.type == "cuda"
+    if cuda:
         torch.cuda.set_device(device)
     if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-        # the ranks agree through a gloo group: deciding never waits for the GPU
-        env.ctrl = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        env.ctrl = dist.new_group(backend="gloo") if cuda else None  # agreeing never waits for the GPU
     env.precision, env.ctx = util.autocast(device, cfg.precision)
-    triton = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    env.compile = cfg.compile if cfg.compile is not None else triton and not cfg.dry_run
+    compiles = cuda and importlib.util.find_spec("triton") is not None and not cfg.dry_run
+    env.compile = cfg.compile if cfg.compile is not None else compiles
     # an eager step on a GPU measured faster in NCHW, the compiled one in channels_last (REPORT sec. 3.10)
-    env.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type != "cuda" or env.compile
+    env.channels_last = cfg.channels_last if cfg.channels_last is not None else not cuda or env.compile
     check_model_fits(cfg, env)
     torch.backends.cudnn.benchmark = True
     if cfg.seed is None:  # drawn on rank 0: every rank must shuffle with the same seed
         cfg = replace(cfg, seed=int(util.from_rank0(int.from_bytes(os.urandom(4), "little") % 2**31, env.ctrl)))
     torch.manual_seed(cfg.seed + rank)  # dropout; the data's randomness comes from a generator per step
-    threads = util.set_threads(device, env.local_world, env.say)
-    env.say(f"device {device} x {world} process{'es' if world > 1 else ''}"
-            + (f" ({threads} threads)" if device.type == "cpu" else "")
-            + f", {env.precision}, compile {env.compile}, channels_last {env.channels_last}, seed {cfg.seed}")
+    threads = f" ({util.set_threads(device, env.local_world, env.say)} threads)" if device.type == "cpu" else ""
+    env.say(f"device {device} x {world} process{'es' if world > 1 else ''}{threads}, {env.precision}, compile "
+            f"{env.compile}, channels_last {env.channels_last}, seed {cfg.seed}")
     if not cfg.bench:
         check_out(cfg, env)
     return cfg, env
@@ -528,9 +500,9 @@ def resumed(args, given, env):
     if "out" not in given and args.resume != "latest":  # --resume PATH continues in the checkpoint's folder
         cfg["out"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
     for k, v in ckpt["args"].items():
+        v = tuple(v) if isinstance(v, list) else v
         if k in NOT_FROM_CHECKPOINT or k == "out" or k not in cfg:
             continue
-        v = tuple(v) if isinstance(v, list) else v
         if k in given and k not in RESUME_MAY_CHANGE and cfg[k] != v:
             flag, show = "--" + k.replace("_", "-"), lambda x: ",".join(map(str, x)) if isinstance(x, tuple) else x
             raise UsageError(f"{flag} {show(cfg[k])} contradicts the checkpoint's {show(v)} ({path}); drop {flag} "
@@ -545,21 +517,21 @@ def resumed(args, given, env):
 
 def check_args(cfg, given, env):
     """Everything that can be checked without data, so that a mistake costs seconds, not a decode."""
-    loose = [f"--{f.replace('_', '-')}" for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given]
+    loose = [f"--{f.replace('_', '-')}" for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given] or [""]
     for bad, message in [
         (cfg.timesteps < 2, f"--timesteps {cfg.timesteps}: a diffusion needs at least 2 steps (DDPM: 1000)"),
         ("minutes" in given and given & {"max_steps", "epochs"},
          "--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes"),
-        ((cfg.minutes or 0) > 525_600, f"--minutes {cfg.minutes} is more than a year (525,600 minutes); give the "
-         "budget in minutes, e.g. --minutes 30"),
+        ((cfg.minutes or 0) > 525_600, f"--minutes {cfg.minutes} is more than a year (525,600 minutes); give "
+         "the budget in minutes, e.g. --minutes 30"),
         (cfg.minutes and cfg.dry_run, "--dry-run runs 2 steps to check a setup; drop it or --minutes"),
-        (cfg.dry_run and cfg.resume, "--dry-run writes its checkpoint into --out, so it does not go with --resume"),
+        (cfg.dry_run and cfg.resume, "--dry-run writes its checkpoint into --out: it does not go with --resume"),
         (cfg.other_data and not cfg.resume, "--other-data lets a resume continue on other images; add --resume"),
-        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1, each AdamW step moves the weights by more than their size "
-         "and the run diverges; diffusion U-Nets train at about 1e-4 to 5e-4 (default 2e-4)"),
+        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1, each AdamW step moves the weights by more than their size and "
+         "the run diverges; diffusion U-Nets train at about 1e-4 to 5e-4 (default 2e-4)"),
         (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes to condition on, "
          "e.g. --attrs Smiling,Male, or 'all'; drop --attrs for an unconditional model"),
-        (loose and not cfg.attrs, f"{loose[:1]} sets how a conditional model drops its attributes; add --attrs "
+        (loose[0] and not cfg.attrs, f"{loose[0]} sets how a conditional model drops its attributes; add --attrs "
          "NAMES, or drop it"),
         (not 0 <= cfg.p_uncond <= 1, f"--p-uncond {cfg.p_uncond}: must be a probability in [0, 1], e.g. 0.1"),
         (cfg.weight_decay < 0, f"--weight-decay {cfg.weight_decay:g}: must be >= 0 (0, the default, is none)"),
@@ -572,21 +544,16 @@ def check_args(cfg, given, env):
          f"processes ({env.world})"),
     ]:
         if bad:
-            raise UsageError(message.replace("['", "").replace("']", ""))
+            raise UsageError(message)
     if cfg.lr > 1e-2 and not cfg.resume:
         env.say(f"note: --lr {cfg.lr:g} is far above what diffusion U-Nets train with: expect it to diverge")
-    check_model(cfg, given, env)
-
-
-def check_model(cfg, given, env):
-    """The U-Net of the flags and the --size preset can be built; say which preset a new size takes."""
     base = max([s for s in unet.PRESETS if s <= cfg.size] or [min(unet.PRESETS)])
     try:
         unet.check_config(model_config(cfg))
     except ValueError as e:
-        field, message = e.args
-        flag = "--" + ("size" if field == "image_size" else field.replace("_", "-"))
-        origin = "" if field == "image_size" or field in given else f" (the --size {base} preset's)"
+        field_, message = e.args
+        flag = "--" + ("size" if field_ == "image_size" else field_.replace("_", "-"))
+        origin = "" if field_ == "image_size" or field_ in given else f" (the --size {base} preset's)"
         raise UsageError(f"{flag}{origin} {message}")
     if cfg.size not in unet.PRESETS and not env.ckpt:
         env.say(f"model: --size {cfg.size} takes the --size {base} preset (--ch, --ch-mult, --num-res-blocks, "
@@ -594,8 +561,8 @@ def check_model(cfg, given, env):
 
 
 def check_out(cfg, env):
-    """--out: a writable folder that this run alone holds (a lock), with no other run in it unless this is
-    its resume; --overwrite first removes the old run's files."""
+    """--out: a writable folder with no other run in it unless this is its resume (--overwrite first removes
+    the old run's files), held by this run alone."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out}: is a file; give a folder for checkpoints and samples")
     if not env.master:
@@ -608,29 +575,13 @@ def check_out(cfg, env):
         raise UsageError(f"--out {cfg.out} already holds {'a run' if 'ckpt.pt' in old else 'an earlier run'}'s "
                          f"files ({listed}); continue it with python train.py --resume --out "
                          f"{shlex.quote(cfg.out)}, pick another --out, or pass --overwrite to replace it")
-    d = cfg.out
-    while not os.path.exists(d):  # the folders this run makes: a failed start removes them again
-        env.made.append(d)
-        d = os.path.dirname(d)
-    env.lock = util.lock_folder(cfg.out, "--out")  # last: nothing after it fails, so setup never leaves it held
+    env.lock, env.made = util.claim_folder(cfg.out, "--out")  # last: nothing after it can fail
+    for f in old if cfg.overwrite else []:
+        os.remove(os.path.join(cfg.out, f))
     if old and cfg.overwrite:
-        for f in old:
-            os.remove(os.path.join(cfg.out, f))
         env.say(f"--overwrite: removed the earlier run's {listed} from {cfg.out}")
     if util.remove_stale_temporaries(cfg.out):
         env.say(f"removed the temporary files that a killed run left in {cfg.out}")
-
-
-def teardown(env):
-    """Leave the process group; release --out (an --out that a failed start made goes again)."""
-    if env.ddp and dist.is_initialized():
-        dist.destroy_process_group()
-    if env.lock:  # removed while still held: a run that starts now finds no lock, or a free one
-        os.remove(env.lock.name)
-        env.lock.close()
-        for d in env.made:  # innermost first
-            if not os.listdir(d):
-                os.rmdir(d)
 
 
 def check_model_fits(cfg, env):
@@ -639,21 +590,20 @@ def check_model_fits(cfg, env):
     net = unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(cfg)
     with torch.device("meta"):  # shapes only: no memory, no time
         params = unet.UNet(net).num_params()
-    image = 4 * net.image_size ** 2 * (3 + net.ch * (2 * net.num_res_blocks + 2))
-    need, available = 20 * params + image, util.device_memory(env.device) if env.device.type != "mps" else math.inf
+    need = 20 * params + 4 * net.image_size ** 2 * (3 + net.ch * (2 * net.num_res_blocks + 2))
+    available = util.device_memory(env.device) if env.device.type != "mps" else math.inf
     if need > available:
         raise UsageError(f"the model ({params / 1e6:,.1f}M parameters at {net.image_size}x{net.image_size}) needs "
-                         f"at least {util.fmt_bytes(need)}, more than the {util.fmt_bytes(available)} available on "
+                         f"at least {fmt_bytes(need)}, more than the {fmt_bytes(available)} available on "
                          f"{env.device.type}: use a smaller --ch or --size")
-
 
 # -----------------------------------------------------------------------------
 # data, model, optimizer, plan
 
 
 def load_data(cfg, env):
-    """-> (data.load's training split, (validation images in [-1, 1] on the device, their attributes) or None,
-    the data's identity). The count, and on resume the identity, are checked before anything is decoded."""
+    """-> (data.load's training split, (validation images in [-1, 1] on the device, their attributes) or
+    None, the data's identity). The count, and on resume the identity, are checked before any decoding."""
     if cfg.download and env.master:
         try:
             data.select(cfg.data)
@@ -679,15 +629,16 @@ def load_data(cfg, env):
     if env.master and cfg.eval_every > 0:
         try:
             v = data.load(cfg.data, cfg.size, "valid", cfg.crop, cfg.cache_dir, log=env.say, attrs=cfg.attrs)
-            val = (data.to_float(v["images"][: cfg.eval_images], env.device),  # every attribute given:
-                   v["cond"][: cfg.eval_images].to(env.device).float() * 2 - 1 if cfg.attrs else None)
+            n = cfg.eval_images
+            val = (data.to_float(v["images"][:n], env.device),  # with every attribute given:
+                   v["cond"][:n].to(env.device).float() * 2 - 1 if cfg.attrs else None)
         except data.DataError as e:
             env.say(f"no validation loss: {e}")
     return faces, val, data_id
 
 
 def build(cfg, env, faces, val, data_id, given):
-    """Model, EMA, optimizer (the checkpoint's when resuming), the memory plan, the batches, the plan, the log."""
+    """Model, EMA, optimizer (the checkpoint's when resuming), the memory plan, batches, plan and log."""
     attrs = tuple(faces["cond_names"] or ())
     net = unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(cfg, attrs)
     if tuple(net.attrs) != attrs:
@@ -714,8 +665,8 @@ def build(cfg, env, faces, val, data_id, given):
 
 
 def make_run(cfg, env, net):
-    """Model (in the run's memory format), EMA, AdamW, GradScaler and diffusion, with the checkpoint's state
-    when resuming. -> Run (no data or plan yet)."""
+    """Model (in the run's memory format), EMA, AdamW, GradScaler and diffusion, with the checkpoint's
+    state when resuming. -> Run (no data or plan yet)."""
     ckpt, device = env.ckpt, env.device
     model = unet.UNet(net).to(device)
     if env.channels_last:
@@ -797,13 +748,15 @@ def time_step(cfg, env, net, batch):
     """-> seconds of the faster of two training steps of a fresh `net` at `batch` images (after a warm-up
     step), on synthetic data, drawing none of the run's seeded randomness."""
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-        model, size = unet.UNet(net).to(env.device), net.image_size
-        x0, t = torch.zeros(batch, 3, size, size, device=env.device), torch.zeros(batch, dtype=torch.long, device=env.device)
-        opt, diffusion, times = torch.optim.AdamW(model.parameters(), lr=0.0), GaussianDiffusion(2), []
+        model, size, times = unet.UNet(net).to(env.device), net.image_size, []
+        x0 = torch.zeros(batch, 3, size, size, device=env.device)
+        t = torch.zeros(batch, dtype=torch.long, device=env.device)
+        opt, diffusion = torch.optim.AdamW(model.parameters(), lr=0.0), GaussianDiffusion(2).to(env.device)
         for _ in range(3):
             t0 = time.time()
-            with util.memory_errors(f"a step of {batch} image{'s' * (batch > 1)} at {size}x{size}", SMALLER), env.ctx:
-                diffusion.to(env.device).training_losses(model, x0, t, x0).mean().backward()
+            with util.memory_errors(f"a step of {batch} image{'s' * (batch > 1)} at {size}x{size}", SMALLER):
+                with env.ctx:
+                    diffusion.training_losses(model, x0, t, x0).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             util.synchronize(env.device)
@@ -812,8 +765,8 @@ def time_step(cfg, env, net, batch):
 
 
 def estimate_run(cfg, env, n_images):
-    """A new run on a CPU or MPS, before decoding: how long it takes, from steps of one image scaled to the
-    batch; past a day, the command that gives faces here in 30 minutes. Never refuses."""
+    """A new run on a CPU or MPS, before decoding: how long it takes, from a step of one image scaled to
+    the batch; past a day, the command that gives faces here in 30 minutes. Never refuses."""
     steps = cfg.max_steps or cfg.epochs * (n_images // cfg.batch_size)
     per_step = cfg.batch_size // env.world * time_step(cfg, env, model_config(cfg), 1)
     line = (f"estimate: {steps:,} steps of {cfg.batch_size} images at ~{per_step:.1f} s each on this "
@@ -826,70 +779,68 @@ def estimate_run(cfg, env, n_images):
 
 def fit_model_to_minutes(cfg, env, given):
     """--minutes without --ch or --batch-size: the preset's width and batch, halved together (128 -> 64 -> 32)
-    until the budget (less the compiler's warm-up) holds MIN_STEPS steps. A narrower model is taken only if
-    it is faster per image than every wider one: on a GPU a small step's time is its kernel launches. Each
-    candidate is timed, from the smallest; on a CPU a wider one only if 8x the narrower's time (4x the
-    FLOPs of twice the width, at twice the batch) could fit. A narrowed model gets dropout 0 and, unless
-    --lr is given, the lr scaled by the width ratio (Adam's best step grows as the fan-in shrinks;
-    REPORT sec. 3.5). -> the settings."""
+    until the budget (less the compiler's warm-up) holds MIN_STEPS steps; a narrower model only where it is
+    faster per image than every wider one (on a GPU a small step's time is its kernel launches). Each one is
+    timed, from the smallest; on a CPU a wider one only if 8 times the narrower's step (4x the FLOPs of twice
+    the width, at twice the batch) could fit. A narrowed model gets dropout 0 and, unless --lr is given, the
+    lr times the width ratio (Adam's best step grows as the fan-in shrinks; REPORT sec. 3.5)."""
     base = model_config(cfg)
     candidates = [(base.ch >> k, cfg.batch_size >> k) for k in range(3)
                   if base.ch >> k >= 32 and cfg.batch_size >> k >= 8 * env.world]
     budget = cfg.minutes * 60 - (COMPILE_SECONDS if env.compile else 0)
     net_of = lambda ch: dataclasses.replace(base, ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
-    per_step = {}  # candidate index -> seconds per step
+    per_step = {}  # candidate -> seconds per step
     for i in reversed(range(len(candidates))):  # the smallest first
         if i + 1 in per_step and env.device.type != "cuda" and 8 * per_step[i + 1] * MIN_STEPS > budget:
-            break  # this one and the wider ones cannot fit
+            break  # this one, and the wider ones, cannot fit
         per_step[i] = time_step(cfg, env, net_of(candidates[i][0]), candidates[i][1] // env.world)
     per_image = {i: s / candidates[i][1] for i, s in per_step.items()}
     faster = [i for i in sorted(per_step) if all(per_image[i] < per_image[j] for j in per_image if j < i)]
     fits = [i for i in faster if budget / per_step[i] >= MIN_STEPS]
-    choice = int(util.from_rank0(fits[0] if fits else min(faster, key=per_image.get), env.ctrl))
-    ch, b = candidates[choice]
-    env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b} --dropout {net_of(ch).dropout:g}, the widest of "
-            f"{', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch) faster per image than the wider "
+    ch, b = candidates[int(util.from_rank0(fits[0] if fits else min(faster, key=per_image.get), env.ctrl))]
+    env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b} --dropout {net_of(ch).dropout:g}, the widest "
+            f"of {', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch) faster per image than the wider "
             f"ones that leaves >= {MIN_STEPS:,} steps" + ("" if fits else " (none does: the fastest per image)"))
     lr = cfg.lr if "lr" in given else cfg.lr * base.ch / ch
     if lr != cfg.lr:
-        env.say(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}, the preset's width over "
-                "the model's: a narrower net takes larger steps")
+        env.say(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}, the preset's width "
+                "over the model's: a narrower net takes larger steps")
     return replace(cfg, ch=ch, batch_size=b, dropout=net_of(ch).dropout, lr=lr)
 
 
 def plan_minutes(cfg, env, run):
     """--minutes, after each step until there is a plan: time the steps after the first two (compilation,
-    autotuning), and with 10 steps and 10 s (2% of a short budget) timed, plan the run."""
+    autotuning); with 10 steps and 10 s (or 2% of a short budget) timed, plan the run."""
     util.synchronize(env.device)
     if run.probe is None:
         run.probe = (run.step + 2, None)
     if run.step == run.probe[0]:
         run.probe = (run.step, time.time())
-    if run.probe[1] and run.step - run.probe[0] >= 10 and time.time() - run.probe[1] >= min(10, 1.2 * cfg.minutes):
+    seconds = time.time() - (run.probe[1] or math.inf)
+    if run.probe[1] and run.step - run.probe[0] >= 10 and seconds >= min(10, 1.2 * cfg.minutes):
         if env.master:
             run.forward_s = time_forward(cfg, env, run)
-        replan(cfg, env, run, (run.step - run.probe[0]) / (time.time() - run.probe[1]))
+        replan(cfg, env, run, (run.step - run.probe[0]) / seconds)
 
 
 def replan(cfg, env, run, rate):
     """--minutes: the plan for the steps that fit the rest of the budget at `rate` steps/s: the warm-up (a
-    tenth), a cosine decay to the end, the EMA (about the last tenth), a grid each quarter. Moved at every
-    progress line where the speed changed by more than 2% (a busy machine)."""
+    tenth), the decay to the end, the EMA (about the last tenth), a grid each quarter (a plan that comes
+    after the first quarter: a grid now, and three over the rest). Moved at a progress line where the speed
+    changed by more than 2% (a busy machine)."""
     total, first = fit_minutes(cfg, env, run, rate), math.isinf(run.plan.total)
     if not first and abs(total - run.plan.total) <= 0.02 * run.plan.total:
         return
-    # a plan that comes after the first quarter of the run draws a grid now, and three more over the rest
     start = run.step if first and -(-total // 4) <= run.step else 0 if first else run.plan.grid_from
     run.plan = Plan(total, min(cfg.warmup, total // 10) if first else run.plan.warmup, cfg.lr_decay,
                     min(cfg.ema_decay, 1 - 10 / total), grids_every(cfg, total - start, 3 if start else 4), start)
-    img_s = f"{rate * cfg.batch_size:,.1f} img/s"
+    img_s, p = f"{rate * cfg.batch_size:,.1f} img/s", run.plan
     if not first:
-        env.say(f"--minutes {cfg.minutes:g}: now {img_s}; the run will end at step {total:,} (EMA decay "
-                f"{run.plan.ema_decay:.5f})")
-        return
-    env.say(f"--minutes {cfg.minutes:g}: {img_s} measured: {total:,} steps in all ({total / run.batches.steps_per_epoch:.2f} "
-            f"epochs), lr warm-up {run.plan.warmup:,} steps then {cfg.lr_decay} decay to step {total:,}, EMA decay "
-            f"{run.plan.ema_decay:.5f}")
+        return env.say(f"--minutes {cfg.minutes:g}: now {img_s}; the run will end at step {total:,} (EMA decay "
+                       f"{p.ema_decay:.5f})")
+    env.say(f"--minutes {cfg.minutes:g}: {img_s} measured: {total:,} steps in all ({total / run.batches.steps_per_epoch:.2f}"
+            f" epochs), lr warm-up {p.warmup:,} steps then {cfg.lr_decay} decay to step {total:,}, EMA decay "
+            f"{p.ema_decay:.5f}")
     if total < FACE_STEPS and env.master:
         per_step, final = budget_terms(cfg, run, rate)
         need = time.time() - env.t_start + (FACE_STEPS - run.step) * per_step + final
@@ -915,9 +866,9 @@ def fit_minutes(cfg, env, run, rate):
 
 
 def budget_terms(cfg, run, rate):
-    """-> (seconds per training step at `rate` with its share of the periodic grids and validations, seconds
-    of those that do not scale with the steps: the last ones, and a --minutes plan's four grids). Both are
-    priced by the measured forward pass (before it is measured: a third of a training step per image)."""
+    """-> (seconds per step at `rate` with its share of the periodic grids and validations, seconds of those
+    that do not scale with the steps: the last ones, and a --minutes plan's four grids). Both priced by the
+    timed forward pass (until it is timed: a third of a training step per image)."""
     fwd = run.forward_s or 1 / (3 * cfg.batch_size * rate)
     grid = cfg.sample_n * cfg.sample_steps * fwd if cfg.sample_every != 0 else 0
     val = 2 * len(run.val[0]) * fwd if run.val is not None else 0
@@ -929,11 +880,11 @@ def budget_terms(cfg, run, rate):
 def time_forward(cfg, env, run):
     """Seconds per image of an EMA forward pass at the grids' batch (the second of two), for the budget."""
     b = min(cfg.sample_n, cfg.batch_size // env.world)
-    x, t = torch.zeros(b, 3, cfg.size, cfg.size, device=env.device), torch.zeros(b, dtype=torch.long, device=env.device)
+    x = torch.zeros(b, 3, cfg.size, cfg.size, device=env.device)
     for _ in range(2):
         t0 = time.time()
         with run.ctx:
-            run.ema(x, t)
+            run.ema(x, torch.zeros(b, dtype=torch.long, device=env.device))
         util.synchronize(env.device)
     return (time.time() - t0) / b
 
@@ -958,14 +909,13 @@ def plan_memory(cfg, env, model, diffusion, batch, resident_bytes=0):
         per_image = 1.25 * activation_bytes_per_image(model, diffusion, env)  # +25%: backward's temporaries
         need = state + b * per_image
         if need <= budget:
-            env.say(f"memory: ~{util.fmt_bytes(need)} for a batch of {b} (of {util.fmt_bytes(available)} on "
-                    f"{env.device.type}); activation checkpointing {'on' if on else 'off'}")
-            return
+            return env.say(f"memory: ~{fmt_bytes(need)} for a batch of {b} (of {fmt_bytes(available)} on "
+                           f"{env.device.type}); activation checkpointing {'on' if on else 'off'}")
     fit = int((budget - state) / per_image) * env.world
     hint = f"use --batch-size {fit} or less" if fit >= env.world else "use a smaller model (--ch)"
     hint += ", or --grad-checkpoint auto" if cfg.grad_checkpoint == "off" else ""
-    raise UsageError(f"a batch of {batch} needs ~{util.fmt_bytes(need)}, more than the {util.fmt_bytes(budget)} a run may "
-                     f"use (85% of the {util.fmt_bytes(available)} available on {env.device.type}): {hint}")
+    raise UsageError(f"a batch of {batch} needs ~{fmt_bytes(need)}, more than the {fmt_bytes(budget)} a run may "
+                     f"use (85% of the {fmt_bytes(available)} available on {env.device.type}): {hint}")
 
 
 def activation_bytes_per_image(model, diffusion, env):
@@ -986,15 +936,8 @@ def activation_bytes_per_image(model, diffusion, env):
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         return measure(2) - measure(1)
 
-
 # -----------------------------------------------------------------------------
 # --bench: the speed of a training step
-
-
-# dense bf16 tensor-core peak (TFLOP/s) by device name; the first match wins. --peak-tflops overrides.
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
-               ("L40S", 362), ("L4", 121), ("A10G", 70), ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71),
-               ("V100", 125)]
 
 
 def bench(cfg, env):
@@ -1025,22 +968,18 @@ def bench(cfg, env):
     t0 = time.time()
     steps(cfg.bench_steps)
     util.synchronize(device)
-    dt = (time.time() - t0) / cfg.bench_steps
-    # host time: issuing a step's kernels to an idle device. Near the step time, the GPU waits on Python
-    # and the launches (too small a batch per GPU): compiling, or a larger batch, is what helps.
-    host = []
-    for _ in range(3):
+    dt, host = (time.time() - t0) / cfg.bench_steps, []
+    for _ in range(3):  # the host's time to issue a step to an idle device: near dt, launches bound it
         t0 = time.time()
         steps(1)
         host.append(time.time() - t0)
         util.synchronize(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    peak = cfg.peak_tflops or (next((p for k, p in PEAK_TFLOPS if k in name), None) if device.type == "cuda" else None)
+    peak, tflops = cfg.peak_tflops or util.peak_tflops(device), flops / dt / 1e12
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
     bound = ", launch-bound" if min(host) > 0.8 * dt and device.type != "cpu" else ""
-    tflops = flops / dt / 1e12
-    env.say(f"bench: {name} | size {cfg.size} | batch {b}/process x {env.world} | {env.precision} | compile "
-            f"{env.compile} | channels_last {env.channels_last} | activation checkpointing {run.model.grad_checkpoint}")
+    env.say(f"bench: {util.device_name(device)} | size {cfg.size} | batch {b}/process x {env.world} | {env.precision} "
+            f"| compile {env.compile} | channels_last {env.channels_last} | activation checkpointing "
+            f"{run.model.grad_checkpoint}")
     env.say(f"bench: {b * env.world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step (host {min(host) * 1e3:.1f} ms to "
             f"issue one{bound}) | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | {tflops:.2f} "
             "TFLOP/s/process | " + (f"MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s" if peak else
@@ -1048,7 +987,7 @@ def bench(cfg, env):
     return 0
 
 # -----------------------------------------------------------------------------
-# formatting, and the flags
+# the flags
 
 
 def drop_rate(s):
@@ -1061,49 +1000,47 @@ def drop_rate(s):
 
 
 def make_parser():
-    p = util.Parser(description="Train a DDPM (denoising diffusion) on CelebA faces.", epilog="--resume takes "
-                    "every setting from the checkpoint, --data included; only these may change: " + ", ".join(
-                        "--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE) + " (--data: a moved copy of the "
-                    "same images). CPU threads: one per idle core; OMP_NUM_THREADS=N chooses.")
-    pos, real, num = util.positive(int), util.real, util.non_negative
+    may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+    p = util.Parser(description="Train a DDPM (denoising diffusion) on CelebA faces.",
+                    epilog=f"--resume takes every setting from the checkpoint; only these may change: {may} "
+                           "(--data: a moved copy of the same images). CPU threads: one per idle core; "
+                           "OMP_NUM_THREADS=N chooses.")
+    pos, real, num, path = util.positive(int), util.real, util.non_negative, util.path
     g = p.add_argument_group("data")
-    g.add_argument("--data", type=util.path, default="data", help="CelebA root (torchvision or Kaggle layout), "
-                   "or a folder of images")
-    g.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into --data "
-                   "(needs gdown)")
+    g.add_argument("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout), or "
+                   "a folder of images")
+    g.add_argument("--download", action="store_true", help="first try torchvision's CelebA download (needs gdown)")
     g.add_argument("--size", type=pos, default=64, help="image size; picks the U-Net preset (32, 64, 128, 256; "
                    "another size takes the nearest below)")
     g.add_argument("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM box for 178x218 CelebA, "
                    "else a centre square")
-    g.add_argument("--cache-dir", type=util.path, default=None, help="where decoded images are cached (default: "
-                   "~/.cache/ddpm-faces)")
+    g.add_argument("--cache-dir", type=path, default=None, help="decoded images (default: ~/.cache/ddpm-faces)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    g = p.add_argument_group("model (defaults: the --size preset)")
+    g = p.add_argument_group("model (default: the --size preset) and diffusion")
     g.add_argument("--ch", type=pos, default=None, help="base channel count")
-    g.add_argument("--ch-mult", type=util.int_list, default=None, help="channel multiplier per level, e.g. 1,2,2,2,4")
+    g.add_argument("--ch-mult", type=util.int_list, default=None, help="channel multiplier per level: 1,2,2,2,4")
     g.add_argument("--num-res-blocks", type=pos, default=None, help="residual blocks per level")
     g.add_argument("--attn-res", type=util.int_list, default=None, help="feature-map sizes with self-attention")
     g.add_argument("--dropout", type=real, default=None, help="dropout in the residual blocks")
     g.add_argument("--timesteps", type=pos, default=1000, help="T, the number of diffusion steps")
     g.add_argument("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
     g.add_argument("--objective", default="eps", choices=OBJECTIVES, help="what the network predicts")
-    g.add_argument("--min-snr-gamma", type=util.positive(float), default=None, help="min-SNR-gamma loss "
-                   "weighting, e.g. 5 (default: off)")
+    g.add_argument("--min-snr-gamma", type=util.positive(float), default=None, help="min-SNR-gamma weighting")
     g = p.add_argument_group("attributes (sample with sample.py --attrs Smiling=1)")
     g.add_argument("--attrs", default=None, help="condition on CelebA attributes: 'all' or names, e.g. "
-                   "Smiling,Male,Eyeglasses (default: unconditional)")
-    g.add_argument("--attr-film", action="store_true", help="the attributes also scale and shift every residual "
-                   "block's features (FiLM)")
-    g.add_argument("--p-uncond", type=real, default=0.1, help="probability of dropping an image's whole condition "
-                   "(the unconditional model that guidance needs)")
+                   "Smiling,Male (default: unconditional)")
+    g.add_argument("--attr-film", action="store_true", help="the attributes also scale and shift every block's "
+                   "features (FiLM)")
+    g.add_argument("--p-uncond", type=real, default=0.1, help="probability of dropping an image's whole "
+                   "condition (guidance needs the unconditional model)")
     g.add_argument("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each "
-                   "attribute on its own: a number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, "
-                   "but an attribute in its rarer state is kept unless all are dropped (REPORT sec. 3.7)")
+                   "attribute: a number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, but a rarer "
+                   "state is kept unless all are dropped (REPORT sec. 3.7)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=pos, default=100, help="passes over the training split")
-    g.add_argument("--max-steps", type=pos, default=None, help="stop after this many steps (overrides --epochs)")
-    g.add_argument("--minutes", type=util.positive(float), default=None, help="fit the whole run into N minutes: "
-                   "steps, warm-up, LR and EMA decay from the measured speed (instead of --epochs)")
+    g.add_argument("--max-steps", type=pos, default=None, help="stop after this many steps (not --epochs)")
+    g.add_argument("--minutes", type=util.positive(float), default=None, help="fit the whole run into N "
+                   "minutes: steps, warm-up, LR and EMA decay from the measured speed")
     g.add_argument("--batch-size", type=pos, default=128, help="global batch size, split over the GPUs")
     g.add_argument("--lr", type=util.positive(float), default=2e-4, help="peak AdamW learning rate")
     g.add_argument("--warmup", type=num, default=5000, help="LR warm-up steps, at most a tenth of the run")
@@ -1115,37 +1052,36 @@ def make_parser():
     g.add_argument("--seed", type=util.random_seed, default=None, help="random seed (default: drawn, printed)")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: bf16 "
-                   "on GPUs with native bf16, else fp16; fp32 on CPU/MPS (fp32 is without TF32)")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: "
+                   "bf16 on GPUs with native bf16, else fp16; fp32 on CPU/MPS (fp32 is without TF32)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
                    "model: ~90 s to start, faster steps (default: on CUDA with Triton, except --dry-run)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last "
-                   "memory format (default: on, except an eager step on a GPU: NCHW measured faster)")
-    g.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute each block "
-                   "in backward (less memory, ~1/3 more compute); auto: when a batch would not fit")
+                   "memory format (default: on, except an eager step on a GPU)")
+    g.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute each "
+                   "block in backward (less memory, ~1/3 more compute); auto: when a batch would not fit")
     g = p.add_argument_group("logging, evaluation and checkpoints")
-    g.add_argument("--out", type=util.path, default="out", help="folder for ckpt.pt, sample grids and log.csv")
-    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, "
-                   "removing its checkpoint, log and grids")
+    g.add_argument("--out", type=path, default="out", help="folder for ckpt.pt, sample grids and log.csv")
+    g.add_argument("--overwrite", action="store_true", help="a new run in an --out that holds one, removing its "
+                   "files")
     g.add_argument("--log-every", type=pos, default=100, help="a progress line every N steps")
-    g.add_argument("--sample-every", type=num, default=5000, help="a grid from fixed noise with the EMA weights "
-                   "every N steps (0: never; --minutes: four over the run)")
+    g.add_argument("--sample-every", type=num, default=5000, help="an EMA sample grid from fixed noise every N "
+                   "steps (0: never; --minutes: four over the run)")
     g.add_argument("--sample-steps", type=pos, default=DEFAULT_STEPS, help=f"steps of the default sampler "
-                   f"({DEFAULT_SAMPLER}, eta {DEFAULT_ETA:g}) for those grids")
-    g.add_argument("--sample-n", type=pos, default=64, help="images in those grids")
-    g.add_argument("--eval-every", type=num, default=5000, help="the EMA weights' validation loss every N steps "
-                   "(0: never)")
+                   f"({DEFAULT_SAMPLER}, eta {DEFAULT_ETA:g}) for the grids")
+    g.add_argument("--sample-n", type=pos, default=64, help="images in a grid")
+    g.add_argument("--eval-every", type=num, default=5000, help="the EMA's validation loss every N steps (0: "
+                   "never)")
     g.add_argument("--eval-images", type=pos, default=1024, help="validation images per evaluation")
     g.add_argument("--ckpt-every", type=num, default=5000, help="write ckpt.pt every N steps (0: at the end)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, type=util.path, help="continue a run from "
+    g.add_argument("--resume", nargs="?", const="latest", default=None, type=path, help="continue a run from "
                    "its checkpoint (a path, or none: ckpt.pt in --out), with its settings")
     g.add_argument("--other-data", action="store_true", help="with --resume: continue on other images than the "
                    "run's (else refused)")
-    g.add_argument("--dry-run", action="store_true", help="2 steps of one image, an evaluation, a one-image grid "
-                   "and a checkpoint: a quick check of a setup")
+    g.add_argument("--dry-run", action="store_true", help="2 steps of one image, an evaluation, a one-image "
+                   "grid and a checkpoint: a quick check of a setup")
     g = p.add_argument_group("benchmark")
-    g.add_argument("--bench", action="store_true", help="time training steps on synthetic data: img/s, TFLOP/s, "
-                   "MFU")
+    g.add_argument("--bench", action="store_true", help="time training steps on synthetic data: img/s, MFU")
     g.add_argument("--bench-steps", type=pos, default=20, help="timed steps for --bench")
     g.add_argument("--peak-tflops", type=util.positive(float), default=None, help="the device's peak TFLOP/s "
                    "for MFU (default: from a table)")

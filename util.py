@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -207,6 +208,26 @@ def remove_stale_temporaries(folder):
     return removed
 
 
+def claim_folder(folder, what):
+    """lock_folder, made first where missing. -> (the lock, the folders made, innermost first)."""
+    made, d = [], folder
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    return lock_folder(folder, what), made
+
+
+def release_folder(lock, made):
+    """Drop a claim: the lock file goes while still held (a run that starts now finds no lock, or a free
+    one), and the folders that the claim made go if they are empty (a failed start leaves nothing)."""
+    if lock:
+        os.remove(lock.name)
+        lock.close()
+    for d in made:
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
+
+
 def lock_folder(folder, what):
     """Hold `folder` for this process: an exclusive flock on folder/.lock, which the OS drops when the process
     ends in any way (kill -9 included), so a killed run never leaves it stuck. -> the open lock file (keep it
@@ -352,6 +373,47 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+# dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU; the first match wins
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
+               ("L40S", 362), ("L4", 121), ("A10G", 70), ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71),
+               ("V100", 125)]
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def peak_tflops(device):
+    return next((p for k, p in PEAK_TFLOPS if k in device_name(device)), None) if device.type == "cuda" else None
+
+
+class StopSignals:
+    """For the time it is entered: Ctrl-C, SIGTERM (Slurm, Kubernetes, `timeout`) and SIGHUP (a closed
+    terminal) are appended to `signals`, for the loop to stop at a safe point; the first is acknowledged at
+    once. A second Ctrl-C then quits at once; a second SIGTERM is ignored (Slurm signals every process and
+    torchrun forwards it again: neither may cut the last checkpoint short)."""
+
+    def __init__(self, signals, say, when="after this step"):
+        self.signals, self.say, self.when = signals, say, when
+        self.saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def handler(self, signum, frame):
+        if not self.signals:
+            self.say(f"\n{signal.Signals(signum).name}: stopping {self.when} and writing a checkpoint; press Ctrl-C "
+                     "again to quit at once without one")
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.signals.append(signum)
+
+    def __enter__(self):
+        for s in self.saved:
+            signal.signal(s, self.handler)
+
+    def __exit__(self, *exc):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
 
 
 def busy_cores(seconds=0.25):
