@@ -36,7 +36,8 @@ IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CROPS = ("auto", "celeba", "center", "none")
 # The crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image.
 CELEBA_W, CELEBA_H, CELEBA_CX, CELEBA_CY, CELEBA_SIDE = 178, 218, 89, 121, 128
-warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 deprecates its codecs; they work
+# torchvision 0.29 deprecates its codecs; they work
+warnings.filterwarnings("ignore", message=".*TorchCodec.*")
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 CACHE_VERSION = 2  # 2: a CRC-32 of the image bytes, verified on load
 MAX_WARNINGS = 10
@@ -78,7 +79,8 @@ def _ints(path, row):
     try:
         return [int(v) for v in (raw.split() if isinstance(raw, str) else raw)]
     except ValueError:
-        raise DataError(f"{path} line {lineno}: expected an image name and integers; is it an official CelebA "
+        raise DataError(f"{path} line {lineno}: expected an image name and integers; is it an official "
+                        "CelebA "
                         "annotation file?")
 
 
@@ -86,18 +88,23 @@ def find_layout(path):
     """-> dict(layout, image_dir, partition file or None, attr file or None)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        raise DataError(f"data folder {path}: no such folder; give your CelebA folder (README, 'Getting CelebA')")
+        raise DataError(f"data folder {path}: no such folder; give your CelebA folder (README, 'Getting "
+                        "CelebA')")
     if not os.path.isdir(path):
-        raise DataError(f"data folder {path}: is a file; give a folder (the CelebA root or a folder of images)")
+        raise DataError(f"data folder {path}: is a file; give a folder (the CelebA root or a folder of "
+                        "images)")
     def first(*names):
         return next((n for n in names if os.path.isfile(n)), None)
     for root in (os.path.join(path, "celeba"), path):  # torchvision
         part = first(os.path.join(root, "list_eval_partition.txt"))
         attr = first(os.path.join(root, "list_attr_celeba.txt"))
         if os.path.isdir(os.path.join(root, "img_align_celeba")) and (part or attr):
-            return dict(layout="torchvision", image_dir=os.path.join(root, "img_align_celeba"), partition=part, attr=attr)
-    part, attr = first(os.path.join(path, "list_eval_partition.csv")), first(os.path.join(path, "list_attr_celeba.csv"))
-    for image_dir in (os.path.join(path, "img_align_celeba", "img_align_celeba"), os.path.join(path, "img_align_celeba")):
+            image_dir = os.path.join(root, "img_align_celeba")
+            return dict(layout="torchvision", image_dir=image_dir, partition=part, attr=attr)
+    part = first(os.path.join(path, "list_eval_partition.csv"))
+    attr = first(os.path.join(path, "list_attr_celeba.csv"))
+    inner = os.path.join(path, "img_align_celeba")
+    for image_dir in (os.path.join(inner, "img_align_celeba"), inner):
         if os.path.isdir(image_dir) and (part or attr):  # kaggle
             return dict(layout="kaggle", image_dir=image_dir, partition=part, attr=attr)
     return dict(layout="folder", image_dir=path, partition=None, attr=None)
@@ -113,7 +120,8 @@ def list_images(image_dir):
 
 
 def select(path, split="train", log=print):
-    """Find the images of one split. -> dict(layout, files, attrs (N, 40) uint8 0/1 or None, attr_names, ...)."""
+    """Find the images of one split. -> dict(layout, files, attrs (N, 40) uint8 0/1 or None, attr_names,
+    ...)."""
     info = find_layout(path)
     on_disk = list_images(info["image_dir"])
     if not on_disk:
@@ -127,8 +135,10 @@ def select(path, split="train", log=print):
         listed = list(partition or attr_rows)
         found = [n for n in listed if n in by_name]
         if not found:
-            raise DataError(f"{info['partition'] or info['attr']} lists {len(listed):,} images but none of the "
-                            f"{len(on_disk):,} images in {info['image_dir']}; the annotation files do not belong to "
+            raise DataError(f"{info['partition'] or info['attr']} lists {len(listed):,} images but none of "
+                            "the "
+                            f"{len(on_disk):,} images in {info['image_dir']}; the annotation files do not "
+                            "belong to "
                             "these images: use matching files or remove them to load a plain folder")
         if len(found) < len(listed):
             log(f"data: {len(found):,} of {len(listed):,} listed images found")
@@ -137,12 +147,15 @@ def select(path, split="train", log=print):
         if attr_rows is not None:
             missing = [n for n in found if n not in attr_rows]
             if missing:
-                raise DataError(f"{info['attr']} has no row for {missing[0]} ({len(missing):,} images in all); the "
+                raise DataError(f"{info['attr']} has no row for {missing[0]} ({len(missing):,} images in "
+                                "all); the "
                                 "attribute and partition files do not match: use the official pair")
             rows = [_ints(info["attr"], attr_rows[n]) for n in found]
             if attr_names is None or any(len(r) != len(attr_names) for r in rows):
-                raise DataError(f"{info['attr']}: rows do not have one value per attribute name; use the official file")
-            attrs = (torch.tensor(rows, dtype=torch.int8) > 0).to(torch.uint8)  # (N, 40), 1 = has the attribute
+                raise DataError(f"{info['attr']}: rows do not have one value per attribute name; use the "
+                                "official file")
+            # (N, 40), 1 = has the attribute
+            attrs = (torch.tensor(rows, dtype=torch.int8) > 0).to(torch.uint8)
         files = [by_name[n] for n in found]
         if partition is None and split != "all":
             files, attrs = _holdout(files, attrs, split)
@@ -154,14 +167,17 @@ def select(path, split="train", log=print):
 def pick_attrs(sel, spec):
     """'all' or 'Smiling,Male' -> the attribute names, in the annotation file's order."""
     if sel["attrs"] is None:
-        raise DataError(f"attributes {spec}: the {sel['layout']} layout at {sel['image_dir']} has no attribute "
-                        "labels; use a CelebA root with list_attr_celeba.txt (torchvision) or list_attr_celeba.csv "
+        raise DataError(f"attributes {spec}: the {sel['layout']} layout at {sel['image_dir']} has no "
+                        "attribute "
+                        "labels; use a CelebA root with list_attr_celeba.txt (torchvision) or "
+                        "list_attr_celeba.csv "
                         "(Kaggle), or no attributes")
     names = sel["attr_names"]
     wanted = names if spec == "all" else [a.strip() for a in spec.split(",") if a.strip()]
     unknown = [a for a in wanted if a not in names]
     if unknown or not wanted or len(set(wanted)) < len(wanted):
-        raise DataError(f"attributes {spec}: " + (f"no attribute {unknown[0]!r}" if unknown else "name each attribute once")
+        wrong = f"no attribute {unknown[0]!r}" if unknown else "name each attribute once"
+        raise DataError(f"attributes {spec}: {wrong}"
                         + f"; choose 'all' or some of {','.join(names)}")
     return [a for a in names if a in wanted]
 
@@ -258,12 +274,14 @@ def decode_all(files, size, crop, workers=None, log=print):
     -> ((N, 3, size, size) uint8, kept indices, seconds)"""
     workers = min(workers or os.cpu_count() or 1, max(1, len(files) // 64))
     images, kept, bad = torch.empty(len(files), 3, size, size, dtype=torch.uint8), [], []
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if fork else "spawn")
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
     progress = util.Progress(len(files), f"data: decoding on {workers} process{'es' if workers > 1 else ''}",
                              "images", log, every=5, first=True)
     try:
-        for i, (img, err) in enumerate(pool.map(_preprocess_or_none, [(f, size, crop) for f in files], chunksize=32)):
+        done = pool.map(_preprocess_or_none, [(f, size, crop) for f in files], chunksize=32)
+        for i, (img, err) in enumerate(done):
             if err:
                 bad.append(err)
                 if len(bad) <= MAX_WARNINGS:
@@ -273,7 +291,8 @@ def decode_all(files, size, crop, workers=None, log=print):
                 kept.append(i)
             progress(i + 1)
     except concurrent.futures.process.BrokenProcessPool:  # a worker was killed (out of memory, or by hand)
-        raise DataError(f"a decoding process died after {len(kept) + len(bad):,} of {len(files):,} images (out of "
+        raise DataError(f"a decoding process died after {len(kept) + len(bad):,} of {len(files):,} images "
+                        "(out of "
                         "memory, or killed?); nothing was cached: run again")
     finally:  # also on Ctrl-C: drop the queued work, let the running chunks end
         pool.shutdown(wait=True, cancel_futures=True)
@@ -303,22 +322,25 @@ def checksum(images):
 
 
 def cache_file(cache_dir, path, split, crop, size):
-    key = hashlib.sha1(f"{os.path.abspath(os.path.expanduser(path))}|{split}|{crop}|{size}".encode()).hexdigest()[:12]
+    key = f"{os.path.abspath(os.path.expanduser(path))}|{split}|{crop}|{size}"
+    key = hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"faces-{split}-{crop}-{size}-{key}.pt")
 
 
 def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print, attrs=None):
     """The images of one split as a uint8 tensor, from the cache when it is fresh.
-    -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache, ...,
-            cond (N, K) uint8 and cond_names: the columns `attrs` ('all' or 'Smiling,Male') asks for, or None)
+    -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache,
+    ..., cond (N, K) uint8 and cond_names: the columns `attrs` ('all' or 'Smiling,Male') asks for, or None)
     Attributes the data cannot give are an error raised before any decoding."""
     if split not in (*SPLITS, "all") or crop not in CROPS or size < 1:
-        raise ValueError(f"split {split!r}, crop {crop!r}, size {size}: the split is one of {', '.join(SPLITS)} "
+        raise ValueError(f"split {split!r}, crop {crop!r}, size {size}: the split is one of "
+                         f"{', '.join(SPLITS)} "
                          f"or all, the crop one of {', '.join(CROPS)}, the size positive")
     sel = select(path, split, log)
     if not sel["files"]:
         raise DataError(f"data folder {path}: no {split} images"
-                        + (" (a folder of one image keeps it for training)" if sel["layout"] == "folder" else ""))
+                        + (" (a folder of one image keeps it for training)" if sel["layout"] == "folder"
+                           else ""))
     cond_names = pick_attrs(sel, attrs) if attrs else None
     cache = cache_file(cache_dir or default_cache_dir(), path, split, crop, size)
     util.check_writable(os.path.dirname(cache), "cache folder")  # fail before decoding, not after
@@ -331,19 +353,23 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
             ok = (c.get("version") == CACHE_VERSION and c.get("fingerprint") == fingerprint
                   and c["images"].shape[0] == len(c["files"]) and c["images"].shape[1:] == (3, size, size))
             if ok and checksum(c["images"]) == c["checksum"]:
-                log(f"data: loaded {len(c['files']):,} {split} images from cache {cache} in {time.time() - t0:.1f}s")
+                log(f"data: loaded {len(c['files']):,} {split} images from cache {cache} in "
+                    f"{time.time() - t0:.1f}s")
                 return with_cond(dict(sel, **c, cache=cache, decode_seconds=None), cond_names)
             why = "corrupt (its image bytes fail their checksum)" if ok else "stale (the data changed)"
             log(f"data: cache {cache} is {why}; rebuilding")
         except Exception as e:
             log(f"data: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
-    log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images once "
+    log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images "
+        "once "
         f"(crop {crop}, size {size})")
     images, kept, seconds = decode_all(sel["files"], size, crop, workers, log)
     if not kept:
-        raise DataError(f"data folder {path}: none of the {len(sel['files']):,} images could be read; check the files")
+        raise DataError(f"data folder {path}: none of the {len(sel['files']):,} images could be read; check "
+                        "the files")
     c = dict(version=CACHE_VERSION, fingerprint=fingerprint, images=images, checksum=checksum(images),
-             files=[sel["files"][i] for i in kept], attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
+             files=[sel["files"][i] for i in kept],
+             attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
     # a failed write never leaves a half-written cache
     util.atomic_write(lambda tmp: torch.save(c, tmp), cache, "cache folder")
     log(f"data: wrote cache {cache} ({images.numel() / 2**20:,.0f} MiB)")
@@ -366,7 +392,8 @@ class Batches:
     are the same whatever the number of GPUs, and resuming under another world size continues the
     same data order."""
 
-    def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None, resident=None):
+    def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None,
+                 resident=None):
         """resident: keep the images on the GPU (default: when fits_on_gpu says they fit)."""
         if batch_size % world or len(images) < batch_size:
             raise ValueError(f"a batch of {batch_size} must divide into {world} equal shards and fit in the "
@@ -389,7 +416,8 @@ class Batches:
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:  # a fixed permutation per epoch, the same on every rank
             g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=g).to(self.images.device), epoch
+            self._perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
+            self._perm_epoch = epoch
         b = self.batch_size // self.world
         mine = slice(self.rank * b, (self.rank + 1) * b)  # this rank's shard of the global batch
         idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size][mine]
@@ -410,13 +438,18 @@ def fits_on_gpu(nbytes, device):
 # the download
 
 
-DOWNLOAD_HELP = ("get CelebA by hand: the 'Align&Cropped Images' img_align_celeba.zip plus list_attr_celeba.txt "
-                 "and list_eval_partition.txt from the CelebA website (mmlab.ie.cuhk.edu.hk/projects/CelebA.html) "
-                 "or its Google Drive, unzipped as PATH/celeba/img_align_celeba/*.jpg with the two .txt files in "
-                 "PATH/celeba/; or Kaggle's 'jessicali9530/celeba-dataset' unzipped as is; then give PATH as the "
+DOWNLOAD_HELP = ("get CelebA by hand: the 'Align&Cropped Images' img_align_celeba.zip plus "
+                 "list_attr_celeba.txt "
+                 "and list_eval_partition.txt from the CelebA website "
+                 "(mmlab.ie.cuhk.edu.hk/projects/CelebA.html) "
+                 "or its Google Drive, unzipped as PATH/celeba/img_align_celeba/*.jpg with the two .txt "
+                 "files in "
+                 "PATH/celeba/; or Kaggle's 'jessicali9530/celeba-dataset' unzipped as is; then give PATH "
+                 "as the "
                  "data folder")
 NO_NETWORK = ("Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
-              "Connection refused", "timed out", "nodename nor servname", "No route to host", "Max retries exceeded",
+              "Connection refused", "timed out", "nodename nor servname", "No route to host", "Max retries "
+                                                                                              "exceeded",
               "ConnectionError", "URLError")
 QUOTA = ("Too many users", "quota", "Cannot retrieve the public link", "FileURLRetrievalError")
 
@@ -429,7 +462,7 @@ def download_failure(e):
         e = e.__cause__ or e.__context__
     text = " | ".join(chain)
     if any(k in text for k in QUOTA):
-        return "Google Drive refused the file (its download quota for CelebA is used up; this often lasts a day)"
+        return "Google Drive refused the file (its quota for CelebA is used up; this often lasts a day)"
     if any(k in text for k in NO_NETWORK):
         return "no network: Google Drive could not be reached"
     return chain[0].splitlines()[0][:300]
@@ -439,7 +472,8 @@ def download(path, log=print):
     """torchvision's CelebA download (it needs the gdown package for Google Drive); on failure a DataError
     that says why and how to get CelebA by hand. A folder the failed attempt left empty is removed."""
     if importlib.util.find_spec("gdown") is None:
-        raise DataError("the CelebA download needs the gdown package, which torchvision uses for Google Drive: "
+        raise DataError("the CelebA download needs the gdown package, which torchvision uses for Google "
+                        "Drive: "
                         f"pip install gdown. Or {DOWNLOAD_HELP}")
     log(f"data: trying torchvision's CelebA download into {path} (about 1.4 GB; Google Drive often refuses "
         "with a quota error)")
@@ -447,7 +481,8 @@ def download(path, log=print):
     try:
         torchvision.datasets.CelebA(path, split="all", target_type="attr", download=True)
     except Exception as e:
-        for folder in (os.path.join(path, "celeba"), path):  # leave nothing empty behind that was not there before
+        # leave nothing empty behind that was not there before
+        for folder in (os.path.join(path, "celeba"), path):
             if os.path.isdir(folder) and not os.listdir(folder) and (folder != path or not existed):
                 os.rmdir(folder)
         raise DataError(f"the CelebA download failed: {download_failure(e)}. Or {DOWNLOAD_HELP}")
@@ -457,22 +492,29 @@ def download(path, log=print):
 
 
 def get_args(argv=None):
-    p = util.Parser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview of the crop.")
-    p.add_argument("--data", required=True, type=util.path, help="CelebA root (torchvision or Kaggle layout) or "
+    p = util.Parser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview "
+                                "of the crop.")
+    p.add_argument("--data", required=True, type=util.path, help="CelebA root (torchvision or Kaggle "
+                                                                 "layout) or "
                    "any folder of images")
     p.add_argument("--size", type=util.positive(int), default=64, help="image size after crop and resize")
     p.add_argument("--split", default="train", choices=[*SPLITS, "all"], help="which split")
-    p.add_argument("--crop", default="auto", choices=CROPS, help="auto: the DDIM CelebA box for 178x218 images, "
+    p.add_argument("--crop", default="auto", choices=CROPS, help="auto: the DDIM CelebA box for 178x218 "
+                                                                 "images, "
                    "else a centre square; celeba, center, or none (squash)")
     p.add_argument("--cache-dir", type=util.path, default=None, help="where the decoded tensors go (default: "
                    "$XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
-    p.add_argument("--workers", type=util.positive(int), default=None, help="decoding processes (default: all cores)")
-    p.add_argument("--batch-size", type=util.positive(int), default=128, help="batch size for the serving speed")
-    p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images here "
+    p.add_argument("--workers", type=util.positive(int), default=None, help="decoding processes (default: "
+                                                                            "all cores)")
+    p.add_argument("--batch-size", type=util.positive(int), default=128, help="batch size for the serving "
+                                                                              "speed")
+    p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images "
+                                                                 "here "
                    "('' to skip)")
     p.add_argument("--export", type=util.path, default=None, metavar="DIR",
                    help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
-    p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into --data")
+    p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into "
+                                                           "--data")
     return p.parse_args(argv)
 
 
@@ -485,11 +527,13 @@ def summary(d, split, workers, t0):
         present = {os.path.basename(f) for f in list_images(d["image_dir"])}
         counts = {s: sum(1 for n, v in part.items() if n in present and _ints(d["partition"], v)[:1] == [k])
                   for s, k in SPLITS.items()}
-        print("splits:  " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " (official partition, on disk)")
+        print("splits:  " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " (official partition, on "
+                                                                                 "disk)")
     print(f"cache:   {d['cache']} ({d['images'].numel() / 2**20:,.1f} MiB)")
     if d["decode_seconds"]:
         n = workers or os.cpu_count()
-        print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {n} process{'es' if n > 1 else ''}")
+        print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {n} "
+              f"process{'es' if n > 1 else ''}")
     else:
         print(f"decode:  cached, loaded in {time.time() - t0:.1f}s")
 
@@ -526,7 +570,8 @@ def main(argv=None):
             print(f"preview: {args.preview}")
         if args.export:  # each file whole or not at all: a full disk stops the export with an error
             for f, img in zip(d["files"], d["images"]):
-                util.write_png(img, os.path.join(args.export, os.path.splitext(os.path.basename(f))[0] + ".png"), "--export")
+                name = os.path.splitext(os.path.basename(f))[0] + ".png"
+                util.write_png(img, os.path.join(args.export, name), "--export")
             print(f"export:  {len(d['files']):,} PNGs in {args.export}")
     except (OSError, DataError, util.UsageError, util.WriteError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)

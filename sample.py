@@ -7,13 +7,11 @@ Draw faces from a checkpoint written by train.py; the checkpoint alone rebuilds 
     python sample.py out/ckpt.pt --bpd 500                    # the bits/dim bound on validation images
     python sample.py --bench                                  # images/s of the default sampler
 
-The core comes first: load the checkpoint -> draw -> write. Then one function per other mode (compare,
-interpolate, bench, bits/dim), the flags and the table of which flag applies to which mode, and last the
-figures of REPORT.md.
+The core first: load the checkpoint -> draw -> write. Then one function per other mode, the flags and the
+table of the flags each mode takes, and last the figures of REPORT.md.
 """
 import os
-# see train.py: OpenMP threads that spin long stall every op on a core that another program also uses
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # short OpenMP spinning, as in train.py
 import argparse
 import csv
 import math
@@ -28,20 +26,19 @@ from PIL import Image
 import data
 import unet
 import util
-from diffusion import DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SCHEDULES, GaussianDiffusion, guided, slerp
+from diffusion import DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SCHEDULES, GaussianDiffusion
+from diffusion import guided, slerp
 from util import UsageError
 
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # one line, exit code 2
-DEFAULT_GUIDANCE = 3.0  # the largest guidance weight whose face quality stays within 10% (REPORT sec. 3.7)
+DEFAULT_GUIDANCE = 3.0  # the largest weight whose face quality stays within 10% (REPORT sec. 3.7)
 REPAINT_STEPS = 250  # RePaint's face setting: 250 steps, jump length 10, 10 resamplings
 FIGURES = ("forward", "reverse", "attention", "schedules", "loss")
-FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # the forward strip's timesteps at T = 1000 (scaled for other T)
-# --mask regions as (top, bottom, left, right) fractions of the image; eyes and mouth are placed for aligned
-# CelebA faces, under the DDIM crop and the whole frame alike
+FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # the forward strip's timesteps at T = 1000 (scaled for others)
+# --mask regions as (top, bottom, left, right) fractions of the image, for aligned CelebA faces
 MASKS = dict(center=(0.25, 0.75, 0.25, 0.75), top=(0, 0.5, 0, 1), bottom=(0.5, 1, 0, 1), left=(0, 1, 0, 0.5),
              right=(0, 1, 0.5, 1), eyes=(0.33, 0.57, 0.15, 0.85), mouth=(0.62, 0.84, 0.28, 0.72))
-# --figure attention's query positions, (y, x) fractions of an aligned CelebA face, as MASKS places them
-QUERIES = dict(eye=(0.45, 0.36), mouth=(0.73, 0.5), background=(0.06, 0.06))
+QUERIES = dict(eye=(0.45, 0.36), mouth=(0.73, 0.5), background=(0.06, 0.06))  # --figure attention's, (y, x)
 say = util.Say()  # print, which outlives a closed terminal or pipe: the images are what matters
 
 # -----------------------------------------------------------------------------
@@ -61,7 +58,7 @@ def main(argv=None):
 
 
 def run(args, given):
-    opt = check_flags(args, given)  # the flags with their defaults for the mode, checked before any work
+    opt = check_flags(args, given)  # the flags and the mode's defaults, checked before any work
     device = util.pick_device(opt.device)
     precision, ctx = util.autocast(device, opt.precision)
     util.set_threads(device, say=say)
@@ -70,14 +67,15 @@ def run(args, given):
         return figure_schedules(opt) if opt.mode == "schedules" else figure_loss(opt)
     job = load(opt, device, ctx)
     describe(job, precision)
-    other = dict(bench=bench, bpd=bits_per_dim, interpolate=interpolate, compare=compare, forward=figure_forward,
-                 reverse=figure_reverse, attention=figure_attention)
+    other = dict(bench=bench, bpd=bits_per_dim, interpolate=interpolate, compare=compare,
+                 forward=figure_forward, reverse=figure_reverse, attention=figure_attention)
     if opt.mode in other:
         return other[opt.mode](job)
-    # plain sampling, SDEdit of --init and RePaint of --init's hole: batch after batch, PNGs as they come
-    grid = [] if job.x_init is None else [data.to_uint8(job.x_init if job.mask is None else job.x_init * job.mask)]
+    # plain sampling, SDEdit of --init and RePaint of --init's hole: batch after batch, PNGs as they come;
+    # the grid starts with --init (its hole grey with --mask)
+    grid = [] if job.x_init is None else [data.to_uint8(job.x_init * (1 if job.mask is None else job.mask))]
     progress, done = util.Progress(opt.n, "sampling", "images", say), 0
-    while done < opt.n:  # the grid starts with --init (its hole grey with --mask); the PNGs are the samples
+    while done < opt.n:
         x = draw(job, min(opt.batch_size, opt.n - done), progress=(progress, done))
         if sum(map(len, grid)) < 1024:  # the grid shows the first images only
             grid.append(x)
@@ -102,33 +100,34 @@ class Job:
     evals: int  # model evaluations per image: what progress counts
     ckpt_args: dict = None  # the training run's settings (its data, for --bpd)
     cond: torch.Tensor = None  # (K,) in {+1 present, -1 absent, 0 free}, or None: the unconditional path
-    x_init: torch.Tensor = None  # (1, 3, size, size) in [-1, 1]: the image that SDEdit edits or RePaint fills
+    x_init: torch.Tensor = None  # (1, 3, size, size) in [-1, 1]: what SDEdit edits or RePaint fills in
     mask: torch.Tensor = None  # (1, 1, size, size): 1 where --init is kept
 
 
 def load(opt, device, ctx):
-    """The checkpoint's EMA model (a random preset model for --bench without one), the condition, --init and
-    --mask -> Job."""
+    """The checkpoint's EMA model (without one, --bench's random preset), the condition, --init, --mask."""
     if opt.ckpt is None:
         model, diffusion, ckpt_args = unet.UNet(unet.preset(opt.size)), GaussianDiffusion(), None
     else:
         ckpt = util.load_checkpoint(opt.ckpt, parts=("ema",))
         (model, diffusion), ckpt_args = util.model_from_checkpoint(ckpt, opt.ckpt), ckpt["args"]
         say(f"loaded {opt.ckpt}: step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, "
-            f"{model.cfg.image_size}x{model.cfg.image_size}, T={diffusion.T} {diffusion.schedule} {diffusion.objective}")
-    size = model.cfg.image_size
-    if (opt.steps or 0) > diffusion.T:
-        raise UsageError(f"--steps {opt.steps} is more than the model's T={diffusion.T}; use at most {diffusion.T}")
-    steps = opt.steps or min(REPAINT_STEPS if opt.mask else DEFAULT_STEPS, diffusion.T)
+            f"{model.cfg.image_size}x{model.cfg.image_size}, T={diffusion.T} {diffusion.schedule} "
+            f"{diffusion.objective}")
+    size, T = model.cfg.image_size, diffusion.T
+    if (opt.steps or 0) > T:
+        raise UsageError(f"--steps {opt.steps} is more than the model's T={T}; use at most {T}")
+    steps = opt.steps or min(REPAINT_STEPS if opt.mask else DEFAULT_STEPS, T)
     if opt.mask:  # each step down RePaint's path is one model evaluation
         path = diffusion.repaint_path(steps, opt.jump_length, opt.jump_n_sample)
         evals = sum(q < p for p, q in zip(path, path[1:]))
     else:
-        t_max = round(opt.strength * diffusion.T) - 1 if opt.strength is not None else None
-        evals = len(diffusion.timesteps(opt.sampler, steps, opt.spacing, t_max if t_max != -1 else 0))
+        t_max = max(round(opt.strength * T) - 1, 0) if opt.strength is not None else None
+        evals = len(diffusion.timesteps(opt.sampler, steps, opt.spacing, t_max))
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-    net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default") if opt.compile else model
-    return Job(opt, net, diffusion.to(device), tuple(model.cfg.attrs), size, device, ctx,
+    if opt.compile:
+        model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
+    return Job(opt, model, diffusion.to(device), tuple(model.cfg.attrs), size, device, ctx,
                torch.Generator(device=device).manual_seed(opt.seed), steps, evals, ckpt_args,
                parse_attrs(opt, model.cfg.attrs), load_image(opt, size, device) if opt.init else None,
                load_mask(opt, size, device) if opt.mask else None)
@@ -136,11 +135,11 @@ def load(opt, device, ctx):
 
 def draw(job, n, x_T=None, cond=..., callback=None, progress=None):
     """n images (n, 3, H, W) uint8 from x_T (default: fresh noise from the job's generator): plain sampling,
-    SDEdit of --init, or RePaint of --init's hole, guided toward `cond` (default: the job's). callback(t, x_t,
-    x0_hat) sees every step; progress = (util.Progress, images done before these) counts them."""
+    SDEdit of --init, or RePaint of its hole, guided toward `cond` (default: the job's). callback(t, x_t,
+    x0_hat) sees every step; progress: (util.Progress, the images done before these)."""
     opt, diffusion, cond = job.opt, job.diffusion, job.cond if cond is ... else cond
-    if x_T is None:
-        x_T = torch.randn((n, 3, job.size, job.size), generator=job.generator, device=job.device)  # the start noise
+    if x_T is None:  # the start noise
+        x_T = torch.randn((n, 3, job.size, job.size), generator=job.generator, device=job.device)
     model = job.model if cond is None else guided(job.model, cond.to(job.device), opt.guidance)  # one batch
     steps = [0]
     def step(*a):
@@ -149,12 +148,12 @@ def draw(job, n, x_T=None, cond=..., callback=None, progress=None):
             callback(*a)
         if progress:
             progress[0](progress[1] + n * steps[0] / job.evals)
-    kw = dict(sampler=opt.sampler, steps=job.steps, eta=opt.eta, generator=job.generator, clip=not opt.no_clip,
-              var_type=opt.var, spacing=opt.spacing, callback=step)
+    kw = dict(sampler=opt.sampler, steps=job.steps, eta=opt.eta, generator=job.generator,
+              clip=not opt.no_clip, var_type=opt.var, spacing=opt.spacing, callback=step)
     with job.ctx:
         if job.mask is not None:  # every image fills in the same --init from its own noise
-            x = diffusion.repaint(model, x_T, job.x_init.expand(n, -1, -1, -1), job.mask, job.steps, opt.jump_length,
-                                  opt.jump_n_sample, job.generator, not opt.no_clip, callback=step)
+            x = diffusion.repaint(model, x_T, job.x_init.expand(n, -1, -1, -1), job.mask, job.steps,
+                                  opt.jump_length, opt.jump_n_sample, job.generator, not opt.no_clip, step)
         elif job.x_init is not None:  # every image edits the same --init from its own noise
             x = diffusion.sdedit(model, job.x_init.expand(n, -1, -1, -1), opt.strength, x_T, **kw)
         else:
@@ -173,20 +172,19 @@ def write_grid(opt, batches, nrow=None):
     x = torch.cat(batches)[:1024]
     util.save_image(x, opt.out, "--out", nrow=nrow or (round(math.sqrt(len(x))) if len(x) > 8 else len(x)))
 
-
 # -----------------------------------------------------------------------------
 # the other modes
 
 
 def compare(job):
-    """--compare NAME: every face with NAME absent (top row) and present (bottom row), from the same x_T and,
-    the generator re-seeded, the same noise at every step."""
+    """--compare NAME: every face with NAME absent (top row) and present (bottom row), from the same x_T
+    and, the generator re-seeded, the same noise at every step."""
     opt, k, halves = job.opt, job.attr_names.index(job.opt.compare), []
     x_T = torch.randn((opt.n, 3, job.size, job.size), generator=job.generator, device=job.device)
     for value in (-1.0, 1.0):
         job.generator.manual_seed(opt.seed + 1)
         halves.append(draw(job, opt.n, x_T, job.cond.index_fill(0, torch.tensor([k]), value)))
-        write_pngs(opt, halves[-1], opt.n * len(halves[:-1]))
+        write_pngs(opt, halves[-1], opt.n * (len(halves) - 1))
     write_grid(opt, halves, nrow=opt.n)
     say(f"wrote {opt.out}")
 
@@ -194,41 +192,44 @@ def compare(job):
 def interpolate(job):
     """--interpolate N: a strip from --seed's own sample (the same x_T) to --seed + 1's, the noises slerped,
     drawn in batches."""
-    opt, frames = job.opt, []
-    z = [torch.randn((1, 3, job.size, job.size), generator=torch.Generator(device=job.device).manual_seed(s),
-                     device=job.device) for s in (opt.seed, opt.seed + 1)]
-    x_T, progress = slerp(z[0], z[1], torch.linspace(0, 1, opt.interpolate)), util.Progress(opt.interpolate, "frames", "images", say)
-    for i in range(0, len(x_T), opt.batch_size):
-        frames.append(draw(job, len(x_T[i:i + opt.batch_size]), x_T[i:i + opt.batch_size], progress=(progress, i)))
+    opt, frames, b = job.opt, [], job.opt.batch_size
+    gens = [torch.Generator(device=job.device).manual_seed(s) for s in (opt.seed, opt.seed + 1)]
+    z = [torch.randn((1, 3, job.size, job.size), device=job.device, generator=g) for g in gens]
+    x_T = slerp(z[0], z[1], torch.linspace(0, 1, opt.interpolate))
+    progress = util.Progress(opt.interpolate, "frames", "images", say)
+    for i in range(0, len(x_T), b):
+        frames.append(draw(job, len(x_T[i:i + b]), x_T[i:i + b], progress=(progress, i)))
         write_pngs(opt, frames[-1], i)
     write_grid(opt, frames, nrow=opt.interpolate)
     say(f"wrote {opt.out}")
 
 
 def bench(job):
-    """Images/s of the chosen sampler. The warm-up draws the timed batch through a 2-step chain, so that
-    compilation, CUDA graphs and cuDNN's autotuning for these shapes happen before the clock starts."""
-    warm = Job(**{**vars(job), "steps": min(job.steps, 2)})
-    draw(warm, job.opt.batch_size)
+    """Images/s of the chosen sampler. A 2-step warm-up at the timed batch puts compilation, CUDA graphs and
+    cuDNN's autotuning before the clock starts."""
+    n = job.opt.batch_size
+    draw(Job(**{**vars(job), "steps": min(job.steps, 2)}), n)
     util.synchronize(job.device)
     t0 = time.time()
-    draw(job, job.opt.batch_size)
+    draw(job, n)
     util.synchronize(job.device)
-    dt, n = time.time() - t0, job.opt.batch_size
-    say(f"bench: {n / dt:,.1f} images/s | {n} images of {job.size}x{job.size} in {dt:.2f}s | {job.opt.sampler} "
+    dt = time.time() - t0
+    say(f"bench: {n / dt:,.1f} images/s | {n} images of {job.size}x{job.size} in {dt:.2f}s | "
+        f"{job.opt.sampler} "
         f"{job.evals} steps | {dt / job.evals * 1e3:.1f} ms per step")
 
 
 @torch.no_grad()
 def bits_per_dim(job):
-    """--bpd N: the checkpoint's (EMA) variational bound, [DDPM] eq. 5, on N validation images of its run's data
-    (or --data): over every t, or estimated from --bpd-t K stratified t per image (K + 1 model calls, not T)."""
+    """--bpd N: the (EMA) model's variational bound, [DDPM] eq. 5, on N validation images of its run's data
+    (or --data): every t, or an estimate from --bpd-t K stratified t per image (K + 1 model calls, not T)."""
     opt, a, diffusion = job.opt, job.ckpt_args, job.diffusion
     if opt.bpd_t >= diffusion.T:
-        raise UsageError(f"--bpd-t {opt.bpd_t}: the model has only T-1 = {diffusion.T - 1} timesteps to draw from; "
-                         f"use at most {diffusion.T - 1}, or 0 for every t")
-    valid = data.load(opt.data or a["data"], job.size, "valid", a["crop"], opt.cache_dir, log=say)["images"][: opt.bpd]
-    g, parts = torch.Generator(device=job.device).manual_seed(opt.seed), []
+        raise UsageError(f"--bpd-t {opt.bpd_t}: the model has only T-1 = {diffusion.T - 1} timesteps to draw "
+                         f"from; use at most {diffusion.T - 1}, or 0 for every t")
+    valid = data.load(opt.data or a["data"], job.size, "valid", a["crop"], opt.cache_dir, log=say)["images"]
+    valid, parts = valid[: opt.bpd], []
+    g = torch.Generator(device=job.device).manual_seed(opt.seed)
     progress = util.Progress(len(valid), "bits/dim", "images", say)
     for i in range(0, len(valid), opt.batch_size):
         with job.ctx:
@@ -238,8 +239,10 @@ def bits_per_dim(job):
     r = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     se = r["total"].std().item() / math.sqrt(len(r["total"])) if len(r["total"]) > 1 else float("nan")
     how = f"an unbiased estimate from {opt.bpd_t} stratified t per image" if opt.bpd_t else "every t"
-    say(f"bits/dim on {len(valid)} validation images (T={diffusion.T}, {how}): prior L_T {r['prior'].mean():.4f} + "
-        f"sum of L_t {r['vb'].mean():.4f} + decoder L_0 {r['decoder'].mean():.4f} = {r['total'].mean():.4f} "
+    say(f"bits/dim on {len(valid)} validation images (T={diffusion.T}, {how}): prior L_T "
+        f"{r['prior'].mean():.4f} "
+        f"+ sum of L_t {r['vb'].mean():.4f} + decoder L_0 {r['decoder'].mean():.4f} = "
+        f"{r['total'].mean():.4f} "
         f"+- {se:.4f}")
 
 
@@ -249,131 +252,146 @@ def describe(job, precision):
     if opt.mode == "bpd":
         how = "the variational bound"
     elif opt.mask:
-        how = (f"RePaint inpainting of {opt.init} ({opt.mask}) with {job.steps} steps, jump length {opt.jump_length}, "
-               f"{opt.jump_n_sample} passes: {job.evals} model evaluations per image")
+        how = (f"RePaint inpainting of {opt.init} ({opt.mask}) with {job.steps} steps, jump length "
+               f"{opt.jump_length}, {opt.jump_n_sample} passes: {job.evals} model evaluations per image")
     else:
         how = f"{opt.sampler} with {job.evals} steps" + (f", eta {opt.eta}" if opt.sampler == "ddim" else "")
-        how += f"; SDEdit of {opt.init} from t = {round(opt.strength * job.diffusion.T)}" if opt.strength is not None else ""
+        if opt.strength is not None:
+            how += f"; SDEdit of {opt.init} from t = {round(opt.strength * job.diffusion.T)}"
     if job.cond is not None:
         asked = [a for a in (opt.attrs, opt.compare and f"{opt.compare}=0|1") if a]
         how += f"; {' and '.join(asked)} with guidance {opt.guidance:g}"
     say(f"device {job.device}, {precision}, {how}")
 
 # -----------------------------------------------------------------------------
-# the flags, which flags each mode takes, and the checks that run before any work
+# the flags, the flags each mode takes, and the checks that run before any work
 
 
 def make_parser():
-    p = util.Parser(description="Sample faces from a train.py checkpoint.", epilog="A flag that the chosen mode "
-                    "does not use is an error, not ignored. CPU threads: one per idle core; OMP_NUM_THREADS=N "
+    p = util.Parser(description="Sample faces from a train.py checkpoint.", epilog="A flag that the mode "
+                                                                                   "does "
+                    "not use is an error, not ignored. CPU threads: one per idle core; OMP_NUM_THREADS=N "
                     "chooses.")
-    pos, real = util.positive(int), util.real
-    p.add_argument("ckpt", nargs="?", type=util.path, default=None, help="checkpoint (out/ckpt.pt, or its folder)")
-    p.add_argument("--n", type=pos, default=None, help="number of images (default: 64; --figure reverse: 8, its most)")
+    pos, real, path = util.positive(int), util.real, util.path
+    p.add_argument("ckpt", nargs="?", type=path, default=None, help="checkpoint (out/ckpt.pt, or its folder)")
+    p.add_argument("--n", type=pos, default=None, help="number of images (default: 64; --figure reverse: 8)")
     p.add_argument("--batch-size", type=pos, default=256, help="images per forward pass")
-    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="DDIM, DPM-Solver++(2M) (a second-order ODE "
-                   f"solver), its stochastic twin, or DDPM's ancestral steps (all T) (default: {DEFAULT_SAMPLER})")
-    p.add_argument("--steps", type=pos, default=None, help="model evaluations of ddim and dpm++ (ddpm takes all T); "
-                   f"with --mask, RePaint's steps (default: {DEFAULT_STEPS}; --mask {REPAINT_STEPS})")
-    p.add_argument("--spacing", default=None, choices=["logsnr", "time"], help="the DPM-Solvers' steps: uniform in "
-                   "log-SNR or in t (default: logsnr)")
-    p.add_argument("--eta", type=real, default=None, help=f"DDIM eta: 0 deterministic, 1 DDPM-like (default: "
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="DDIM, DPM-Solver++(2M), its SDE twin, "
+                                                                     "or "
+                   f"DDPM's ancestral steps (all T) (default: {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=pos, default=None, help="model evaluations of ddim and dpm++; with "
+                                                           "--mask, "
+                   f"RePaint's steps (default: {DEFAULT_STEPS}; --mask {REPAINT_STEPS})")
+    p.add_argument("--spacing", default=None, choices=["logsnr", "time"], help="the DPM-Solvers' steps: "
+                                                                               "uniform "
+                   "in log-SNR or in t (default: logsnr)")
+    p.add_argument("--eta", type=real, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: "
                    f"{DEFAULT_ETA:g}; --interpolate: 0)")
-    p.add_argument("--var", default=None, choices=["beta", "posterior"], help="ddpm's sigma_t^2: beta_t or the "
-                   "posterior variance (default: beta)")
+    p.add_argument("--var", default=None, choices=["beta", "posterior"], help="ddpm's sigma_t^2 (default: "
+                                                                              "beta)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
-    p.add_argument("--seed", type=util.random_seed, default=0, help="random seed: the same seed, the same faces")
-    p.add_argument("--out", type=util.path, default="samples.png", help="the grid or figure (.png, .jpg, .webp)")
-    p.add_argument("--out-dir", type=util.path, default=None, help="also every image as a numbered PNG here (for "
-                   "FID tools); an empty folder, or a new one")
+    p.add_argument("--seed", type=util.random_seed, default=0, help="random seed: the same seed, the same "
+                                                                    "faces")
+    p.add_argument("--out", type=path, default="samples.png", help="the grid or figure (.png, .jpg, .webp)")
+    p.add_argument("--out-dir", type=path, default=None, help="also every image as a numbered PNG here (for "
+                   "FID tools): a new or empty folder")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: bf16 "
-                   "on GPUs with native bf16, else fp16; fp32 on CPU/MPS")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast: bf16 on GPUs with native bf16, else fp16; fp32 on CPU/MPS")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
-    p.add_argument("--init", type=util.path, default=None, help="SDEdit: edit this image (cropped and resized "
-                   "as in training) instead of sampling from noise")
-    p.add_argument("--strength", type=real, default=None, help="SDEdit: noise --init to t = strength * T, then "
-                   "denoise; 0 returns it, 1 ignores it (default: 0.5)")
+    p.add_argument("--init", type=path, default=None, help="SDEdit: edit this image (cropped and resized as "
+                                                           "in "
+                   "training) instead of sampling from noise")
+    p.add_argument("--strength", type=real, default=None, help="SDEdit: noise --init to t = strength * T, "
+                                                               "then "
+                   "denoise (0 returns it, 1 ignores it; default 0.5)")
     p.add_argument("--crop", default="auto", choices=data.CROPS, help="how --init and a --mask image are "
                    "cropped, as train.py's --crop")
-    p.add_argument("--interpolate", type=pos, default=None, metavar="FRAMES", help="a strip of FRAMES faces from "
-                   "--seed's noise to --seed + 1's (slerp), with a deterministic sampler")
-    p.add_argument("--attrs", default=None, metavar="NAME=0|1,...", help="ask a model trained with --attrs for "
-                   "attributes, e.g. 'Smiling=1,Eyeglasses=0'; the others are left free")
-    p.add_argument("--prompt", default=None, metavar="TEXT", help="attributes in plain words, e.g. 'a smiling "
-                   "blond woman, no hat' (CelebA's 40 names and their phrasings, with negation); it prints what "
-                   "it understood and ignored")
+    p.add_argument("--interpolate", type=pos, default=None, metavar="FRAMES", help="a strip of FRAMES faces "
+                   "from --seed's noise to --seed + 1's (slerp), with a deterministic sampler")
+    p.add_argument("--attrs", default=None, metavar="NAME=0|1,...", help="attributes of a model trained with "
+                   "--attrs, e.g. 'Smiling=1,Eyeglasses=0'; the others are left free")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="attributes in plain words, e.g. 'a "
+                                                                  "smiling "
+                   "blond woman, no hat'; it says what it understood and ignored")
     p.add_argument("--guidance", type=real, default=None, help="classifier-free guidance weight W: 1 the "
-                   f"conditional model alone, larger follows more strictly (default: {DEFAULT_GUIDANCE:g})")
-    p.add_argument("--compare", default=None, metavar="NAME", help="every face with attribute NAME absent (top "
+                   f"conditional model, larger follows more strictly (default: {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--compare", default=None, metavar="NAME", help="every face with attribute NAME absent "
+                                                                   "(top "
                    "row) and present (bottom row), from the same noise")
-    p.add_argument("--mask", default=None, metavar="REGION|MASK.png", help=f"inpaint --init (RePaint): the model "
-                   f"fills in {', '.join(MASKS)}, or the white pixels of a mask image")
-    p.add_argument("--jump-length", type=pos, default=None, help="RePaint: steps back up per resampling (default: 10)")
-    p.add_argument("--jump-n-sample", type=pos, default=None, help="RePaint: passes over each jump (default: 10)")
-    p.add_argument("--figure", default=None, choices=FIGURES, help="a figure instead of samples: forward (a face "
-                   "noised under each schedule), reverse (x_t and the predicted x0 along the sampler, and a GIF), "
-                   "attention (where an eye, the mouth and the background look), schedules, loss (log.csv)")
-    p.add_argument("--bench", action="store_true", help="time sampling one batch (a random --size model without a "
-                   "checkpoint)")
-    p.add_argument("--size", type=pos, default=None, help="--bench without a checkpoint: the preset model of this "
-                   "size (default: 64)")
-    p.add_argument("--bpd", type=pos, default=None, metavar="N", help="the checkpoint's bits/dim bound on N "
-                   "validation images of its run's data, every t (T model calls each)")
-    p.add_argument("--bpd-t", type=util.non_negative, default=0, help="--bpd from this many stratified random t per "
-                   "image, an unbiased estimate (0: every t)")
-    p.add_argument("--data", type=util.path, default=None, help="--bpd: the data (default: the checkpoint's run's)")
-    p.add_argument("--cache-dir", type=util.path, default=None, help="--bpd: the decoded-image cache, as train.py's")
+    p.add_argument("--mask", default=None, metavar="REGION|MASK.png", help=f"inpaint --init (RePaint): "
+                   f"{', '.join(MASKS)}, or the white pixels of a mask image")
+    p.add_argument("--jump-length", type=pos, default=None, help="RePaint: steps back up (default: 10)")
+    p.add_argument("--jump-n-sample", type=pos, default=None, help="RePaint: passes per jump (default: 10)")
+    p.add_argument("--figure", default=None, choices=FIGURES, help="a figure instead: forward (a face noised "
+                   "under each schedule), reverse (x_t and x0_hat along the sampler, and a GIF), attention "
+                   "(where an eye, the mouth, the background look), schedules, loss (log.csv)")
+    p.add_argument("--bench", action="store_true", help="time sampling one batch")
+    p.add_argument("--size", type=pos, default=None, help="--bench without a checkpoint: that size's preset "
+                   "(default: 64)")
+    p.add_argument("--bpd", type=pos, default=None, metavar="N", help="the bits/dim bound on N validation "
+                                                                      "images "
+                   "of the run's data, every t (T model calls each)")
+    p.add_argument("--bpd-t", type=util.non_negative, default=0, help="--bpd from this many stratified "
+                                                                      "random "
+                   "t per image, an unbiased estimate (0: every t)")
+    p.add_argument("--data", type=path, default=None, help="--bpd: the data (default: the run's)")
+    p.add_argument("--cache-dir", type=path, default=None, help="--bpd: the cache of decoded images")
     return p
 
 
 # the flags each mode takes (besides the checkpoint); any other flag given is an error, not ignored
-DRAWS = {"sampler", "steps", "eta", "var", "spacing", "no_clip", "seed", "device", "precision", "compile", "attrs",
-         "prompt", "guidance"}
+DRAWS = {"sampler", "steps", "eta", "var", "spacing", "no_clip", "seed", "device", "precision", "compile",
+         "attrs", "prompt", "guidance"}
 FILES = {"n", "batch_size", "out", "out_dir"}
 MODES = dict(
     sample=DRAWS | FILES, sdedit=DRAWS | FILES | {"init", "strength", "crop"},
-    repaint=DRAWS - {"sampler", "eta", "var", "spacing"} | FILES | {"init", "mask", "crop", "jump_length", "jump_n_sample"},
-    compare=DRAWS | {"n", "out", "out_dir", "compare"}, interpolate=DRAWS | {"out", "out_dir", "interpolate", "batch_size"},
-    bench=DRAWS | {"bench", "size", "batch_size"}, bpd={"bpd", "bpd_t", "data", "cache_dir", "batch_size", "seed",
-                                                        "device", "precision", "compile"},
+    repaint=DRAWS - {"sampler", "eta", "var", "spacing"} | FILES | {"init", "mask", "crop", "jump_length",
+                                                                    "jump_n_sample"},
+    compare=DRAWS | {"n", "out", "out_dir", "compare"}, interpolate=DRAWS | FILES - {"n"} | {"interpolate"},
+    bench=DRAWS | {"bench", "size", "batch_size"},
+    bpd={"bpd", "bpd_t", "data", "cache_dir", "batch_size", "seed", "device", "precision", "compile"},
     forward=DRAWS | {"figure", "out", "init", "crop"}, reverse=DRAWS | {"figure", "out", "n"},
     attention=DRAWS | {"figure", "out"}, schedules={"figure", "out"}, loss={"figure", "out"})
-# the flags that apply to some samplers only
-SAMPLER_FLAGS = dict(eta=("ddim",), var=("ddpm",), spacing=("dpm++", "dpm++sde"), steps=("ddim", "dpm++", "dpm++sde"))
+SAMPLER_FLAGS = dict(eta=("ddim",), var=("ddpm",), spacing=("dpm++", "dpm++sde"),
+                     steps=("ddim", "dpm++", "dpm++sde"))  # the flags that some samplers take
+REPAINT = ": it sets RePaint's resampling, which inpaints: add --init IMAGE --mask REGION"
+HINTS = dict(strength=": it edits an image: add --init IMAGE", crop=" (it crops --init)", jump_length=REPAINT,
+             jump_n_sample=REPAINT, sampler=": RePaint takes its own steps",
+             size=": it sets the model that --bench times without a checkpoint")
 
 
 def mode_of(args):
-    """The one thing the flags ask for, the first of: a figure, a benchmark, the bound, an interpolation, a
+    """What the flags ask for, the first of: a figure, a benchmark, the bound, an interpolation, a
     comparison, an inpainting, an edit, samples."""
     return (args.figure or args.bench and "bench" or args.bpd and "bpd" or args.interpolate and "interpolate"
             or args.compare and "compare" or args.mask and "repaint" or args.init and "sdedit" or "sample")
 
 
 def check_flags(args, given):
-    """Flags that the mode does not use or that do not fit together, and values out of range: one line each,
-    before any work. -> a copy of the flags with the mode and the defaults that depend on it."""
+    """The flags that the mode does not take, and values out of range: one line each, before any work.
+    -> a copy of the flags with the mode and the defaults that depend on it."""
     mode = mode_of(args)
-    what = f"--figure {mode}" if mode in FIGURES else {"sample": "sampling", "sdedit": "SDEdit (--init)",
-                                                       "repaint": "RePaint (--mask)"}.get(mode, "--" + mode)
-    for flag in sorted(given - MODES[mode] - {"ckpt", mode}, key=lambda f: list(vars(args)).index(f)):
-        repaint = ": it sets RePaint's resampling, which inpaints: add --init IMAGE --mask REGION"
-        hint = {"strength": ": it edits an image: add --init IMAGE", "crop": " (it crops --init)",
-                "jump_length": repaint, "jump_n_sample": repaint, "sampler": ": RePaint takes its own steps",
-                "size": ": it sets the model that --bench times without a checkpoint"}.get(flag, "")
-        raise UsageError(f"--{flag.replace('_', '-')} does not apply to {what}; drop --{flag.replace('_', '-')}{hint}")
+    what = f"--figure {mode}" if mode in FIGURES else dict(sample="sampling", sdedit="SDEdit (--init)",
+                                                           repaint="RePaint (--mask)").get(mode, "--" + mode)
+    for flag in sorted(given - MODES[mode] - {"ckpt", mode}, key=list(vars(args)).index):
+        dashed = "--" + flag.replace("_", "-")
+        raise UsageError(f"{dashed} does not apply to {what}; drop {dashed}{HINTS.get(flag, '')}")
     sampler = args.sampler or (DEFAULT_SAMPLER if mode != "repaint" else "repaint")
     for flag, samplers in SAMPLER_FLAGS.items():
         if flag in given and mode != "repaint" and sampler not in samplers:
-            raise UsageError(f"--{flag} does not apply to --sampler {sampler} (only to {', '.join(samplers)}); drop --{flag}"
-                             + (": ddpm takes all T steps; for fewer, use --sampler ddim --eta 1" if flag == "steps" else ""))
-    opt = argparse.Namespace(**{**vars(args), "mode": mode, "sampler": sampler, "var": args.var or "beta",
-                                "spacing": args.spacing or "logsnr", "guidance": DEFAULT_GUIDANCE if args.guidance is None
-                                else args.guidance, "n": args.n or (8 if mode == "reverse" else 64),
-                                "eta": args.eta if args.eta is not None else 0.0 if mode == "interpolate" else DEFAULT_ETA,
-                                "strength": 0.5 if mode == "sdedit" and args.strength is None else args.strength,
-                                "jump_length": args.jump_length or 10, "jump_n_sample": args.jump_n_sample or 10,
-                                "size": args.size or 64})
+            raise UsageError(f"--{flag} does not apply to --sampler {sampler} (only to "
+                             f"{', '.join(samplers)}); "
+                             f"drop --{flag}" + (": ddpm takes all T steps; for fewer, use --sampler ddim "
+                                                 "--eta 1"
+                                                 if flag == "steps" else ""))
+    eta = args.eta if args.eta is not None else 0.0 if mode == "interpolate" else DEFAULT_ETA
+    opt = argparse.Namespace(**{
+        **vars(args), "mode": mode, "sampler": sampler, "var": args.var or "beta", "eta": eta,
+        "spacing": args.spacing or "logsnr", "n": args.n or (8 if mode == "reverse" else 64),
+        "guidance": DEFAULT_GUIDANCE if args.guidance is None else args.guidance, "size": args.size or 64,
+        "strength": 0.5 if mode == "sdedit" and args.strength is None else args.strength,
+        "jump_length": args.jump_length or 10, "jump_n_sample": args.jump_n_sample or 10})
     check_values(opt, given)
     check_outputs(opt)
     if opt.prompt is not None:
@@ -384,34 +402,42 @@ def check_flags(args, given):
 def check_values(opt, given):
     """Each value in its range, each file there, the combinations that make sense."""
     for bad, message in [
-        (opt.ckpt is None and opt.mode == "loss", "--figure loss reads the run's log.csv: give the checkpoint or "
-         "its folder"),
+        (opt.ckpt is None and opt.mode == "loss", "--figure loss reads the run's log.csv: give the "
+                                                  "checkpoint "
+         "or its folder"),
         (opt.ckpt is None and opt.mode not in ("bench", "schedules"), "no checkpoint given; usage: python "
          "sample.py out/ckpt.pt"),
-        (opt.mode == "repaint" and opt.init is None, f"--mask {opt.mask} inpaints an image: give it with --init "
+        (opt.mode == "repaint" and opt.init is None, f"--mask {opt.mask} inpaints an image: give it with "
+                                                     "--init "
          "IMAGE"),
-        (opt.ckpt is not None and "size" in given, "--size sets the model that --bench times without a checkpoint; "
-         "a checkpoint has its own size: drop --size"),
-        (not 0 <= opt.eta <= 1, f"--eta {opt.eta:g}: must be in [0, 1] (0 deterministic, 1 DDPM-like); above 1 "
-         "DDIM adds more noise per step than the chain can take"),
-        (opt.mode == "interpolate" and (opt.sampler in ("ddpm", "dpm++sde") or opt.eta > 0),
-         f"--interpolate needs a deterministic sampler, so that every frame is a function of its noise: --sampler "
-         f"ddim --eta 0 (the default here) or dpm++, not {opt.sampler}" + (f" with eta {opt.eta:g}" if opt.eta else "")),
-        (opt.strength is not None and not 0 <= opt.strength <= 1, f"--strength {opt.strength}: must be in [0, 1] (0 "
-         "returns the image, 1 ignores it; about 0.5 edits it)"),
+        (opt.ckpt is not None and "size" in given, "--size sets the model that --bench times without a "
+         "checkpoint; a checkpoint has its own size: drop --size"),
+        (not 0 <= opt.eta <= 1, f"--eta {opt.eta:g}: must be in [0, 1] (0 deterministic, 1 DDPM-like); above "
+         "1 DDIM adds more noise per step than the chain can take"),
+        (opt.mode == "interpolate" and (opt.sampler in ("ddpm", "dpm++sde") or opt.eta > 0), "--interpolate "
+         "needs a deterministic sampler, so that every frame is a function of its noise: --sampler ddim "
+         "--eta 0 "
+         f"(the default here) or dpm++, not {opt.sampler}" + (f" with eta {opt.eta:g}" if opt.eta else "")),
+        (opt.strength is not None and not 0 <= opt.strength <= 1, f"--strength {opt.strength}: must be in "
+         "[0, 1] (0 returns the image, 1 ignores it; about 0.5 edits it)"),
         (opt.guidance < 0, f"--guidance {opt.guidance}: must be >= 0 (0 ignores the attributes, 1 is the "
          "conditional model)"),
-        ("guidance" in given and not (opt.attrs or opt.prompt or opt.compare), "--guidance weighs the attributes "
-         "asked for: add --attrs NAME=1 (or --prompt TEXT, or --compare NAME)"),
-        (opt.prompt is not None and opt.attrs is not None, "--prompt and --attrs both ask for attributes; use one of them"),
+        ("guidance" in given and not (opt.attrs or opt.prompt or opt.compare), "--guidance weighs the "
+         "attributes asked for: add --attrs NAME=1 (or --prompt TEXT, or --compare NAME)"),
+        (opt.prompt is not None and opt.attrs is not None, "--prompt and --attrs both ask for attributes; "
+                                                           "use one "
+         "of them"),
         ((opt.interpolate or 2) < 2, f"--interpolate {opt.interpolate}: a strip needs at least 2 frames"),
-        (opt.mode == "reverse" and opt.n > 8, f"--figure reverse draws up to 8 faces, each as two rows; use --n 8 "
-         f"or fewer (not {opt.n})"),
-        (opt.attrs is not None and not opt.attrs.strip(", "), "--attrs '': ask for attributes as NAME=1 or NAME=0, "
-         "e.g. --attrs Smiling=1; drop --attrs for faces with every attribute left free"),
-        (opt.mask is not None and opt.mask not in MASKS and not os.path.isfile(opt.mask), f"--mask {opt.mask}: "
-         f"neither a region ({', '.join(MASKS)}) nor an image file; give one of them"),
-        (opt.init is not None and not os.path.isfile(opt.init), f"--init {opt.init}: no such file; give an image"),
+        (opt.mode == "reverse" and opt.n > 8, "--figure reverse draws up to 8 faces, each as two rows; use "
+                                              "--n "
+         f"8 or fewer (not {opt.n})"),
+        (opt.attrs is not None and not opt.attrs.strip(", "), "--attrs '': ask for attributes as NAME=1 or "
+         "NAME=0, e.g. --attrs Smiling=1; drop --attrs for faces with every attribute left free"),
+        (opt.mask not in (None, *MASKS) and not os.path.isfile(opt.mask), f"--mask {opt.mask}: neither a "
+                                                                          "region "
+         f"({', '.join(MASKS)}) nor an image file; give one of them"),
+        (opt.init is not None and not os.path.isfile(opt.init), f"--init {opt.init}: no such file; give an "
+         "image"),
     ]:
         if bad:
             raise UsageError(message)
@@ -431,7 +457,8 @@ def check_outputs(opt):
                              f"{os.path.join(opt.out, 'samples.png')}")
         ext = os.path.splitext(opt.out)[1].lower()
         if ext not in util.image_formats():
-            raise UsageError(f"--out {opt.out}: '{ext or 'no extension'}' is not an image format Pillow writes; "
+            raise UsageError(f"--out {opt.out}: '{ext or 'no extension'}' is not an image format Pillow "
+                             "writes; "
                              "use .png, .jpg or .webp")
         util.check_writable(os.path.dirname(opt.out), "--out")
         util.remove_stale_temporaries(os.path.dirname(opt.out) or ".")
@@ -439,25 +466,30 @@ def check_outputs(opt):
         old = [f for f in os.listdir(opt.out_dir) if f[:6].isdigit() and f.endswith(".png")] \
             if os.path.isdir(opt.out_dir) else []
         if old:
-            raise UsageError(f"--out-dir {opt.out_dir} already holds {len(old):,} numbered PNGs of an earlier run "
-                             f"({min(old)} ...), which the new ones would mix with; remove them or pick another folder")
+            raise UsageError(f"--out-dir {opt.out_dir} already holds {len(old):,} numbered PNGs of an "
+                             "earlier run "
+                             f"({min(old)} ...), which the new ones would mix with; remove them or pick "
+                             "another "
+                             "folder")
         util.check_writable(opt.out_dir, "--out-dir")
         util.remove_stale_temporaries(opt.out_dir)
 
 
 def parse_attrs(opt, attr_names):
-    """--attrs 'Smiling=1,Eyeglasses=0' (or --prompt's words) and --compare -> (K,) float in {+1, -1, 0}, or
-    None: the model's unconditional path."""
+    """--attrs 'Smiling=1,Eyeglasses=0' (or --prompt's) and --compare -> (K,) float in {+1, -1, 0}, or None:
+    the model's unconditional path."""
     attrs, names = opt.attrs, list(attr_names)
-    missing = [a.partition("=")[0] for a in (attrs or "").split(",") if opt.prompt and a.partition("=")[0] not in names]
-    if missing:
-        raise UsageError(f"--prompt: {opt.understood[missing[0]]!r} asks for {missing[0]}, which this model was not "
-                         f"trained on; it knows {','.join(names) or 'no attributes'}")
+    missing = [a.partition("=")[0] for a in (attrs or "").split(",") if a.partition("=")[0] not in names]
+    if opt.prompt and missing:
+        raise UsageError(f"--prompt: {opt.understood[missing[0]]!r} asks for {missing[0]}, which this model "
+                         "was "
+                         f"not trained on; it knows {','.join(names) or 'no attributes'}")
     if attrs is None and opt.compare is None:
         return None
     if not names:
-        raise UsageError(f"{'--attrs' if attrs is not None else '--compare'}: {opt.ckpt} is an unconditional model "
-                         "(trained without --attrs); train one with python train.py --attrs Smiling,Male,... or drop it")
+        raise UsageError(f"{'--attrs' if attrs is not None else '--compare'}: {opt.ckpt} is an unconditional "
+                         "model (trained without --attrs); train one with python train.py --attrs "
+                         "Smiling,Male,... or drop it")
     cond = torch.zeros(len(names))
     for item in (attrs or "").split(","):
         name, _, value = (s.strip() for s in item.partition("="))
@@ -473,16 +505,18 @@ def parse_attrs(opt, attr_names):
     if opt.compare is not None and opt.compare not in names:
         raise UsageError(f"--compare: the model has no attribute {opt.compare!r}; it knows {','.join(names)}")
     if opt.compare is not None and cond[names.index(opt.compare)] != 0:
-        raise UsageError(f"--compare {opt.compare} shows it absent and present; do not also set it in --attrs")
+        raise UsageError(f"--compare {opt.compare} shows it absent and present; do not set it in --attrs")
     return cond
 
 
 def load_image(opt, size, device):
-    """--init -> (1, 3, size, size) in [-1, 1], through the training preprocessing (crop, antialiased resize)."""
+    """--init -> (1, 3, size, size) in [-1, 1], through the training preprocessing."""
     try:
         img = data.preprocess(opt.init, size, opt.crop)
     except Exception as e:
-        raise UsageError(f"--init {opt.init}: not an image that can be read ({type(e).__name__}); give a .jpg or .png")
+        raise UsageError(f"--init {opt.init}: not an image that can be read ({type(e).__name__}); give a "
+                         ".jpg "
+                         "or .png")
     return data.to_float(img.unsqueeze(0), device)
 
 
@@ -494,55 +528,48 @@ def load_mask(opt, size, device):
         fill[top:bottom, left:right] = 1
     else:
         try:
-            fill = (data.preprocess(opt.mask, size, opt.crop).float().mean(0) > 127.5).float()  # white: fill in
+            fill = (data.preprocess(opt.mask, size, opt.crop).float().mean(0) > 127.5).float()  # white
         except Exception as e:
-            raise UsageError(f"--mask {opt.mask}: not an image that can be read ({type(e).__name__}); give a .png "
-                             "whose white pixels are filled in")
+            raise UsageError(f"--mask {opt.mask}: not an image that can be read ({type(e).__name__}); give a "
+                             ".png whose white pixels are filled in")
         if fill.sum() == 0:
-            raise UsageError(f"--mask {opt.mask}: has no white pixels, so nothing would be filled in; paint it white")
+            raise UsageError(f"--mask {opt.mask}: has no white pixels, so nothing would be filled in")
         (mw, mh), (iw, ih) = (Image.open(f).size for f in (opt.mask, opt.init))
         if (mw, mh) != (iw, ih):
-            say(f"note: --mask is {mw}x{mh} and --init {iw}x{ih}; each is cropped and resized to {size}x{size} on its "
-                "own, so the mask lines up only if it was drawn on the same frame")
+            say(f"note: --mask is {mw}x{mh} and --init {iw}x{ih}; each is cropped and resized to "
+                f"{size}x{size} on "
+                "its own, so the mask lines up only if it was drawn on the same frame")
     return (1 - fill).view(1, 1, size, size).to(device)
 
 
-# --prompt: plain words -> CelebA attributes: a parser over the attributes' names and their common phrasings, not
-# a language model (a text encoder would be a dependency, and a download, that this project keeps out)
-PHRASES = {  # attribute: its phrasings when present | when absent (its own name, underscores as spaces, too)
-    "5_o_Clock_Shadow": "5 o clock shadow, five o clock shadow, stubble", "Arched_Eyebrows": "arched eyebrows",
-    "Attractive": "attractive, beautiful, handsome", "Bags_Under_Eyes": "bags under the eyes, bags under eyes",
-    "Bald": "bald", "Bangs": "bangs, fringe", "Big_Lips": "big lips, full lips", "Big_Nose": "big nose, large nose",
+# --prompt: plain words -> CelebA attributes, a parser over their names and common phrasings, not a language
+# model (a text encoder would be a dependency, and a download, that this project keeps out)
+PHRASES = {  # attribute: its phrasings when present | when absent (and its own name, underscores as spaces)
+    "5_o_Clock_Shadow": "5 o clock shadow, five o clock shadow, stubble",
+    "Arched_Eyebrows": "arched eyebrows", "Attractive": "attractive, beautiful, handsome",
+    "Bags_Under_Eyes": "bags under the eyes, bags under eyes", "Bald": "bald", "Bangs": "bangs, fringe",
+    "Big_Lips": "big lips, full lips", "Big_Nose": "big nose, large nose",
     "Black_Hair": "black hair, black haired", "Blond_Hair": "blond, blonde, blond hair, blonde hair",
     "Blurry": "blurry, blurred, out of focus | sharp", "Brown_Hair": "brown hair, brown haired, brunette",
-    "Bushy_Eyebrows": "bushy eyebrows, thick eyebrows", "Chubby": "chubby, plump", "Double_Chin": "double chin",
-    "Eyeglasses": "eyeglasses, glasses, spectacles, sunglasses", "Goatee": "goatee",
-    "Gray_Hair": "gray hair, grey hair, gray haired, grey haired, white hair",
+    "Bushy_Eyebrows": "bushy eyebrows, thick eyebrows", "Chubby": "chubby, plump",
+    "Double_Chin": "double chin", "Eyeglasses": "eyeglasses, glasses, spectacles, sunglasses",
+    "Goatee": "goatee", "Gray_Hair": "gray hair, grey hair, gray haired, grey haired, white hair",
     "Heavy_Makeup": "heavy makeup, makeup, make up", "High_Cheekbones": "high cheekbones",
     "Male": "man, men, male, boy, guy, gentleman, he | woman, women, female, girl, lady, she",
     "Mouth_Slightly_Open": "open mouth, mouth open, parted lips", "Mustache": "mustache, moustache",
     "Narrow_Eyes": "narrow eyes, squinting", "No_Beard": "clean shaven, beardless | beard, bearded",
     "Oval_Face": "oval face", "Pale_Skin": "pale, pale skin", "Pointy_Nose": "pointy nose, pointed nose",
     "Receding_Hairline": "receding hairline", "Rosy_Cheeks": "rosy cheeks", "Sideburns": "sideburns",
-    "Smiling": "smiling, smile, smiles, grinning, happy | serious, frowning", "Straight_Hair": "straight hair",
-    "Wavy_Hair": "wavy hair, wavy, curly hair, curly", "Wearing_Earrings": "earrings", "Wearing_Hat": "hat, cap",
-    "Wearing_Lipstick": "lipstick", "Wearing_Necklace": "necklace", "Wearing_Necktie": "necktie, tie",
+    "Smiling": "smiling, smile, smiles, grinning, happy | serious, frowning",
+    "Straight_Hair": "straight hair", "Wavy_Hair": "wavy hair, wavy, curly hair, curly",
+    "Wearing_Earrings": "earrings", "Wearing_Hat": "hat, cap", "Wearing_Lipstick": "lipstick",
+    "Wearing_Necklace": "necklace", "Wearing_Necktie": "necktie, tie",
     "Young": "young, youthful | old, older, elderly, aged",
 }
 NEGATIONS = {"no", "not", "without", "non", "never"}
-FILLER = {"a", "an", "the", "with", "and", "of", "face", "person", "portrait", "photo", "picture", "who", "is", "has",
-          "having", "wearing", "in", "on", "her", "his", "very", "slightly", "some", "looking", "but", "or"}
-
-
-def prompt_to_attrs(prompt):
-    """--prompt -> (the --attrs it means, {attribute: the words that asked for it}); it says what it understood."""
-    asked, understood, ignored = parse_prompt(prompt)
-    if not asked:
-        raise UsageError(f"--prompt {prompt!r}: no word of it names a CelebA attribute; try words such as smiling, "
-                         "man, woman, blond, glasses, beard, hat, young, old (or --attrs NAME=1)")
-    say(f"prompt: understood {', '.join(f'{a}={v} ({understood[a]!r})' for a, v in asked.items())}; "
-        f"ignored {', '.join(repr(w) for w in ignored) or 'nothing'}")
-    return ",".join(f"{a}={v}" for a, v in asked.items()), understood
+FILLER = {"a", "an", "the", "with", "and", "of", "face", "person", "portrait", "photo", "picture", "who",
+          "is", "has", "having", "wearing", "in", "on", "her", "his", "very", "slightly", "some", "looking",
+          "but", "or"}
 
 
 def phrases():
@@ -554,10 +581,21 @@ def phrases():
     return table
 
 
+def prompt_to_attrs(prompt):
+    """--prompt -> (the --attrs it means, {attribute: its words}); it says what it understood."""
+    asked, understood, ignored = parse_prompt(prompt)
+    if not asked:
+        raise UsageError(f"--prompt {prompt!r}: no word of it names a CelebA attribute; try words such as "
+                         "smiling, man, woman, blond, glasses, beard, hat, young, old (or --attrs NAME=1)")
+    say(f"prompt: understood {', '.join(f'{a}={v} ({understood[a]!r})' for a, v in asked.items())}; "
+        f"ignored {', '.join(repr(w) for w in ignored) or 'nothing'}")
+    return ",".join(f"{a}={v}" for a, v in asked.items()), understood
+
+
 def parse_prompt(text):
-    """Plain words -> ({attribute: 1 or 0}, {attribute: the words that asked for it}, [ignored words]). A negation
-    (no, not, without) flips the next attribute phrase of its clause, and two cancel (clauses end at commas and
-    at 'and', 'but', 'with'). An attribute asked for both ways is an error."""
+    """Plain words -> ({attribute: 1 or 0}, {attribute: the words that asked for it}, [ignored words]). A
+    negation (no, not, without) flips the next attribute phrase of its clause, and two cancel (clauses end
+    at commas and at 'and', 'but', 'with'). An attribute asked for both ways is an error."""
     table = phrases()
     text = text.lower().replace("n't", " not").replace("'", " ").replace("-", " ")
     words = text.replace(",", " , ").replace(".", " , ").replace(";", " , ").split()
@@ -579,7 +617,8 @@ def parse_prompt(text):
         if negation and said != "no beard":  # CelebA's own name, whose "no" is no negation
             value, said = 1 - value, f"{negation} ... {said}"
         if name in asked and asked[name] != value:
-            raise UsageError(f"--prompt asks for {name} both ways ({understood[name]!r} and {said!r}); ask for one")
+            raise UsageError(f"--prompt asks for {name} both ways ({understood[name]!r} and {said!r}); ask "
+                             "for one")
         asked[name], understood[name], negation = value, said, None
     return asked, understood, ignored
 
@@ -595,41 +634,45 @@ def save_figure(opt, img, path=None, **kw):
 
 
 def figure_forward(job):
-    """One face (--init, or the model's own) under q(x_t | x_0) at FORWARD_T, a row per schedule, the same noise
-    in every row."""
+    """One face (--init, or the model's own) under q(x_t | x_0) at FORWARD_T, a row per schedule, the same
+    noise in every row."""
     opt, T, device = job.opt, job.diffusion.T, job.device
     face = job.x_init if job.x_init is not None else data.to_float(draw(job, 1), device)  # (1, 3, H, W)
     ts = [round(t * (T - 1) / 999) for t in FORWARD_T]
-    noise = torch.randn(face.shape, generator=torch.Generator(device=device).manual_seed(opt.seed), device=device)
-    rows = []
+    g = torch.Generator(device=device).manual_seed(opt.seed)
+    noise, rows = torch.randn(face.shape, generator=g, device=device), []
     for name in SCHEDULES:
         d = GaussianDiffusion(T, name)
-        rows.append(data.to_uint8(torch.cat([d.q_sample(face, torch.tensor([t], device=device), noise) for t in ts])))
-    save_figure(opt, util.image_grid(rows, [f"t={t}" for t in ts], list(SCHEDULES), max(1, 64 // face.shape[-1])))
+        rows.append(data.to_uint8(torch.cat([d.q_sample(face, torch.tensor([t], device=device), noise)
+                                             for t in ts])))
+    scale = max(1, 64 // face.shape[-1])
+    save_figure(opt, util.image_grid(rows, [f"t={t}" for t in ts], list(SCHEDULES), scale))
 
 
 def figure_reverse(job):
-    """x_t (the top row of each pair) and the x0 predicted from it (the bottom row) at about ten of the sampler's
-    steps, then the sample; and a GIF of every step, for --n (up to 8) faces."""
-    opt, frames = job.opt, []  # frames: (t, the chain after the step from t, x0_hat at t)
+    """x_t (the top row of each pair) and the x0 predicted from it (the bottom row) at about ten of the
+    sampler's steps, then the sample; and a GIF of every step, for --n (up to 8) faces."""
+    opt, frames, u8 = job.opt, [], data.to_uint8  # frames: (t, the chain after the step from t, x0_hat at t)
     x_T = torch.randn((opt.n, 3, job.size, job.size), generator=job.generator, device=job.device)
     x0 = draw(job, opt.n, x_T, callback=lambda t, x, x0_hat: frames.append((t, x, x0_hat)))
     inputs = [x_T] + [x for _, x, _ in frames[:-1]]  # x_t, the chain where the model is evaluated at t
-    u8 = data.to_uint8
     steps = [(f"t={t}", u8(x), u8(p)) for (t, _, p), x in zip(frames, inputs)] + [("sample", x0, x0)]
-    shown = [steps[round(i * (len(steps) - 2) / 9)] for i in range(10)] + steps[-1:] if len(steps) > 11 else steps
+    shown = steps  # about ten of the steps, and the sample
+    if len(steps) > 11:
+        shown = [steps[round(i * (len(steps) - 2) / 9)] for i in range(10)] + steps[-1:]
     scale, n = max(1, 64 // x_T.shape[-1]), len(x_T)
     rows = [torch.stack([s[k][i] for s in shown]) for i in range(n) for k in (1, 2)]
     save_figure(opt, util.image_grid(rows, [s[0] for s in shown], ["x_t", "x0_hat"] * n, scale))
-    gif = [util.image_grid([x, p], [label] + [""] * (n - 1), ["x_t", "x0_hat"], scale) for label, x, p in steps]
+    gif = [util.image_grid([x, p], [label] + [""] * (n - 1), ["x_t", "x0_hat"], scale)
+           for label, x, p in steps]
     save_figure(opt, gif[0], os.path.splitext(opt.out)[0] + ".gif", save_all=True, append_images=gif[1:],
                 duration=[100] * (len(gif) - 1) + [2000], loop=0)
 
 
 @torch.no_grad()
 def attention_maps(job, x_T, timesteps):
-    """Sample one face from x_T (1, 3, H, W), recording at each of `timesteps` the attention weights of the
-    finest attention maps (averaged over their layers and heads) for each of QUERIES. -> (the face (1, 3, H, W)
+    """Sample one face from x_T (1, 3, H, W), recording at each of `timesteps` the weights of the finest
+    attention maps (averaged over their layers and heads) for each of QUERIES. -> (the face (1, 3, H, W)
     uint8, maps (len(QUERIES), len(timesteps), r, r): each a distribution over the r x r positions)."""
     model = getattr(job.model, "_orig_mod", job.model)  # hooks need the eager modules
     r = max(model.cfg.attn_res)
@@ -659,19 +702,19 @@ def figure_attention(job):
     ts = [ts[round(i * (len(ts) - 1) / 3)] for i in range(4)]
     x_T = torch.randn((1, 3, job.size, job.size), generator=job.generator, device=job.device)
     face, maps = attention_maps(job, x_T, ts)
-    scale, colours = max(1, 128 // job.size), torch.tensor([[0, 255, 255], [255, 255, 0], [0, 255, 0]], dtype=torch.uint8)
+    scale = max(1, 128 // job.size)
+    colours = torch.tensor([[0, 255, 255], [255, 255, 0], [0, 255, 0]], dtype=torch.uint8).view(3, 3, 1, 1)
     big = face[0].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, S, S)
-    grey = big.float().mean(0, keepdim=True).expand(3, -1, -1)
-    rows = []
+    grey, red, rows = big.float().mean(0, keepdim=True).expand(3, -1, -1), torch.tensor([255.0, 0, 0]), []
     for q, (y, x) in enumerate(QUERIES.values()):
         cells = [big.clone()]
         for m in maps[q]:
-            a = F.interpolate(m[None, None] / m.max(), size=big.shape[1:], mode="bilinear")[0].clamp(0, 1)  # (1, S, S)
-            cells.append((grey * (1 - a) + torch.tensor([255.0, 0, 0]).view(3, 1, 1) * a).round().to(torch.uint8))
+            a = F.interpolate(m[None, None] / m.max(), size=big.shape[1:], mode="bilinear")[0].clamp(0, 1)
+            cells.append((grey * (1 - a) + red.view(3, 1, 1) * a).round().to(torch.uint8))
         cy, cx, half = round(y * (big.shape[1] - 1)), round(x * (big.shape[2] - 1)), max(2, scale)
         for c in cells:  # a box around the query position
             box = c[:, max(cy - half, 0):cy + half + 1, max(cx - half, 0):cx + half + 1]
-            box[:, [0, -1], :], box[:, :, [0, -1]] = colours[q].view(3, 1, 1), colours[q].view(3, 1, 1)
+            box[:, [0, -1], :], box[:, :, [0, -1]] = colours[q], colours[q]
         rows.append(torch.stack(cells))
     save_figure(job.opt, util.image_grid(rows, ["face"] + [f"t={t}" for t in ts], list(QUERIES), 1))
 
@@ -690,7 +733,8 @@ def figure_schedules(opt):
 
 
 def figure_loss(opt):
-    """The training loss of every progress line and the validation loss, from log.csv beside the checkpoint."""
+    """The training loss of every progress line and the validation loss, from log.csv beside the
+    checkpoint."""
     path = os.path.join(opt.ckpt if os.path.isdir(opt.ckpt) else os.path.dirname(opt.ckpt), "log.csv")
     try:
         with open(path, newline="") as f:

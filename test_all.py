@@ -668,8 +668,13 @@ def test_every_parameter_gets_a_gradient(attrs):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def saved_per_image(m, d, size=16):
+    """Bytes autograd keeps per image for a training step of model m under diffusion d."""
+    loss = lambda x: d.training_losses(m, x, torch.zeros(len(x), dtype=torch.long), x)
+    return util.saved_bytes_per_image(m, loss, torch.zeros(1, 3, size, size), contextlib.nullcontext())
+
+
 def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memory():
-    import train
     m = perturbed(unet.UNet(tiny_config(attn_res=(16, 8), dropout=0.2)))
     d = D.GaussianDiffusion(100)
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([1, 50, 99])
@@ -680,8 +685,7 @@ def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memor
         m.zero_grad()
         d.training_losses(m, x, t, x.flip(0)).mean().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
-        env = SimpleNamespace(device=torch.device("cpu"), ctx=contextlib.nullcontext())
-        saved.append(train.activation_bytes_per_image(m, d, env))
+        saved.append(saved_per_image(m, d))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
     assert 0 < saved[1] < saved[0] / 2, saved
@@ -1445,8 +1449,7 @@ def test_a_first_run_far_beyond_a_day_says_so(monkeypatch, capsys):
 def test_memory_plan_refuses_a_batch_that_cannot_fit_and_names_one_that_can(faces, tmp_path, monkeypatch, capsys):
     args = train_args(faces, str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "16")
     m = unet.UNet(unet.preset(16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,)))
-    env = SimpleNamespace(device=torch.device("cpu"), ctx=contextlib.nullcontext())
-    per_image = [1.25 * train.activation_bytes_per_image(m, D.GaussianDiffusion(50), env) for m.grad_checkpoint in (False, True)]
+    per_image = [1.25 * saved_per_image(m, D.GaussianDiffusion(50)) for m.grad_checkpoint in (False, True)]
     state = 20 * m.num_params()
     # room for 5 images without checkpointing, and for more than 16 with it: auto turns it on
     monkeypatch.setattr(util, "device_memory", lambda device: (state + 5.5 * per_image[0]) / 0.85)
@@ -1472,19 +1475,19 @@ def test_memory_plan_counts_resident_images_and_ddp_buckets(monkeypatch):
     m = unet.UNet(unet.preset(16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,)))
     diffusion = D.GaussianDiffusion(50)
     env = SimpleNamespace(device=torch.device("cpu"), world=1, ddp=False, ctx=contextlib.nullcontext(), say=lambda *a: None)
-    args = SimpleNamespace(grad_checkpoint="auto")
-    per_image = 1.25 * train.activation_bytes_per_image(m, diffusion, env)
+    cfg, run = SimpleNamespace(grad_checkpoint="auto", size=16, batch_size=4), SimpleNamespace(model=m, diffusion=diffusion)
+    per_image = 1.25 * saved_per_image(m, diffusion)
     monkeypatch.setattr(util, "device_memory", lambda device: (20 * m.num_params() + 5.5 * per_image) / 0.85)
-    train.plan_memory(args, env, m, diffusion, 4)
+    train.plan_memory(cfg, env, run)
     assert not m.grad_checkpoint  # 4 images fit in the room for 5.5
-    train.plan_memory(args, env, m, diffusion, 4, resident_bytes=2 * per_image)
+    train.plan_memory(cfg, env, run, resident_bytes=2 * per_image)
     assert m.grad_checkpoint  # the training images on the device take the room of 2
     # room for 4 images and 2 more bytes per parameter: enough alone, not beside DDP's buckets (4 bytes per parameter)
     monkeypatch.setattr(util, "device_memory", lambda device: (22 * m.num_params() + 4 * per_image) / 0.85)
-    train.plan_memory(args, env, m, diffusion, 4)
+    train.plan_memory(cfg, env, run)
     assert not m.grad_checkpoint
     env.ddp = True
-    train.plan_memory(args, env, m, diffusion, 4)
+    train.plan_memory(cfg, env, run)
     assert m.grad_checkpoint
 
 
@@ -2098,7 +2101,7 @@ def test_attribute_and_inpainting_flag_errors(cond_run, tiny_run, tmp_path, caps
     black = str(tmp_path / "black.png")
     Image.new("L", (16, 16), 0).save(black)
     for extra, words in [(["--attrs", "Nose=1"], "it knows Smiling,Young"), (["--attrs", "Smiling=yes"], "NAME=1"),
-                         (["--attrs", "Smiling=1,Smiling=0"], "twice"), (["--compare", "Smiling", "--attrs", "Smiling=1"], "do not also set it"),
+                         (["--attrs", "Smiling=1,Smiling=0"], "twice"), (["--compare", "Smiling", "--attrs", "Smiling=1"], "do not set it in --attrs"),
                          (["--guidance", "3"], "add --attrs"), (["--mask", "eyes"], "--init IMAGE"),
                          (["--init", init, "--mask", "nose"], "neither a region"), (["--init", init, "--mask", black], "no white pixels"),
                          (["--init", init, "--mask", "top", "--strength", "0.5"], "--strength does not apply to RePaint"),

@@ -7,20 +7,16 @@ Train a DDPM on CelebA faces: one GPU, many (torchrun), MPS or CPU.
     python train.py --resume --out out                   # continue the run in out/, with its settings
     python train.py --bench                              # img/s, TFLOP/s and MFU on synthetic data
 
-Read from the top: `train` sets up and runs `loop`, which is [DDPM] Algorithm 1; a step is `train_step`,
-and what is due every so often (progress, validation, grids, checkpoints, stopping) is behind one call,
-`after_step`. Then the setup and its checks, the data and model, and the extras: --minutes, the memory
-plan, --bench, the flags.
-
-A run is carried by `cfg` (the flags, or the checkpoint's settings on --resume; replaced, never changed
-in place), `env` (the processes, the device, the signals received) and `run` (what the loop updates).
-Everything random in step s (batch order, flips, t, noise, condition dropout) comes from a generator
-seeded with (seed, s) for the whole global batch, of which each rank takes its slice: a resumed run
-repeats the uninterrupted one, and N GPUs train on what one GPU would.
+Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, and what is due every so often is
+behind one call, `after_step`. Then the setup, the data and model, and the extras: --minutes, memory,
+--bench, the flags. `cfg` holds the settings (never changed in place), `env` the processes and device,
+`run` what the loop updates. All randomness of step s comes from a generator seeded with (seed, s) for the
+whole global batch, of which each rank takes its slice: a resumed run repeats the uninterrupted one, and N
+GPUs train on what one GPU would.
 """
 import os
-# OpenMP threads spin a while when they run out of work; much longer, and a core that another program also
-# uses stalls every op (REPORT sec. 3.10). Set before torch loads OpenMP.
+# short OpenMP spinning: a core that another program also uses then costs its share, not every op (REPORT
+# sec. 3.10); set before torch loads OpenMP
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import argparse
 import copy
@@ -155,9 +151,8 @@ def update_ema(ema_params, params, step, decay):
 
 
 def condition(attrs, gen, cfg, shard, rare):
-    """Condition dropout for classifier-free guidance ([CFG] Algorithm 1, line 3): this rank's (B/world, K)
-    uint8 attributes -> {+1 present, -1 absent, 0 unspecified}, drawn for the whole global batch. With
-    --p-drop-attr balanced an attribute in its rarer state (`rare`) stays unless all are dropped."""
+    """Condition dropout ([CFG] Algorithm 1, line 3): (B/world, K) 0/1 attributes -> +1 present, -1 absent,
+    0 unspecified. `balanced` keeps an attribute in its rarer state (`rare`) unless all are dropped."""
     B, K, device = cfg.batch_size, attrs.shape[1], attrs.device
     uniform = cfg.p_drop_attr in ("uniform", "balanced")
     rate = torch.rand(B, 1, generator=gen, device=device) if uniform else cfg.p_drop_attr
@@ -169,8 +164,8 @@ def condition(attrs, gen, cfg, shard, rare):
 
 
 def after_step(cfg, env, run, loss):
-    """What is due after a step (loss None: one that a signal cut short): the --minutes plan, the progress
-    line, the validation loss and sample grid, the checkpoint. -> the exit code to stop with, or None."""
+    """What is due after a step (loss None: a step cut short): the --minutes plan, a progress line, the
+    validation loss and grid, the checkpoint. -> the exit code to stop with, or None."""
     if loss is not None:
         run.loss_sum, run.loss_n = run.loss_sum + loss, run.loss_n + 1
         if math.isinf(run.plan.total):
@@ -196,7 +191,8 @@ def save(cfg, env, run, last, stop):
     path, took = os.path.join(cfg.out, "ckpt.pt"), fmt_time(time.time() - env.t_start)
     run.elapsed = time.time() - run.t0
     saved = checkpoint(cfg, env, run, path, loss_sum)
-    env.say(f"step {run.step} | checkpoint {path}" if saved else f"step {run.step} | weights not finite: not saved")
+    env.say(f"step {run.step} | checkpoint {path}" if saved else f"step {run.step} | weights not finite: "
+                                                                 "not saved")
     if last and cfg.minutes and not env.ckpt:
         env.say(f"--minutes {cfg.minutes:g}: the run took {took} from start to this checkpoint")
     if last and cfg.dry_run:
@@ -209,8 +205,7 @@ def save(cfg, env, run, last, stop):
 
 
 def checkpoint(cfg, env, run, path, loss_sum):
-    """One self-describing file: settings, plan, model config, weights, EMA, optimizer, step, the data's
-    identity and the RNG, written atomically. Non-finite weights are not written (-> False)."""
+    """One self-describing file, written atomically; non-finite weights are not (-> False)."""
     sd = run.model.state_dict()
     if not all(torch.isfinite(v).all() for v in sd.values()):
         return False
@@ -256,8 +251,8 @@ class Env:
 
 @dataclass
 class Plan:
-    """The schedule: steps in all (inf until --minutes has timed the first), the LR warm-up and decay, the EMA
-    decay, and the grids: at grid_from + k * grid_every, and the last step."""
+    """The schedule (total: inf until --minutes has timed the first steps); grids at grid_from + k *
+    grid_every, and at the end."""
     total: float
     warmup: int
     lr_decay: str
@@ -330,7 +325,8 @@ def evaluate(cfg, env, run, last):
             vl = val_loss(cfg, env, run)
             env.say(f"step {run.step} | val loss {vl:.4f} ({len(run.val[0])} images, EMA weights)")
             log_row(cfg, env, run, val_loss=f"{vl:.6f}")
-        if (every > 0 and (run.step - run.plan.grid_from) % every == 0) or (last and (every > 0 or cfg.dry_run)):
+        due = every > 0 and (run.step - run.plan.grid_from) % every == 0
+        if due or (last and (every > 0 or cfg.dry_run)):
             env.say(f"step {run.step} | samples {sample_grid(cfg, env, run)}")
     except Interrupted:
         env.say(f"step {run.step} | evaluation or sample grid cut short by the signal")
@@ -352,7 +348,8 @@ def open_log(cfg, env, run):
     path, rows = os.path.join(cfg.out, "log.csv"), []
     if env.ckpt and os.path.exists(path):
         with open(path, newline="") as f:
-            rows = [r[:len(LOG_COLUMNS)] for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= run.step]
+            rows = [r[:len(LOG_COLUMNS)] for r in csv.reader(f)
+                    if r and r[0].isdigit() and int(r[0]) <= run.step]
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows([LOG_COLUMNS] + rows)
@@ -361,7 +358,8 @@ def open_log(cfg, env, run):
 
 def log_row(cfg, env, run, **values):
     path = os.path.join(cfg.out, "log.csv")
-    values.update(step=run.step, epoch=run.step // run.batches.steps_per_epoch, elapsed_s=f"{time.time() - run.t0:.1f}")
+    epoch, elapsed = run.step // run.batches.steps_per_epoch, f"{time.time() - run.t0:.1f}"
+    values.update(step=run.step, epoch=epoch, elapsed_s=elapsed)
     try:
         if env.master:
             with open(path, "a", newline="") as f:
@@ -383,8 +381,8 @@ def sample_grid(cfg, env, run):
             done[0] += len(x)
             progress(done[0])
         with run.ctx:
-            images.append(run.diffusion.sample(run.ema, x.shape, DEFAULT_SAMPLER, cfg.sample_steps, DEFAULT_ETA,
-                                               g, x_T=x, callback=count))
+            images.append(run.diffusion.sample(run.ema, x.shape, DEFAULT_SAMPLER, cfg.sample_steps,
+                                               DEFAULT_ETA, g, x_T=x, callback=count))
     run.forward_s = (time.time() - t0) / todo  # --minutes prices the grids and validation with it
     path = os.path.join(cfg.out, f"samples_{run.step:07d}.png")
     util.save_image(data.to_uint8(torch.cat(images)), path, "--out", nrow=round(math.sqrt(cfg.sample_n)))
@@ -412,13 +410,13 @@ class Interrupted(Exception):
 
 
 def cut_short(env, run):
-    """A single CPU or MPS process, whose step can take minutes, also cuts a step (or a grid) short when a
-    signal arrives: every block checks before its forward, every weight after its gradient. -> whether."""
+    """Where a step can take minutes (one CPU or MPS process), a signal cuts it short: every block checks
+    before its forward, every weight after its gradient (grids: everywhere). -> whether."""
     def check(*_):
         if env.signals:
             raise Interrupted
     at_once = not env.ddp and env.device.type != "cuda" and not env.compile
-    for model in [run.ema, run.model] if at_once else [run.ema]:  # the EMA draws grids everywhere
+    for model in [run.ema, run.model] if at_once else [run.ema]:
         for block in [*model.down, *model.mid, *model.up]:
             block.register_forward_pre_hook(check)
         for p in model.parameters():
@@ -431,8 +429,7 @@ def cut_short(env, run):
 
 
 def setup(args, given):
-    """-> (cfg, env). cfg: the flags, or the checkpoint's settings on --resume, with what a run resolves
-    before it starts (the absolute paths, --dry-run's small sizes, the seed)."""
+    """-> (cfg, env): the flags (or the checkpoint's) with what a run resolves before it starts."""
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     env = Env(ddp, rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), time.time(), args.out)
@@ -448,8 +445,8 @@ def setup(args, given):
                   sample_steps=min(cfg.sample_steps, cfg.timesteps))
     if cfg.dry_run:  # quick at any size
         cfg = replace(cfg, batch_size=world, sample_steps=min(cfg.sample_steps, 2), sample_n=1, eval_images=2)
-    env.out, device = cfg.out, util.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)), env.local_world)
-    env.device, cuda = device, device.type == "cuda"
+    device = util.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)), env.local_world)
+    env.out, env.device, cuda = cfg.out, device, device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if ddp:
@@ -463,10 +460,13 @@ def setup(args, given):
     check_model_fits(cfg, env)
     torch.backends.cudnn.benchmark = True
     if cfg.seed is None:  # drawn on rank 0: every rank must shuffle with the same seed
-        cfg = replace(cfg, seed=int(util.from_rank0(int.from_bytes(os.urandom(4), "little") % 2**31, env.ctrl)))
+        seed = int.from_bytes(os.urandom(4), "little") % 2**31
+        cfg = replace(cfg, seed=int(util.from_rank0(seed, env.ctrl)))
     torch.manual_seed(cfg.seed + rank)  # dropout; the data's randomness comes from a generator per step
-    threads = f" ({util.set_threads(device, env.local_world, env.say)} threads)" if device.type == "cpu" else ""
-    env.say(f"device {device} x {world} process{'es' if world > 1 else ''}{threads}, {env.precision}, compile "
+    threads = util.set_threads(device, env.local_world, env.say)
+    threads = f" ({threads} threads)" if device.type == "cpu" else ""
+    env.say(f"device {device} x {world} process{'es' if world > 1 else ''}{threads}, {env.precision}, "
+            "compile "
             f"{env.compile}, channels_last {env.channels_last}, seed {cfg.seed}")
     if not cfg.bench:
         check_out(cfg, env)
@@ -494,7 +494,8 @@ def resumed(args, given, env):
     for weights in ("model", "ema"):  # config, weights and EMA fit together (checked on the meta device)
         util.model_from_checkpoint(ckpt, path, weights, device="meta")
     if not all(k in ckpt for k in ("args", "optimizer", "scaler")):
-        raise util.CheckpointError(f"{path} lacks the optimizer state that a resume needs (another version?); "
+        raise util.CheckpointError(f"{path} lacks the optimizer state that a resume needs (another "
+                                   "version?); "
                                    "sample from it with sample.py, or start a new run")
     cfg = vars(args).copy()
     if "out" not in given and args.resume != "latest":  # --resume PATH continues in the checkpoint's folder
@@ -504,8 +505,10 @@ def resumed(args, given, env):
         if k in NOT_FROM_CHECKPOINT or k == "out" or k not in cfg:
             continue
         if k in given and k not in RESUME_MAY_CHANGE and cfg[k] != v:
-            flag, show = "--" + k.replace("_", "-"), lambda x: ",".join(map(str, x)) if isinstance(x, tuple) else x
-            raise UsageError(f"{flag} {show(cfg[k])} contradicts the checkpoint's {show(v)} ({path}); drop {flag} "
+            flag = "--" + k.replace("_", "-")
+            show = lambda x: ",".join(map(str, x)) if isinstance(x, tuple) else x
+            raise UsageError(f"{flag} {show(cfg[k])} contradicts the checkpoint's {show(v)} ({path}); drop "
+                             f"{flag} "
                              "to continue the run, or start a new run in another --out")
         if k not in given:
             cfg[k] = v
@@ -517,7 +520,8 @@ def resumed(args, given, env):
 
 def check_args(cfg, given, env):
     """Everything that can be checked without data, so that a mistake costs seconds, not a decode."""
-    loose = [f"--{f.replace('_', '-')}" for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given] or [""]
+    loose = [f"--{f.replace('_', '-')}" for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given]
+    loose = loose or [""]
     for bad, message in [
         (cfg.timesteps < 2, f"--timesteps {cfg.timesteps}: a diffusion needs at least 2 steps (DDPM: 1000)"),
         ("minutes" in given and given & {"max_steps", "epochs"},
@@ -525,16 +529,21 @@ def check_args(cfg, given, env):
         ((cfg.minutes or 0) > 525_600, f"--minutes {cfg.minutes} is more than a year (525,600 minutes); give "
          "the budget in minutes, e.g. --minutes 30"),
         (cfg.minutes and cfg.dry_run, "--dry-run runs 2 steps to check a setup; drop it or --minutes"),
-        (cfg.dry_run and cfg.resume, "--dry-run writes its checkpoint into --out: it does not go with --resume"),
-        (cfg.other_data and not cfg.resume, "--other-data lets a resume continue on other images; add --resume"),
-        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1, each AdamW step moves the weights by more than their size and "
+        (cfg.dry_run and cfg.resume, "--dry-run writes its checkpoint into --out: it does not go with "
+                                     "--resume"),
+        (cfg.other_data and not cfg.resume, "--other-data lets a resume continue on other images; add "
+                                            "--resume"),
+        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1, each AdamW step moves the weights by more than their size "
+                     "and "
          "the run diverges; diffusion U-Nets train at about 1e-4 to 5e-4 (default 2e-4)"),
-        (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes to condition on, "
+        (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes to condition "
+                                                             "on, "
          "e.g. --attrs Smiling,Male, or 'all'; drop --attrs for an unconditional model"),
-        (loose[0] and not cfg.attrs, f"{loose[0]} sets how a conditional model drops its attributes; add --attrs "
+        (loose[0] and not cfg.attrs, f"{loose[0]} sets how a conditional model drops its attributes; add "
+                                     "--attrs "
          "NAMES, or drop it"),
         (not 0 <= cfg.p_uncond <= 1, f"--p-uncond {cfg.p_uncond}: must be a probability in [0, 1], e.g. 0.1"),
-        (cfg.weight_decay < 0, f"--weight-decay {cfg.weight_decay:g}: must be >= 0 (0, the default, is none)"),
+        (cfg.weight_decay < 0, f"--weight-decay {cfg.weight_decay:g}: must be >= 0 (0 is none)"),
         (not 0 <= cfg.ema_decay < 1, f"--ema-decay {cfg.ema_decay}: must be in [0, 1), e.g. 0.9999"),
         (cfg.sample_steps > cfg.timesteps and "sample_steps" in given,
          f"--sample-steps {cfg.sample_steps} is more than --timesteps {cfg.timesteps}; lower it"),
@@ -556,13 +565,13 @@ def check_args(cfg, given, env):
         origin = "" if field_ == "image_size" or field_ in given else f" (the --size {base} preset's)"
         raise UsageError(f"{flag}{origin} {message}")
     if cfg.size not in unet.PRESETS and not env.ckpt:
-        env.say(f"model: --size {cfg.size} takes the --size {base} preset (--ch, --ch-mult, --num-res-blocks, "
+        env.say(f"model: --size {cfg.size} takes the --size {base} preset (--ch, --ch-mult, "
+                "--num-res-blocks, "
                 "--attn-res and --dropout override it)")
 
 
 def check_out(cfg, env):
-    """--out: a writable folder with no other run in it unless this is its resume (--overwrite first removes
-    the old run's files), held by this run alone."""
+    """--out: writable, no other run in it unless resumed (--overwrite removes it), held by this run alone."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out}: is a file; give a folder for checkpoints and samples")
     if not env.master:
@@ -572,7 +581,8 @@ def check_out(cfg, env):
            or (f.startswith("samples_") and f.endswith(".png"))] if os.path.isdir(cfg.out) else []
     listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
     if old and not cfg.resume and not cfg.overwrite:
-        raise UsageError(f"--out {cfg.out} already holds {'a run' if 'ckpt.pt' in old else 'an earlier run'}'s "
+        raise UsageError(f"--out {cfg.out} already holds "
+                         f"{'a run' if 'ckpt.pt' in old else 'an earlier run'}'s "
                          f"files ({listed}); continue it with python train.py --resume --out "
                          f"{shlex.quote(cfg.out)}, pick another --out, or pass --overwrite to replace it")
     env.lock, env.made = util.claim_folder(cfg.out, "--out")  # last: nothing after it can fail
@@ -585,15 +595,16 @@ def check_out(cfg, env):
 
 
 def check_model_fits(cfg, env):
-    """Refuse before anything is allocated a model whose weights and optimizer state, with the activations of
-    one image (at least the input and the first level's feature maps), exceed the memory."""
+    """Refuse, before anything is allocated, a model whose state and one image's activations (a lower bound:
+    the input and the first level's maps) exceed the memory."""
     net = unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(cfg)
     with torch.device("meta"):  # shapes only: no memory, no time
         params = unet.UNet(net).num_params()
     need = 20 * params + 4 * net.image_size ** 2 * (3 + net.ch * (2 * net.num_res_blocks + 2))
     available = util.device_memory(env.device) if env.device.type != "mps" else math.inf
     if need > available:
-        raise UsageError(f"the model ({params / 1e6:,.1f}M parameters at {net.image_size}x{net.image_size}) needs "
+        raise UsageError(f"the model ({params / 1e6:,.1f}M parameters at {net.image_size}x{net.image_size}) "
+                         "needs "
                          f"at least {fmt_bytes(need)}, more than the {fmt_bytes(available)} available on "
                          f"{env.device.type}: use a smaller --ch or --size")
 
@@ -602,8 +613,8 @@ def check_model_fits(cfg, env):
 
 
 def load_data(cfg, env):
-    """-> (data.load's training split, (validation images in [-1, 1] on the device, their attributes) or
-    None, the data's identity). The count, and on resume the identity, are checked before any decoding."""
+    """-> (the training split, (validation images, attributes) or None, the data's identity); the count, and
+    on resume the identity, checked before any decoding."""
     if cfg.download and env.master:
         try:
             data.select(cfg.data)
@@ -616,7 +627,8 @@ def load_data(cfg, env):
                          f"{cfg.batch_size}; lower --batch-size")
     if saved and saved != data_id and not cfg.other_data:
         raise UsageError(f"--data {cfg.data} ({n:,} images) is not the data the checkpoint's run trained on "
-                         f"({env.ckpt['train_images']:,}); resume with the run's data, or pass --other-data to "
+                         f"({env.ckpt['train_images']:,}); resume with the run's data, or pass --other-data "
+                         "to "
                          "continue on these")
     if env.master and not (env.ckpt or cfg.minutes or cfg.dry_run) and env.device.type != "cuda":
         estimate_run(cfg, env, n)
@@ -642,19 +654,22 @@ def build(cfg, env, faces, val, data_id, given):
     attrs = tuple(faces["cond_names"] or ())
     net = unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(cfg, attrs)
     if tuple(net.attrs) != attrs:
-        raise UsageError(f"the checkpoint's model is conditioned on {','.join(net.attrs) or 'nothing'}, but --data "
+        raise UsageError(f"the checkpoint's model is conditioned on {','.join(net.attrs) or 'nothing'}, but "
+                         "--data "
                          f"{cfg.data} gives {','.join(attrs) or 'no attributes'}; resume with the run's data")
     run = make_run(cfg, env, net)
     resident = data.fits_on_gpu(faces["images"].nbytes, env.device)
-    plan_memory(cfg, env, run.model, run.diffusion, cfg.batch_size, faces["images"].nbytes if resident else 0)
+    plan_memory(cfg, env, run, faces["images"].nbytes if resident else 0)
     run.batches = data.Batches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
                                flip=not cfg.no_flip, attrs=faces["cond"], resident=resident)
-    run.plan, run.val, run.data_id = make_plan(cfg, env, run.step, run.batches.steps_per_epoch, given), val, data_id
+    run.plan = make_plan(cfg, env, run.step, run.batches.steps_per_epoch, given)
+    run.val, run.data_id = val, data_id
     if faces["cond"] is not None:
         run.rare = (faces["cond"].float().mean(0) < 0.5).to(env.device, torch.uint8)
     steps = "set once the first are timed" if math.isinf(run.plan.total) else f"{run.plan.total:,}"
     short = run.plan.warmup < cfg.warmup and not (env.ckpt or cfg.dry_run) and math.isfinite(run.plan.total)
-    env.say(f"data: {len(faces['images']):,} training images, {run.batches.steps_per_epoch:,} steps per epoch at "
+    env.say(f"data: {len(faces['images']):,} training images, {run.batches.steps_per_epoch:,} steps per "
+            "epoch at "
             f"batch {cfg.batch_size}; steps: {steps}, lr warm-up {run.plan.warmup:,}"
             + (f" (--warmup {cfg.warmup} is more than a tenth of the run)" if short else ""))
     if env.master:
@@ -665,8 +680,7 @@ def build(cfg, env, faces, val, data_id, given):
 
 
 def make_run(cfg, env, net):
-    """Model (in the run's memory format), EMA, AdamW, GradScaler and diffusion, with the checkpoint's
-    state when resuming. -> Run (no data or plan yet)."""
+    """Model, EMA, AdamW, GradScaler and diffusion (the checkpoint's when resuming). -> Run, without data."""
     ckpt, device = env.ckpt, env.device
     model = unet.UNet(net).to(device)
     if env.channels_last:
@@ -679,8 +693,9 @@ def make_run(cfg, env, net):
     fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else fwd
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.objective, cfg.min_snr_gamma).to(device)
     fmt = torch.channels_last if env.channels_last else torch.contiguous_format
-    run = Run(model, fwd, ema, opt, scaler, diffusion, env.ctx, fmt, cfg.grad_clip,
-              Plan(math.inf, cfg.warmup, cfg.lr_decay, cfg.ema_decay), loss_sum=torch.zeros((), device=device))
+    plan = Plan(math.inf, cfg.warmup, cfg.lr_decay, cfg.ema_decay)
+    run = Run(model, fwd, ema, opt, scaler, diffusion, env.ctx, fmt, cfg.grad_clip, plan,
+              loss_sum=torch.zeros((), device=device))
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -745,8 +760,8 @@ def model_config(cfg, attrs=()):
 
 
 def time_step(cfg, env, net, batch):
-    """-> seconds of the faster of two training steps of a fresh `net` at `batch` images (after a warm-up
-    step), on synthetic data, drawing none of the run's seeded randomness."""
+    """-> seconds of a training step of a fresh `net` at `batch` synthetic images (the faster of two, after a
+    warm-up), drawing none of the run's seeded randomness."""
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         model, size, times = unet.UNet(net).to(env.device), net.image_size, []
         x0 = torch.zeros(batch, 3, size, size, device=env.device)
@@ -765,8 +780,7 @@ def time_step(cfg, env, net, batch):
 
 
 def estimate_run(cfg, env, n_images):
-    """A new run on a CPU or MPS, before decoding: how long it takes, from a step of one image scaled to
-    the batch; past a day, the command that gives faces here in 30 minutes. Never refuses."""
+    """A new CPU or MPS run, before decoding: how long it takes; past a day, the 30-minute command."""
     steps = cfg.max_steps or cfg.epochs * (n_images // cfg.batch_size)
     per_step = cfg.batch_size // env.world * time_step(cfg, env, model_config(cfg), 1)
     line = (f"estimate: {steps:,} steps of {cfg.batch_size} images at ~{per_step:.1f} s each on this "
@@ -778,12 +792,10 @@ def estimate_run(cfg, env, n_images):
 
 
 def fit_model_to_minutes(cfg, env, given):
-    """--minutes without --ch or --batch-size: the preset's width and batch, halved together (128 -> 64 -> 32)
-    until the budget (less the compiler's warm-up) holds MIN_STEPS steps; a narrower model only where it is
-    faster per image than every wider one (on a GPU a small step's time is its kernel launches). Each one is
-    timed, from the smallest; on a CPU a wider one only if 8 times the narrower's step (4x the FLOPs of twice
-    the width, at twice the batch) could fit. A narrowed model gets dropout 0 and, unless --lr is given, the
-    lr times the width ratio (Adam's best step grows as the fan-in shrinks; REPORT sec. 3.5)."""
+    """--minutes without --ch or --batch-size: the preset's width and batch, halved together until the budget
+    holds MIN_STEPS steps, but only to a model faster per image (on a GPU a small step's time is its
+    launches). Timed from the smallest; on a CPU a wider one only if 8 times the narrower's step could fit.
+    A narrowed model gets dropout 0 and the lr times the width ratio, unless --lr is given (REPORT 3.5)."""
     base = model_config(cfg)
     candidates = [(base.ch >> k, cfg.batch_size >> k) for k in range(3)
                   if base.ch >> k >= 32 and cfg.batch_size >> k >= 8 * env.world]
@@ -798,19 +810,23 @@ def fit_model_to_minutes(cfg, env, given):
     faster = [i for i in sorted(per_step) if all(per_image[i] < per_image[j] for j in per_image if j < i)]
     fits = [i for i in faster if budget / per_step[i] >= MIN_STEPS]
     ch, b = candidates[int(util.from_rank0(fits[0] if fits else min(faster, key=per_image.get), env.ctrl))]
-    env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b} --dropout {net_of(ch).dropout:g}, the widest "
-            f"of {', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch) faster per image than the wider "
-            f"ones that leaves >= {MIN_STEPS:,} steps" + ("" if fits else " (none does: the fastest per image)"))
+    env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b} --dropout {net_of(ch).dropout:g}, the "
+            "widest "
+            f"of {', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch) faster per image than "
+            "the wider "
+            f"ones that leaves >= {MIN_STEPS:,} steps" + ("" if fits else " (none does: the fastest per "
+                                                                          "image)"))
     lr = cfg.lr if "lr" in given else cfg.lr * base.ch / ch
     if lr != cfg.lr:
-        env.say(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}, the preset's width "
+        env.say(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}, the preset's "
+                "width "
                 "over the model's: a narrower net takes larger steps")
     return replace(cfg, ch=ch, batch_size=b, dropout=net_of(ch).dropout, lr=lr)
 
 
 def plan_minutes(cfg, env, run):
-    """--minutes, after each step until there is a plan: time the steps after the first two (compilation,
-    autotuning); with 10 steps and 10 s (or 2% of a short budget) timed, plan the run."""
+    """--minutes, until there is a plan: time the steps after the first two (compilation, autotuning); with
+    10 steps and 10 s (2% of a short budget) timed, plan."""
     util.synchronize(env.device)
     if run.probe is None:
         run.probe = (run.step + 2, None)
@@ -824,39 +840,42 @@ def plan_minutes(cfg, env, run):
 
 
 def replan(cfg, env, run, rate):
-    """--minutes: the plan for the steps that fit the rest of the budget at `rate` steps/s: the warm-up (a
-    tenth), the decay to the end, the EMA (about the last tenth), a grid each quarter (a plan that comes
-    after the first quarter: a grid now, and three over the rest). Moved at a progress line where the speed
-    changed by more than 2% (a busy machine)."""
+    """--minutes: the steps that fit the rest of the budget at `rate` steps/s, a warm-up of a tenth, the EMA
+    over the last tenth, a grid each quarter (if the plan comes later: now, then three); moved when the speed
+    changes by more than 2%."""
     total, first = fit_minutes(cfg, env, run, rate), math.isinf(run.plan.total)
     if not first and abs(total - run.plan.total) <= 0.02 * run.plan.total:
         return
     start = run.step if first and -(-total // 4) <= run.step else 0 if first else run.plan.grid_from
-    run.plan = Plan(total, min(cfg.warmup, total // 10) if first else run.plan.warmup, cfg.lr_decay,
-                    min(cfg.ema_decay, 1 - 10 / total), grids_every(cfg, total - start, 3 if start else 4), start)
+    warmup = min(cfg.warmup, total // 10) if first else run.plan.warmup
+    every = grids_every(cfg, total - start, 3 if start else 4)
+    run.plan = Plan(total, warmup, cfg.lr_decay, min(cfg.ema_decay, 1 - 10 / total), every, start)
     img_s, p = f"{rate * cfg.batch_size:,.1f} img/s", run.plan
     if not first:
-        return env.say(f"--minutes {cfg.minutes:g}: now {img_s}; the run will end at step {total:,} (EMA decay "
+        return env.say(f"--minutes {cfg.minutes:g}: now {img_s}; the run will end at step {total:,} (EMA "
+                       "decay "
                        f"{p.ema_decay:.5f})")
-    env.say(f"--minutes {cfg.minutes:g}: {img_s} measured: {total:,} steps in all ({total / run.batches.steps_per_epoch:.2f}"
+    env.say(f"--minutes {cfg.minutes:g}: {img_s} measured: {total:,} steps in all "
+            f"({total / run.batches.steps_per_epoch:.2f}"
             f" epochs), lr warm-up {p.warmup:,} steps then {cfg.lr_decay} decay to step {total:,}, EMA decay "
             f"{p.ema_decay:.5f}")
     if total < FACE_STEPS and env.master:
         per_step, final = budget_terms(cfg, run, rate)
         need = time.time() - env.t_start + (FACE_STEPS - run.step) * per_step + final
-        env.say(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces, so the samples may be mostly "
+        env.say(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces, so the samples may be "
+                "mostly "
                 f"noise; faces come from about {FACE_STEPS:,} steps, which take about --minutes "
                 f"{math.ceil(need / 60)} on this machine")
 
 
 def grids_every(cfg, steps, grids=4):
-    """--sample-every, or for a --minutes plan `steps` in `grids` parts rounded up (the last grid is the end)."""
+    """--sample-every, or for a --minutes plan `steps` in `grids` parts rounded up (the last grid is the
+    end)."""
     return cfg.sample_every if cfg.sample_every is not None else -(-steps // grids)
 
 
 def fit_minutes(cfg, env, run, rate):
-    """The step at which the run ends on time at `rate` steps/s. Rank 0's clock and rate decide, and every
-    rank gets its answer: all end at the same step."""
+    """The step at which the run ends on time at `rate` steps/s; rank 0 decides for every rank."""
     end = 0
     if env.master:
         per_step, final = budget_terms(cfg, run, rate)
@@ -866,13 +885,13 @@ def fit_minutes(cfg, env, run, rate):
 
 
 def budget_terms(cfg, run, rate):
-    """-> (seconds per step at `rate` with its share of the periodic grids and validations, seconds of those
-    that do not scale with the steps: the last ones, and a --minutes plan's four grids). Both priced by the
-    timed forward pass (until it is timed: a third of a training step per image)."""
+    """-> (seconds per step with its share of the periodic grids and validations, seconds of the last ones and
+    of a plan's four grids), priced by the timed forward pass (until then: a third of a step)."""
     fwd = run.forward_s or 1 / (3 * cfg.batch_size * rate)
     grid = cfg.sample_n * cfg.sample_steps * fwd if cfg.sample_every != 0 else 0
     val = 2 * len(run.val[0]) * fwd if run.val is not None else 0
-    per_step = 1 / rate + (grid / cfg.sample_every if cfg.sample_every else 0) + (val / cfg.eval_every if val else 0)
+    per_step = 1 / rate + (grid / cfg.sample_every if cfg.sample_every else 0)
+    per_step += val / cfg.eval_every if val else 0
     return per_step, (4 if cfg.sample_every is None else 1) * grid + val
 
 
@@ -888,53 +907,13 @@ def time_forward(cfg, env, run):
         util.synchronize(env.device)
     return (time.time() - t0) / b
 
-# -----------------------------------------------------------------------------
-# memory: plan a step against the device's memory
-
-
-def plan_memory(cfg, env, model, diffusion, batch, resident_bytes=0):
-    """Estimate a step's memory from the activations autograd keeps per image (measured on 1 and 2 images);
-    --grad-checkpoint auto turns activation checkpointing on only when the batch needs it. A batch that
-    cannot fit is refused, naming one that can. resident_bytes: training images kept on the device."""
-    b = batch // env.world
-    if env.device.type == "mps":  # unified memory, no figure to plan against
-        model.grad_checkpoint = cfg.grad_checkpoint == "on"
-        return
-    available = util.device_memory(env.device)
-    budget = 0.85 * available
-    # fp32 weights, grads, two Adam moments and the EMA; DDP's buckets hold one more copy of the grads
-    state = (20 + 4 * env.ddp) * model.num_params() + resident_bytes
-    for on in ([False, True] if cfg.grad_checkpoint == "auto" else [cfg.grad_checkpoint == "on"]):
-        model.grad_checkpoint = on
-        per_image = 1.25 * activation_bytes_per_image(model, diffusion, env)  # +25%: backward's temporaries
-        need = state + b * per_image
-        if need <= budget:
-            return env.say(f"memory: ~{fmt_bytes(need)} for a batch of {b} (of {fmt_bytes(available)} on "
-                           f"{env.device.type}); activation checkpointing {'on' if on else 'off'}")
-    fit = int((budget - state) / per_image) * env.world
-    hint = f"use --batch-size {fit} or less" if fit >= env.world else "use a smaller model (--ch)"
-    hint += ", or --grad-checkpoint auto" if cfg.grad_checkpoint == "off" else ""
-    raise UsageError(f"a batch of {batch} needs ~{fmt_bytes(need)}, more than the {fmt_bytes(budget)} a run may "
-                     f"use (85% of the {fmt_bytes(available)} available on {env.device.type}): {hint}")
-
-
-def activation_bytes_per_image(model, diffusion, env):
-    """Bytes that autograd keeps for backward per image: the slope between forwards of 1 and 2 images."""
-    params, size = {p.untyped_storage().data_ptr() for p in model.parameters()}, model.cfg.image_size
-    def measure(b):
-        seen, total = set(params), [0]
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                total[0] += t.untyped_storage().nbytes()
-            return t
-        x, t = torch.randn(b, 3, size, size, device=env.device), torch.zeros(b, dtype=torch.long, device=env.device)
-        with util.memory_errors(f"{b} image{'s' * (b > 1)} at {size}x{size}", SMALLER), env.ctx, \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            diffusion.training_losses(model, x, t, x)
-        return total[0]
-    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-        return measure(2) - measure(1)
+def plan_memory(cfg, env, run, resident_bytes=0):
+    """The memory plan of a step of this run's model (util.plan_memory), and its one-line answer."""
+    x = torch.zeros(1, 3, cfg.size, cfg.size, device=env.device)
+    loss = lambda x: run.diffusion.training_losses(run.model, x, torch.zeros(len(x), dtype=torch.long,
+                                                                            device=env.device), x)
+    util.plan_memory(run.model, loss, x, cfg.batch_size, env.world, cfg.grad_checkpoint, env.ctx, env.say,
+                     (20 + 4 * env.ddp) * run.model.num_params() + resident_bytes)
 
 # -----------------------------------------------------------------------------
 # --bench: the speed of a training step
@@ -944,7 +923,7 @@ def bench(cfg, env):
     """Time training steps on synthetic data; count their FLOPs with torch.utils.flop_counter."""
     device, b = env.device, cfg.batch_size // env.world
     run = make_run(cfg, env, model_config(cfg))
-    plan_memory(cfg, env, run.model, run.diffusion, cfg.batch_size)
+    plan_memory(cfg, env, run)
     x0 = torch.rand(b, 3, cfg.size, cfg.size, device=device) * 2 - 1
 
     def steps(n):
@@ -977,11 +956,14 @@ def bench(cfg, env):
     peak, tflops = cfg.peak_tflops or util.peak_tflops(device), flops / dt / 1e12
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
     bound = ", launch-bound" if min(host) > 0.8 * dt and device.type != "cpu" else ""
-    env.say(f"bench: {util.device_name(device)} | size {cfg.size} | batch {b}/process x {env.world} | {env.precision} "
+    env.say(f"bench: {util.device_name(device)} | size {cfg.size} | batch {b}/process x {env.world} | "
+            f"{env.precision} "
             f"| compile {env.compile} | channels_last {env.channels_last} | activation checkpointing "
             f"{run.model.grad_checkpoint}")
-    env.say(f"bench: {b * env.world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step (host {min(host) * 1e3:.1f} ms to "
-            f"issue one{bound}) | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | {tflops:.2f} "
+    env.say(f"bench: {b * env.world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step (host {min(host) * 1e3:.1f} "
+            "ms to "
+            f"issue one{bound}) | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | "
+            f"{tflops:.2f} "
             "TFLOP/s/process | " + (f"MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s" if peak else
                                      "MFU n/a (pass --peak-tflops)"))
     return 0
@@ -1009,18 +991,24 @@ def make_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout), or "
                    "a folder of images")
-    g.add_argument("--download", action="store_true", help="first try torchvision's CelebA download (needs gdown)")
-    g.add_argument("--size", type=pos, default=64, help="image size; picks the U-Net preset (32, 64, 128, 256; "
+    g.add_argument("--download", action="store_true", help="first try torchvision's CelebA download (needs "
+                                                           "gdown)")
+    g.add_argument("--size", type=pos, default=64, help="image size; picks the U-Net preset (32, 64, 128, "
+                                                        "256; "
                    "another size takes the nearest below)")
-    g.add_argument("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM box for 178x218 CelebA, "
+    g.add_argument("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM box for 178x218 "
+                                                                      "CelebA, "
                    "else a centre square")
-    g.add_argument("--cache-dir", type=path, default=None, help="decoded images (default: ~/.cache/ddpm-faces)")
+    g.add_argument("--cache-dir", type=path, default=None, help="decoded images (default: "
+                                                                "~/.cache/ddpm-faces)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     g = p.add_argument_group("model (default: the --size preset) and diffusion")
     g.add_argument("--ch", type=pos, default=None, help="base channel count")
-    g.add_argument("--ch-mult", type=util.int_list, default=None, help="channel multiplier per level: 1,2,2,2,4")
+    g.add_argument("--ch-mult", type=util.int_list, default=None, help="channel multiplier per level: "
+                                                                       "1,2,2,2,4")
     g.add_argument("--num-res-blocks", type=pos, default=None, help="residual blocks per level")
-    g.add_argument("--attn-res", type=util.int_list, default=None, help="feature-map sizes with self-attention")
+    g.add_argument("--attn-res", type=util.int_list, default=None, help="feature-map sizes with "
+                                                                        "self-attention")
     g.add_argument("--dropout", type=real, default=None, help="dropout in the residual blocks")
     g.add_argument("--timesteps", type=pos, default=1000, help="T, the number of diffusion steps")
     g.add_argument("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
@@ -1029,12 +1017,14 @@ def make_parser():
     g = p.add_argument_group("attributes (sample with sample.py --attrs Smiling=1)")
     g.add_argument("--attrs", default=None, help="condition on CelebA attributes: 'all' or names, e.g. "
                    "Smiling,Male (default: unconditional)")
-    g.add_argument("--attr-film", action="store_true", help="the attributes also scale and shift every block's "
+    g.add_argument("--attr-film", action="store_true", help="the attributes also scale and shift every "
+                                                            "block's "
                    "features (FiLM)")
     g.add_argument("--p-uncond", type=real, default=0.1, help="probability of dropping an image's whole "
                    "condition (guidance needs the unconditional model)")
     g.add_argument("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each "
-                   "attribute: a number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, but a rarer "
+                   "attribute: a number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, but a "
+                   "rarer "
                    "state is kept unless all are dropped (REPORT sec. 3.7)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=pos, default=100, help="passes over the training split")
@@ -1044,28 +1034,32 @@ def make_parser():
     g.add_argument("--batch-size", type=pos, default=128, help="global batch size, split over the GPUs")
     g.add_argument("--lr", type=util.positive(float), default=2e-4, help="peak AdamW learning rate")
     g.add_argument("--warmup", type=num, default=5000, help="LR warm-up steps, at most a tenth of the run")
-    g.add_argument("--lr-decay", default="constant", choices=["constant", "cosine"], help="after the warm-up: "
-                   "constant (DDPM) or a cosine decay to 0 (the default with --minutes)")
+    g.add_argument("--lr-decay", default="constant", choices=["constant", "cosine"],
+                   help="after the warm-up: constant (DDPM) or a cosine decay to 0 (default with --minutes)")
     g.add_argument("--weight-decay", type=real, default=0.0, help="AdamW weight decay")
-    g.add_argument("--grad-clip", type=util.positive(float), default=1.0, help="clip the gradient norm to this")
-    g.add_argument("--ema-decay", type=real, default=0.9999, help="EMA decay, warmed up as min(d, (1+s)/(10+s))")
-    g.add_argument("--seed", type=util.random_seed, default=None, help="random seed (default: drawn, printed)")
+    g.add_argument("--grad-clip", type=util.positive(float), default=1.0, help="clip the gradient norm to "
+                                                                               "this")
+    g.add_argument("--ema-decay", type=real, default=0.9999, help="EMA decay, warmed up as min(d, "
+                                                                  "(1+s)/(10+s))")
+    g.add_argument("--seed", type=util.random_seed, default=None, help="random seed (default: drawn)")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: "
                    "bf16 on GPUs with native bf16, else fp16; fp32 on CPU/MPS (fp32 is without TF32)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
                    "model: ~90 s to start, faster steps (default: on CUDA with Triton, except --dry-run)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last "
-                   "memory format (default: on, except an eager step on a GPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on, except an eager step on a GPU)")
     g.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute each "
                    "block in backward (less memory, ~1/3 more compute); auto: when a batch would not fit")
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--out", type=path, default="out", help="folder for ckpt.pt, sample grids and log.csv")
-    g.add_argument("--overwrite", action="store_true", help="a new run in an --out that holds one, removing its "
+    g.add_argument("--overwrite", action="store_true", help="a new run in an --out that holds one, removing "
+                                                            "its "
                    "files")
     g.add_argument("--log-every", type=pos, default=100, help="a progress line every N steps")
-    g.add_argument("--sample-every", type=num, default=5000, help="an EMA sample grid from fixed noise every N "
+    g.add_argument("--sample-every", type=num, default=5000, help="an EMA sample grid from fixed noise "
+                                                                  "every N "
                    "steps (0: never; --minutes: four over the run)")
     g.add_argument("--sample-steps", type=pos, default=DEFAULT_STEPS, help=f"steps of the default sampler "
                    f"({DEFAULT_SAMPLER}, eta {DEFAULT_ETA:g}) for the grids")
@@ -1076,7 +1070,8 @@ def make_parser():
     g.add_argument("--ckpt-every", type=num, default=5000, help="write ckpt.pt every N steps (0: at the end)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, type=path, help="continue a run from "
                    "its checkpoint (a path, or none: ckpt.pt in --out), with its settings")
-    g.add_argument("--other-data", action="store_true", help="with --resume: continue on other images than the "
+    g.add_argument("--other-data", action="store_true", help="with --resume: continue on other images than "
+                                                             "the "
                    "run's (else refused)")
     g.add_argument("--dry-run", action="store_true", help="2 steps of one image, an evaluation, a one-image "
                    "grid and a checkpoint: a quick check of a setup")

@@ -84,7 +84,8 @@ def int_list(s):
     """Comma-separated positive integers, e.g. 1,2,2,2."""
     parts = s.split(",")
     if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,2,2, got {s!r}")
+        raise argparse.ArgumentTypeError("expected comma-separated positive integers such as 1,2,2,2, got "
+                                         f"{s!r}")
     return tuple(int(p) for p in parts)
 
 
@@ -131,7 +132,9 @@ class Parser(argparse.ArgumentParser):
 
 def why(e):
     """A short reason for a failed write: the OS's words when there are some."""
-    return e.strerror if isinstance(e, OSError) and e.strerror else "the write failed part-way: disk full or over quota?"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return "the write failed part-way: disk full or over quota?"
 
 
 def check_writable(folder, what):
@@ -180,8 +183,10 @@ def write_png(img, path, what):
 
 def save_image(x, path, what, **grid):
     """(N, 3, H, W) uint8 -> one grid image in the format of `path`'s extension, atomically."""
-    fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # the temporary name has no extension
-    atomic_write(lambda tmp: torchvision.utils.save_image(x.float() / 255, tmp, format=fmt, **grid), path, what)
+    # the temporary name has no extension
+    fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+    atomic_write(lambda tmp: torchvision.utils.save_image(x.float() / 255, tmp, format=fmt, **grid), path,
+                 what)
 
 
 def image_formats():
@@ -286,34 +291,44 @@ def load_checkpoint(path, parts=CHECKED):
     """torch.load(weights_only=True) with one-line errors for missing, corrupt, unsafe, foreign and damaged
     files: the tensors of `parts` must be finite and match their checksums. A folder means its ckpt.pt."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
-        raise CheckpointError(f"{path} is a folder without a ckpt.pt; pass the checkpoint file that train.py wrote")
+        raise CheckpointError(f"{path} is a folder without a ckpt.pt; pass the checkpoint file that "
+                              "train.py wrote")
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote (in its --out folder)")
+        raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote (in its "
+                              "--out folder)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "GLOBAL" in str(e):  # weights_only met a reference to Python code: loading it could run that code
             name = str(e).split("GLOBAL ")[-1].split()[0]
-            raise CheckpointError(f"{path} was refused as unsafe: it refers to Python objects ({name}) that could run "
-                                  "code when loaded, which no checkpoint of this project holds; use a train.py ckpt.pt")
+            raise CheckpointError(f"{path} was refused as unsafe: it refers to Python objects ({name}) that "
+                                  "could run "
+                                  "code when loaded, which no checkpoint of this project holds; use a "
+                                  "train.py ckpt.pt")
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated? "
                               f"{type(e).__name__}); use another checkpoint or retrain")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} was not written by this project's train.py (no '{CKPT_FORMAT}' marker); "
+        raise CheckpointError(f"{path} was not written by this project's train.py (no '{CKPT_FORMAT}' "
+                              "marker); "
                               "pass a ckpt.pt from train.py's --out folder")
     for part in parts:
         if part != "optimizer" and not all(torch.isfinite(v).all() for v in ckpt.get(part, {}).values()
                                            if torch.is_tensor(v) and v.is_floating_point()):
-            raise CheckpointError(f"{path}: its {part} weights are not finite (NaN or inf), so every image would be "
-                                  "blank; the run diverged before this was saved: use an earlier checkpoint or retrain")
+            raise CheckpointError(f"{path}: its {part} weights are not finite (NaN or inf), so every image "
+                                  "would be "
+                                  "blank; the run diverged before this was saved: use an earlier checkpoint "
+                                  "or retrain")
         saved = ckpt.get("checksums", {}).get(part)  # checkpoints before checksums have none
         if saved is not None and part in ckpt and tensor_crc(ckpt[part]) != saved:
-            raise CheckpointError(f"{path}: its {part} tensors fail their checksum, so the file was damaged after "
-                                  "it was written (disk, copy or transfer); use another copy or an earlier checkpoint")
+            raise CheckpointError(f"{path}: its {part} tensors fail their checksum, so the file was damaged "
+                                  "after "
+                                  "it was written (disk, copy or transfer); use another copy or an earlier "
+                                  "checkpoint")
     step = ckpt.get("step")
     if not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{path}: its step {step!r} is not a count of steps; the file was edited or damaged")
+        raise CheckpointError(f"{path}: its step {step!r} is not a count of steps; the file was edited or "
+                              "damaged")
     return ckpt
 
 
@@ -348,7 +363,8 @@ def pick_device(name, local_rank=0, local_world=1):
         raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
     want, n = max(local_world, (device.index or 0) + 1), torch.cuda.device_count()
     if device.type == "cuda" and want > n:
-        raise UsageError(f"{want} processes want a GPU each but {n} GPU{'s are' if n > 1 else ' is'} visible; "
+        raise UsageError(f"{want} processes want a GPU each but {n} GPU{'s are' if n > 1 else ' is'} "
+                         "visible; "
                          f"start torchrun with --nproc_per_node={n} (or fewer), or use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
@@ -358,13 +374,16 @@ def pick_device(name, local_rank=0, local_world=1):
 def autocast(device, precision):
     """--precision -> (its name, the autocast context). auto: bf16 on GPUs with native bf16 (Ampere and
     later), fp16 on older GPUs (is_bf16_supported() alone also counts the slow emulated bf16 of a V100 or T4),
-    fp32 on CPU and MPS. fp32 means fp32: TF32 matmuls and convolutions only come with the mixed precisions."""
+    fp32 on CPU and MPS. fp32 means fp32: TF32 matmuls and convolutions only come with the mixed
+    precisions."""
     if precision == "auto":
         native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         precision = "fp32" if device.type != "cuda" else "bf16" if native else "fp16"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    return precision, contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    if dtype == torch.float32:
+        return precision, contextlib.nullcontext()
+    return precision, torch.autocast(device.type, dtype=dtype)
 
 
 def synchronize(device):
@@ -376,9 +395,9 @@ def synchronize(device):
 
 
 # dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU; the first match wins
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
-               ("L40S", 362), ("L4", 121), ("A10G", 70), ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71),
-               ("V100", 125)]
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250),
+               ("A100", 312), ("L40S", 362), ("L4", 121), ("A10G", 70), ("A10", 125), ("RTX 4090", 165),
+               ("RTX 3090", 71), ("V100", 125)]
 
 
 def device_name(device):
@@ -386,7 +405,9 @@ def device_name(device):
 
 
 def peak_tflops(device):
-    return next((p for k, p in PEAK_TFLOPS if k in device_name(device)), None) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    return next((p for k, p in PEAK_TFLOPS if k in device_name(device)), None)
 
 
 class StopSignals:
@@ -401,7 +422,8 @@ class StopSignals:
 
     def handler(self, signum, frame):
         if not self.signals:
-            self.say(f"\n{signal.Signals(signum).name}: stopping {self.when} and writing a checkpoint; press Ctrl-C "
+            self.say(f"\n{signal.Signals(signum).name}: stopping {self.when} and writing a checkpoint; "
+                     "press Ctrl-C "
                      "again to quit at once without one")
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -436,8 +458,8 @@ def busy_cores(seconds=0.25):
 def set_threads(device, processes=1, say=print):
     """On the CPU: one thread per core that no other program keeps busy, shared by this machine's `processes`.
     A thread that shares its core with another program stalls every parallel op (OpenMP waits for all its
-    threads at each op's end): on 2 cores with one busy, 2 threads trained 6x slower than 1 (REPORT sec. 3.10).
-    OMP_NUM_THREADS, when set, decides instead. -> the thread count."""
+    threads at each op's end): on 2 cores with one busy, 2 threads trained 6x slower than 1 (REPORT sec.
+    3.10). OMP_NUM_THREADS, when set, decides instead. -> the thread count."""
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -475,6 +497,52 @@ def memory_errors(what, fix):
         raise UsageError(f"{what} does not fit the memory ({str(e).splitlines()[0][:80]}); {fix}")
 
 
+def plan_memory(model, loss, x, batch, processes, mode, ctx, say, state_bytes):
+    """Plan a training step's memory from the bytes autograd keeps for backward per image (the slope between
+    loss(x) on 1 and 2 images like x); mode "auto" turns the model's activation checkpointing on only when
+    the batch needs it. A batch that cannot fit is refused, naming one that can. state_bytes: what lives on
+    the device besides (weights, gradients, Adam moments, EMA, DDP's buckets, resident images)."""
+    b, device = batch // processes, x.device
+    if device.type == "mps":  # unified memory, no figure to plan against
+        model.grad_checkpoint = mode == "on"
+        return
+    available = device_memory(device)
+    budget = 0.85 * available
+    for on in ([False, True] if mode == "auto" else [mode == "on"]):
+        model.grad_checkpoint = on
+        per_image = 1.25 * saved_bytes_per_image(model, loss, x, ctx)  # +25%: backward's temporaries
+        need = state_bytes + b * per_image
+        if need <= budget:
+            return say(f"memory: ~{fmt_bytes(need)} for a batch of {b} (of {fmt_bytes(available)} on "
+                       f"{device.type}); activation checkpointing {'on' if on else 'off'}")
+    fit = int((budget - state_bytes) / per_image) * processes
+    hint = f"use --batch-size {fit} or less" if fit >= processes else "use a smaller model (--ch)"
+    hint += ", or --grad-checkpoint auto" if mode == "off" else ""
+    raise UsageError(f"a batch of {batch} needs ~{fmt_bytes(need)}, more than the {fmt_bytes(budget)} a run "
+                     "may "
+                     f"use (85% of the {fmt_bytes(available)} available on {device.type}): {hint}")
+
+
+def saved_bytes_per_image(model, loss, x, ctx):
+    """Bytes that autograd keeps for backward per image: the slope between loss() on 1 and 2 images."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def measure(b):
+        seen, total = set(params), [0]
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total[0] += t.untyped_storage().nbytes()
+            return t
+        xb = torch.randn((b, *x.shape[1:]), device=x.device)
+        what = f"{b} image{'s' * (b > 1)} of {tuple(x.shape[1:])}"
+        with memory_errors(what, "use a smaller --size or --ch"), \
+                ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss(xb)
+        return total[0]
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        return measure(2) - measure(1)
+
+
 def from_rank0(value, group=None):
     """Rank 0's `value` (a number) on every rank of a torchrun job."""
     if not dist.is_initialized():
@@ -507,9 +575,9 @@ def fmt_time(s):
 
 
 class Say:
-    """print(), flushed, that outlives its terminal: once stdout fails (a closed terminal, SIGHUP, a closed pipe
-    as in `| head`), stdout is sent to /dev/null, the lines go to the file `fallback()` names (or nowhere),
-    and on_lost() is called once, so that the run can stop as it would on SIGTERM."""
+    """print(), flushed, that outlives its terminal: once stdout fails (a closed terminal, SIGHUP, a closed
+    pipe as in `| head`), stdout is sent to /dev/null, the lines go to the file `fallback()` names (or
+    nowhere), and on_lost() is called once, so that the run can stop as it would on SIGTERM."""
 
     def __init__(self, fallback=lambda: None, on_lost=lambda: None):
         self.fallback, self.on_lost, self.lost = fallback, on_lost, False
@@ -531,8 +599,9 @@ class Say:
 
 
 class Progress:
-    """Progress lines for a long phase: `done` of `total` `unit`s, with the rate and the ETA once a few seconds
-    have passed, every `every` seconds and at the end; with `first` also at the first call (work has begun)."""
+    """Progress lines for a long phase: `done` of `total` `unit`s, with the rate and the ETA once a few
+    seconds have passed, every `every` seconds and at the end; with `first` also at the first call (work has
+    begun)."""
 
     def __init__(self, total, what, unit, say=print, every=10.0, first=False, last=True):
         self.total, self.what, self.unit, self.say, self.every = total, what, unit, say, every
@@ -558,8 +627,10 @@ class Progress:
 
 
 def image_grid(rows, col_labels, row_labels, scale):
-    """rows: list of (k, 3, H, W) uint8 -> a PIL image, the images enlarged `scale` times (nearest), labelled."""
-    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=255)  # (3, h, w)
+    """rows: list of (k, 3, H, W) uint8 -> a PIL image, the images enlarged `scale` times (nearest),
+    labelled."""
+    # (3, h, w)
+    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=255)
     img = TF.to_pil_image(grid).resize((grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST)
     left, top, cell = 8 + 7 * max(map(len, row_labels)), 16, img.height // len(rows)
     canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
@@ -580,7 +651,8 @@ def nice_ticks(lo, hi, log=False):
         if len(ticks) >= 3:
             return ticks
     raw = (hi - lo) / 5 or 1
-    step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    decade = 10 ** math.floor(math.log10(raw))
+    step = min(m * decade for m in (1, 2, 5, 10) if m * decade >= raw)
     return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
