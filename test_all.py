@@ -1618,17 +1618,19 @@ def test_auto_precision_needs_native_bf16_and_fp32_means_fp32(monkeypatch):
 def test_gpu_train_resume_sample_and_bench(faces, tmp_path):
     # The GPU path end to end: bf16 or fp16 autocast, fused AdamW, channels_last, the GPU-resident images; a
     # resume on the GPU of a checkpoint written on the CPU; sampling. Numbers agree with the CPU's loosely.
+    # (--no-compile: a compiled step is another ~90 s of start-up; the GPU check measures that path)
     out, gpu = str(tmp_path / "run"), ["--device", "cuda"]
     assert run_cli("train.py", *train_args(faces, out, "--max-steps", "2")).returncode == 0  # on the CPU
     r = run_cli("train.py", *train_args(faces, out, "--max-steps", "4", "--resume", "--sample-every", "4",
-                                        "--sample-steps", "2", "--sample-n", "4"), *gpu)
-    assert r.returncode == 0 and "device cuda" in r.stdout and "precision fp32" not in r.stdout, r.stderr[-2000:]
+                                        "--sample-steps", "2", "--sample-n", "4"), *gpu, "--no-compile")
+    assert r.returncode == 0 and "device cuda" in r.stdout, r.stderr[-2000:]
+    assert ", bf16," in r.stdout or ", fp16," in r.stdout, r.stdout  # mixed precision on a GPU
     ckpt = util.load_checkpoint(out)
     assert ckpt["step"] == 4 and ckpt["optimizer"]["param_groups"][0]["fused"] is True
     assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
     r = run_cli("sample.py", out, "--n", "4", "--steps", "3", "--out", str(tmp_path / "g.png"), *gpu)
     assert r.returncode == 0 and os.path.exists(tmp_path / "g.png"), r.stderr[-2000:]
-    r = run_cli("train.py", *TINY, "--bench", "--bench-steps", "2", *gpu)
+    r = run_cli("train.py", *TINY, "--bench", "--bench-steps", "2", *gpu, "--no-compile")
     assert r.returncode == 0 and "host" in r.stdout, r.stderr[-2000:]
 
 
