@@ -80,8 +80,7 @@ def _ints(path, row):
         return [int(v) for v in (raw.split() if isinstance(raw, str) else raw)]
     except ValueError:
         raise DataError(f"{path} line {lineno}: expected an image name and integers; is it an official "
-                        "CelebA "
-                        "annotation file?")
+                        "CelebA annotation file?")
 
 
 def find_layout(path):
@@ -136,10 +135,9 @@ def select(path, split="train", log=print):
         found = [n for n in listed if n in by_name]
         if not found:
             raise DataError(f"{info['partition'] or info['attr']} lists {len(listed):,} images but none of "
-                            "the "
-                            f"{len(on_disk):,} images in {info['image_dir']}; the annotation files do not "
-                            "belong to "
-                            "these images: use matching files or remove them to load a plain folder")
+                            f"the {len(on_disk):,} images in {info['image_dir']}; the annotation files do "
+                            "not belong to these images: use matching files or remove them to load a plain "
+                            "folder")
         if len(found) < len(listed):
             log(f"data: {len(found):,} of {len(listed):,} listed images found")
         if partition is not None and split != "all":
@@ -148,8 +146,8 @@ def select(path, split="train", log=print):
             missing = [n for n in found if n not in attr_rows]
             if missing:
                 raise DataError(f"{info['attr']} has no row for {missing[0]} ({len(missing):,} images in "
-                                "all); the "
-                                "attribute and partition files do not match: use the official pair")
+                                "all); the attribute and partition files do not match: use the official "
+                                "pair")
             rows = [_ints(info["attr"], attr_rows[n]) for n in found]
             if attr_names is None or any(len(r) != len(attr_names) for r in rows):
                 raise DataError(f"{info['attr']}: rows do not have one value per attribute name; use the "
@@ -168,10 +166,8 @@ def pick_attrs(sel, spec):
     """'all' or 'Smiling,Male' -> the attribute names, in the annotation file's order."""
     if sel["attrs"] is None:
         raise DataError(f"attributes {spec}: the {sel['layout']} layout at {sel['image_dir']} has no "
-                        "attribute "
-                        "labels; use a CelebA root with list_attr_celeba.txt (torchvision) or "
-                        "list_attr_celeba.csv "
-                        "(Kaggle), or no attributes")
+                        "attribute labels; use a CelebA root with list_attr_celeba.txt (torchvision) or "
+                        "list_attr_celeba.csv (Kaggle), or no attributes")
     names = sel["attr_names"]
     wanted = names if spec == "all" else [a.strip() for a in spec.split(",") if a.strip()]
     unknown = [a for a in wanted if a not in names]
@@ -292,8 +288,7 @@ def decode_all(files, size, crop, workers=None, log=print):
             progress(i + 1)
     except concurrent.futures.process.BrokenProcessPool:  # a worker was killed (out of memory, or by hand)
         raise DataError(f"a decoding process died after {len(kept) + len(bad):,} of {len(files):,} images "
-                        "(out of "
-                        "memory, or killed?); nothing was cached: run again")
+                        "(out of memory, or killed?); nothing was cached: run again")
     finally:  # also on Ctrl-C: drop the queued work, let the running chunks end
         pool.shutdown(wait=True, cancel_futures=True)
     if len(bad) > MAX_WARNINGS:
@@ -334,8 +329,7 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
     Attributes the data cannot give are an error raised before any decoding."""
     if split not in (*SPLITS, "all") or crop not in CROPS or size < 1:
         raise ValueError(f"split {split!r}, crop {crop!r}, size {size}: the split is one of "
-                         f"{', '.join(SPLITS)} "
-                         f"or all, the crop one of {', '.join(CROPS)}, the size positive")
+                         f"{', '.join(SPLITS)} or all, the crop one of {', '.join(CROPS)}, the size positive")
     sel = select(path, split, log)
     if not sel["files"]:
         raise DataError(f"data folder {path}: no {split} images"
@@ -361,8 +355,7 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
         except Exception as e:
             log(f"data: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
     log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images "
-        "once "
-        f"(crop {crop}, size {size})")
+        f"once (crop {crop}, size {size})")
     images, kept, seconds = decode_all(sel["files"], size, crop, workers, log)
     if not kept:
         raise DataError(f"data folder {path}: none of the {len(sel['files']):,} images could be read; check "
@@ -439,14 +432,10 @@ def fits_on_gpu(nbytes, device):
 
 
 DOWNLOAD_HELP = ("get CelebA by hand: the 'Align&Cropped Images' img_align_celeba.zip plus "
-                 "list_attr_celeba.txt "
-                 "and list_eval_partition.txt from the CelebA website "
-                 "(mmlab.ie.cuhk.edu.hk/projects/CelebA.html) "
-                 "or its Google Drive, unzipped as PATH/celeba/img_align_celeba/*.jpg with the two .txt "
-                 "files in "
-                 "PATH/celeba/; or Kaggle's 'jessicali9530/celeba-dataset' unzipped as is; then give PATH "
-                 "as the "
-                 "data folder")
+                 "list_attr_celeba.txt and list_eval_partition.txt from the CelebA website "
+                 "(mmlab.ie.cuhk.edu.hk/projects/CelebA.html) or its Google Drive, unzipped as "
+                 "PATH/celeba/img_align_celeba/*.jpg with the two .txt files in PATH/celeba/; or Kaggle's "
+                 "'jessicali9530/celeba-dataset' unzipped as is; then give PATH as the data folder")
 NO_NETWORK = ("Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
               "Connection refused", "timed out", "nodename nor servname", "No route to host", "Max retries "
                                                                                               "exceeded",
@@ -473,8 +462,7 @@ def download(path, log=print):
     that says why and how to get CelebA by hand. A folder the failed attempt left empty is removed."""
     if importlib.util.find_spec("gdown") is None:
         raise DataError("the CelebA download needs the gdown package, which torchvision uses for Google "
-                        "Drive: "
-                        f"pip install gdown. Or {DOWNLOAD_HELP}")
+                        f"Drive: pip install gdown. Or {DOWNLOAD_HELP}")
     log(f"data: trying torchvision's CelebA download into {path} (about 1.4 GB; Google Drive often refuses "
         "with a quota error)")
     existed = os.path.exists(path)
@@ -495,22 +483,19 @@ def get_args(argv=None):
     p = util.Parser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview "
                                 "of the crop.")
     p.add_argument("--data", required=True, type=util.path, help="CelebA root (torchvision or Kaggle "
-                                                                 "layout) or "
-                   "any folder of images")
+                   "layout) or any folder of images")
     p.add_argument("--size", type=util.positive(int), default=64, help="image size after crop and resize")
     p.add_argument("--split", default="train", choices=[*SPLITS, "all"], help="which split")
     p.add_argument("--crop", default="auto", choices=CROPS, help="auto: the DDIM CelebA box for 178x218 "
-                                                                 "images, "
-                   "else a centre square; celeba, center, or none (squash)")
-    p.add_argument("--cache-dir", type=util.path, default=None, help="where the decoded tensors go (default: "
-                   "$XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
+                   "images, else a centre square; celeba, center, or none (squash)")
+    p.add_argument("--cache-dir", type=util.path, default=None, help="where the decoded tensors go "
+                   "(default: $XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
     p.add_argument("--workers", type=util.positive(int), default=None, help="decoding processes (default: "
                                                                             "all cores)")
     p.add_argument("--batch-size", type=util.positive(int), default=128, help="batch size for the serving "
                                                                               "speed")
     p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images "
-                                                                 "here "
-                   "('' to skip)")
+                   "here ('' to skip)")
     p.add_argument("--export", type=util.path, default=None, metavar="DIR",
                    help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
     p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into "

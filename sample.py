@@ -215,8 +215,7 @@ def bench(job):
     util.synchronize(job.device)
     dt = time.time() - t0
     say(f"bench: {n / dt:,.1f} images/s | {n} images of {job.size}x{job.size} in {dt:.2f}s | "
-        f"{job.opt.sampler} "
-        f"{job.evals} steps | {dt / job.evals * 1e3:.1f} ms per step")
+        f"{job.opt.sampler} {job.evals} steps | {dt / job.evals * 1e3:.1f} ms per step")
 
 
 @torch.no_grad()
@@ -240,10 +239,8 @@ def bits_per_dim(job):
     se = r["total"].std().item() / math.sqrt(len(r["total"])) if len(r["total"]) > 1 else float("nan")
     how = f"an unbiased estimate from {opt.bpd_t} stratified t per image" if opt.bpd_t else "every t"
     say(f"bits/dim on {len(valid)} validation images (T={diffusion.T}, {how}): prior L_T "
-        f"{r['prior'].mean():.4f} "
-        f"+ sum of L_t {r['vb'].mean():.4f} + decoder L_0 {r['decoder'].mean():.4f} = "
-        f"{r['total'].mean():.4f} "
-        f"+- {se:.4f}")
+        f"{r['prior'].mean():.4f} + sum of L_t {r['vb'].mean():.4f} + decoder L_0 {r['decoder'].mean():.4f} "
+        f"= {r['total'].mean():.4f} +- {se:.4f}")
 
 
 def describe(job, precision):
@@ -269,22 +266,18 @@ def describe(job, precision):
 
 def make_parser():
     p = util.Parser(description="Sample faces from a train.py checkpoint.", epilog="A flag that the mode "
-                                                                                   "does "
-                    "not use is an error, not ignored. CPU threads: one per idle core; OMP_NUM_THREADS=N "
-                    "chooses.")
+                    "does not use is an error, not ignored. CPU threads: one per idle core; "
+                    "OMP_NUM_THREADS=N chooses.")
     pos, real, path = util.positive(int), util.real, util.path
     p.add_argument("ckpt", nargs="?", type=path, default=None, help="checkpoint (out/ckpt.pt, or its folder)")
     p.add_argument("--n", type=pos, default=None, help="number of images (default: 64; --figure reverse: 8)")
     p.add_argument("--batch-size", type=pos, default=256, help="images per forward pass")
     p.add_argument("--sampler", default=None, choices=SAMPLERS, help="DDIM, DPM-Solver++(2M), its SDE twin, "
-                                                                     "or "
-                   f"DDPM's ancestral steps (all T) (default: {DEFAULT_SAMPLER})")
+                   f"or DDPM's ancestral steps (all T) (default: {DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=pos, default=None, help="model evaluations of ddim and dpm++; with "
-                                                           "--mask, "
-                   f"RePaint's steps (default: {DEFAULT_STEPS}; --mask {REPAINT_STEPS})")
+                   f"--mask, RePaint's steps (default: {DEFAULT_STEPS}; --mask {REPAINT_STEPS})")
     p.add_argument("--spacing", default=None, choices=["logsnr", "time"], help="the DPM-Solvers' steps: "
-                                                                               "uniform "
-                   "in log-SNR or in t (default: logsnr)")
+                   "uniform in log-SNR or in t (default: logsnr)")
     p.add_argument("--eta", type=real, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: "
                    f"{DEFAULT_ETA:g}; --interpolate: 0)")
     p.add_argument("--var", default=None, choices=["beta", "posterior"], help="ddpm's sigma_t^2 (default: "
@@ -300,41 +293,35 @@ def make_parser():
                    help="autocast: bf16 on GPUs with native bf16, else fp16; fp32 on CPU/MPS")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
     p.add_argument("--init", type=path, default=None, help="SDEdit: edit this image (cropped and resized as "
-                                                           "in "
-                   "training) instead of sampling from noise")
+                   "in training) instead of sampling from noise")
     p.add_argument("--strength", type=real, default=None, help="SDEdit: noise --init to t = strength * T, "
-                                                               "then "
-                   "denoise (0 returns it, 1 ignores it; default 0.5)")
+                   "then denoise (0 returns it, 1 ignores it; default 0.5)")
     p.add_argument("--crop", default="auto", choices=data.CROPS, help="how --init and a --mask image are "
                    "cropped, as train.py's --crop")
     p.add_argument("--interpolate", type=pos, default=None, metavar="FRAMES", help="a strip of FRAMES faces "
                    "from --seed's noise to --seed + 1's (slerp), with a deterministic sampler")
-    p.add_argument("--attrs", default=None, metavar="NAME=0|1,...", help="attributes of a model trained with "
-                   "--attrs, e.g. 'Smiling=1,Eyeglasses=0'; the others are left free")
+    p.add_argument("--attrs", default=None, metavar="NAME=0|1,...", help="attributes of a model trained "
+                   "with --attrs, e.g. 'Smiling=1,Eyeglasses=0'; the others are left free")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="attributes in plain words, e.g. 'a "
-                                                                  "smiling "
-                   "blond woman, no hat'; it says what it understood and ignored")
+                   "smiling blond woman, no hat'; it says what it understood and ignored")
     p.add_argument("--guidance", type=real, default=None, help="classifier-free guidance weight W: 1 the "
                    f"conditional model, larger follows more strictly (default: {DEFAULT_GUIDANCE:g})")
     p.add_argument("--compare", default=None, metavar="NAME", help="every face with attribute NAME absent "
-                                                                   "(top "
-                   "row) and present (bottom row), from the same noise")
-    p.add_argument("--mask", default=None, metavar="REGION|MASK.png", help=f"inpaint --init (RePaint): "
+                   "(top row) and present (bottom row), from the same noise")
+    p.add_argument("--mask", default=None, metavar="REGION|MASK.png", help="inpaint --init (RePaint): "
                    f"{', '.join(MASKS)}, or the white pixels of a mask image")
     p.add_argument("--jump-length", type=pos, default=None, help="RePaint: steps back up (default: 10)")
     p.add_argument("--jump-n-sample", type=pos, default=None, help="RePaint: passes per jump (default: 10)")
-    p.add_argument("--figure", default=None, choices=FIGURES, help="a figure instead: forward (a face noised "
-                   "under each schedule), reverse (x_t and x0_hat along the sampler, and a GIF), attention "
-                   "(where an eye, the mouth, the background look), schedules, loss (log.csv)")
+    p.add_argument("--figure", default=None, choices=FIGURES, help="a figure instead: forward (a face "
+                   "noised under each schedule), reverse (x_t and x0_hat along the sampler, and a GIF), "
+                   "attention (where an eye, the mouth, the background look), schedules, loss (log.csv)")
     p.add_argument("--bench", action="store_true", help="time sampling one batch")
     p.add_argument("--size", type=pos, default=None, help="--bench without a checkpoint: that size's preset "
                    "(default: 64)")
     p.add_argument("--bpd", type=pos, default=None, metavar="N", help="the bits/dim bound on N validation "
-                                                                      "images "
-                   "of the run's data, every t (T model calls each)")
+                   "images of the run's data, every t (T model calls each)")
     p.add_argument("--bpd-t", type=util.non_negative, default=0, help="--bpd from this many stratified "
-                                                                      "random "
-                   "t per image, an unbiased estimate (0: every t)")
+                   "random t per image, an unbiased estimate (0: every t)")
     p.add_argument("--data", type=path, default=None, help="--bpd: the data (default: the run's)")
     p.add_argument("--cache-dir", type=path, default=None, help="--bpd: the cache of decoded images")
     return p
@@ -381,8 +368,8 @@ def check_flags(args, given):
     for flag, samplers in SAMPLER_FLAGS.items():
         if flag in given and mode != "repaint" and sampler not in samplers:
             raise UsageError(f"--{flag} does not apply to --sampler {sampler} (only to "
-                             f"{', '.join(samplers)}); "
-                             f"drop --{flag}" + (": ddpm takes all T steps; for fewer, use --sampler ddim "
+                             f"{', '.join(samplers)}); drop "
+                             f"--{flag}" + (": ddpm takes all T steps; for fewer, use --sampler ddim "
                                                  "--eta 1"
                                                  if flag == "steps" else ""))
     eta = args.eta if args.eta is not None else 0.0 if mode == "interpolate" else DEFAULT_ETA
@@ -403,21 +390,19 @@ def check_values(opt, given):
     """Each value in its range, each file there, the combinations that make sense."""
     for bad, message in [
         (opt.ckpt is None and opt.mode == "loss", "--figure loss reads the run's log.csv: give the "
-                                                  "checkpoint "
-         "or its folder"),
+         "checkpoint or its folder"),
         (opt.ckpt is None and opt.mode not in ("bench", "schedules"), "no checkpoint given; usage: python "
          "sample.py out/ckpt.pt"),
         (opt.mode == "repaint" and opt.init is None, f"--mask {opt.mask} inpaints an image: give it with "
-                                                     "--init "
-         "IMAGE"),
+         "--init IMAGE"),
         (opt.ckpt is not None and "size" in given, "--size sets the model that --bench times without a "
          "checkpoint; a checkpoint has its own size: drop --size"),
         (not 0 <= opt.eta <= 1, f"--eta {opt.eta:g}: must be in [0, 1] (0 deterministic, 1 DDPM-like); above "
          "1 DDIM adds more noise per step than the chain can take"),
         (opt.mode == "interpolate" and (opt.sampler in ("ddpm", "dpm++sde") or opt.eta > 0), "--interpolate "
          "needs a deterministic sampler, so that every frame is a function of its noise: --sampler ddim "
-         "--eta 0 "
-         f"(the default here) or dpm++, not {opt.sampler}" + (f" with eta {opt.eta:g}" if opt.eta else "")),
+         "--eta 0 (the default here) or dpm++, not "
+         f"{opt.sampler}" + (f" with eta {opt.eta:g}" if opt.eta else "")),
         (opt.strength is not None and not 0 <= opt.strength <= 1, f"--strength {opt.strength}: must be in "
          "[0, 1] (0 returns the image, 1 ignores it; about 0.5 edits it)"),
         (opt.guidance < 0, f"--guidance {opt.guidance}: must be >= 0 (0 ignores the attributes, 1 is the "
@@ -425,17 +410,14 @@ def check_values(opt, given):
         ("guidance" in given and not (opt.attrs or opt.prompt or opt.compare), "--guidance weighs the "
          "attributes asked for: add --attrs NAME=1 (or --prompt TEXT, or --compare NAME)"),
         (opt.prompt is not None and opt.attrs is not None, "--prompt and --attrs both ask for attributes; "
-                                                           "use one "
-         "of them"),
+         "use one of them"),
         ((opt.interpolate or 2) < 2, f"--interpolate {opt.interpolate}: a strip needs at least 2 frames"),
         (opt.mode == "reverse" and opt.n > 8, "--figure reverse draws up to 8 faces, each as two rows; use "
-                                              "--n "
-         f"8 or fewer (not {opt.n})"),
+         f"--n 8 or fewer (not {opt.n})"),
         (opt.attrs is not None and not opt.attrs.strip(", "), "--attrs '': ask for attributes as NAME=1 or "
          "NAME=0, e.g. --attrs Smiling=1; drop --attrs for faces with every attribute left free"),
         (opt.mask not in (None, *MASKS) and not os.path.isfile(opt.mask), f"--mask {opt.mask}: neither a "
-                                                                          "region "
-         f"({', '.join(MASKS)}) nor an image file; give one of them"),
+         f"region ({', '.join(MASKS)}) nor an image file; give one of them"),
         (opt.init is not None and not os.path.isfile(opt.init), f"--init {opt.init}: no such file; give an "
          "image"),
     ]:
@@ -458,8 +440,7 @@ def check_outputs(opt):
         ext = os.path.splitext(opt.out)[1].lower()
         if ext not in util.image_formats():
             raise UsageError(f"--out {opt.out}: '{ext or 'no extension'}' is not an image format Pillow "
-                             "writes; "
-                             "use .png, .jpg or .webp")
+                             "writes; use .png, .jpg or .webp")
         util.check_writable(os.path.dirname(opt.out), "--out")
         util.remove_stale_temporaries(os.path.dirname(opt.out) or ".")
     if opt.out_dir:
@@ -467,10 +448,8 @@ def check_outputs(opt):
             if os.path.isdir(opt.out_dir) else []
         if old:
             raise UsageError(f"--out-dir {opt.out_dir} already holds {len(old):,} numbered PNGs of an "
-                             "earlier run "
-                             f"({min(old)} ...), which the new ones would mix with; remove them or pick "
-                             "another "
-                             "folder")
+                             f"earlier run ({min(old)} ...), which the new ones would mix with; remove them "
+                             "or pick another folder")
         util.check_writable(opt.out_dir, "--out-dir")
         util.remove_stale_temporaries(opt.out_dir)
 
@@ -482,8 +461,7 @@ def parse_attrs(opt, attr_names):
     missing = [a.partition("=")[0] for a in (attrs or "").split(",") if a.partition("=")[0] not in names]
     if opt.prompt and missing:
         raise UsageError(f"--prompt: {opt.understood[missing[0]]!r} asks for {missing[0]}, which this model "
-                         "was "
-                         f"not trained on; it knows {','.join(names) or 'no attributes'}")
+                         f"was not trained on; it knows {','.join(names) or 'no attributes'}")
     if attrs is None and opt.compare is None:
         return None
     if not names:
@@ -515,8 +493,7 @@ def load_image(opt, size, device):
         img = data.preprocess(opt.init, size, opt.crop)
     except Exception as e:
         raise UsageError(f"--init {opt.init}: not an image that can be read ({type(e).__name__}); give a "
-                         ".jpg "
-                         "or .png")
+                         ".jpg or .png")
     return data.to_float(img.unsqueeze(0), device)
 
 
@@ -537,8 +514,7 @@ def load_mask(opt, size, device):
         (mw, mh), (iw, ih) = (Image.open(f).size for f in (opt.mask, opt.init))
         if (mw, mh) != (iw, ih):
             say(f"note: --mask is {mw}x{mh} and --init {iw}x{ih}; each is cropped and resized to "
-                f"{size}x{size} on "
-                "its own, so the mask lines up only if it was drawn on the same frame")
+                f"{size}x{size} on its own, so the mask lines up only if it was drawn on the same frame")
     return (1 - fill).view(1, 1, size, size).to(device)
 
 
@@ -587,8 +563,8 @@ def prompt_to_attrs(prompt):
     if not asked:
         raise UsageError(f"--prompt {prompt!r}: no word of it names a CelebA attribute; try words such as "
                          "smiling, man, woman, blond, glasses, beard, hat, young, old (or --attrs NAME=1)")
-    say(f"prompt: understood {', '.join(f'{a}={v} ({understood[a]!r})' for a, v in asked.items())}; "
-        f"ignored {', '.join(repr(w) for w in ignored) or 'nothing'}")
+    say(f"prompt: understood {', '.join(f'{a}={v} ({understood[a]!r})' for a, v in asked.items())}; ignored "
+        f"{', '.join(repr(w) for w in ignored) or 'nothing'}")
     return ",".join(f"{a}={v}" for a, v in asked.items()), understood
 
 

@@ -191,8 +191,8 @@ def save(cfg, env, run, last, stop):
     path, took = os.path.join(cfg.out, "ckpt.pt"), fmt_time(time.time() - env.t_start)
     run.elapsed = time.time() - run.t0
     saved = checkpoint(cfg, env, run, path, loss_sum)
-    env.say(f"step {run.step} | checkpoint {path}" if saved else f"step {run.step} | weights not finite: "
-                                                                 "not saved")
+    env.say(f"step {run.step} | checkpoint {path}" if saved else f"step {run.step} | weights not finite: not "
+                                                                 "saved")
     if last and cfg.minutes and not env.ckpt:
         env.say(f"--minutes {cfg.minutes:g}: the run took {took} from start to this checkpoint")
     if last and cfg.dry_run:
@@ -466,8 +466,7 @@ def setup(args, given):
     threads = util.set_threads(device, env.local_world, env.say)
     threads = f" ({threads} threads)" if device.type == "cpu" else ""
     env.say(f"device {device} x {world} process{'es' if world > 1 else ''}{threads}, {env.precision}, "
-            "compile "
-            f"{env.compile}, channels_last {env.channels_last}, seed {cfg.seed}")
+            f"compile {env.compile}, channels_last {env.channels_last}, seed {cfg.seed}")
     if not cfg.bench:
         check_out(cfg, env)
     return cfg, env
@@ -495,8 +494,7 @@ def resumed(args, given, env):
         util.model_from_checkpoint(ckpt, path, weights, device="meta")
     if not all(k in ckpt for k in ("args", "optimizer", "scaler")):
         raise util.CheckpointError(f"{path} lacks the optimizer state that a resume needs (another "
-                                   "version?); "
-                                   "sample from it with sample.py, or start a new run")
+                                   "version?); sample from it with sample.py, or start a new run")
     cfg = vars(args).copy()
     if "out" not in given and args.resume != "latest":  # --resume PATH continues in the checkpoint's folder
         cfg["out"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
@@ -508,8 +506,7 @@ def resumed(args, given, env):
             flag = "--" + k.replace("_", "-")
             show = lambda x: ",".join(map(str, x)) if isinstance(x, tuple) else x
             raise UsageError(f"{flag} {show(cfg[k])} contradicts the checkpoint's {show(v)} ({path}); drop "
-                             f"{flag} "
-                             "to continue the run, or start a new run in another --out")
+                             f"{flag} to continue the run, or start a new run in another --out")
         if k not in given:
             cfg[k] = v
     if "epochs" in given and "max_steps" not in given:  # extending by epochs: the saved --max-steps goes
@@ -534,14 +531,11 @@ def check_args(cfg, given, env):
         (cfg.other_data and not cfg.resume, "--other-data lets a resume continue on other images; add "
                                             "--resume"),
         (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1, each AdamW step moves the weights by more than their size "
-                     "and "
-         "the run diverges; diffusion U-Nets train at about 1e-4 to 5e-4 (default 2e-4)"),
+         "and the run diverges; diffusion U-Nets train at about 1e-4 to 5e-4 (default 2e-4)"),
         (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes to condition "
-                                                             "on, "
-         "e.g. --attrs Smiling,Male, or 'all'; drop --attrs for an unconditional model"),
+         "on, e.g. --attrs Smiling,Male, or 'all'; drop --attrs for an unconditional model"),
         (loose[0] and not cfg.attrs, f"{loose[0]} sets how a conditional model drops its attributes; add "
-                                     "--attrs "
-         "NAMES, or drop it"),
+         "--attrs NAMES, or drop it"),
         (not 0 <= cfg.p_uncond <= 1, f"--p-uncond {cfg.p_uncond}: must be a probability in [0, 1], e.g. 0.1"),
         (cfg.weight_decay < 0, f"--weight-decay {cfg.weight_decay:g}: must be >= 0 (0 is none)"),
         (not 0 <= cfg.ema_decay < 1, f"--ema-decay {cfg.ema_decay}: must be in [0, 1), e.g. 0.9999"),
@@ -566,8 +560,7 @@ def check_args(cfg, given, env):
         raise UsageError(f"{flag}{origin} {message}")
     if cfg.size not in unet.PRESETS and not env.ckpt:
         env.say(f"model: --size {cfg.size} takes the --size {base} preset (--ch, --ch-mult, "
-                "--num-res-blocks, "
-                "--attn-res and --dropout override it)")
+                "--num-res-blocks, --attn-res and --dropout override it)")
 
 
 def check_out(cfg, env):
@@ -582,9 +575,9 @@ def check_out(cfg, env):
     listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
     if old and not cfg.resume and not cfg.overwrite:
         raise UsageError(f"--out {cfg.out} already holds "
-                         f"{'a run' if 'ckpt.pt' in old else 'an earlier run'}'s "
-                         f"files ({listed}); continue it with python train.py --resume --out "
-                         f"{shlex.quote(cfg.out)}, pick another --out, or pass --overwrite to replace it")
+                         f"{'a run' if 'ckpt.pt' in old else 'an earlier run'}'s files ({listed}); continue "
+                         f"it with python train.py --resume --out {shlex.quote(cfg.out)}, pick another "
+                         "--out, or pass --overwrite to replace it")
     env.lock, env.made = util.claim_folder(cfg.out, "--out")  # last: nothing after it can fail
     for f in old if cfg.overwrite else []:
         os.remove(os.path.join(cfg.out, f))
@@ -604,9 +597,8 @@ def check_model_fits(cfg, env):
     available = util.device_memory(env.device) if env.device.type != "mps" else math.inf
     if need > available:
         raise UsageError(f"the model ({params / 1e6:,.1f}M parameters at {net.image_size}x{net.image_size}) "
-                         "needs "
-                         f"at least {fmt_bytes(need)}, more than the {fmt_bytes(available)} available on "
-                         f"{env.device.type}: use a smaller --ch or --size")
+                         f"needs at least {fmt_bytes(need)}, more than the {fmt_bytes(available)} available "
+                         f"on {env.device.type}: use a smaller --ch or --size")
 
 # -----------------------------------------------------------------------------
 # data, model, optimizer, plan
@@ -628,8 +620,7 @@ def load_data(cfg, env):
     if saved and saved != data_id and not cfg.other_data:
         raise UsageError(f"--data {cfg.data} ({n:,} images) is not the data the checkpoint's run trained on "
                          f"({env.ckpt['train_images']:,}); resume with the run's data, or pass --other-data "
-                         "to "
-                         "continue on these")
+                         "to continue on these")
     if env.master and not (env.ckpt or cfg.minutes or cfg.dry_run) and env.device.type != "cuda":
         estimate_run(cfg, env, n)
     if env.ddp and not env.master:
@@ -655,8 +646,8 @@ def build(cfg, env, faces, val, data_id, given):
     net = unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(cfg, attrs)
     if tuple(net.attrs) != attrs:
         raise UsageError(f"the checkpoint's model is conditioned on {','.join(net.attrs) or 'nothing'}, but "
-                         "--data "
-                         f"{cfg.data} gives {','.join(attrs) or 'no attributes'}; resume with the run's data")
+                         f"--data {cfg.data} gives {','.join(attrs) or 'no attributes'}; resume with the "
+                         "run's data")
     run = make_run(cfg, env, net)
     resident = data.fits_on_gpu(faces["images"].nbytes, env.device)
     plan_memory(cfg, env, run, faces["images"].nbytes if resident else 0)
@@ -669,8 +660,7 @@ def build(cfg, env, faces, val, data_id, given):
     steps = "set once the first are timed" if math.isinf(run.plan.total) else f"{run.plan.total:,}"
     short = run.plan.warmup < cfg.warmup and not (env.ckpt or cfg.dry_run) and math.isfinite(run.plan.total)
     env.say(f"data: {len(faces['images']):,} training images, {run.batches.steps_per_epoch:,} steps per "
-            "epoch at "
-            f"batch {cfg.batch_size}; steps: {steps}, lr warm-up {run.plan.warmup:,}"
+            f"epoch at batch {cfg.batch_size}; steps: {steps}, lr warm-up {run.plan.warmup:,}"
             + (f" (--warmup {cfg.warmup} is more than a tenth of the run)" if short else ""))
     if env.master:
         open_log(cfg, env, run)
@@ -786,7 +776,7 @@ def estimate_run(cfg, env, n_images):
     line = (f"estimate: {steps:,} steps of {cfg.batch_size} images at ~{per_step:.1f} s each on this "
             f"{env.device.type}: about {fmt_time(steps * per_step)}")
     if steps * per_step > 86400:
-        line += (f"; far beyond a day here. For faces on this machine in 30 minutes: python train.py --data "
+        line += ("; far beyond a day here. For faces on this machine in 30 minutes: python train.py --data "
                  f"{shlex.quote(cfg.data)} --size 32 --minutes 30")
     env.say(line)
 
@@ -811,16 +801,14 @@ def fit_model_to_minutes(cfg, env, given):
     fits = [i for i in faster if budget / per_step[i] >= MIN_STEPS]
     ch, b = candidates[int(util.from_rank0(fits[0] if fits else min(faster, key=per_image.get), env.ctrl))]
     env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b} --dropout {net_of(ch).dropout:g}, the "
-            "widest "
-            f"of {', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch) faster per image than "
-            "the wider "
-            f"ones that leaves >= {MIN_STEPS:,} steps" + ("" if fits else " (none does: the fastest per "
+            f"widest of {', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch) faster per image "
+            f"than the wider ones that leaves >= {MIN_STEPS:,} "
+            "steps" + ("" if fits else " (none does: the fastest per "
                                                                           "image)"))
     lr = cfg.lr if "lr" in given else cfg.lr * base.ch / ch
     if lr != cfg.lr:
         env.say(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}, the preset's "
-                "width "
-                "over the model's: a narrower net takes larger steps")
+                "width over the model's: a narrower net takes larger steps")
     return replace(cfg, ch=ch, batch_size=b, dropout=net_of(ch).dropout, lr=lr)
 
 
@@ -853,18 +841,15 @@ def replan(cfg, env, run, rate):
     img_s, p = f"{rate * cfg.batch_size:,.1f} img/s", run.plan
     if not first:
         return env.say(f"--minutes {cfg.minutes:g}: now {img_s}; the run will end at step {total:,} (EMA "
-                       "decay "
-                       f"{p.ema_decay:.5f})")
+                       f"decay {p.ema_decay:.5f})")
     env.say(f"--minutes {cfg.minutes:g}: {img_s} measured: {total:,} steps in all "
-            f"({total / run.batches.steps_per_epoch:.2f}"
-            f" epochs), lr warm-up {p.warmup:,} steps then {cfg.lr_decay} decay to step {total:,}, EMA decay "
-            f"{p.ema_decay:.5f}")
+            f"({total / run.batches.steps_per_epoch:.2f} epochs), lr warm-up {p.warmup:,} steps then "
+            f"{cfg.lr_decay} decay to step {total:,}, EMA decay {p.ema_decay:.5f}")
     if total < FACE_STEPS and env.master:
         per_step, final = budget_terms(cfg, run, rate)
         need = time.time() - env.t_start + (FACE_STEPS - run.step) * per_step + final
         env.say(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces, so the samples may be "
-                "mostly "
-                f"noise; faces come from about {FACE_STEPS:,} steps, which take about --minutes "
+                f"mostly noise; faces come from about {FACE_STEPS:,} steps, which take about --minutes "
                 f"{math.ceil(need / 60)} on this machine")
 
 
@@ -957,15 +942,12 @@ def bench(cfg, env):
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a"
     bound = ", launch-bound" if min(host) > 0.8 * dt and device.type != "cpu" else ""
     env.say(f"bench: {util.device_name(device)} | size {cfg.size} | batch {b}/process x {env.world} | "
-            f"{env.precision} "
-            f"| compile {env.compile} | channels_last {env.channels_last} | activation checkpointing "
-            f"{run.model.grad_checkpoint}")
-    env.say(f"bench: {b * env.world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step (host {min(host) * 1e3:.1f} "
-            "ms to "
-            f"issue one{bound}) | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | "
-            f"{tflops:.2f} "
-            "TFLOP/s/process | " + (f"MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s" if peak else
-                                     "MFU n/a (pass --peak-tflops)"))
+            f"{env.precision} | compile {env.compile} | channels_last {env.channels_last} | activation "
+            f"checkpointing {run.model.grad_checkpoint}")
+    env.say(f"bench: {b * env.world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step (host {min(host) * 1e3:.1f} ms "
+            f"to issue one{bound}) | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | "
+            f"{tflops:.2f} TFLOP/s/process | " + (f"MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s"
+                                                  if peak else "MFU n/a (pass --peak-tflops)"))
     return 0
 
 # -----------------------------------------------------------------------------
@@ -989,16 +971,14 @@ def make_parser():
                            "OMP_NUM_THREADS=N chooses.")
     pos, real, num, path = util.positive(int), util.real, util.non_negative, util.path
     g = p.add_argument_group("data")
-    g.add_argument("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout), or "
-                   "a folder of images")
+    g.add_argument("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout), "
+                   "or a folder of images")
     g.add_argument("--download", action="store_true", help="first try torchvision's CelebA download (needs "
                                                            "gdown)")
     g.add_argument("--size", type=pos, default=64, help="image size; picks the U-Net preset (32, 64, 128, "
-                                                        "256; "
-                   "another size takes the nearest below)")
+                   "256; another size takes the nearest below)")
     g.add_argument("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM box for 178x218 "
-                                                                      "CelebA, "
-                   "else a centre square")
+                   "CelebA, else a centre square")
     g.add_argument("--cache-dir", type=path, default=None, help="decoded images (default: "
                                                                 "~/.cache/ddpm-faces)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
@@ -1018,14 +998,12 @@ def make_parser():
     g.add_argument("--attrs", default=None, help="condition on CelebA attributes: 'all' or names, e.g. "
                    "Smiling,Male (default: unconditional)")
     g.add_argument("--attr-film", action="store_true", help="the attributes also scale and shift every "
-                                                            "block's "
-                   "features (FiLM)")
+                   "block's features (FiLM)")
     g.add_argument("--p-uncond", type=real, default=0.1, help="probability of dropping an image's whole "
                    "condition (guidance needs the unconditional model)")
     g.add_argument("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each "
                    "attribute: a number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, but a "
-                   "rarer "
-                   "state is kept unless all are dropped (REPORT sec. 3.7)")
+                   "rarer state is kept unless all are dropped (REPORT sec. 3.7)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=pos, default=100, help="passes over the training split")
     g.add_argument("--max-steps", type=pos, default=None, help="stop after this many steps (not --epochs)")
@@ -1046,8 +1024,9 @@ def make_parser():
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: "
                    "bf16 on GPUs with native bf16, else fp16; fp32 on CPU/MPS (fp32 is without TF32)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
-                   "model: ~90 s to start, faster steps (default: on CUDA with Triton, except --dry-run)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile "
+                   "the model: ~90 s to start, faster steps (default: on CUDA with Triton, except "
+                   "--dry-run)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on, except an eager step on a GPU)")
     g.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute each "
@@ -1055,31 +1034,28 @@ def make_parser():
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--out", type=path, default="out", help="folder for ckpt.pt, sample grids and log.csv")
     g.add_argument("--overwrite", action="store_true", help="a new run in an --out that holds one, removing "
-                                                            "its "
-                   "files")
+                   "its files")
     g.add_argument("--log-every", type=pos, default=100, help="a progress line every N steps")
     g.add_argument("--sample-every", type=num, default=5000, help="an EMA sample grid from fixed noise "
-                                                                  "every N "
-                   "steps (0: never; --minutes: four over the run)")
-    g.add_argument("--sample-steps", type=pos, default=DEFAULT_STEPS, help=f"steps of the default sampler "
+                   "every N steps (0: never; --minutes: four over the run)")
+    g.add_argument("--sample-steps", type=pos, default=DEFAULT_STEPS, help="steps of the default sampler "
                    f"({DEFAULT_SAMPLER}, eta {DEFAULT_ETA:g}) for the grids")
     g.add_argument("--sample-n", type=pos, default=64, help="images in a grid")
-    g.add_argument("--eval-every", type=num, default=5000, help="the EMA's validation loss every N steps (0: "
-                   "never)")
+    g.add_argument("--eval-every", type=num, default=5000, help="the EMA's validation loss every N steps "
+                   "(0: never)")
     g.add_argument("--eval-images", type=pos, default=1024, help="validation images per evaluation")
     g.add_argument("--ckpt-every", type=num, default=5000, help="write ckpt.pt every N steps (0: at the end)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, type=path, help="continue a run from "
-                   "its checkpoint (a path, or none: ckpt.pt in --out), with its settings")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, type=path, help="continue a run "
+                   "from its checkpoint (a path, or none: ckpt.pt in --out), with its settings")
     g.add_argument("--other-data", action="store_true", help="with --resume: continue on other images than "
-                                                             "the "
-                   "run's (else refused)")
+                   "the run's (else refused)")
     g.add_argument("--dry-run", action="store_true", help="2 steps of one image, an evaluation, a one-image "
                    "grid and a checkpoint: a quick check of a setup")
     g = p.add_argument_group("benchmark")
     g.add_argument("--bench", action="store_true", help="time training steps on synthetic data: img/s, MFU")
     g.add_argument("--bench-steps", type=pos, default=20, help="timed steps for --bench")
-    g.add_argument("--peak-tflops", type=util.positive(float), default=None, help="the device's peak TFLOP/s "
-                   "for MFU (default: from a table)")
+    g.add_argument("--peak-tflops", type=util.positive(float), default=None, help="the device's peak "
+                   "TFLOP/s for MFU (default: from a table)")
     return p
 
 

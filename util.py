@@ -249,8 +249,8 @@ def lock_folder(folder, what):
         f.seek(0)
         pid = f.read().strip() or "?"
         f.close()
-        raise UsageError(f"{what} {folder} is in use by another run (process {pid}); wait for it to end, "
-                         f"or pass another {what}")
+        raise UsageError(f"{what} {folder} is in use by another run (process {pid}); wait for it to end, or "
+                         f"pass another {what}")
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -291,8 +291,8 @@ def load_checkpoint(path, parts=CHECKED):
     """torch.load(weights_only=True) with one-line errors for missing, corrupt, unsafe, foreign and damaged
     files: the tensors of `parts` must be finite and match their checksums. A folder means its ckpt.pt."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
-        raise CheckpointError(f"{path} is a folder without a ckpt.pt; pass the checkpoint file that "
-                              "train.py wrote")
+        raise CheckpointError(f"{path} is a folder without a ckpt.pt; pass the checkpoint file that train.py "
+                              "wrote")
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote (in its "
@@ -303,28 +303,24 @@ def load_checkpoint(path, parts=CHECKED):
         if "GLOBAL" in str(e):  # weights_only met a reference to Python code: loading it could run that code
             name = str(e).split("GLOBAL ")[-1].split()[0]
             raise CheckpointError(f"{path} was refused as unsafe: it refers to Python objects ({name}) that "
-                                  "could run "
-                                  "code when loaded, which no checkpoint of this project holds; use a "
-                                  "train.py ckpt.pt")
+                                  "could run code when loaded, which no checkpoint of this project holds; "
+                                  "use a train.py ckpt.pt")
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated? "
                               f"{type(e).__name__}); use another checkpoint or retrain")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} was not written by this project's train.py (no '{CKPT_FORMAT}' "
-                              "marker); "
-                              "pass a ckpt.pt from train.py's --out folder")
+                              "marker); pass a ckpt.pt from train.py's --out folder")
     for part in parts:
         if part != "optimizer" and not all(torch.isfinite(v).all() for v in ckpt.get(part, {}).values()
                                            if torch.is_tensor(v) and v.is_floating_point()):
             raise CheckpointError(f"{path}: its {part} weights are not finite (NaN or inf), so every image "
-                                  "would be "
-                                  "blank; the run diverged before this was saved: use an earlier checkpoint "
-                                  "or retrain")
+                                  "would be blank; the run diverged before this was saved: use an earlier "
+                                  "checkpoint or retrain")
         saved = ckpt.get("checksums", {}).get(part)  # checkpoints before checksums have none
         if saved is not None and part in ckpt and tensor_crc(ckpt[part]) != saved:
             raise CheckpointError(f"{path}: its {part} tensors fail their checksum, so the file was damaged "
-                                  "after "
-                                  "it was written (disk, copy or transfer); use another copy or an earlier "
-                                  "checkpoint")
+                                  "after it was written (disk, copy or transfer); use another copy or an "
+                                  "earlier checkpoint")
     step = ckpt.get("step")
     if not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: its step {step!r} is not a count of steps; the file was edited or "
@@ -343,8 +339,8 @@ def model_from_checkpoint(ckpt, path, weights="ema", device="cpu"):
     try:
         return unet.from_checkpoint(ckpt, weights, device), diffusion_from_checkpoint(ckpt)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} does not match this version of unet.py "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise CheckpointError(f"{path} does not match this version of unet.py ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})")
 
 # -----------------------------------------------------------------------------
 # the device, its precision, and the CPU's threads
@@ -364,8 +360,7 @@ def pick_device(name, local_rank=0, local_world=1):
     want, n = max(local_world, (device.index or 0) + 1), torch.cuda.device_count()
     if device.type == "cuda" and want > n:
         raise UsageError(f"{want} processes want a GPU each but {n} GPU{'s are' if n > 1 else ' is'} "
-                         "visible; "
-                         f"start torchrun with --nproc_per_node={n} (or fewer), or use --device cpu")
+                         f"visible; start torchrun with --nproc_per_node={n} (or fewer), or use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
     return device
@@ -422,9 +417,8 @@ class StopSignals:
 
     def handler(self, signum, frame):
         if not self.signals:
-            self.say(f"\n{signal.Signals(signum).name}: stopping {self.when} and writing a checkpoint; "
-                     "press Ctrl-C "
-                     "again to quit at once without one")
+            self.say(f"\n{signal.Signals(signum).name}: stopping {self.when} and writing a checkpoint; press "
+                     "Ctrl-C again to quit at once without one")
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.signals.append(signum)
@@ -519,8 +513,7 @@ def plan_memory(model, loss, x, batch, processes, mode, ctx, say, state_bytes):
     hint = f"use --batch-size {fit} or less" if fit >= processes else "use a smaller model (--ch)"
     hint += ", or --grad-checkpoint auto" if mode == "off" else ""
     raise UsageError(f"a batch of {batch} needs ~{fmt_bytes(need)}, more than the {fmt_bytes(budget)} a run "
-                     "may "
-                     f"use (85% of the {fmt_bytes(available)} available on {device.type}): {hint}")
+                     f"may use (85% of the {fmt_bytes(available)} available on {device.type}): {hint}")
 
 
 def saved_bytes_per_image(model, loss, x, ctx):
