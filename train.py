@@ -43,7 +43,8 @@ from diffusion import DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, OBJECTIVES, S
 from util import UsageError, fmt_bytes, fmt_time
 
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # one line, exit code 2
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGPIPE: 141}
+SIGHUP, SIGPIPE = getattr(signal, "SIGHUP", 1), getattr(signal, "SIGPIPE", 13)  # (not on Windows)
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, SIGHUP: 129, SIGPIPE: 141}  # 128 + the signal
 MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (REPORT sec. 3.5)
 FACE_STEPS = 1000  # 1,037 steps made faces at the scaled lr (REPORT sec. 3.5); fewer get a warning
 COMPILE_SECONDS = 90  # torch.compile's warm-up of the 64 px preset on an H200: 87 s (REPORT sec. 3.10)
@@ -198,8 +199,8 @@ def save(cfg, env, run, last, stop):
     if last and cfg.dry_run:
         env.say(f"dry run: the setup works ({took}; a checkpoint of {fmt_bytes(os.path.getsize(path))})")
     if stop:
-        why = {signal.SIGHUP: " (the terminal closed)", signal.SIGPIPE: " (stdout closed)"}.get(stop, "")
-        env.say(f"interrupted by {signal.Signals(stop).name}{why} at step {run.step}" + (
+        name = {SIGHUP: "SIGHUP (the terminal closed)", SIGPIPE: "SIGPIPE (stdout closed)"}.get(stop)
+        env.say(f"interrupted by {name or signal.Signals(stop).name} at step {run.step}" + (
             f"; checkpoint written. Continue with: python train.py --resume --out {shlex.quote(cfg.out)}"
             if saved else ""))
 
@@ -435,7 +436,7 @@ def setup(args, given):
     env = Env(ddp, rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), time.time(), args.out)
     # rank 0 prints; once stdout is gone, into --out/stdout.log, and the run stops with a checkpoint
     env.say = util.Say(lambda: os.path.join(env.out, "stdout.log") if os.path.isdir(env.out) else None,
-                       lambda: env.signals.append(signal.SIGPIPE)) if env.master else lambda *a, **k: None
+                       lambda: env.signals.append(SIGPIPE)) if env.master else lambda *a, **k: None
     cfg = resumed(args, given, env) if args.resume else argparse.Namespace(**vars(args))
     check_args(cfg, given, env)
     minutes = cfg.minutes and not cfg.resume

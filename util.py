@@ -413,7 +413,8 @@ class StopSignals:
 
     def __init__(self, signals, say, when="after this step"):
         self.signals, self.say, self.when = signals, say, when
-        self.saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        kinds = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # Windows
+        self.saved = {s: signal.getsignal(s) for s in kinds}
 
     def handler(self, signum, frame):
         if not self.signals:
