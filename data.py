@@ -313,7 +313,8 @@ def cache_file(cache_dir, path, split, crop, size):
     return os.path.join(cache_dir, f"faces-{split}-{crop}-{size}-{key}.pt")
 
 
-def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print, attrs=None):
+def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print, attrs=None,
+         sel=None):
     """The images of one split as a uint8 tensor, from the cache when it is fresh.
     -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache,
     ..., cond (N, K) uint8 and cond_names: the columns `attrs` ('all' or 'Smiling,Male') asks for, or None)
@@ -321,7 +322,7 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
     if split not in (*SPLITS, "all") or crop not in CROPS or size < 1:
         raise ValueError(f"split {split!r}, crop {crop!r}, size {size}: the split is one of "
                          f"{', '.join(SPLITS)} or all, the crop one of {', '.join(CROPS)}, the size positive")
-    sel = select(path, split, log)
+    sel = sel or select(path, split, log)  # a caller that has selected already passes its selection
     if not sel["files"]:
         raise DataError(f"data folder {path}: no {split} images"
                         + (" (a folder of one image keeps it for training)" if sel["layout"] == "folder"

@@ -1281,11 +1281,7 @@ def test_a_new_run_never_replaces_a_run(faces, tmp_path, capsys):
 
 def test_two_runs_in_one_out_folder_the_second_is_refused(faces, tmp_path, capsys):
     out = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
-                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:
-        if "step 1/" in line:
-            break
+    p = long_run(faces, out, until="step 1/")
     r = run_cli("train.py", *train_args(faces, out, "--max-steps", "5", "--seed", "22", "--overwrite"))
     one_line_error(r, f"--out {out} is in use by another run (process {p.pid})")
     os.kill(p.pid, signal.SIGKILL)  # the holder dies without a word: its lock goes with it
@@ -1653,29 +1649,20 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(faces, tmp_path, monkeyp
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_ctrl_c_writes_a_checkpoint(faces, tmp_path):
-    out = str(tmp_path / "int")
+def long_run(faces, out, until="step 2/", stderr=subprocess.STDOUT):
+    """A training run in another process that would last for ever, once it has printed `until`."""
     p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
-                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:
-        if "step 2/" in line:
-            p.send_signal(signal.SIGINT)
-            break
-    rest = p.communicate(timeout=120)[0]
-    assert p.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
-    assert util.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] >= 2
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    next(line for line in p.stdout if until in line)
+    return p
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signals_write_a_checkpoint_and_the_hint_resumes(faces, tmp_path, sig, code, capsys):
     import shlex
     out = str(tmp_path / "sp ace")
-    p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
-                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:
-        if "step 2/" in line:
-            p.send_signal(sig)
-            break
+    p = long_run(faces, out)
+    p.send_signal(sig)
     rest = p.communicate(timeout=120)[0]
     assert p.returncode == code and "interrupted" in rest and "Traceback" not in rest, rest
     assert "stopping now and writing a checkpoint" in rest  # acknowledged at once
@@ -1691,12 +1678,8 @@ def test_signals_write_a_checkpoint_and_the_hint_resumes(faces, tmp_path, sig, c
 def test_a_closed_stdout_stops_the_run_with_a_checkpoint(faces, tmp_path):
     # `train.py ... | head -2`: the reader goes away; the run stops as on SIGTERM, and says so in its --out
     out = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, "-u", "train.py", *train_args(faces, out, "--max-steps", "100000")],
-                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in p.stdout:
-        if "step 2/" in line:
-            p.stdout.close()
-            break
+    p = long_run(faces, out, stderr=subprocess.PIPE)
+    p.stdout.close()
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 141 and "Traceback" not in err and util.load_checkpoint(out)["step"] >= 2, err
     said = open(os.path.join(out, "stdout.log")).read()

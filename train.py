@@ -613,7 +613,7 @@ def load_data(cfg, env):
             data.select(cfg.data)
         except data.DataError:
             data.download(cfg.data, env.say)
-    sel = data.select(cfg.data, "train", log=lambda *a: None)
+    sel = data.select(cfg.data, "train", log=env.say)
     n, data_id, saved = len(sel["files"]), data.identity(sel), env.ckpt and env.ckpt.get("data_id")
     if n < cfg.batch_size:
         raise UsageError(f"--data {cfg.data}: the train split has {n:,} images, fewer than --batch-size "
@@ -626,7 +626,8 @@ def load_data(cfg, env):
         estimate_run(cfg, env, n)
     if env.ddp and not env.master:
         dist.barrier()  # rank 0 decodes and writes the cache first; the others then load it
-    faces = data.load(cfg.data, cfg.size, "train", cfg.crop, cfg.cache_dir, log=env.say, attrs=cfg.attrs)
+    faces = data.load(cfg.data, cfg.size, "train", cfg.crop, cfg.cache_dir, log=env.say, attrs=cfg.attrs,
+                      sel=sel)
     if env.ddp and env.master:
         dist.barrier()
     val = None
@@ -965,12 +966,13 @@ def drop_rate(s):
 
 
 def make_parser():
+    """The flags of the data, the model and its attributes; then add_run_flags."""
     may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
     p = util.Parser(description="Train a DDPM (denoising diffusion) on CelebA faces.",
                     epilog=f"--resume takes every setting from the checkpoint; only these may change: {may} "
                            "(--data: a moved copy of the same images). CPU threads: one per idle core; "
                            "OMP_NUM_THREADS=N chooses.")
-    pos, real, num, path = util.positive(int), util.real, util.non_negative, util.path
+    pos, real, path = util.positive(int), util.real, util.path
     g = p.add_argument_group("data")
     g.add_argument("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout), "
                    "or a folder of images")
@@ -1005,6 +1007,13 @@ def make_parser():
     g.add_argument("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each "
                    "attribute: a number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, but a "
                    "rarer state is kept unless all are dropped (REPORT sec. 3.7)")
+    add_run_flags(p)
+    return p
+
+
+def add_run_flags(p):
+    """The flags of how a run trains, how fast, and what it writes."""
+    pos, real, num, path = util.positive(int), util.real, util.non_negative, util.path
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=pos, default=100, help="passes over the training split")
     g.add_argument("--max-steps", type=pos, default=None, help="stop after this many steps (not --epochs)")
@@ -1057,7 +1066,6 @@ def make_parser():
     g.add_argument("--bench-steps", type=pos, default=20, help="timed steps for --bench")
     g.add_argument("--peak-tflops", type=util.positive(float), default=None, help="the device's peak "
                    "TFLOP/s for MFU (default: from a table)")
-    return p
 
 
 if __name__ == "__main__":
