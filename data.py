@@ -1,11 +1,11 @@
 """
 CelebA loading: find the layout, choose the split, crop and resize every image once into a uint8 tensor
-cache, then serve random batches from memory (on the GPU when it fits). Also the crop itself, which
-sample.py applies to an image it edits, and [-1, 1] <-> uint8.
+cache, then serve random batches from memory (on the GPU when it fits). Also the crop, which sample.py
+applies to an image it edits.
 
 Layouts accepted as the data folder PATH:
-  torchvision  PATH/celeba/img_align_celeba/*.jpg + list_eval_partition.txt, list_attr_celeba.txt
-               (PATH may also be the celeba folder itself)
+  torchvision  PATH/celeba/img_align_celeba/*.jpg + list_eval_partition.txt, list_attr_celeba.txt (or
+               the same in PATH itself)
   kaggle       PATH/img_align_celeba/img_align_celeba/*.jpg + list_eval_partition.csv, list_attr_celeba.csv
   folder       any folder of .jpg/.jpeg/.png/.webp images, searched recursively, no labels
 
@@ -25,7 +25,6 @@ import warnings
 
 import torch
 import torchvision
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
@@ -33,18 +32,16 @@ import util
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CROPS = ("auto", "celeba", "center", "none")
-# The crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image.
+# the crop of the DDIM CelebA-64 reference: a 128x128 box centred at (x=89, y=121) of the 178x218 image
 CELEBA_W, CELEBA_H, CELEBA_CX, CELEBA_CY, CELEBA_SIDE = 178, 218, 89, 121, 128
-# torchvision 0.29 deprecates its codecs; they work
-warnings.filterwarnings("ignore", message=".*TorchCodec.*")
+warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 deprecates its codecs
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 CACHE_VERSION = 2  # 2: a CRC-32 of the image bytes, verified on load
 MAX_WARNINGS = 10
 
 
 class DataError(Exception):
-    """Bad data (a missing folder, no images, annotation files that do not fit): the message names the
-    problem and the fix, and is printed as one line."""
+    """Bad data (no folder, no images, annotations that do not fit): one line that names the fix."""
 
 
 def default_cache_dir():
@@ -55,56 +52,45 @@ def default_cache_dir():
 
 
 def _read_table(path):
-    """list_*.txt or list_*.csv -> (column names or None, {image name: (lineno, raw values)}). Values stay
-    text until `_ints` parses the rows actually used (202,599 rows take seconds to parse)."""
-    rows = {}
+    """list_*.txt or .csv -> (column names or None, {image name: (line number, values as text)}); `_ints`
+    parses only the rows used (all 202,599 take seconds)."""
     with open(path, newline="") as f:
-        if path.endswith(".csv"):
-            reader = csv.reader(f)
-            header = next(reader, [])[1:]
-            lines = ((i + 2, r[0], r[1:]) for i, r in enumerate(reader) if r)
-        else:  # official txt: the attribute file starts with a count line and a names line
-            lines = [(i + 1, *(line.split(None, 1) + [""])[:2]) for i, line in enumerate(f) if line.strip()]
-            header = None
-            if lines and lines[0][1].isdigit() and not lines[0][2].strip():
-                header, lines = [lines[1][1]] + lines[1][2].split(), lines[2:]
-        for lineno, name, raw in lines:
-            rows[name] = (lineno, raw)
-    return header, rows
+        rows = csv.reader(f) if path.endswith(".csv") else (line.split() for line in f)
+        lines = [(i + 1, r) for i, r in enumerate(rows) if r]
+    header = None
+    if path.endswith(".csv"):  # image_id,5_o_Clock_Shadow,...
+        header, lines = (lines[0][1][1:] if lines else []), lines[1:]
+    elif lines and len(lines[0][1]) == 1 and lines[0][1][0].isdigit():  # official txt: a count, then names
+        header, lines = (lines[1][1] if len(lines) > 1 else []), lines[2:]
+    return header, {r[0]: (lineno, r[1:]) for lineno, r in lines}
 
 
 def _ints(path, row):
-    lineno, raw = row
     try:
-        return [int(v) for v in (raw.split() if isinstance(raw, str) else raw)]
+        return [int(v) for v in row[1]]
     except ValueError:
-        raise DataError(f"{path} line {lineno}: expected an image name and integers; is it an official "
+        raise DataError(f"{path} line {row[0]}: expected an image name and integers; is it an official "
                         "CelebA annotation file?")
 
 
 def find_layout(path):
     """-> dict(layout, image_dir, partition file or None, attr file or None)."""
     path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
-        raise DataError(f"data folder {path}: no such folder; give your CelebA folder (README, 'Getting "
-                        "CelebA')")
-    if not os.path.isdir(path):
+    if os.path.isfile(path):
         raise DataError(f"data folder {path}: is a file; give a folder (the CelebA root or a folder of "
                         "images)")
-    def first(*names):
-        return next((n for n in names if os.path.isfile(n)), None)
-    for root in (os.path.join(path, "celeba"), path):  # torchvision
-        part = first(os.path.join(root, "list_eval_partition.txt"))
-        attr = first(os.path.join(root, "list_attr_celeba.txt"))
-        if os.path.isdir(os.path.join(root, "img_align_celeba")) and (part or attr):
-            image_dir = os.path.join(root, "img_align_celeba")
-            return dict(layout="torchvision", image_dir=image_dir, partition=part, attr=attr)
-    part = first(os.path.join(path, "list_eval_partition.csv"))
-    attr = first(os.path.join(path, "list_attr_celeba.csv"))
-    inner = os.path.join(path, "img_align_celeba")
-    for image_dir in (os.path.join(inner, "img_align_celeba"), inner):
-        if os.path.isdir(image_dir) and (part or attr):  # kaggle
-            return dict(layout="kaggle", image_dir=image_dir, partition=part, attr=attr)
+    if not os.path.isdir(path):
+        raise DataError(f"data folder {path}: no such folder; give your CelebA folder (README, 'Getting "
+                        "CelebA')")
+    celeba, aligned = os.path.join(path, "celeba"), os.path.join("img_align_celeba", "img_align_celeba")
+    for layout, ext, root, images in [("torchvision", "txt", celeba, "img_align_celeba"),
+                                      ("torchvision", "txt", path, "img_align_celeba"),
+                                      ("kaggle", "csv", path, aligned),
+                                      ("kaggle", "csv", path, "img_align_celeba")]:
+        part, attr = (os.path.join(root, f"list_{name}.{ext}") for name in ("eval_partition", "attr_celeba"))
+        part, attr = (f if os.path.isfile(f) else None for f in (part, attr))
+        if os.path.isdir(os.path.join(root, images)) and (part or attr):
+            return dict(layout=layout, image_dir=os.path.join(root, images), partition=part, attr=attr)
     return dict(layout="folder", image_dir=path, partition=None, attr=None)
 
 
@@ -118,47 +104,42 @@ def list_images(image_dir):
 
 
 def select(path, split="train", log=print):
-    """Find the images of one split. -> dict(layout, files, attrs (N, 40) uint8 0/1 or None, attr_names,
-    ...)."""
+    """Find the images of one split. -> dict(layout, image_dir, partition, attr, files, attrs (N, 40) uint8
+    0/1 or None, attr_names, split)."""
     info = find_layout(path)
-    on_disk = list_images(info["image_dir"])
-    if not on_disk:
+    files, attrs, attr_names = list_images(info["image_dir"]), None, None
+    if not files:
         raise DataError(f"data folder {info['image_dir']}: no images found (looked for {', '.join(IMG_EXTS)} "
                         "recursively); give the folder that holds img_align_celeba, or your images")
-    by_name = {os.path.basename(f): f for f in on_disk}
-    attr_names, attrs = None, None
-    if info["partition"] or info["attr"]:
-        _, partition = _read_table(info["partition"]) if info["partition"] else (None, None)
-        attr_names, attr_rows = _read_table(info["attr"]) if info["attr"] else (None, None)
-        listed = list(partition or attr_rows)
-        found = [n for n in listed if n in by_name]
-        if not found:
-            raise DataError(f"{info['partition'] or info['attr']} lists {len(listed):,} images but none of "
-                            f"the {len(on_disk):,} images in {info['image_dir']}; the annotation files do "
-                            "not belong to these images: use matching files or remove them to load a plain "
-                            "folder")
-        if len(found) < len(listed):
-            log(f"data: {len(found):,} of {len(listed):,} listed images found")
-        if partition is not None and split != "all":
-            found = [n for n in found if _ints(info["partition"], partition[n])[:1] == [SPLITS[split]]]
-        if attr_rows is not None:
-            missing = [n for n in found if n not in attr_rows]
-            if missing:
-                raise DataError(f"{info['attr']} has no row for {missing[0]} ({len(missing):,} images in "
-                                "all); the attribute and partition files do not match: use the official "
-                                "pair")
-            rows = [_ints(info["attr"], attr_rows[n]) for n in found]
-            if attr_names is None or any(len(r) != len(attr_names) for r in rows):
-                raise DataError(f"{info['attr']}: rows do not have one value per attribute name; use the "
-                                "official file")
-            # (N, 40), 1 = has the attribute
-            attrs = (torch.tensor(rows, dtype=torch.int8) > 0).to(torch.uint8)
-        files = [by_name[n] for n in found]
-        if partition is None and split != "all":
-            files, attrs = _holdout(files, attrs, split)
-    else:
-        files, attrs = _holdout(on_disk, None, split)
-    return dict(info, files=files, attrs=attrs, attr_names=attr_names, split=split)
+    part_file, attr_file = info["partition"], info["attr"]
+    if not (part_file or attr_file):
+        return dict(info, files=_holdout(files, split), attrs=None, attr_names=None, split=split)
+    by_name = {os.path.basename(f): f for f in files}
+    _, partition = _read_table(part_file) if part_file else (None, None)
+    attr_names, attr_rows = _read_table(attr_file) if attr_file else (None, None)
+    listed = list(partition or attr_rows)
+    names = [n for n in listed if n in by_name]
+    if not names:
+        raise DataError(f"{part_file or attr_file} lists {len(listed):,} images but none of the "
+                        f"{len(files):,} in {info['image_dir']}; the annotation files do not belong to these "
+                        "images: use matching files or remove them to load a plain folder")
+    if len(names) < len(listed):
+        log(f"data: {len(names):,} of {len(listed):,} listed images found")
+    if partition is None:
+        names = _holdout(names, split)
+    elif split != "all":
+        names = [n for n in names if _ints(part_file, partition[n])[:1] == [SPLITS[split]]]
+    if attr_rows is not None:
+        missing = [n for n in names if n not in attr_rows]
+        if missing:
+            raise DataError(f"{attr_file} has no row for {missing[0]} ({len(missing):,} images in all); the "
+                            "attribute and partition files do not match: use the official pair")
+        rows = [_ints(attr_file, attr_rows[n]) for n in names]
+        if attr_names is None or any(len(r) != len(attr_names) for r in rows):
+            raise DataError(f"{attr_file}: rows do not have one value per attribute name; use the official "
+                            "file")
+        attrs = (torch.tensor(rows, dtype=torch.int8) > 0).to(torch.uint8)  # (N, 40), 1 = has the attribute
+    return dict(info, files=[by_name[n] for n in names], attrs=attrs, attr_names=attr_names, split=split)
 
 
 def pick_attrs(sel, spec):
@@ -172,27 +153,26 @@ def pick_attrs(sel, spec):
     unknown = [a for a in wanted if a not in names]
     if unknown or not wanted or len(set(wanted)) < len(wanted):
         wrong = f"no attribute {unknown[0]!r}" if unknown else "name each attribute once"
-        raise DataError(f"attributes {spec}: {wrong}"
-                        + f"; choose 'all' or some of {','.join(names)}")
+        raise DataError(f"attributes {spec}: {wrong}; choose 'all' or some of {','.join(names)}")
     return [a for a in names if a in wanted]
 
 
-def _holdout(files, attrs, split):
-    """Without an official partition: the last 2% of the sorted files, at least 1 and at most 1,000, are the
-    valid (and test) slice. A folder of one image keeps it for training."""
-    if split == "all":
-        return files, attrs
-    n_val = min(1000, max(1, len(files) // 50)) if len(files) > 1 else 0
-    keep = slice(0, len(files) - n_val) if split == "train" else slice(len(files) - n_val, len(files))
-    return files[keep], (attrs[keep] if attrs is not None else None)
+def _holdout(files, split):
+    """Without an official partition: the last 2% of the sorted files (1 to 1,000) are the valid and test
+    slice; a folder of one image keeps it for training."""
+    n_val = min(1000, max(1, len(files) // 50)) if len(files) > 1 and split != "all" else 0
+    return files[:len(files) - n_val] if split in ("train", "all") else files[len(files) - n_val:]
 
 
-def identity(sel):
-    """What makes a selection the same data wherever it lies: a hash of the image paths relative to the image
-    folder and their sizes. A moved or copied CelebA keeps it; other images, or more or fewer, change it."""
+def identity(sel, stamps=False):
+    """A hash of the image paths (relative to the image folder) and sizes: a moved copy keeps it. With
+    `stamps`, also their times and the annotation files: the cache's test of freshness."""
     h = hashlib.sha1()
     for f in sel["files"]:
         h.update(f"{os.path.relpath(f, sel['image_dir'])}|{os.path.getsize(f)}\n".encode())
+    for f in sel["files"] + [sel["partition"], sel["attr"]] if stamps else []:
+        st = os.stat(f) if f else None
+        h.update(f"{f}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 # -----------------------------------------------------------------------------
@@ -214,20 +194,9 @@ def crop_box(w, h, crop):
 
 
 def decode(path):
-    """Any image file -> (3, H, W) uint8 RGB. Grayscale, RGBA, palette, CMYK and 16-bit are converted."""
-    try:  # a truncated or corrupt JPEG raises here, and again in PIL below: the file is skipped
-        img = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        img = None
-    if img is None:  # formats torchvision cannot take (e.g. CMYK or exotic PNGs): PIL, strictly
-        with Image.open(path) as im:
-            im.load()
-            if im.mode.startswith("I;16") or im.mode == "I":
-                im = im.point(lambda v: v / 257).convert("L")
-            img = TF.pil_to_tensor(im.convert("RGB"))
-    if img.dtype != torch.uint8:  # 16-bit PNG
-        img = TF.to_dtype(img, torch.uint8, scale=True)
-    return img
+    """An image file -> (3, H, W) uint8 RGB (from gray, RGBA, palette, CMYK, 16-bit); raises if corrupt."""
+    img = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
+    return TF.to_dtype(img, torch.uint8, scale=True)  # a 16-bit PNG comes as uint16
 
 
 def preprocess(path, size, crop):
@@ -256,7 +225,7 @@ def _preprocess_or_none(job):
     try:  # raw bytes: torch would send every tensor through its own shared-memory segment
         return preprocess(path, size, crop).numpy().tobytes(), None
     except Exception as e:  # unreadable, corrupt or truncated: skipped with a warning
-        return None, f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, f"{path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def _worker_init():
@@ -264,15 +233,14 @@ def _worker_init():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: one line, not one per worker
 
 
-def decode_all(files, size, crop, workers=None, log=print):
-    """Preprocess every file on all cores (a process pool: torchvision's decoders hold the GIL).
+def decode_all(files, size, crop, log=print):
+    """Preprocess every file in a process pool (torchvision's decoders hold the GIL).
     -> ((N, 3, size, size) uint8, kept indices, seconds)"""
-    workers = min(workers or os.cpu_count() or 1, max(1, len(files) // 64))
+    workers = min(os.cpu_count() or 1, max(1, len(files) // 64))
     images, kept, bad = torch.empty(len(files), 3, size, size, dtype=torch.uint8), [], []
-    fork = "fork" in multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if fork else "spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
-    progress = util.Progress(len(files), f"data: decoding on {workers} process{'es' if workers > 1 else ''}",
+    start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context(start), _worker_init)
+    progress = util.Progress(len(files), f"data: decoding on {workers} process{'es' * (workers > 1)}",
                              "images", log, every=5, first=True)
     try:
         done = pool.map(_preprocess_or_none, [(f, size, crop) for f in files], chunksize=32)
@@ -298,46 +266,31 @@ def decode_all(files, size, crop, workers=None, log=print):
 # the cache: one file per (data path, split, crop, size)
 
 
-def _fingerprint(files, info):
-    """Names, sizes and mtimes of the selected files and annotations: any change means a stale cache."""
-    h = hashlib.sha1()
-    for f in files + [info["partition"] or "", info["attr"] or ""]:
-        st = os.stat(f) if f else None
-        h.update(f"{f}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}\n".encode())
-    return h.hexdigest()
-
-
 def cache_file(cache_dir, path, split, crop, size):
     key = f"{os.path.abspath(os.path.expanduser(path))}|{split}|{crop}|{size}"
     key = hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"faces-{split}-{crop}-{size}-{key}.pt")
 
 
-def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, log=print, attrs=None,
-         sel=None):
-    """The images of one split as a uint8 tensor, from the cache when it is fresh.
-    -> dict(images (N, 3, size, size) uint8, attrs (N, 40) uint8 or None, attr_names, files, layout, cache,
-    ..., cond (N, K) uint8 and cond_names: the columns `attrs` ('all' or 'Smiling,Male') asks for, or None)
-    Attributes the data cannot give are an error raised before any decoding."""
-    if split not in (*SPLITS, "all") or crop not in CROPS or size < 1:
-        raise ValueError(f"split {split!r}, crop {crop!r}, size {size}: the split is one of "
-                         f"{', '.join(SPLITS)} or all, the crop one of {', '.join(CROPS)}, the size positive")
-    sel = sel or select(path, split, log)  # a caller that has selected already passes its selection
+def load(path, size, split="train", crop="auto", cache_dir=None, log=print, attrs=None, sel=None):
+    """The images of one split (of `sel` if given), from the cache when it is fresh. -> the selection with
+    images (N, 3, size, size) uint8, cache, decode_seconds, and cond (N, K) uint8 and cond_names: the
+    attributes `attrs` names ('all' or 'Smiling,Male'), checked before decoding."""
+    sel = sel or select(path, split, log)
     if not sel["files"]:
-        raise DataError(f"data folder {path}: no {split} images"
-                        + (" (a folder of one image keeps it for training)" if sel["layout"] == "folder"
-                           else ""))
+        raise DataError(f"data folder {path}: no {split} images" + (
+            " (a folder of one image keeps it for training)" if sel["layout"] == "folder" else ""))
     cond_names = pick_attrs(sel, attrs) if attrs else None
     cache = cache_file(cache_dir or default_cache_dir(), path, split, crop, size)
     util.check_writable(os.path.dirname(cache), "cache folder")  # fail before decoding, not after
     util.remove_stale_temporaries(os.path.dirname(cache))  # left by a process killed while it wrote a cache
-    fingerprint = _fingerprint(sel["files"], sel)
+    fingerprint = identity(sel, stamps=True)
     if os.path.exists(cache):
         t0 = time.time()
         try:
             c = torch.load(cache, mmap=True, weights_only=True)
             ok = (c.get("version") == CACHE_VERSION and c.get("fingerprint") == fingerprint
-                  and c["images"].shape[0] == len(c["files"]) and c["images"].shape[1:] == (3, size, size))
+                  and c["images"].shape == (len(c["files"]), 3, size, size))
             if ok and util.tensor_crc(c["images"]) == c["checksum"]:
                 log(f"data: loaded {len(c['files']):,} {split} images from cache {cache} in "
                     f"{time.time() - t0:.1f}s")
@@ -348,15 +301,14 @@ def load(path, size, split="train", crop="auto", cache_dir=None, workers=None, l
             log(f"data: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
     log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images "
         f"once (crop {crop}, size {size})")
-    images, kept, seconds = decode_all(sel["files"], size, crop, workers, log)
+    images, kept, seconds = decode_all(sel["files"], size, crop, log)
     if not kept:
         raise DataError(f"data folder {path}: none of the {len(sel['files']):,} images could be read; check "
                         "the files")
     c = dict(version=CACHE_VERSION, fingerprint=fingerprint, images=images, checksum=util.tensor_crc(images),
              files=[sel["files"][i] for i in kept],
              attrs=sel["attrs"][kept] if sel["attrs"] is not None else None)
-    # a failed write never leaves a half-written cache
-    util.atomic_write(lambda tmp: torch.save(c, tmp), cache, "cache folder")
+    util.atomic_write(lambda tmp: torch.save(c, tmp), cache, "cache folder")  # never a half-written cache
     log(f"data: wrote cache {cache} ({images.numel() / 2**20:,.0f} MiB)")
     return with_cond(dict(sel, **c, cache=cache, decode_seconds=seconds), cond_names)
 
@@ -370,12 +322,9 @@ def with_cond(d, cond_names):
 
 
 class Batches:
-    """Random training batches from the uint8 image tensor, with horizontal flips done on the batch.
-
-    Every rank holds the same images and draws the same per-epoch permutation; a global batch of
-    `batch_size` images is split into `world` equal shards and rank r takes shard r. So the batches
-    are the same whatever the number of GPUs, and resuming under another world size continues the
-    same data order."""
+    """Random training batches of the uint8 images, flipped on the device. Every rank draws the same
+    permutation per epoch and takes its shard of each global batch: the same batches for any number of GPUs,
+    so a resume under another world size continues the same data order."""
 
     def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None,
                  resident=None):
@@ -390,32 +339,28 @@ class Batches:
             images = images.pin_memory()
         self.images, self.batch_size, self.device, self.seed = images, batch_size, device, seed
         self.attrs = attrs.to(device) if attrs is not None else None  # (N, K) uint8 0/1
-        self.rank, self.world, self.flip = rank, world, flip
+        self.shard = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+        self.flip, self.perm_epoch = flip, None
         self.steps_per_epoch = len(images) // batch_size  # the last partial batch of an epoch is dropped
-        self._perm_epoch, self._perm = None, None
 
     def get(self, step, generator):
-        """The local shard of global batch `step` (0-based): ((B/world, 3, H, W) floats in [-1, 1], its
-        attributes (B/world, K) uint8 or None). `generator` (on self.device) draws the flips, which keep
-        every attribute."""
+        """This rank's shard of global batch `step`: ((B/world, 3, H, W) in [-1, 1], (B/world, K) uint8
+        attributes or None). `generator` (on the device) draws the flips."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        if self._perm_epoch != epoch:  # a fixed permutation per epoch, the same on every rank
+        if self.perm_epoch != epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
-            self._perm_epoch = epoch
-        b = self.batch_size // self.world
-        mine = slice(self.rank * b, (self.rank + 1) * b)  # this rank's shard of the global batch
-        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size][mine]
+            self.perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
+            self.perm_epoch = epoch
+        idx = self.perm[i * self.batch_size:(i + 1) * self.batch_size][self.shard]
         x = to_float(self.images[idx], self.device)
         if self.flip:
-            flip = torch.rand(self.batch_size, generator=generator, device=self.device)[mine] < 0.5
+            flip = torch.rand(self.batch_size, generator=generator, device=self.device)[self.shard] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x, (self.attrs[idx.to(self.attrs.device)] if self.attrs is not None else None)
 
 
 def fits_on_gpu(nbytes, device):
-    """Whether `nbytes` of training images should live on `device`: a GPU with 30% of its free memory to
-    spare."""
+    """Whether `nbytes` of images live on `device`: a GPU, if they take under 30% of its free memory."""
     device = torch.device(device)
     return device.type == "cuda" and nbytes < 0.3 * torch.cuda.mem_get_info(device)[0]
 
@@ -423,35 +368,18 @@ def fits_on_gpu(nbytes, device):
 # the download
 
 
-DOWNLOAD_HELP = ("get CelebA by hand: the 'Align&Cropped Images' img_align_celeba.zip plus "
-                 "list_attr_celeba.txt and list_eval_partition.txt from the CelebA website "
-                 "(mmlab.ie.cuhk.edu.hk/projects/CelebA.html) or its Google Drive, unzipped as "
-                 "PATH/celeba/img_align_celeba/*.jpg with the two .txt files in PATH/celeba/; or Kaggle's "
-                 "'jessicali9530/celeba-dataset' unzipped as is; then give PATH as the data folder")
-NO_NETWORK = ("Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
-              "Connection refused", "timed out", "nodename nor servname", "No route to host", "Max retries "
-                                                                                              "exceeded",
-              "ConnectionError", "URLError")
+DOWNLOAD_HELP = ("get CelebA by hand: img_align_celeba.zip ('Align&Cropped Images'), list_attr_celeba.txt "
+                 "and list_eval_partition.txt from mmlab.ie.cuhk.edu.hk/projects/CelebA.html, unzipped as "
+                 "PATH/celeba/img_align_celeba/*.jpg with the .txt files in PATH/celeba/, or Kaggle's "
+                 "jessicali9530/celeba-dataset unzipped as is; then give PATH as the data folder")
+NO_NETWORK = ("URLError", "ConnectionError", "ConnectTimeout", "gaierror", "timed out", "No route to host",
+              "Network is unreachable", "Connection refused")
 QUOTA = ("Too many users", "quota", "Cannot retrieve the public link", "FileURLRetrievalError")
 
 
-def download_failure(e):
-    """What went wrong in a failed download, in words: no network, a Google Drive refusal, or other."""
-    chain = []
-    while e is not None and len(chain) < 10:  # the exception and what caused it
-        chain.append(f"{type(e).__name__}: {e}")
-        e = e.__cause__ or e.__context__
-    text = " | ".join(chain)
-    if any(k in text for k in QUOTA):
-        return "Google Drive refused the file (its quota for CelebA is used up; this often lasts a day)"
-    if any(k in text for k in NO_NETWORK):
-        return "no network: Google Drive could not be reached"
-    return chain[0].splitlines()[0][:300]
-
-
 def download(path, log=print):
-    """torchvision's CelebA download (it needs the gdown package for Google Drive); on failure a DataError
-    that says why and how to get CelebA by hand. A folder the failed attempt left empty is removed."""
+    """torchvision's CelebA download (it needs gdown). A failure leaves no empty folder and raises a DataError
+    that says why and how to get CelebA by hand."""
     if importlib.util.find_spec("gdown") is None:
         raise DataError("the CelebA download needs the gdown package, which torchvision uses for Google "
                         f"Drive: pip install gdown. Or {DOWNLOAD_HELP}")
@@ -461,73 +389,62 @@ def download(path, log=print):
     try:
         torchvision.datasets.CelebA(path, split="all", target_type="attr", download=True)
     except Exception as e:
-        # leave nothing empty behind that was not there before
-        for folder in (os.path.join(path, "celeba"), path):
+        for folder in (os.path.join(path, "celeba"), path):  # the empty folders that were not there before
             if os.path.isdir(folder) and not os.listdir(folder) and (folder != path or not existed):
                 os.rmdir(folder)
-        raise DataError(f"the CelebA download failed: {download_failure(e)}. Or {DOWNLOAD_HELP}")
+        chain = []  # the exception and what caused it
+        while e is not None and len(chain) < 10:
+            chain, e = chain + [f"{type(e).__name__}: {e}"], e.__cause__ or e.__context__
+        text, why = " | ".join(chain), chain[0].splitlines()[0][:300]
+        if any(k in text for k in NO_NETWORK):
+            why = "no network: Google Drive could not be reached"
+        if any(k in text for k in QUOTA):
+            why = "Google Drive refused the file (its quota for CelebA is used up; this often lasts a day)"
+        raise DataError(f"the CelebA download failed: {why}. Or {DOWNLOAD_HELP}")
 
 # -----------------------------------------------------------------------------
 # python data.py: check a data folder
 
 
 def get_args(argv=None):
-    p = util.Parser(description="Check a CelebA folder: layout, splits, cache, decode speed and a preview "
-                                "of the crop.")
-    p.add_argument("--data", required=True, type=util.path, help="CelebA root (torchvision or Kaggle "
-                   "layout) or any folder of images")
+    p = util.Parser(description="Check a CelebA folder: layout, splits, cache, speed, the crop.")
+    p.add_argument("--data", required=True, type=util.path, help="CelebA root (torchvision or Kaggle layout) "
+                   "or any folder of images")
     p.add_argument("--size", type=util.positive(int), default=64, help="image size after crop and resize")
     p.add_argument("--split", default="train", choices=[*SPLITS, "all"], help="which split")
-    p.add_argument("--crop", default="auto", choices=CROPS, help="auto: the DDIM CelebA box for 178x218 "
-                   "images, else a centre square; celeba, center, or none (squash)")
-    p.add_argument("--cache-dir", type=util.path, default=None, help="where the decoded tensors go "
-                   "(default: $XDG_CACHE_HOME or ~/.cache, then ddpm-faces)")
-    p.add_argument("--workers", type=util.positive(int), default=None, help="decoding processes (default: "
-                                                                            "all cores)")
-    p.add_argument("--batch-size", type=util.positive(int), default=128, help="batch size for the serving "
-                                                                              "speed")
-    p.add_argument("--preview", default="data_preview.png", help="write a grid of 64 preprocessed images "
-                   "here ('' to skip)")
-    p.add_argument("--export", type=util.path, default=None, metavar="DIR",
-                   help="also write every preprocessed image as a PNG into DIR (for FID statistics)")
-    p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download into "
-                                                           "--data")
+    p.add_argument("--crop", default="auto", choices=CROPS, help="auto: the DDIM box for 178x218 CelebA, "
+                   "else a centre square; none squashes the whole frame")
+    p.add_argument("--cache-dir", type=util.path, default=None, help="decoded images (default: "
+                   "~/.cache/ddpm-faces)")
+    p.add_argument("--preview", default="data_preview.png", help="a grid of 64 preprocessed images "
+                   "('': none)")
+    p.add_argument("--export", type=util.path, default=None, metavar="DIR", help="also write every "
+                   "preprocessed image as a PNG into DIR (real images for a face score)")
+    p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download")
     return p.parse_args(argv)
 
 
-def summary(d, split, workers, t0):
-    print(f"layout:  {d['layout']} ({d['image_dir']})")
-    labels = f", {len(d['attr_names'])} attributes" if d["attrs"] is not None else ", no labels"
-    print(f"images:  {len(d['files']):,} in split '{split}'{labels}")
+def summary(d, args, t0):
+    """What was loaded, and how fast: decoding (or the cache), serving batches."""
+    labels = f"{len(d['attr_names'])} attributes" if d["attrs"] is not None else "no labels"
+    print(f"layout:  {d['layout']} ({d['image_dir']})\nimages:  {len(d['files']):,} in split {args.split}, "
+          f"{labels}")
     if d["partition"]:
-        _, part = _read_table(d["partition"])
-        present = {os.path.basename(f) for f in list_images(d["image_dir"])}
-        counts = {s: sum(1 for n, v in part.items() if n in present and _ints(d["partition"], v)[:1] == [k])
-                  for s, k in SPLITS.items()}
-        print("splits:  " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " (official partition, on "
-                                                                                 "disk)")
+        sizes = [f"{s} {len(select(args.data, s, log=lambda _: None)['files']):,}" for s in SPLITS]
+        print(f"splits:  {', '.join(sizes)} (official partition)")
     print(f"cache:   {d['cache']} ({d['images'].numel() / 2**20:,.1f} MiB)")
-    if d["decode_seconds"]:
-        n = workers or os.cpu_count()
-        print(f"decode:  {len(d['files']) / d['decode_seconds']:,.0f} img/s on {n} "
-              f"process{'es' if n > 1 else ''}")
-    else:
-        print(f"decode:  cached, loaded in {time.time() - t0:.1f}s")
-
-
-def serving_speed(images, batch_size):
-    """How fast training batches come out of the cache."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    b, g = Batches(images, batch_size, device, seed=0), torch.Generator(device=device)
-    b.get(0, g)
-    t1, n = time.time(), 0
-    while time.time() - t1 < 2 or n < 10:
-        b.get(n, g)
-        n += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt = time.time() - t1
-    print(f"serve:   {n / dt:,.0f} batches/s of {batch_size} on {device} ({n * batch_size / dt:,.0f} img/s)")
+    seconds = d["decode_seconds"]
+    print(f"decode:  {len(d['files']) / seconds:,.0f} img/s" if seconds else
+          f"decode:  cached, loaded in {time.time() - t0:.1f}s")
+    b = 128  # serving: training batches from the cache, on the GPU if there is one
+    if len(d["images"]) >= b:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        batches, g, n, t1 = Batches(d["images"], b, device, 0), torch.Generator(device), 0, None
+        while n < 10 or time.time() - t1 < 2:
+            batches.get(n, g)
+            t1, n = t1 or time.time(), n + 1  # the first batch (the permutation) is not timed
+        util.synchronize(torch.device(device))
+        print(f"serve:   {(n - 1) * b / (time.time() - t1):,.0f} img/s in batches of {b} on {device}")
 
 
 def main(argv=None):
@@ -538,10 +455,8 @@ def main(argv=None):
         if args.download:
             download(args.data)
         t0 = time.time()
-        d = load(args.data, args.size, args.split, args.crop, args.cache_dir, args.workers)
-        summary(d, args.split, args.workers, t0)
-        if len(d["images"]) >= args.batch_size:
-            serving_speed(d["images"], args.batch_size)
+        d = load(args.data, args.size, args.split, args.crop, args.cache_dir)
+        summary(d, args, t0)
         if args.preview:
             util.save_image(d["images"][:64], args.preview, "--preview", nrow=8, padding=2)
             print(f"preview: {args.preview}")
