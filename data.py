@@ -283,7 +283,6 @@ def load(path, size, split="train", crop="auto", cache_dir=None, log=print, attr
     cond_names = pick_attrs(sel, attrs) if attrs else None
     cache = cache_file(cache_dir or default_cache_dir(), path, split, crop, size)
     util.check_writable(os.path.dirname(cache), "cache folder")  # fail before decoding, not after
-    util.remove_stale_temporaries(os.path.dirname(cache))  # left by a process killed while it wrote a cache
     fingerprint = identity(sel, stamps=True)
     if os.path.exists(cache):
         t0 = time.time()

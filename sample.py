@@ -7,8 +7,8 @@ Draw faces from a checkpoint written by train.py; the checkpoint alone rebuilds 
     python sample.py out/ckpt.pt --bpd 500                    # the bits/dim bound on validation images
     python sample.py --bench                                  # images/s of the default sampler
 
-The core first: load the checkpoint -> draw -> write. Then one function per other mode, the flags and the
-table of the flags each mode takes, and last the figures of REPORT.md.
+The core first: load the checkpoint -> draw -> write. Then the other modes, the flags and the table of the
+flags each mode takes, and last the figures of REPORT.md.
 """
 import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # short OpenMP spinning, as in train.py
@@ -71,8 +71,7 @@ def run(args, given):
                  forward=figure_forward, reverse=figure_reverse, attention=figure_attention)
     if opt.mode in other:
         return other[opt.mode](job)
-    # plain sampling, SDEdit of --init and RePaint of --init's hole: batch after batch, PNGs as they come;
-    # the grid starts with --init (its hole grey with --mask)
+    # sampling, SDEdit of --init or RePaint of its hole, batch after batch; the grid starts with --init
     grid = [] if job.x_init is None else [data.to_uint8(job.x_init * (1 if job.mask is None else job.mask))]
     progress, done = util.Progress(opt.n, "sampling", "images", say), 0
     while done < opt.n:
@@ -82,22 +81,21 @@ def run(args, given):
         write_pngs(opt, x, done)
         done += len(x)
     write_grid(opt, grid)
-    say(f"wrote {opt.out}" + (f" and {opt.n} PNGs in {opt.out_dir}" if opt.out_dir else ""))
 
 
 @dataclass
 class Job:
-    """Everything a draw needs, resolved from the flags and the checkpoint."""
+    """Everything a draw needs, from the flags and the checkpoint."""
     opt: argparse.Namespace  # the flags, with the mode's defaults
-    model: torch.nn.Module  # the EMA weights, in eval mode (compiled with --compile)
+    model: torch.nn.Module  # the EMA weights, in eval mode
     diffusion: GaussianDiffusion
     attr_names: tuple  # the model's attributes; () for an unconditional model
     size: int
     device: torch.device
     ctx: object  # the autocast context
     generator: torch.Generator
-    steps: int  # the sampler's steps (--steps, or the default, at most T)
-    evals: int  # model evaluations per image: what progress counts
+    steps: int  # the sampler's steps
+    evals: int  # model evaluations per image
     ckpt_args: dict = None  # the training run's settings (its data, for --bpd)
     cond: torch.Tensor = None  # (K,) in {+1 present, -1 absent, 0 free}, or None: the unconditional path
     x_init: torch.Tensor = None  # (1, 3, size, size) in [-1, 1]: what SDEdit edits or RePaint fills in
@@ -129,16 +127,17 @@ def load(opt, device, ctx):
         model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
     return Job(opt, model, diffusion.to(device), tuple(model.cfg.attrs), size, device, ctx,
                torch.Generator(device=device).manual_seed(opt.seed), steps, evals, ckpt_args,
-               parse_attrs(opt, model.cfg.attrs), load_image(opt, size, device) if opt.init else None,
+               parse_attrs(opt, model.cfg.attrs),
+               data.to_float(read_image(opt.init, "--init", size, opt.crop)[None], device) if opt.init else None,
                load_mask(opt, size, device) if opt.mask else None)
 
 
 def draw(job, n, x_T=None, cond=..., callback=None, progress=None):
-    """n images (n, 3, H, W) uint8 from x_T (default: fresh noise from the job's generator): plain sampling,
-    SDEdit of --init, or RePaint of its hole, guided toward `cond` (default: the job's). callback(t, x_t,
-    x0_hat) sees every step; progress: (util.Progress, the images done before these)."""
+    """n images (n, 3, H, W) uint8 from x_T (default: fresh noise): sampling, SDEdit of --init or RePaint of
+    its hole, guided toward `cond` (default: the job's). callback(t, x_t, x0_hat) sees every step; progress:
+    (util.Progress, the images done before these)."""
     opt, diffusion, cond = job.opt, job.diffusion, job.cond if cond is ... else cond
-    if x_T is None:  # the start noise
+    if x_T is None:
         x_T = torch.randn((n, 3, job.size, job.size), generator=job.generator, device=job.device)
     model = job.model if cond is None else guided(job.model, cond.to(job.device), opt.guidance)  # one batch
     steps = [0]
@@ -151,10 +150,10 @@ def draw(job, n, x_T=None, cond=..., callback=None, progress=None):
     kw = dict(sampler=opt.sampler, steps=job.steps, eta=opt.eta, generator=job.generator,
               clip=not opt.no_clip, var_type=opt.var, spacing=opt.spacing, callback=step)
     with job.ctx:
-        if job.mask is not None:  # every image fills in the same --init from its own noise
+        if job.mask is not None:  # each image fills in the same --init from its own noise
             x = diffusion.repaint(model, x_T, job.x_init.expand(n, -1, -1, -1), job.mask, job.steps,
                                   opt.jump_length, opt.jump_n_sample, job.generator, not opt.no_clip, step)
-        elif job.x_init is not None:  # every image edits the same --init from its own noise
+        elif job.x_init is not None:
             x = diffusion.sdedit(model, job.x_init.expand(n, -1, -1, -1), opt.strength, x_T, **kw)
         else:
             x = diffusion.sample(model, x_T.shape, x_T=x_T, **kw)
@@ -162,7 +161,7 @@ def draw(job, n, x_T=None, cond=..., callback=None, progress=None):
 
 
 def write_pngs(opt, x, first):
-    """The images as numbered PNGs in --out-dir, from number `first`; each whole or not at all."""
+    """The images as numbered PNGs in --out-dir, from number `first`, each whole or not at all."""
     for i, img in enumerate(x if opt.out_dir else []):
         util.write_png(img, os.path.join(opt.out_dir, f"{first + i:06d}.png"), "--out-dir")
 
@@ -171,14 +170,14 @@ def write_grid(opt, batches, nrow=None):
     """The grid --out of the first 1,024 images."""
     x = torch.cat(batches)[:1024]
     util.save_image(x, opt.out, "--out", nrow=nrow or (round(math.sqrt(len(x))) if len(x) > 8 else len(x)))
+    say(f"wrote {opt.out}" + (f" and numbered PNGs in {opt.out_dir}" if opt.out_dir else ""))
 
 # -----------------------------------------------------------------------------
 # the other modes
 
 
 def compare(job):
-    """--compare NAME: every face with NAME absent (top row) and present (bottom row), from the same x_T
-    and, the generator re-seeded, the same noise at every step."""
+    """--compare NAME: every face with NAME absent (top row) and present (bottom row), from the same noise."""
     opt, k, halves = job.opt, job.attr_names.index(job.opt.compare), []
     x_T = torch.randn((opt.n, 3, job.size, job.size), generator=job.generator, device=job.device)
     for value in (-1.0, 1.0):
@@ -186,12 +185,10 @@ def compare(job):
         halves.append(draw(job, opt.n, x_T, job.cond.index_fill(0, torch.tensor([k]), value)))
         write_pngs(opt, halves[-1], opt.n * (len(halves) - 1))
     write_grid(opt, halves, nrow=opt.n)
-    say(f"wrote {opt.out}")
 
 
 def interpolate(job):
-    """--interpolate N: a strip from --seed's own sample (the same x_T) to --seed + 1's, the noises slerped,
-    drawn in batches."""
+    """--interpolate N: a strip from --seed's own sample (the same x_T) to --seed + 1's, the noises slerped."""
     opt, frames, b = job.opt, [], job.opt.batch_size
     gens = [torch.Generator(device=job.device).manual_seed(s) for s in (opt.seed, opt.seed + 1)]
     z = [torch.randn((1, 3, job.size, job.size), device=job.device, generator=g) for g in gens]
@@ -201,12 +198,10 @@ def interpolate(job):
         frames.append(draw(job, len(x_T[i:i + b]), x_T[i:i + b], progress=(progress, i)))
         write_pngs(opt, frames[-1], i)
     write_grid(opt, frames, nrow=opt.interpolate)
-    say(f"wrote {opt.out}")
 
 
 def bench(job):
-    """Images/s of the chosen sampler. A 2-step warm-up at the timed batch puts compilation, CUDA graphs and
-    cuDNN's autotuning before the clock starts."""
+    """Images/s of the sampler; a 2-step warm-up first (compilation, CUDA graphs, cuDNN's autotuning)."""
     n = job.opt.batch_size
     draw(Job(**{**vars(job), "steps": min(job.steps, 2)}), n)
     util.synchronize(job.device)
@@ -220,12 +215,12 @@ def bench(job):
 
 @torch.no_grad()
 def bits_per_dim(job):
-    """--bpd N: the (EMA) model's variational bound, [DDPM] eq. 5, on N validation images of its run's data
-    (or --data): every t, or an estimate from --bpd-t K stratified t per image (K + 1 model calls, not T)."""
+    """--bpd N: the EMA model's variational bound, [DDPM] eq. 5, on N validation images of its run's data
+    (or --data): every t, or an estimate from --bpd-t K stratified t per image (K + 1 model calls)."""
     opt, a, diffusion = job.opt, job.ckpt_args, job.diffusion
     if opt.bpd_t >= diffusion.T:
-        raise UsageError(f"--bpd-t {opt.bpd_t}: the model has only T-1 = {diffusion.T - 1} timesteps to draw "
-                         f"from; use at most {diffusion.T - 1}, or 0 for every t")
+        raise UsageError(f"--bpd-t {opt.bpd_t}: the model has T-1 = {diffusion.T - 1} timesteps to draw from; "
+                         "use fewer, or 0 for every t")
     valid = data.load(opt.data or a["data"], job.size, "valid", a["crop"], opt.cache_dir, log=say)["images"]
     valid, parts = valid[: opt.bpd], []
     g = torch.Generator(device=job.device).manual_seed(opt.seed)
@@ -268,62 +263,54 @@ def make_parser():
     p = util.Parser(description="Sample faces from a train.py checkpoint.", epilog="A flag that the mode "
                     "does not use is an error, not ignored. CPU threads: one per idle core; "
                     "OMP_NUM_THREADS=N chooses.")
-    pos, real, path = util.positive(int), util.real, util.path
-    p.add_argument("ckpt", nargs="?", type=path, default=None, help="checkpoint (out/ckpt.pt, or its folder)")
-    p.add_argument("--n", type=pos, default=None, help="number of images (default: 64; --figure reverse: 8)")
-    p.add_argument("--batch-size", type=pos, default=256, help="images per forward pass")
-    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="DDIM, DPM-Solver++(2M), its SDE twin, "
-                   f"or DDPM's ancestral steps (all T) (default: {DEFAULT_SAMPLER})")
-    p.add_argument("--steps", type=pos, default=None, help="model evaluations of ddim and dpm++; with "
-                   f"--mask, RePaint's steps (default: {DEFAULT_STEPS}; --mask {REPAINT_STEPS})")
-    p.add_argument("--spacing", default=None, choices=["logsnr", "time"], help="the DPM-Solvers' steps: "
-                   "uniform in log-SNR or in t (default: logsnr)")
-    p.add_argument("--eta", type=real, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: "
-                   f"{DEFAULT_ETA:g}; --interpolate: 0)")
-    p.add_argument("--var", default=None, choices=["beta", "posterior"], help="ddpm's sigma_t^2 (default: "
-                                                                              "beta)")
-    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
-    p.add_argument("--seed", type=util.random_seed, default=0, help="random seed: the same seed, the same "
-                                                                    "faces")
-    p.add_argument("--out", type=path, default="samples.png", help="the grid or figure (.png, .jpg, .webp)")
-    p.add_argument("--out-dir", type=path, default=None, help="also every image as a numbered PNG here (for "
-                   "FID tools): a new or empty folder")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast: bf16 on GPUs with native bf16, else fp16; fp32 on CPU/MPS")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
-    p.add_argument("--init", type=path, default=None, help="SDEdit: edit this image (cropped and resized as "
-                   "in training) instead of sampling from noise")
-    p.add_argument("--strength", type=real, default=None, help="SDEdit: noise --init to t = strength * T, "
-                   "then denoise (0 returns it, 1 ignores it; default 0.5)")
-    p.add_argument("--crop", default="auto", choices=data.CROPS, help="how --init and a --mask image are "
-                   "cropped, as train.py's --crop")
-    p.add_argument("--interpolate", type=pos, default=None, metavar="FRAMES", help="a strip of FRAMES faces "
-                   "from --seed's noise to --seed + 1's (slerp), with a deterministic sampler")
-    p.add_argument("--attrs", default=None, metavar="NAME=0|1,...", help="attributes of a model trained "
-                   "with --attrs, e.g. 'Smiling=1,Eyeglasses=0'; the others are left free")
-    p.add_argument("--prompt", default=None, metavar="TEXT", help="attributes in plain words, e.g. 'a "
-                   "smiling blond woman, no hat'; it says what it understood and ignored")
-    p.add_argument("--guidance", type=real, default=None, help="classifier-free guidance weight W: 1 the "
-                   f"conditional model, larger follows more strictly (default: {DEFAULT_GUIDANCE:g})")
-    p.add_argument("--compare", default=None, metavar="NAME", help="every face with attribute NAME absent "
-                   "(top row) and present (bottom row), from the same noise")
-    p.add_argument("--mask", default=None, metavar="REGION|MASK.png", help="inpaint --init (RePaint): "
-                   f"{', '.join(MASKS)}, or the white pixels of a mask image")
-    p.add_argument("--jump-length", type=pos, default=None, help="RePaint: steps back up (default: 10)")
-    p.add_argument("--jump-n-sample", type=pos, default=None, help="RePaint: passes per jump (default: 10)")
-    p.add_argument("--figure", default=None, choices=FIGURES, help="a figure instead: forward (a face "
-                   "noised under each schedule), reverse (x_t and x0_hat along the sampler, and a GIF), "
-                   "attention (where an eye, the mouth, the background look), schedules, loss (log.csv)")
-    p.add_argument("--bench", action="store_true", help="time sampling one batch")
-    p.add_argument("--size", type=pos, default=None, help="--bench without a checkpoint: that size's preset "
-                   "(default: 64)")
-    p.add_argument("--bpd", type=pos, default=None, metavar="N", help="the bits/dim bound on N validation "
-                   "images of the run's data, every t (T model calls each)")
-    p.add_argument("--bpd-t", type=util.non_negative, default=0, help="--bpd from this many stratified "
-                   "random t per image, an unbiased estimate (0: every t)")
-    p.add_argument("--data", type=path, default=None, help="--bpd: the data (default: the run's)")
-    p.add_argument("--cache-dir", type=path, default=None, help="--bpd: the cache of decoded images")
+    pos, path, fraction = util.positive(int), util.path, util.between(0, 1)
+    add = p.add_argument
+    add("ckpt", nargs="?", type=path, default=None, help="checkpoint (out/ckpt.pt, or its folder)")
+    add("--n", type=pos, default=None, help="number of images (default: 64; --figure reverse: 8)")
+    add("--batch-size", type=pos, default=256, help="images per forward pass")
+    add("--sampler", default=None, choices=SAMPLERS, help="DDIM, DPM-Solver++(2M), its SDE twin, or DDPM "
+        f"(all T steps) (default: {DEFAULT_SAMPLER})")
+    add("--steps", type=pos, default=None, help="model evaluations of ddim and dpm++; with --mask, RePaint's "
+        f"steps (default: {DEFAULT_STEPS}; --mask {REPAINT_STEPS})")
+    add("--spacing", default="logsnr", choices=["logsnr", "time"], help="the DPM-Solvers' steps: uniform in "
+        "log-SNR or in t")
+    add("--eta", type=fraction, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: "
+        f"{DEFAULT_ETA:g}; --interpolate: 0)")
+    add("--var", default="beta", choices=["beta", "posterior"], help="ddpm's sigma_t^2")
+    add("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
+    add("--seed", type=util.random_seed, default=0, help="random seed: the same seed, the same faces")
+    add("--out", type=path, default="samples.png", help="the grid or figure (.png, .jpg, .webp)")
+    add("--out-dir", type=path, default=None, help="also every image as a numbered PNG in this folder")
+    add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: bf16 on GPUs "
+        "with native bf16, else fp16; fp32 on CPU/MPS")
+    add("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
+    add("--init", type=path, default=None, help="SDEdit: edit this image instead of sampling from noise")
+    add("--strength", type=fraction, default=None, help="SDEdit: noise --init to t = strength * T, then "
+        "denoise (0 returns it, 1 ignores it; default 0.5)")
+    add("--crop", default="auto", choices=data.CROPS, help="the crop of --init and a --mask image")
+    add("--interpolate", type=pos, default=None, metavar="FRAMES", help="a strip of FRAMES faces from "
+        "--seed's noise to --seed + 1's")
+    add("--attrs", default=None, metavar="NAME=0|1,...", help="attributes of a model trained with --attrs, "
+        "e.g. 'Smiling=1,Eyeglasses=0'; the others are left free")
+    add("--prompt", default=None, metavar="TEXT", help="attributes in plain words, e.g. 'a smiling blond "
+        "woman, no hat'")
+    add("--guidance", type=util.between(0, math.inf), default=DEFAULT_GUIDANCE, help="classifier-free "
+        "guidance weight W: 1 the conditional model, larger follows more strictly")
+    add("--compare", default=None, metavar="NAME", help="every face without and with attribute NAME")
+    add("--mask", default=None, metavar="REGION|MASK.png", help="inpaint --init (RePaint): "
+        f"{', '.join(MASKS)}, or the white pixels of a mask image")
+    add("--jump-length", type=pos, default=10, help="RePaint: steps back up")
+    add("--jump-n-sample", type=pos, default=10, help="RePaint: passes per jump")
+    add("--figure", default=None, choices=FIGURES, help="a figure of REPORT.md instead of samples (loss: from "
+        "the run's log.csv)")
+    add("--bench", action="store_true", help="time sampling one batch")
+    add("--size", type=pos, default=64, help="--bench without a checkpoint: that size's preset")
+    add("--bpd", type=pos, default=None, metavar="N", help="the bits/dim bound on N validation images")
+    add("--bpd-t", type=util.non_negative, default=0, help="--bpd estimated from this many random t per image "
+        "(0: every t)")
+    add("--data", type=path, default=None, help="--bpd: the data (default: the run's)")
+    add("--cache-dir", type=path, default=None, help="--bpd: the cache of decoded images")
     return p
 
 
@@ -342,22 +329,20 @@ MODES = dict(
     attention=DRAWS | {"figure", "out"}, schedules={"figure", "out"}, loss={"figure", "out"})
 SAMPLER_FLAGS = dict(eta=("ddim",), var=("ddpm",), spacing=("dpm++", "dpm++sde"),
                      steps=("ddim", "dpm++", "dpm++sde"))  # the flags that some samplers take
-REPAINT = ": it sets RePaint's resampling, which inpaints: add --init IMAGE --mask REGION"
+REPAINT = ": RePaint inpaints: add --init IMAGE --mask REGION"
 HINTS = dict(strength=": it edits an image: add --init IMAGE", crop=" (it crops --init)", jump_length=REPAINT,
-             jump_n_sample=REPAINT, sampler=": RePaint takes its own steps",
-             size=": it sets the model that --bench times without a checkpoint")
+             jump_n_sample=REPAINT, sampler=": RePaint takes its own steps", size=" (--bench without a checkpoint)")
 
 
 def mode_of(args):
-    """What the flags ask for, the first of: a figure, a benchmark, the bound, an interpolation, a
-    comparison, an inpainting, an edit, samples."""
+    """What the flags ask for: the first of a figure, bench, bpd, interpolate, compare, repaint, sdedit."""
     return (args.figure or args.bench and "bench" or args.bpd and "bpd" or args.interpolate and "interpolate"
             or args.compare and "compare" or args.mask and "repaint" or args.init and "sdedit" or "sample")
 
 
 def check_flags(args, given):
-    """The flags that the mode does not take, and values out of range: one line each, before any work.
-    -> a copy of the flags with the mode and the defaults that depend on it."""
+    """Flags the mode does not take, and values out of range, before any work. -> a copy of the flags, with
+    the mode and the defaults that depend on it."""
     mode = mode_of(args)
     what = f"--figure {mode}" if mode in FIGURES else dict(sample="sampling", sdedit="SDEdit (--init)",
                                                            repaint="RePaint (--mask)").get(mode, "--" + mode)
@@ -367,18 +352,13 @@ def check_flags(args, given):
     sampler = args.sampler or (DEFAULT_SAMPLER if mode != "repaint" else "repaint")
     for flag, samplers in SAMPLER_FLAGS.items():
         if flag in given and mode != "repaint" and sampler not in samplers:
-            raise UsageError(f"--{flag} does not apply to --sampler {sampler} (only to "
-                             f"{', '.join(samplers)}); drop "
-                             f"--{flag}" + (": ddpm takes all T steps; for fewer, use --sampler ddim "
-                                                 "--eta 1"
-                                                 if flag == "steps" else ""))
+            hint = ": ddpm takes all T steps; for fewer, use --sampler ddim --eta 1" if flag == "steps" else ""
+            raise UsageError(f"--{flag} does not apply to --sampler {sampler} (only to {', '.join(samplers)}); "
+                             f"drop --{flag}{hint}")
     eta = args.eta if args.eta is not None else 0.0 if mode == "interpolate" else DEFAULT_ETA
     opt = argparse.Namespace(**{
-        **vars(args), "mode": mode, "sampler": sampler, "var": args.var or "beta", "eta": eta,
-        "spacing": args.spacing or "logsnr", "n": args.n or (8 if mode == "reverse" else 64),
-        "guidance": DEFAULT_GUIDANCE if args.guidance is None else args.guidance, "size": args.size or 64,
-        "strength": 0.5 if mode == "sdedit" and args.strength is None else args.strength,
-        "jump_length": args.jump_length or 10, "jump_n_sample": args.jump_n_sample or 10})
+        **vars(args), "mode": mode, "sampler": sampler, "eta": eta, "n": args.n or (8 if mode == "reverse" else 64),
+        "strength": 0.5 if mode == "sdedit" and args.strength is None else args.strength})
     check_values(opt, given)
     check_outputs(opt)
     if opt.prompt is not None:
@@ -393,33 +373,23 @@ def check_values(opt, given):
          "checkpoint or its folder"),
         (opt.ckpt is None and opt.mode not in ("bench", "schedules"), "no checkpoint given; usage: python "
          "sample.py out/ckpt.pt"),
-        (opt.mode == "repaint" and opt.init is None, f"--mask {opt.mask} inpaints an image: give it with "
-         "--init IMAGE"),
+        (opt.mode == "repaint" and opt.init is None, f"--mask {opt.mask} inpaints an image: add --init IMAGE"),
         (opt.ckpt is not None and "size" in given, "--size sets the model that --bench times without a "
-         "checkpoint; a checkpoint has its own size: drop --size"),
-        (not 0 <= opt.eta <= 1, f"--eta {opt.eta:g}: must be in [0, 1] (0 deterministic, 1 DDPM-like); above "
-         "1 DDIM adds more noise per step than the chain can take"),
+         "checkpoint: drop --size"),
         (opt.mode == "interpolate" and (opt.sampler in ("ddpm", "dpm++sde") or opt.eta > 0), "--interpolate "
-         "needs a deterministic sampler, so that every frame is a function of its noise: --sampler ddim "
-         "--eta 0 (the default here) or dpm++, not "
+         "needs a deterministic sampler: --sampler ddim --eta 0 (the default here) or dpm++, not "
          f"{opt.sampler}" + (f" with eta {opt.eta:g}" if opt.eta else "")),
-        (opt.strength is not None and not 0 <= opt.strength <= 1, f"--strength {opt.strength}: must be in "
-         "[0, 1] (0 returns the image, 1 ignores it; about 0.5 edits it)"),
-        (opt.guidance < 0, f"--guidance {opt.guidance}: must be >= 0 (0 ignores the attributes, 1 is the "
-         "conditional model)"),
         ("guidance" in given and not (opt.attrs or opt.prompt or opt.compare), "--guidance weighs the "
          "attributes asked for: add --attrs NAME=1 (or --prompt TEXT, or --compare NAME)"),
         (opt.prompt is not None and opt.attrs is not None, "--prompt and --attrs both ask for attributes; "
          "use one of them"),
         ((opt.interpolate or 2) < 2, f"--interpolate {opt.interpolate}: a strip needs at least 2 frames"),
-        (opt.mode == "reverse" and opt.n > 8, "--figure reverse draws up to 8 faces, each as two rows; use "
-         f"--n 8 or fewer (not {opt.n})"),
-        (opt.attrs is not None and not opt.attrs.strip(", "), "--attrs '': ask for attributes as NAME=1 or "
-         "NAME=0, e.g. --attrs Smiling=1; drop --attrs for faces with every attribute left free"),
+        (opt.mode == "reverse" and opt.n > 8, f"--n {opt.n}: --figure reverse draws up to 8 faces"),
+        (opt.attrs is not None and not opt.attrs.strip(", "), "--attrs '': ask for NAME=1 or NAME=0, or drop "
+         "--attrs"),
         (opt.mask not in (None, *MASKS) and not os.path.isfile(opt.mask), f"--mask {opt.mask}: neither a "
-         f"region ({', '.join(MASKS)}) nor an image file; give one of them"),
-        (opt.init is not None and not os.path.isfile(opt.init), f"--init {opt.init}: no such file; give an "
-         "image"),
+         f"region ({', '.join(MASKS)}) nor an image file"),
+        (opt.init is not None and not os.path.isfile(opt.init), f"--init {opt.init}: no such file"),
     ]:
         if bad:
             raise UsageError(message)
@@ -431,117 +401,125 @@ def check_values(opt, given):
 
 
 def check_outputs(opt):
-    """Every output path is checked before sampling, so that a bad one loses no work; --out-dir must hold no
-    numbered PNGs of another run, which the new ones would mix with."""
+    """Every output path, before sampling: a bad one loses no work. --out-dir holds no other run's PNGs."""
     if opt.mode not in ("bench", "bpd"):
         if os.path.isdir(opt.out):
-            raise UsageError(f"--out {opt.out} is a folder; give an image file name such as "
-                             f"{os.path.join(opt.out, 'samples.png')}")
+            raise UsageError(f"--out {opt.out} is a folder; give an image file name")
         ext = os.path.splitext(opt.out)[1].lower()
         if ext not in util.image_formats():
             raise UsageError(f"--out {opt.out}: '{ext or 'no extension'}' is not an image format Pillow "
                              "writes; use .png, .jpg or .webp")
         util.check_writable(os.path.dirname(opt.out), "--out")
-        util.remove_stale_temporaries(os.path.dirname(opt.out) or ".")
     if opt.out_dir:
         old = [f for f in os.listdir(opt.out_dir) if f[:6].isdigit() and f.endswith(".png")] \
             if os.path.isdir(opt.out_dir) else []
         if old:
-            raise UsageError(f"--out-dir {opt.out_dir} already holds {len(old):,} numbered PNGs of an "
-                             f"earlier run ({min(old)} ...), which the new ones would mix with; remove them "
-                             "or pick another folder")
+            raise UsageError(f"--out-dir {opt.out_dir} already holds {len(old):,} numbered PNGs ({min(old)} "
+                             "...), which the new ones would mix with; remove them or pick another folder")
         util.check_writable(opt.out_dir, "--out-dir")
-        util.remove_stale_temporaries(opt.out_dir)
 
 
 def parse_attrs(opt, attr_names):
-    """--attrs 'Smiling=1,Eyeglasses=0' (or --prompt's) and --compare -> (K,) float in {+1, -1, 0}, or None:
-    the model's unconditional path."""
-    attrs, names = opt.attrs, list(attr_names)
-    missing = [a.partition("=")[0] for a in (attrs or "").split(",") if a.partition("=")[0] not in names]
-    if opt.prompt and missing:
-        raise UsageError(f"--prompt: {opt.understood[missing[0]]!r} asks for {missing[0]}, which this model "
-                         f"was not trained on; it knows {','.join(names) or 'no attributes'}")
-    if attrs is None and opt.compare is None:
-        return None
-    if not names:
-        raise UsageError(f"{'--attrs' if attrs is not None else '--compare'}: {opt.ckpt} is an unconditional "
-                         "model (trained without --attrs); train one with python train.py --attrs "
-                         "Smiling,Male,... or drop it")
-    cond = torch.zeros(len(names))
-    for item in (attrs or "").split(","):
-        name, _, value = (s.strip() for s in item.partition("="))
-        if not name:
-            continue
+    """--attrs 'Smiling=1,Eyeglasses=0' (or --prompt's) and --compare -> (K,) float in {+1, -1, 0}, or None
+    (the unconditional model)."""
+    names = list(attr_names)
+    def index(name, flag):
         if name not in names:
-            raise UsageError(f"--attrs: the model has no attribute {name!r}; it knows {','.join(names)}")
+            why = (f"{opt.understood[name]!r} asks for {name}, which this model was not trained on"
+                   if flag == "--prompt" else f"the model has no attribute {name!r}")
+            raise UsageError(f"{flag}: {why}; it knows {','.join(names) or 'no attributes'}")
+        return names.index(name)
+    if opt.attrs is None and opt.compare is None:
+        return None
+    if not names and not opt.prompt:
+        raise UsageError(f"{'--attrs' if opt.attrs is not None else '--compare'}: {opt.ckpt} is an "
+                         "unconditional model (trained without --attrs); train one with python train.py "
+                         "--attrs Smiling,Male,... or drop it")
+    cond = torch.zeros(len(names))
+    for item in filter(str.strip, (opt.attrs or "").split(",")):
+        name, _, value = (s.strip() for s in item.partition("="))
+        k = index(name, "--prompt" if opt.prompt else "--attrs")
         if value not in ("0", "1"):
             raise UsageError(f"--attrs {item.strip()}: write NAME=1 (present) or NAME=0 (absent)")
-        if cond[names.index(name)] != 0:
+        if cond[k] != 0:
             raise UsageError(f"--attrs names {name} twice; give each attribute once")
-        cond[names.index(name)] = 1.0 if value == "1" else -1.0
-    if opt.compare is not None and opt.compare not in names:
-        raise UsageError(f"--compare: the model has no attribute {opt.compare!r}; it knows {','.join(names)}")
-    if opt.compare is not None and cond[names.index(opt.compare)] != 0:
+        cond[k] = 1.0 if value == "1" else -1.0
+    if opt.compare is not None and cond[index(opt.compare, "--compare")] != 0:
         raise UsageError(f"--compare {opt.compare} shows it absent and present; do not set it in --attrs")
     return cond
 
 
-def load_image(opt, size, device):
-    """--init -> (1, 3, size, size) in [-1, 1], through the training preprocessing."""
+def read_image(path, flag, size, crop):
+    """--init or a --mask image -> (3, size, size) uint8, cropped and resized as in training."""
     try:
-        img = data.preprocess(opt.init, size, opt.crop)
+        return data.preprocess(path, size, crop)
     except Exception as e:
-        raise UsageError(f"--init {opt.init}: not an image that can be read ({type(e).__name__}); give a "
-                         ".jpg or .png")
-    return data.to_float(img.unsqueeze(0), device)
+        raise UsageError(f"{flag} {path}: not an image that can be read ({type(e).__name__}); give a .jpg or "
+                         ".png")
 
 
 def load_mask(opt, size, device):
     """--mask -> (1, 1, size, size): 1 where --init is kept, 0 where the model fills in."""
+    fill = torch.zeros(size, size)
     if opt.mask in MASKS:
         top, bottom, left, right = (round(f * size) for f in MASKS[opt.mask])
-        fill = torch.zeros(size, size)
         fill[top:bottom, left:right] = 1
     else:
-        try:
-            fill = (data.preprocess(opt.mask, size, opt.crop).float().mean(0) > 127.5).float()  # white
-        except Exception as e:
-            raise UsageError(f"--mask {opt.mask}: not an image that can be read ({type(e).__name__}); give a "
-                             ".png whose white pixels are filled in")
+        fill = (read_image(opt.mask, "--mask", size, opt.crop).float().mean(0) > 127.5).float()  # white
         if fill.sum() == 0:
             raise UsageError(f"--mask {opt.mask}: has no white pixels, so nothing would be filled in")
         (mw, mh), (iw, ih) = (Image.open(f).size for f in (opt.mask, opt.init))
         if (mw, mh) != (iw, ih):
-            say(f"note: --mask is {mw}x{mh} and --init {iw}x{ih}; each is cropped and resized to "
-                f"{size}x{size} on its own, so the mask lines up only if it was drawn on the same frame")
+            say(f"note: --mask is {mw}x{mh} and --init {iw}x{ih}; each is cropped and resized on its own, so "
+                "the mask lines up only if it was drawn on the same frame")
     return (1 - fill).view(1, 1, size, size).to(device)
 
 
 # --prompt: plain words -> CelebA attributes, a parser over their names and common phrasings, not a language
-# model (a text encoder would be a dependency, and a download, that this project keeps out)
-PHRASES = {  # attribute: its phrasings when present | when absent (and its own name, underscores as spaces)
-    "5_o_Clock_Shadow": "5 o clock shadow, five o clock shadow, stubble",
-    "Arched_Eyebrows": "arched eyebrows", "Attractive": "attractive, beautiful, handsome",
-    "Bags_Under_Eyes": "bags under the eyes, bags under eyes", "Bald": "bald", "Bangs": "bangs, fringe",
-    "Big_Lips": "big lips, full lips", "Big_Nose": "big nose, large nose",
-    "Black_Hair": "black hair, black haired", "Blond_Hair": "blond, blonde, blond hair, blonde hair",
-    "Blurry": "blurry, blurred, out of focus | sharp", "Brown_Hair": "brown hair, brown haired, brunette",
-    "Bushy_Eyebrows": "bushy eyebrows, thick eyebrows", "Chubby": "chubby, plump",
-    "Double_Chin": "double chin", "Eyeglasses": "eyeglasses, glasses, spectacles, sunglasses",
-    "Goatee": "goatee", "Gray_Hair": "gray hair, grey hair, gray haired, grey haired, white hair",
-    "Heavy_Makeup": "heavy makeup, makeup, make up", "High_Cheekbones": "high cheekbones",
-    "Male": "man, men, male, boy, guy, gentleman, he | woman, women, female, girl, lady, she",
-    "Mouth_Slightly_Open": "open mouth, mouth open, parted lips", "Mustache": "mustache, moustache",
-    "Narrow_Eyes": "narrow eyes, squinting", "No_Beard": "clean shaven, beardless | beard, bearded",
-    "Oval_Face": "oval face", "Pale_Skin": "pale, pale skin", "Pointy_Nose": "pointy nose, pointed nose",
-    "Receding_Hairline": "receding hairline", "Rosy_Cheeks": "rosy cheeks", "Sideburns": "sideburns",
-    "Smiling": "smiling, smile, smiles, grinning, happy | serious, frowning",
-    "Straight_Hair": "straight hair", "Wavy_Hair": "wavy hair, wavy, curly hair, curly",
-    "Wearing_Earrings": "earrings", "Wearing_Hat": "hat, cap", "Wearing_Lipstick": "lipstick",
-    "Wearing_Necklace": "necklace", "Wearing_Necktie": "necktie, tie",
-    "Young": "young, youthful | old, older, elderly, aged",
-}
+# model (a text encoder would be a dependency, and a download). Per attribute, besides its own name in words:
+# the words that ask for it present | absent.
+PHRASES = """
+5_o_Clock_Shadow: five o clock shadow, stubble
+Arched_Eyebrows
+Attractive: beautiful, handsome
+Bags_Under_Eyes: bags under the eyes
+Bald
+Bangs: fringe
+Big_Lips: full lips
+Big_Nose: large nose
+Black_Hair: black haired
+Blond_Hair: blond, blonde, blonde hair
+Blurry: blurred, out of focus | sharp
+Brown_Hair: brown haired, brunette
+Bushy_Eyebrows: thick eyebrows
+Chubby: plump
+Double_Chin
+Eyeglasses: glasses, spectacles, sunglasses
+Goatee
+Gray_Hair: grey hair, gray haired, grey haired, white hair
+Heavy_Makeup: makeup, make up
+High_Cheekbones
+Male: man, men, boy, guy, gentleman, he | woman, women, female, girl, lady, she
+Mouth_Slightly_Open: open mouth, mouth open, parted lips
+Mustache: moustache
+Narrow_Eyes: squinting
+No_Beard: clean shaven, beardless | beard, bearded
+Oval_Face
+Pale_Skin: pale
+Pointy_Nose: pointed nose
+Receding_Hairline
+Rosy_Cheeks
+Sideburns
+Smiling: smile, smiles, grinning, happy | serious, frowning
+Straight_Hair
+Wavy_Hair: wavy, curly hair, curly
+Wearing_Earrings: earrings
+Wearing_Hat: hat, cap
+Wearing_Lipstick: lipstick
+Wearing_Necklace: necklace
+Wearing_Necktie: necktie, tie
+Young: youthful | old, older, elderly, aged
+"""
 NEGATIONS = {"no", "not", "without", "non", "never"}
 FILLER = {"a", "an", "the", "with", "and", "of", "face", "person", "portrait", "photo", "picture", "who",
           "is", "has", "having", "wearing", "in", "on", "her", "his", "very", "slightly", "some", "looking",
@@ -549,11 +527,13 @@ FILLER = {"a", "an", "the", "with", "and", "of", "face", "person", "portrait", "
 
 
 def phrases():
-    """{phrase: (attribute, 1 or 0)} from PHRASES and the attributes' own names."""
-    table = {name.lower().replace("_", " "): (name, 1) for name in PHRASES}
-    for name, text in PHRASES.items():
+    """{phrase: (attribute, 1 or 0)}: each attribute's name in words, and its PHRASES."""
+    table = {}
+    for line in PHRASES.strip().splitlines():
+        name, _, text = line.partition(":")
+        table[name.lower().replace("_", " ")] = (name, 1)
         for value, said in zip((1, 0), text.split("|")):
-            table.update({p.strip(): (name, value) for p in said.split(",")})
+            table.update({p.strip(): (name, value) for p in said.split(",") if p.strip()})
     return table
 
 

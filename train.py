@@ -570,7 +570,7 @@ def check_out(cfg, env):
         raise UsageError(f"--out {cfg.out}: is a file; give a folder for checkpoints and samples")
     if not env.master:
         return
-    util.check_writable(cfg.out, "--out")
+    stale = util.check_writable(cfg.out, "--out")  # and removes the temporary files of killed runs
     old = [f for f in sorted(os.listdir(cfg.out)) if f in ("ckpt.pt", "log.csv", "stdout.log")
            or (f.startswith("samples_") and f.endswith(".png"))] if os.path.isdir(cfg.out) else []
     listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
@@ -584,7 +584,7 @@ def check_out(cfg, env):
         os.remove(os.path.join(cfg.out, f))
     if old and cfg.overwrite:
         env.say(f"--overwrite: removed the earlier run's {listed} from {cfg.out}")
-    if util.remove_stale_temporaries(cfg.out):
+    if stale:
         env.say(f"removed the temporary files that a killed run left in {cfg.out}")
 
 

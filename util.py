@@ -71,6 +71,18 @@ def non_negative(s):
 non_negative.__name__ = "integer"
 
 
+def between(lo, hi):
+    """A finite float in [lo, hi] (hi may be inf)."""
+    def parse(s):
+        v = real(s)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {s}" if hi < math.inf else
+                                             f"must be >= {lo:g}, got {s}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
 def random_seed(s):
     """A seed in 0..2^63-1: what torch's generators take, with room for the per-step offsets."""
     v = int(s)
@@ -138,8 +150,8 @@ def why(e):
 
 
 def check_writable(folder, what):
-    """Write a scratch file in `folder`, so that a bad output path fails before any work. Folders made for
-    that are removed again: a run that fails to start leaves nothing behind."""
+    """Write a scratch file in `folder`, so that a bad output path fails before any work (folders made for
+    that are removed again), and remove_stale_temporaries there. -> how many it removed."""
     folder, created = os.path.abspath(folder or "."), []
     try:
         parent = folder
@@ -155,6 +167,7 @@ def check_writable(folder, what):
         for d in created:  # innermost first
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+    return remove_stale_temporaries(folder)
 
 
 def atomic_write(write, path, what):
