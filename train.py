@@ -7,16 +7,14 @@ Train a DDPM on CelebA faces: one GPU, many (torchrun), MPS or CPU.
     python train.py --resume --out out                   # continue the run in out/, with its settings
     python train.py --bench                              # img/s, TFLOP/s and MFU on synthetic data
 
-Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, and what is due every so often is
-behind one call, `after_step`. Then the setup, the data and model, and the extras: --minutes, memory,
---bench, the flags. `cfg` holds the settings (never changed in place), `env` the processes and device,
-`run` what the loop updates. All randomness of step s comes from a generator seeded with (seed, s) for the
-whole global batch, of which each rank takes its slice: a resumed run repeats the uninterrupted one, and N
-GPUs train on what one GPU would.
+Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, and what is due now and then is
+`after_step`. Then the setup, the data and model, and the extras: --minutes, memory, --bench, the flags.
+`cfg` holds the settings (never changed in place), `env` the processes and device, `run` what the loop
+updates. Step s draws all its randomness from a generator seeded with (seed, s) for the whole global batch,
+of which each rank takes its slice: a resumed run repeats the uninterrupted one, on any number of GPUs.
 """
 import os
-# short OpenMP spinning: a core that another program also uses then costs its share, not every op (REPORT
-# sec. 3.10); set before torch loads OpenMP
+# short OpenMP spinning: a core that another program uses costs its share, not every op (REPORT sec. 3.10)
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import argparse
 import copy
@@ -46,8 +44,8 @@ ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # 
 SIGHUP, SIGPIPE = getattr(signal, "SIGHUP", 1), getattr(signal, "SIGPIPE", 13)  # (not on Windows)
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, SIGHUP: 129, SIGPIPE: 141}  # 128 + the signal
 MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (REPORT sec. 3.5)
-FACE_STEPS = 1000  # 1,037 steps made faces at the scaled lr (REPORT sec. 3.5); fewer get a warning
-COMPILE_SECONDS = 90  # torch.compile's warm-up of the 64 px preset on an H200: 87 s (REPORT sec. 3.10)
+FACE_STEPS = 1000  # 1,037 steps made faces (REPORT sec. 3.5); a plan of fewer gets a warning
+COMPILE_SECONDS = 90  # torch.compile's warm-up of the 64 px preset on an H200 (REPORT sec. 3.10)
 SMALLER = "use a smaller --size, --ch or --batch-size"
 
 # -----------------------------------------------------------------------------
@@ -61,7 +59,7 @@ def main(argv=None):
     except ERRORS as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C before training started (while decoding, say)
+    except KeyboardInterrupt:  # Ctrl-C before training started
         print("interrupted before training started; nothing to save", file=sys.stderr)
         sys.exit(130)
     if code:
@@ -70,7 +68,7 @@ def main(argv=None):
 
 def train(args, given):
     """The phases of a run. -> exit code."""
-    cfg, env = setup(args, given)  # settings, processes, device, --out, every check that needs no data
+    cfg, env = setup(args, given)  # settings, processes, device, --out: every check that needs no data
     try:
         if cfg.bench:
             return bench(cfg, env)
@@ -81,9 +79,10 @@ def train(args, given):
             env.say(f"nothing to do: the checkpoint is at step {run.step} and the run ends at step "
                     f"{run.plan.total}; raise --max-steps or --epochs to train further")
             return 0
-        with util.StopSignals(env.signals, env.say, "now" if cut_short(env, run) else "after this step"):
+        at_once = not env.ddp and env.device.type != "cuda" and not env.compile  # a step can take minutes
+        with util.StopSignals(env.signals, env.say, [run.ema, run.model] if at_once else [run.ema], at_once):
             return loop(cfg, env, run)
-    finally:  # every exit, errors included
+    finally:
         if env.ddp and dist.is_initialized():
             dist.destroy_process_group()
         util.release_folder(env.lock, env.made)
@@ -104,7 +103,7 @@ def loop(cfg, env, run):
         rng = torch.get_rng_state()  # dropout's: a step that a signal cuts short is rolled back
         try:
             loss = train_step(run, x0, t, noise, cond, lr_at(run.step, cfg.lr, run.plan))  # line 5
-        except Interrupted:  # weights, optimizer and RNG stay those of run.step
+        except util.Interrupted:  # weights, optimizer and RNG stay those of run.step
             run.opt.zero_grad(set_to_none=True)
             torch.set_rng_state(rng)
             return after_step(cfg, env, run, None)
@@ -116,8 +115,8 @@ def loop(cfg, env, run):
 
 
 def train_step(run, x0, t, noise, attrs, lr):
-    """One AdamW step on L_simple = ||eps - eps_theta(x_t, t)||^2 ([DDPM] eq. 14), then the EMA.
-    attrs: the condition, or None. -> the loss, a tensor (reading it would wait for the device)."""
+    """One AdamW step on L_simple = ||eps - eps_theta(x_t, t)||^2 ([DDPM] eq. 14), then the EMA. attrs: the
+    condition, or None. -> the loss, a tensor (reading it would wait for the device)."""
     for group in run.opt.param_groups:
         group["lr"] = lr
     fmt = run.memory_format
@@ -126,7 +125,7 @@ def train_step(run, x0, t, noise, attrs, lr):
         loss = run.diffusion.training_losses(model, x0.contiguous(memory_format=fmt), t,
                                              noise.contiguous(memory_format=fmt)).mean()
     run.scaler.scale(loss).backward()  # the scaler is a no-op unless fp16
-    run.scaler.unscale_(run.opt)  # so that clipping sees the true gradient
+    run.scaler.unscale_(run.opt)  # clipping sees the true gradient
     torch.nn.utils.clip_grad_norm_(run.params, run.grad_clip)
     run.scaler.step(run.opt)
     run.scaler.update()
@@ -146,14 +145,14 @@ def lr_at(step, lr, plan):
 
 @torch.no_grad()
 def update_ema(ema_params, params, step, decay):
-    # ema = d ema + (1 - d) param in one foreach kernel, as torch.optim.swa_utils' get_ema_multi_avg_fn does
-    # (AveragedModel itself reads its step count on the host: a GPU sync per step); d warms up
+    # ema = d ema + (1 - d) param in one kernel, as swa_utils' get_ema_multi_avg_fn (AveragedModel itself reads
+    # its step count on the host: a GPU sync per step); d warms up
     torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
 
 
 def condition(attrs, gen, cfg, shard, rare):
     """Condition dropout ([CFG] Algorithm 1, line 3): (B/world, K) 0/1 attributes -> +1 present, -1 absent,
-    0 unspecified. `balanced` keeps an attribute in its rarer state (`rare`) unless all are dropped."""
+    0 dropped. `balanced` keeps an attribute in its rarer state (`rare`) unless all are dropped."""
     B, K, device = cfg.batch_size, attrs.shape[1], attrs.device
     uniform = cfg.p_drop_attr in ("uniform", "balanced")
     rate = torch.rand(B, 1, generator=gen, device=device) if uniform else cfg.p_drop_attr
@@ -165,7 +164,7 @@ def condition(attrs, gen, cfg, shard, rare):
 
 
 def after_step(cfg, env, run, loss):
-    """What is due after a step (loss None: a step cut short): the --minutes plan, a progress line, the
+    """What is due after a step (loss None: one cut short): the --minutes plan, a progress line, the
     validation loss and grid, the checkpoint. -> the exit code to stop with, or None."""
     if loss is not None:
         run.loss_sum, run.loss_n = run.loss_sum + loss, run.loss_n + 1
@@ -180,20 +179,19 @@ def after_step(cfg, env, run, loss):
         evaluate(cfg, env, run, last)
     if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or last or stop:
         save(cfg, env, run, last, stop)
-    run.t_log += time.time() - t0  # evaluating and saving are not training time
+    run.t_log += time.time() - t0  # not training time
     return EXIT_CODES[stop] if stop else None
 
 
 def save(cfg, env, run, last, stop):
-    """The checkpoint, written by rank 0, and the lines that go with it."""
-    loss_sum = reduce_loss(env, run.loss_sum)  # on every rank: the running loss goes on after a resume
+    """The checkpoint, written by rank 0, and what goes with it."""
+    loss_sum = reduce_loss(env, run.loss_sum)  # on every rank; a resume continues the running loss
     if not env.master:
         return
     path, took = os.path.join(cfg.out, "ckpt.pt"), fmt_time(time.time() - env.t_start)
     run.elapsed = time.time() - run.t0
     saved = checkpoint(cfg, env, run, path, loss_sum)
-    env.say(f"step {run.step} | checkpoint {path}" if saved else f"step {run.step} | weights not finite: not "
-                                                                 "saved")
+    env.say(f"step {run.step} | " + (f"checkpoint {path}" if saved else "weights not finite: not saved"))
     if last and cfg.minutes and not env.ckpt:
         env.say(f"--minutes {cfg.minutes:g}: the run took {took} from start to this checkpoint")
     if last and cfg.dry_run:
@@ -237,12 +235,12 @@ class Env:
     signals: list = field(default_factory=list)
     device: torch.device = None
     precision: str = None
-    ctx: object = None  # the autocast context
+    ctx: object = None  # autocast
     compile: bool = False
     channels_last: bool = False
-    ctrl: object = None  # the gloo group through which the ranks agree (torchrun only)
+    ctrl: object = None  # torchrun: the gloo group through which the ranks agree
     ckpt: dict = None  # the checkpoint a --resume continues
-    lock: object = None  # rank 0's claim on --out: the lock, and the folders it made
+    lock: object = None  # rank 0's lock on --out, and the folders it made
     made: list = field(default_factory=list)
 
     @property
@@ -265,7 +263,7 @@ class Plan:
 @dataclass
 class Run:
     """What the loop updates: the model, its EMA and optimizer, the data, the plan and the counters."""
-    model: torch.nn.Module  # the weights trained; checkpoints take its state dict
+    model: torch.nn.Module  # checkpoints take its state dict
     fwd: object  # the model as a step calls it: compiled and/or DDP-wrapped
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -276,7 +274,7 @@ class Run:
     grad_clip: float
     plan: Plan
     batches: data.Batches = None
-    val: tuple = None  # rank 0: (validation images in [-1, 1] on the device, their attributes or None)
+    val: tuple = None  # rank 0: (validation images in [-1, 1] on the device, attributes or None)
     step: int = 0
     elapsed: float = 0.0  # seconds of training, across resumes
     loss_sum: torch.Tensor = None  # summed since the last multiple of --log-every
@@ -287,7 +285,7 @@ class Run:
     t_log: float = 0.0  # when the steps of the next progress line began, less evaluation time
     step_log: int = 0
     probe: tuple = None  # --minutes: (step, time) where the timing began
-    forward_s: float = None  # --minutes: seconds of an EMA forward pass per image (grids, validation)
+    forward_s: float = None  # --minutes: seconds of an EMA forward pass per image
 
     def __post_init__(self):
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
@@ -329,7 +327,7 @@ def evaluate(cfg, env, run, last):
         due = every > 0 and (run.step - run.plan.grid_from) % every == 0
         if due or (last and (every > 0 or cfg.dry_run)):
             env.say(f"step {run.step} | samples {sample_grid(cfg, env, run)}")
-    except Interrupted:
+    except util.Interrupted:
         env.say(f"step {run.step} | evaluation or sample grid cut short by the signal")
 
 
@@ -345,7 +343,7 @@ LOG_COLUMNS = ["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_
 
 
 def open_log(cfg, env, run):
-    """log.csv in --out: on resume, its rows up to the checkpoint's step (each step appears once)."""
+    """log.csv in --out; on resume, its rows up to the checkpoint's step (each step appears once)."""
     path, rows = os.path.join(cfg.out, "log.csv"), []
     if env.ckpt and os.path.exists(path):
         with open(path, newline="") as f:
@@ -371,8 +369,7 @@ def log_row(cfg, env, run, **values):
 
 @torch.no_grad()
 def sample_grid(cfg, env, run):
-    """The EMA model's samples from the same noise at every call (x_T and every later z), drawn with the
-    default sampler in batches of the training batch."""
+    """The EMA model's samples from the same noise at every call (x_T and every later z)."""
     x_T = torch.randn(cfg.sample_n, 3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(cfg.seed))
     g, images, t0 = torch.Generator(device=env.device).manual_seed(cfg.seed + 1), [], time.time()
     todo = len(x_T) * len(run.diffusion.timesteps(DEFAULT_SAMPLER, cfg.sample_steps))
@@ -384,7 +381,7 @@ def sample_grid(cfg, env, run):
         with run.ctx:
             images.append(run.diffusion.sample(run.ema, x.shape, DEFAULT_SAMPLER, cfg.sample_steps,
                                                DEFAULT_ETA, g, x_T=x, callback=count))
-    run.forward_s = (time.time() - t0) / todo  # --minutes prices the grids and validation with it
+    run.forward_s = (time.time() - t0) / todo  # --minutes prices grids and validation with it
     path = os.path.join(cfg.out, f"samples_{run.step:07d}.png")
     util.save_image(data.to_uint8(torch.cat(images)), path, "--out", nrow=round(math.sqrt(cfg.sample_n)))
     return path
@@ -392,8 +389,7 @@ def sample_grid(cfg, env, run):
 
 @torch.no_grad()
 def val_loss(cfg, env, run):
-    """L_simple of the EMA weights (which sample.py draws with) on the validation images, with the same t
-    and noise at every evaluation."""
+    """L_simple of the EMA weights on the validation images, with the same t and noise every time."""
     (images, attrs), g = run.val, torch.Generator(device=env.device).manual_seed(0)
     losses, b = [], cfg.batch_size // env.world
     for i in range(0, len(images), b):
@@ -405,25 +401,6 @@ def val_loss(cfg, env, run):
             losses.append(run.diffusion.training_losses(model, x0, t, noise))
     return torch.cat(losses).mean().item()
 
-
-class Interrupted(Exception):
-    """A signal arrived in a long phase (a CPU step, a sample grid, an evaluation), which is cut short."""
-
-
-def cut_short(env, run):
-    """Where a step can take minutes (one CPU or MPS process), a signal cuts it short: every block checks
-    before its forward, every weight after its gradient (grids: everywhere). -> whether."""
-    def check(*_):
-        if env.signals:
-            raise Interrupted
-    at_once = not env.ddp and env.device.type != "cuda" and not env.compile
-    for model in [run.ema, run.model] if at_once else [run.ema]:
-        for block in [*model.down, *model.mid, *model.up]:
-            block.register_forward_pre_hook(check)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(check)
-    return at_once
 
 # -----------------------------------------------------------------------------
 # setup: settings, processes, device and --out, and every check that needs no data
@@ -456,14 +433,15 @@ def setup(args, given):
     env.precision, env.ctx = util.autocast(device, cfg.precision)
     compiles = cuda and importlib.util.find_spec("triton") is not None and not cfg.dry_run
     env.compile = cfg.compile if cfg.compile is not None else compiles
-    # an eager step on a GPU measured faster in NCHW, the compiled one in channels_last (REPORT sec. 3.10)
+    # an eager GPU step measured faster in NCHW, a compiled one in channels_last (REPORT sec. 3.10)
     env.channels_last = cfg.channels_last if cfg.channels_last is not None else not cuda or env.compile
-    check_model_fits(cfg, env)
+    util.check_fits(unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(cfg), device,
+                    "use a smaller --ch or --size")
     torch.backends.cudnn.benchmark = True
-    if cfg.seed is None:  # drawn on rank 0: every rank must shuffle with the same seed
+    if cfg.seed is None:  # rank 0's: every rank shuffles alike
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
         cfg = replace(cfg, seed=int(util.from_rank0(seed, env.ctrl)))
-    torch.manual_seed(cfg.seed + rank)  # dropout; the data's randomness comes from a generator per step
+    torch.manual_seed(cfg.seed + rank)  # dropout; the rest comes from a generator per step
     threads = util.set_threads(device, env.local_world, env.say)
     threads = f" ({threads} threads)" if device.type == "cpu" else ""
     env.say(f"device {device} x {world} process{'es' if world > 1 else ''}{threads}, {env.precision}, "
@@ -474,7 +452,7 @@ def setup(args, given):
 
 
 def replace(cfg, **changes):
-    """A copy of the settings with `changes`: settings are never changed in place."""
+    """A copy of the settings with `changes` (never changed in place)."""
     return argparse.Namespace(**{**vars(cfg), **changes})
 
 
@@ -486,18 +464,18 @@ NOT_FROM_CHECKPOINT = ("resume", "overwrite", "dry_run", "bench", "bench_steps",
 
 
 def resumed(args, given, env):
-    """--resume: every setting from the checkpoint (env.ckpt); a given flag that contradicts it is refused."""
+    """--resume: every setting from the checkpoint (env.ckpt); a flag that contradicts it is refused."""
     if args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: drop one of them")
     path = os.path.join(args.out, "ckpt.pt") if args.resume == "latest" else args.resume
     env.ckpt = ckpt = util.load_checkpoint(path)
-    for weights in ("model", "ema"):  # config, weights and EMA fit together (checked on the meta device)
+    for weights in ("model", "ema"):  # config, weights and EMA fit together (on the meta device)
         util.model_from_checkpoint(ckpt, path, weights, device="meta")
     if not all(k in ckpt for k in ("args", "optimizer", "scaler")):
-        raise util.CheckpointError(f"{path} lacks the optimizer state that a resume needs (another "
-                                   "version?); sample from it with sample.py, or start a new run")
+        raise util.CheckpointError(f"{path} lacks the optimizer state that a resume needs; sample from it "
+                                   "with sample.py, or start a new run")
     cfg = vars(args).copy()
-    if "out" not in given and args.resume != "latest":  # --resume PATH continues in the checkpoint's folder
+    if "out" not in given and args.resume != "latest":  # in the checkpoint's folder
         cfg["out"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
     for k, v in ckpt["args"].items():
         v = tuple(v) if isinstance(v, list) else v
@@ -510,40 +488,30 @@ def resumed(args, given, env):
                              f"{flag} to continue the run, or start a new run in another --out")
         if k not in given:
             cfg[k] = v
-    if "epochs" in given and "max_steps" not in given:  # extending by epochs: the saved --max-steps goes
+    if "epochs" in given and "max_steps" not in given:  # extended by epochs: not the saved --max-steps
         cfg["max_steps"] = None
     env.say(f"resuming from {path} at step {ckpt['step']}")
     return argparse.Namespace(**cfg)
 
 
 def check_args(cfg, given, env):
-    """Everything that can be checked without data, so that a mistake costs seconds, not a decode."""
-    loose = [f"--{f.replace('_', '-')}" for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given]
-    loose = loose or [""]
+    """Everything that can be checked without data: a mistake costs seconds, not a decode."""
+    loose = [f"--{f.replace('_', '-')}" for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given] or [""]
     for bad, message in [
-        (cfg.timesteps < 2, f"--timesteps {cfg.timesteps}: a diffusion needs at least 2 steps (DDPM: 1000)"),
         ("minutes" in given and given & {"max_steps", "epochs"},
          "--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes"),
-        ((cfg.minutes or 0) > 525_600, f"--minutes {cfg.minutes} is more than a year (525,600 minutes); give "
-         "the budget in minutes, e.g. --minutes 30"),
+        ((cfg.minutes or 0) > 525_600, f"--minutes {cfg.minutes} is more than a year; give the budget in "
+         "minutes, e.g. --minutes 30"),
         (cfg.minutes and cfg.dry_run, "--dry-run runs 2 steps to check a setup; drop it or --minutes"),
-        (cfg.dry_run and cfg.resume, "--dry-run writes its checkpoint into --out: it does not go with "
-                                     "--resume"),
-        (cfg.other_data and not cfg.resume, "--other-data lets a resume continue on other images; add "
-                                            "--resume"),
-        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1, each AdamW step moves the weights by more than their size "
-         "and the run diverges; diffusion U-Nets train at about 1e-4 to 5e-4 (default 2e-4)"),
-        (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes to condition "
-         "on, e.g. --attrs Smiling,Male, or 'all'; drop --attrs for an unconditional model"),
+        (cfg.dry_run and cfg.resume, "--dry-run writes a new checkpoint: drop it or --resume"),
+        (cfg.other_data and not cfg.resume, "--other-data lets a resume continue on other images; add --resume"),
+        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1 the run diverges; diffusion U-Nets train at about 1e-4 to 5e-4"),
+        (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes, e.g. --attrs "
+         "Smiling,Male, or 'all'; or drop --attrs for an unconditional model"),
         (loose[0] and not cfg.attrs, f"{loose[0]} sets how a conditional model drops its attributes; add "
          "--attrs NAMES, or drop it"),
-        (not 0 <= cfg.p_uncond <= 1, f"--p-uncond {cfg.p_uncond}: must be a probability in [0, 1], e.g. 0.1"),
-        (cfg.weight_decay < 0, f"--weight-decay {cfg.weight_decay:g}: must be >= 0 (0 is none)"),
-        (not 0 <= cfg.ema_decay < 1, f"--ema-decay {cfg.ema_decay}: must be in [0, 1), e.g. 0.9999"),
         (cfg.sample_steps > cfg.timesteps and "sample_steps" in given,
          f"--sample-steps {cfg.sample_steps} is more than --timesteps {cfg.timesteps}; lower it"),
-        (cfg.sample_n > 1024, f"--sample-n {cfg.sample_n}: a grid shows at most 1,024 images; for more, run "
-         "python sample.py CKPT --n N --out-dir DIR on the checkpoint"),
         (cfg.batch_size % env.world, f"--batch-size {cfg.batch_size} must be divisible by the number of "
          f"processes ({env.world})"),
     ]:
@@ -560,8 +528,8 @@ def check_args(cfg, given, env):
         origin = "" if field_ == "image_size" or field_ in given else f" (the --size {base} preset's)"
         raise UsageError(f"{flag}{origin} {message}")
     if cfg.size not in unet.PRESETS and not env.ckpt:
-        env.say(f"model: --size {cfg.size} takes the --size {base} preset (--ch, --ch-mult, "
-                "--num-res-blocks, --attn-res and --dropout override it)")
+        env.say(f"model: --size {cfg.size} takes the --size {base} preset (--ch, --ch-mult, --num-res-blocks, "
+                "--attn-res and --dropout override it)")
 
 
 def check_out(cfg, env):
@@ -587,19 +555,6 @@ def check_out(cfg, env):
     if stale:
         env.say(f"removed the temporary files that a killed run left in {cfg.out}")
 
-
-def check_model_fits(cfg, env):
-    """Refuse, before anything is allocated, a model whose state and one image's activations (a lower bound:
-    the input and the first level's maps) exceed the memory."""
-    net = unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(cfg)
-    with torch.device("meta"):  # shapes only: no memory, no time
-        params = unet.UNet(net).num_params()
-    need = 20 * params + 4 * net.image_size ** 2 * (3 + net.ch * (2 * net.num_res_blocks + 2))
-    available = util.device_memory(env.device) if env.device.type != "mps" else math.inf
-    if need > available:
-        raise UsageError(f"the model ({params / 1e6:,.1f}M parameters at {net.image_size}x{net.image_size}) "
-                         f"needs at least {fmt_bytes(need)}, more than the {fmt_bytes(available)} available "
-                         f"on {env.device.type}: use a smaller --ch or --size")
 
 # -----------------------------------------------------------------------------
 # data, model, optimizer, plan
@@ -676,7 +631,7 @@ def make_run(cfg, env, net):
     ckpt, device = env.ckpt, env.device
     model = unet.UNet(net).to(device)
     if env.channels_last:
-        to_channels_last(model)
+        util.to_channels_last(model)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                             fused=fused_adamw(device))
@@ -713,15 +668,6 @@ def fused_adamw(device):
     return device.type == "cuda"
 
 
-def to_channels_last(model):
-    """Every 4-d weight in channels_last strides. Module.to(memory_format=) may keep a 1x1 kernel's NCHW
-    strides (the same bytes), while its gradient comes back channels_last: DDP warns, and copies."""
-    for p in model.parameters():
-        if p.dim() == 4:
-            o, i, h, w = p.shape
-            p.data = torch.empty_strided(p.shape, (i * h * w, 1, w * i, i), device=p.device).copy_(p.data)
-
-
 def make_plan(cfg, env, step, steps_per_epoch, given):
     """The schedule. A resume keeps the run's warm-up and EMA decay, and a --minutes run its planned end."""
     saved = env.ckpt and env.ckpt.get("plan")
@@ -751,30 +697,10 @@ def model_config(cfg, attrs=()):
 # --minutes: fit the run into a time budget
 
 
-def time_step(cfg, env, net, batch):
-    """-> seconds of a training step of a fresh `net` at `batch` synthetic images (the faster of two, after a
-    warm-up), drawing none of the run's seeded randomness."""
-    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-        model, size, times = unet.UNet(net).to(env.device), net.image_size, []
-        x0 = torch.zeros(batch, 3, size, size, device=env.device)
-        t = torch.zeros(batch, dtype=torch.long, device=env.device)
-        opt, diffusion = torch.optim.AdamW(model.parameters(), lr=0.0), GaussianDiffusion(2).to(env.device)
-        for _ in range(3):
-            t0 = time.time()
-            with util.memory_errors(f"a step of {batch} image{'s' * (batch > 1)} at {size}x{size}", SMALLER):
-                with env.ctx:
-                    diffusion.training_losses(model, x0, t, x0).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            util.synchronize(env.device)
-            times.append(time.time() - t0)
-    return max(min(times[1:]), 1e-9)
-
-
 def estimate_run(cfg, env, n_images):
     """A new CPU or MPS run, before decoding: how long it takes; past a day, the 30-minute command."""
     steps = cfg.max_steps or cfg.epochs * (n_images // cfg.batch_size)
-    per_step = cfg.batch_size // env.world * time_step(cfg, env, model_config(cfg), 1)
+    per_step = cfg.batch_size // env.world * util.time_step(model_config(cfg), 1, env.device, env.ctx, SMALLER)
     line = (f"estimate: {steps:,} steps of {cfg.batch_size} images at ~{per_step:.1f} s each on this "
             f"{env.device.type}: about {fmt_time(steps * per_step)}")
     if steps * per_step > 86400:
@@ -797,7 +723,8 @@ def fit_model_to_minutes(cfg, env, given):
     for i in reversed(range(len(candidates))):  # the smallest first
         if i + 1 in per_step and env.device.type != "cuda" and 8 * per_step[i + 1] * MIN_STEPS > budget:
             break  # this one, and the wider ones, cannot fit
-        per_step[i] = time_step(cfg, env, net_of(candidates[i][0]), candidates[i][1] // env.world)
+        per_step[i] = util.time_step(net_of(candidates[i][0]), candidates[i][1] // env.world, env.device, env.ctx,
+                                     SMALLER)
     per_image = {i: s / candidates[i][1] for i, s in per_step.items()}
     faster = [i for i in sorted(per_step) if all(per_image[i] < per_image[j] for j in per_image if j < i)]
     fits = [i for i in faster if budget / per_step[i] >= MIN_STEPS]
@@ -972,100 +899,92 @@ def make_parser():
                     epilog=f"--resume takes every setting from the checkpoint; only these may change: {may} "
                            "(--data: a moved copy of the same images). CPU threads: one per idle core; "
                            "OMP_NUM_THREADS=N chooses.")
-    pos, real, path = util.positive(int), util.real, util.path
-    g = p.add_argument_group("data")
-    g.add_argument("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout), "
-                   "or a folder of images")
-    g.add_argument("--download", action="store_true", help="first try torchvision's CelebA download (needs "
-                                                           "gdown)")
-    g.add_argument("--size", type=pos, default=64, help="image size; picks the U-Net preset (32, 64, 128, "
-                   "256; another size takes the nearest below)")
-    g.add_argument("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM box for 178x218 "
-                   "CelebA, else a centre square")
-    g.add_argument("--cache-dir", type=path, default=None, help="decoded images (default: "
-                                                                "~/.cache/ddpm-faces)")
-    g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    g = p.add_argument_group("model (default: the --size preset) and diffusion")
-    g.add_argument("--ch", type=pos, default=None, help="base channel count")
-    g.add_argument("--ch-mult", type=util.int_list, default=None, help="channel multiplier per level: "
-                                                                       "1,2,2,2,4")
-    g.add_argument("--num-res-blocks", type=pos, default=None, help="residual blocks per level")
-    g.add_argument("--attn-res", type=util.int_list, default=None, help="feature-map sizes with "
-                                                                        "self-attention")
-    g.add_argument("--dropout", type=real, default=None, help="dropout in the residual blocks")
-    g.add_argument("--timesteps", type=pos, default=1000, help="T, the number of diffusion steps")
-    g.add_argument("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
-    g.add_argument("--objective", default="eps", choices=OBJECTIVES, help="what the network predicts")
-    g.add_argument("--min-snr-gamma", type=util.positive(float), default=None, help="min-SNR-gamma weighting")
-    g = p.add_argument_group("attributes (sample with sample.py --attrs Smiling=1)")
-    g.add_argument("--attrs", default=None, help="condition on CelebA attributes: 'all' or names, e.g. "
-                   "Smiling,Male (default: unconditional)")
-    g.add_argument("--attr-film", action="store_true", help="the attributes also scale and shift every "
-                   "block's features (FiLM)")
-    g.add_argument("--p-uncond", type=real, default=0.1, help="probability of dropping an image's whole "
-                   "condition (guidance needs the unconditional model)")
-    g.add_argument("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each "
-                   "attribute: a number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, but a "
-                   "rarer state is kept unless all are dropped (REPORT sec. 3.7)")
+    pos, path, fraction = util.positive(int), util.path, util.between(0, 1)
+    add = p.add_argument_group("data").add_argument
+    add("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout), or a folder of "
+        "images")
+    add("--download", action="store_true", help="first try torchvision's CelebA download (needs gdown)")
+    add("--size", type=pos, default=64, help="image size; picks the U-Net preset (32, 64, 128, 256; another "
+        "size takes the nearest below)")
+    add("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM box for 178x218 CelebA, else a "
+        "centre square")
+    add("--cache-dir", type=path, default=None, help="decoded images (default: ~/.cache/ddpm-faces)")
+    add("--no-flip", action="store_true", help="no random horizontal flips")
+    add = p.add_argument_group("model (default: the --size preset) and diffusion").add_argument
+    add("--ch", type=pos, default=None, help="base channel count")
+    add("--ch-mult", type=util.int_list, default=None, help="channel multiplier per level: 1,2,2,2,4")
+    add("--num-res-blocks", type=pos, default=None, help="residual blocks per level")
+    add("--attn-res", type=util.int_list, default=None, help="feature-map sizes with self-attention")
+    add("--dropout", type=util.real, default=None, help="dropout in the residual blocks")
+    add("--timesteps", type=util.between(2, math.inf, int), default=1000, help="T, the number of diffusion "
+        "steps")
+    add("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
+    add("--objective", default="eps", choices=OBJECTIVES, help="what the network predicts")
+    add("--min-snr-gamma", type=util.positive(float), default=None, help="min-SNR-gamma weighting")
+    add = p.add_argument_group("attributes (sample with sample.py --attrs Smiling=1)").add_argument
+    add("--attrs", default=None, help="condition on CelebA attributes: 'all' or names, e.g. Smiling,Male "
+        "(default: unconditional)")
+    add("--attr-film", action="store_true", help="the attributes also scale and shift every block's "
+        "features (FiLM)")
+    add("--p-uncond", type=fraction, default=0.1, help="probability of dropping an image's whole condition "
+        "(guidance needs the unconditional model)")
+    add("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each attribute: a "
+        "number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, but a rarer state is kept unless "
+        "all are dropped (REPORT sec. 3.7)")
     add_run_flags(p)
     return p
 
 
 def add_run_flags(p):
     """The flags of how a run trains, how fast, and what it writes."""
-    pos, real, num, path = util.positive(int), util.real, util.non_negative, util.path
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=pos, default=100, help="passes over the training split")
-    g.add_argument("--max-steps", type=pos, default=None, help="stop after this many steps (not --epochs)")
-    g.add_argument("--minutes", type=util.positive(float), default=None, help="fit the whole run into N "
-                   "minutes: steps, warm-up, LR and EMA decay from the measured speed")
-    g.add_argument("--batch-size", type=pos, default=128, help="global batch size, split over the GPUs")
-    g.add_argument("--lr", type=util.positive(float), default=2e-4, help="peak AdamW learning rate")
-    g.add_argument("--warmup", type=num, default=5000, help="LR warm-up steps, at most a tenth of the run")
-    g.add_argument("--lr-decay", default="constant", choices=["constant", "cosine"],
-                   help="after the warm-up: constant (DDPM) or a cosine decay to 0 (default with --minutes)")
-    g.add_argument("--weight-decay", type=real, default=0.0, help="AdamW weight decay")
-    g.add_argument("--grad-clip", type=util.positive(float), default=1.0, help="clip the gradient norm to "
-                                                                               "this")
-    g.add_argument("--ema-decay", type=real, default=0.9999, help="EMA decay, warmed up as min(d, "
-                                                                  "(1+s)/(10+s))")
-    g.add_argument("--seed", type=util.random_seed, default=None, help="random seed (default: drawn)")
-    g = p.add_argument_group("speed")
-    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: "
-                   "bf16 on GPUs with native bf16, else fp16; fp32 on CPU/MPS (fp32 is without TF32)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile "
-                   "the model: ~90 s to start, faster steps (default: on CUDA with Triton, except "
-                   "--dry-run)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: on, except an eager step on a GPU)")
-    g.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute each "
-                   "block in backward (less memory, ~1/3 more compute); auto: when a batch would not fit")
-    g = p.add_argument_group("logging, evaluation and checkpoints")
-    g.add_argument("--out", type=path, default="out", help="folder for ckpt.pt, sample grids and log.csv")
-    g.add_argument("--overwrite", action="store_true", help="a new run in an --out that holds one, removing "
-                   "its files")
-    g.add_argument("--log-every", type=pos, default=100, help="a progress line every N steps")
-    g.add_argument("--sample-every", type=num, default=5000, help="an EMA sample grid from fixed noise "
-                   "every N steps (0: never; --minutes: four over the run)")
-    g.add_argument("--sample-steps", type=pos, default=DEFAULT_STEPS, help="steps of the default sampler "
-                   f"({DEFAULT_SAMPLER}, eta {DEFAULT_ETA:g}) for the grids")
-    g.add_argument("--sample-n", type=pos, default=64, help="images in a grid")
-    g.add_argument("--eval-every", type=num, default=5000, help="the EMA's validation loss every N steps "
-                   "(0: never)")
-    g.add_argument("--eval-images", type=pos, default=1024, help="validation images per evaluation")
-    g.add_argument("--ckpt-every", type=num, default=5000, help="write ckpt.pt every N steps (0: at the end)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, type=path, help="continue a run "
-                   "from its checkpoint (a path, or none: ckpt.pt in --out), with its settings")
-    g.add_argument("--other-data", action="store_true", help="with --resume: continue on other images than "
-                   "the run's (else refused)")
-    g.add_argument("--dry-run", action="store_true", help="2 steps of one image, an evaluation, a one-image "
-                   "grid and a checkpoint: a quick check of a setup")
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--bench", action="store_true", help="time training steps on synthetic data: img/s, MFU")
-    g.add_argument("--bench-steps", type=pos, default=20, help="timed steps for --bench")
-    g.add_argument("--peak-tflops", type=util.positive(float), default=None, help="the device's peak "
-                   "TFLOP/s for MFU (default: from a table)")
+    pos, num, path, real = util.positive(int), util.non_negative, util.path, util.positive(float)
+    add = p.add_argument_group("optimisation").add_argument
+    add("--epochs", type=pos, default=100, help="passes over the training split")
+    add("--max-steps", type=pos, default=None, help="stop after this many steps (not --epochs)")
+    add("--minutes", type=real, default=None, help="fit the whole run into N minutes: steps, warm-up, LR and "
+        "EMA decay from the measured speed")
+    add("--batch-size", type=pos, default=128, help="global batch size, split over the GPUs")
+    add("--lr", type=real, default=2e-4, help="peak AdamW learning rate")
+    add("--warmup", type=num, default=5000, help="LR warm-up steps, at most a tenth of the run")
+    add("--lr-decay", default="constant", choices=["constant", "cosine"], help="after the warm-up: constant "
+        "(DDPM) or a cosine decay to 0 (default with --minutes)")
+    add("--weight-decay", type=util.between(0, math.inf), default=0.0, help="AdamW weight decay")
+    add("--grad-clip", type=real, default=1.0, help="clip the gradient norm to this")
+    add("--ema-decay", type=util.between(0, 1), default=0.9999, help="EMA decay, warmed up as min(d, "
+        "(1+s)/(10+s))")
+    add("--seed", type=util.random_seed, default=None, help="random seed (default: drawn)")
+    add = p.add_argument_group("speed").add_argument
+    add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: bf16 on GPUs "
+        "with native bf16, else fp16; fp32 on CPU/MPS (fp32 is without TF32)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model: ~90 "
+        "s to start, faster steps (default: on CUDA with Triton, except --dry-run)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory "
+        "format (default: on, except an eager step on a GPU)")
+    add("--grad-checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute each block in "
+        "backward (less memory, ~1/3 more compute); auto: when a batch would not fit")
+    add = p.add_argument_group("logging, evaluation and checkpoints").add_argument
+    add("--out", type=path, default="out", help="folder for ckpt.pt, sample grids and log.csv")
+    add("--overwrite", action="store_true", help="a new run in an --out that holds one, removing its files")
+    add("--log-every", type=pos, default=100, help="a progress line every N steps")
+    add("--sample-every", type=num, default=5000, help="an EMA sample grid from fixed noise every N steps (0: "
+        "never; --minutes: four over the run)")
+    add("--sample-steps", type=pos, default=DEFAULT_STEPS, help=f"steps of the default sampler "
+        f"({DEFAULT_SAMPLER}, eta {DEFAULT_ETA:g}) for the grids")
+    add("--sample-n", type=util.between(1, 1024, int), default=64, help="images in a grid")
+    add("--eval-every", type=num, default=5000, help="the EMA's validation loss every N steps (0: never)")
+    add("--eval-images", type=pos, default=1024, help="validation images per evaluation")
+    add("--ckpt-every", type=num, default=5000, help="write ckpt.pt every N steps (0: at the end)")
+    add("--resume", nargs="?", const="latest", default=None, type=path, help="continue a run from its "
+        "checkpoint (a path, or none: ckpt.pt in --out), with its settings")
+    add("--other-data", action="store_true", help="with --resume: continue on other images than the run's")
+    add("--dry-run", action="store_true", help="2 steps of one image, an evaluation, a one-image grid and a "
+        "checkpoint: a quick check of a setup")
+    add = p.add_argument_group("benchmark").add_argument
+    add("--bench", action="store_true", help="time training steps on synthetic data: img/s, MFU")
+    add("--bench-steps", type=pos, default=20, help="timed steps for --bench")
+    add("--peak-tflops", type=real, default=None, help="the device's peak TFLOP/s for MFU (default: from a "
+        "table)")
 
 
 if __name__ == "__main__":

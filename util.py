@@ -71,15 +71,15 @@ def non_negative(s):
 non_negative.__name__ = "integer"
 
 
-def between(lo, hi):
-    """A finite float in [lo, hi] (hi may be inf)."""
+def between(lo, hi, kind=float):
+    """A finite number of `kind` (int or float) in [lo, hi] (hi may be inf)."""
     def parse(s):
-        v = real(s)
+        v = real(s) if kind is float else kind(s)
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {s}" if hi < math.inf else
                                              f"must be >= {lo:g}, got {s}")
         return v
-    parse.__name__ = "number"
+    parse.__name__ = "number" if kind is float else "integer"
     return parse
 
 
@@ -418,16 +418,30 @@ def peak_tflops(device):
     return next((p for k, p in PEAK_TFLOPS if k in device_name(device)), None)
 
 
+class Interrupted(Exception):
+    """A signal arrived in a long phase (a CPU step, a sample grid, an evaluation): it is cut short."""
+
+
 class StopSignals:
     """For the time it is entered: Ctrl-C, SIGTERM (Slurm, Kubernetes, `timeout`) and SIGHUP (a closed
     terminal) are appended to `signals`, for the loop to stop at a safe point; the first is acknowledged at
     once. A second Ctrl-C then quits at once; a second SIGTERM is ignored (Slurm signals every process and
-    torchrun forwards it again: neither may cut the last checkpoint short)."""
+    torchrun forwards it again: neither may cut the last checkpoint short). Once one has arrived, each of
+    `models` raises Interrupted: every block before its forward, every weight after its gradient."""
 
-    def __init__(self, signals, say, when="after this step"):
-        self.signals, self.say, self.when = signals, say, when
+    def __init__(self, signals, say, models=(), at_once=False):
+        self.signals, self.say, self.when = signals, say, "now" if at_once else "after this step"
         kinds = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # Windows
         self.saved = {s: signal.getsignal(s) for s in kinds}
+        def check(*_):
+            if signals:
+                raise Interrupted
+        for model in models:
+            for block in [*model.down, *model.mid, *model.up]:
+                block.register_forward_pre_hook(check)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(check)
 
     def handler(self, signum, frame):
         if not self.signals:
@@ -528,6 +542,47 @@ def plan_memory(model, loss, x, batch, processes, mode, ctx, say, state_bytes):
     hint += ", or --grad-checkpoint auto" if mode == "off" else ""
     raise UsageError(f"a batch of {batch} needs ~{fmt_bytes(need)}, more than the {fmt_bytes(budget)} a run "
                      f"may use (85% of the {fmt_bytes(available)} available on {device.type}): {hint}")
+
+
+def check_fits(net, device, fix):
+    """Refuse, before anything is allocated, a model (unet.Config) whose state and one image's activations (a
+    lower bound: the input and the first level's maps) exceed the memory of `device`."""
+    with torch.device("meta"):  # shapes only: no memory, no time
+        params = unet.UNet(net).num_params()
+    need = 20 * params + 4 * net.image_size ** 2 * (3 + net.ch * (2 * net.num_res_blocks + 2))
+    available = device_memory(device) if device.type != "mps" else math.inf
+    if need > available:
+        raise UsageError(f"the model ({params / 1e6:,.1f}M parameters at {net.image_size}x{net.image_size}) "
+                         f"needs at least {fmt_bytes(need)}, more than the {fmt_bytes(available)} available "
+                         f"on {device.type}: {fix}")
+
+
+def time_step(net, batch, device, ctx, fix):
+    """-> seconds of a training step of a fresh model `net` at `batch` synthetic images (the faster of two,
+    after a warm-up), drawing none of the run's seeded randomness; out of memory: `fix`."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model, size, times = unet.UNet(net).to(device), net.image_size, []
+        x0 = torch.zeros(batch, 3, size, size, device=device)
+        t = torch.zeros(batch, dtype=torch.long, device=device)
+        opt, diffusion = torch.optim.AdamW(model.parameters(), lr=0.0), GaussianDiffusion(2).to(device)
+        for _ in range(3):
+            t0 = time.time()
+            with memory_errors(f"a step of {batch} image{'s' * (batch > 1)} at {size}x{size}", fix), ctx:
+                diffusion.training_losses(model, x0, t, x0).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            synchronize(device)
+            times.append(time.time() - t0)
+    return max(min(times[1:]), 1e-9)
+
+
+def to_channels_last(model):
+    """Every 4-d weight in channels_last strides. Module.to(memory_format=) may keep a 1x1 kernel's NCHW
+    strides (the same bytes), while its gradient comes back channels_last: DDP warns, and copies."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            o, i, h, w = p.shape
+            p.data = torch.empty_strided(p.shape, (i * h * w, 1, w * i, i), device=p.device).copy_(p.data)
 
 
 def saved_bytes_per_image(model, loss, x, ctx):
