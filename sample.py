@@ -34,12 +34,12 @@ ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # 
 DEFAULT_GUIDANCE = 3.0  # the largest weight whose face quality stays within 10% (REPORT sec. 3.7)
 REPAINT_STEPS = 250  # RePaint's face setting: 250 steps, jump length 10, 10 resamplings
 FIGURES = ("forward", "reverse", "attention", "schedules", "loss")
-FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # the forward strip's timesteps at T = 1000 (scaled for others)
+FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # the forward figure's timesteps at T = 1000 (scaled)
 # --mask regions as (top, bottom, left, right) fractions of the image, for aligned CelebA faces
 MASKS = dict(center=(0.25, 0.75, 0.25, 0.75), top=(0, 0.5, 0, 1), bottom=(0.5, 1, 0, 1), left=(0, 1, 0, 0.5),
              right=(0, 1, 0.5, 1), eyes=(0.33, 0.57, 0.15, 0.85), mouth=(0.62, 0.84, 0.28, 0.72))
 QUERIES = dict(eye=(0.45, 0.36), mouth=(0.73, 0.5), background=(0.06, 0.06))  # --figure attention's, (y, x)
-say = util.Say()  # print, which outlives a closed terminal or pipe: the images are what matters
+say = util.Say()  # print, which outlives a closed terminal or pipe
 
 # -----------------------------------------------------------------------------
 # the core: checkpoint -> images
@@ -127,8 +127,7 @@ def load(opt, device, ctx):
         model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
     return Job(opt, model, diffusion.to(device), tuple(model.cfg.attrs), size, device, ctx,
                torch.Generator(device=device).manual_seed(opt.seed), steps, evals, ckpt_args,
-               parse_attrs(opt, model.cfg.attrs),
-               data.to_float(read_image(opt.init, "--init", size, opt.crop)[None], device) if opt.init else None,
+               parse_attrs(opt, model.cfg.attrs), load_init(opt, size, device) if opt.init else None,
                load_mask(opt, size, device) if opt.mask else None)
 
 
@@ -188,7 +187,7 @@ def compare(job):
 
 
 def interpolate(job):
-    """--interpolate N: a strip from --seed's own sample (the same x_T) to --seed + 1's, the noises slerped."""
+    """--interpolate N: a strip from --seed's sample (the same x_T) to --seed + 1's, the noises slerped."""
     opt, frames, b = job.opt, [], job.opt.batch_size
     gens = [torch.Generator(device=job.device).manual_seed(s) for s in (opt.seed, opt.seed + 1)]
     z = [torch.randn((1, 3, job.size, job.size), device=job.device, generator=g) for g in gens]
@@ -215,12 +214,12 @@ def bench(job):
 
 @torch.no_grad()
 def bits_per_dim(job):
-    """--bpd N: the EMA model's variational bound, [DDPM] eq. 5, on N validation images of its run's data
-    (or --data): every t, or an estimate from --bpd-t K stratified t per image (K + 1 model calls)."""
+    """--bpd N: the variational bound, [DDPM] eq. 5, on N validation images of the run's data (or --data):
+    every t, or an estimate from --bpd-t K stratified t per image."""
     opt, a, diffusion = job.opt, job.ckpt_args, job.diffusion
     if opt.bpd_t >= diffusion.T:
-        raise UsageError(f"--bpd-t {opt.bpd_t}: the model has T-1 = {diffusion.T - 1} timesteps to draw from; "
-                         "use fewer, or 0 for every t")
+        raise UsageError(f"--bpd-t {opt.bpd_t}: the model has T-1 = {diffusion.T - 1} timesteps to draw "
+                         "from; use fewer, or 0 for every t")
     valid = data.load(opt.data or a["data"], job.size, "valid", a["crop"], opt.cache_dir, log=say)["images"]
     valid, parts = valid[: opt.bpd], []
     g = torch.Generator(device=job.device).manual_seed(opt.seed)
@@ -239,7 +238,7 @@ def bits_per_dim(job):
 
 
 def describe(job, precision):
-    """The one line that says what will be drawn, and how."""
+    """The line that says what will be drawn, and how."""
     opt = job.opt
     if opt.mode == "bpd":
         how = "the variational bound"
@@ -282,8 +281,8 @@ def make_parser():
     add("--out", type=path, default="samples.png", help="the grid or figure (.png, .jpg, .webp)")
     add("--out-dir", type=path, default=None, help="also every image as a numbered PNG in this folder")
     add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: bf16 on GPUs "
-        "with native bf16, else fp16; fp32 on CPU/MPS")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast; auto: bf16 "
+        "on GPUs that have it, else fp16; fp32 on CPU/MPS")
     add("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
     add("--init", type=path, default=None, help="SDEdit: edit this image instead of sampling from noise")
     add("--strength", type=fraction, default=None, help="SDEdit: noise --init to t = strength * T, then "
@@ -302,13 +301,13 @@ def make_parser():
         f"{', '.join(MASKS)}, or the white pixels of a mask image")
     add("--jump-length", type=pos, default=10, help="RePaint: steps back up")
     add("--jump-n-sample", type=pos, default=10, help="RePaint: passes per jump")
-    add("--figure", default=None, choices=FIGURES, help="a figure of REPORT.md instead of samples (loss: from "
-        "the run's log.csv)")
+    add("--figure", default=None, choices=FIGURES, help="a figure of REPORT.md instead of samples (loss: "
+        "from the run's log.csv)")
     add("--bench", action="store_true", help="time sampling one batch")
     add("--size", type=pos, default=64, help="--bench without a checkpoint: that size's preset")
     add("--bpd", type=pos, default=None, metavar="N", help="the bits/dim bound on N validation images")
-    add("--bpd-t", type=util.non_negative, default=0, help="--bpd estimated from this many random t per image "
-        "(0: every t)")
+    add("--bpd-t", type=util.non_negative, default=0, help="--bpd estimated from this many random t per "
+        "image (0: every t)")
     add("--data", type=path, default=None, help="--bpd: the data (default: the run's)")
     add("--cache-dir", type=path, default=None, help="--bpd: the cache of decoded images")
     return p
@@ -331,7 +330,8 @@ SAMPLER_FLAGS = dict(eta=("ddim",), var=("ddpm",), spacing=("dpm++", "dpm++sde")
                      steps=("ddim", "dpm++", "dpm++sde"))  # the flags that some samplers take
 REPAINT = ": RePaint inpaints: add --init IMAGE --mask REGION"
 HINTS = dict(strength=": it edits an image: add --init IMAGE", crop=" (it crops --init)", jump_length=REPAINT,
-             jump_n_sample=REPAINT, sampler=": RePaint takes its own steps", size=" (--bench without a checkpoint)")
+             jump_n_sample=REPAINT, sampler=": RePaint takes its own steps",
+             size=" (--bench without a checkpoint)")
 
 
 def mode_of(args):
@@ -353,11 +353,12 @@ def check_flags(args, given):
     for flag, samplers in SAMPLER_FLAGS.items():
         if flag in given and mode != "repaint" and sampler not in samplers:
             hint = ": ddpm takes all T steps; for fewer, use --sampler ddim --eta 1" if flag == "steps" else ""
-            raise UsageError(f"--{flag} does not apply to --sampler {sampler} (only to {', '.join(samplers)}); "
-                             f"drop --{flag}{hint}")
+            raise UsageError(f"--{flag} does not apply to --sampler {sampler} (only to "
+                             f"{', '.join(samplers)}); drop --{flag}{hint}")
     eta = args.eta if args.eta is not None else 0.0 if mode == "interpolate" else DEFAULT_ETA
     opt = argparse.Namespace(**{
-        **vars(args), "mode": mode, "sampler": sampler, "eta": eta, "n": args.n or (8 if mode == "reverse" else 64),
+        **vars(args), "mode": mode, "sampler": sampler, "eta": eta,
+        "n": args.n or (8 if mode == "reverse" else 64),
         "strength": 0.5 if mode == "sdedit" and args.strength is None else args.strength})
     check_values(opt, given)
     check_outputs(opt)
@@ -447,6 +448,11 @@ def parse_attrs(opt, attr_names):
     if opt.compare is not None and cond[index(opt.compare, "--compare")] != 0:
         raise UsageError(f"--compare {opt.compare} shows it absent and present; do not set it in --attrs")
     return cond
+
+
+def load_init(opt, size, device):
+    """--init -> (1, 3, size, size) in [-1, 1]."""
+    return data.to_float(read_image(opt.init, "--init", size, opt.crop)[None], device)
 
 
 def read_image(path, flag, size, crop):
@@ -590,8 +596,7 @@ def save_figure(opt, img, path=None, **kw):
 
 
 def figure_forward(job):
-    """One face (--init, or the model's own) under q(x_t | x_0) at FORWARD_T, a row per schedule, the same
-    noise in every row."""
+    """One face (--init, or the model's) under q(x_t | x_0) at FORWARD_T: a row per schedule, one noise."""
     opt, T, device = job.opt, job.diffusion.T, job.device
     face = job.x_init if job.x_init is not None else data.to_float(draw(job, 1), device)  # (1, 3, H, W)
     ts = [round(t * (T - 1) / 999) for t in FORWARD_T]
@@ -607,7 +612,7 @@ def figure_forward(job):
 
 def figure_reverse(job):
     """x_t (the top row of each pair) and the x0 predicted from it (the bottom row) at about ten of the
-    sampler's steps, then the sample; and a GIF of every step, for --n (up to 8) faces."""
+    sampler's steps, then the sample, for --n faces; and a GIF of every step."""
     opt, frames, u8 = job.opt, [], data.to_uint8  # frames: (t, the chain after the step from t, x0_hat at t)
     x_T = torch.randn((opt.n, 3, job.size, job.size), generator=job.generator, device=job.device)
     x0 = draw(job, opt.n, x_T, callback=lambda t, x, x0_hat: frames.append((t, x, x0_hat)))
@@ -627,9 +632,9 @@ def figure_reverse(job):
 
 @torch.no_grad()
 def attention_maps(job, x_T, timesteps):
-    """Sample one face from x_T (1, 3, H, W), recording at each of `timesteps` the weights of the finest
-    attention maps (averaged over their layers and heads) for each of QUERIES. -> (the face (1, 3, H, W)
-    uint8, maps (len(QUERIES), len(timesteps), r, r): each a distribution over the r x r positions)."""
+    """Sample one face from x_T (1, 3, H, W), recording at `timesteps` the finest attention weights (the mean
+    over layers and heads) of each of QUERIES. -> (the face (1, 3, H, W) uint8, maps (Q, len(timesteps), r,
+    r), each a distribution over the positions)."""
     model = getattr(job.model, "_orig_mod", job.model)  # hooks need the eager modules
     r = max(model.cfg.attn_res)
     queries = [round(y * (r - 1)) * r + round(x * (r - 1)) for y, x in QUERIES.values()]
@@ -652,8 +657,8 @@ def attention_maps(job, x_T, timesteps):
 
 
 def figure_attention(job):
-    """For one generated face: where the finest self-attention (16x16 in the presets) of an eye, the mouth and
-    the background looks, at four timesteps from noisy to clean (a row per query; red where it looks)."""
+    """Where the finest self-attention (16x16 in the presets) of an eye, the mouth and the background of a
+    generated face looks, at four timesteps (a row per query; red where it looks)."""
     ts = job.diffusion.timesteps(job.opt.sampler, job.steps, job.opt.spacing)
     ts = [ts[round(i * (len(ts) - 1) / 3)] for i in range(4)]
     x_T = torch.randn((1, 3, job.size, job.size), generator=job.generator, device=job.device)
@@ -676,8 +681,7 @@ def figure_attention(job):
 
 
 def figure_schedules(opt):
-    """alpha_bar_t and log-SNR = log(alpha_bar / (1 - alpha_bar)) against t for the three schedules, at the
-    checkpoint's T."""
+    """alpha_bar_t and log-SNR = log(alpha_bar / (1 - alpha_bar)) of each schedule, at the checkpoint's T."""
     T = util.load_checkpoint(opt.ckpt, parts=())["args"]["timesteps"] if opt.ckpt else 1000
     ds, ts = [GaussianDiffusion(T, name) for name in SCHEDULES], list(range(T))
     a = util.line_chart([(d.schedule, ts, d.alphas_cumprod.tolist()) for d in ds], "alpha_bar_t", "t")
@@ -689,8 +693,7 @@ def figure_schedules(opt):
 
 
 def figure_loss(opt):
-    """The training loss of every progress line and the validation loss, from log.csv beside the
-    checkpoint."""
+    """The training and validation loss in the log.csv beside the checkpoint."""
     path = os.path.join(opt.ckpt if os.path.isdir(opt.ckpt) else os.path.dirname(opt.ckpt), "log.csv")
     try:
         with open(path, newline="") as f:

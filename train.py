@@ -18,7 +18,6 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import argparse
 import copy
-import csv
 import dataclasses
 import functools
 import importlib.util
@@ -286,6 +285,7 @@ class Run:
     step_log: int = 0
     probe: tuple = None  # --minutes: (step, time) where the timing began
     forward_s: float = None  # --minutes: seconds of an EMA forward pass per image
+    log: object = None  # rank 0: log.csv
 
     def __post_init__(self):
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
@@ -310,7 +310,7 @@ def progress(cfg, env, run):
     eta = "timing the first steps" if math.isinf(total) else fmt_time((total - run.step) / max(rate, 1e-9))
     env.say(f"epoch {epoch} | step {run.step}/{'?' if math.isinf(total) else total} | loss {loss:.4f} | "
             f"{rate * cfg.batch_size:,.1f} img/s | lr {lr:.2e} | ETA {eta}")
-    log_row(cfg, env, run, loss=f"{loss:.6f}", lr=f"{lr:.3e}", img_per_s=f"{rate * cfg.batch_size:.1f}")
+    log_row(run, loss=f"{loss:.6f}", lr=f"{lr:.3e}", img_per_s=f"{rate * cfg.batch_size:.1f}")
     if run.step % cfg.log_every == 0:  # the loss column averages the steps since the last multiple
         run.loss_sum, run.loss_n = torch.zeros((), device=env.device), 0
     run.t_log, run.step_log = now, run.step
@@ -323,7 +323,7 @@ def evaluate(cfg, env, run, last):
         if run.val is not None and (run.step % cfg.eval_every == 0 or last):
             vl = val_loss(cfg, env, run)
             env.say(f"step {run.step} | val loss {vl:.4f} ({len(run.val[0])} images, EMA weights)")
-            log_row(cfg, env, run, val_loss=f"{vl:.6f}")
+            log_row(run, val_loss=f"{vl:.6f}")
         due = every > 0 and (run.step - run.plan.grid_from) % every == 0
         if due or (last and (every > 0 or cfg.dry_run)):
             env.say(f"step {run.step} | samples {sample_grid(cfg, env, run)}")
@@ -339,32 +339,11 @@ def reduce_loss(env, loss_sum):
     return loss_sum.item()
 
 
-LOG_COLUMNS = ["step", "epoch", "loss", "val_loss", "lr", "img_per_s", "elapsed_s"]
-
-
-def open_log(cfg, env, run):
-    """log.csv in --out; on resume, its rows up to the checkpoint's step (each step appears once)."""
-    path, rows = os.path.join(cfg.out, "log.csv"), []
-    if env.ckpt and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [r[:len(LOG_COLUMNS)] for r in csv.reader(f)
-                    if r and r[0].isdigit() and int(r[0]) <= run.step]
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([LOG_COLUMNS] + rows)
-    util.atomic_write(write, path, "--out")
-
-
-def log_row(cfg, env, run, **values):
-    path = os.path.join(cfg.out, "log.csv")
-    epoch, elapsed = run.step // run.batches.steps_per_epoch, f"{time.time() - run.t0:.1f}"
-    values.update(step=run.step, epoch=epoch, elapsed_s=elapsed)
-    try:
-        if env.master:
-            with open(path, "a", newline="") as f:
-                csv.writer(f).writerow([values.get(k, "") for k in LOG_COLUMNS])
-    except OSError as e:
-        raise util.WriteError(f"cannot write {path} ({util.why(e)}); free some space or pass another --out")
+def log_row(run, **values):
+    """A row of log.csv (rank 0)."""
+    if run.log:
+        run.log(step=run.step, epoch=run.step // run.batches.steps_per_epoch,
+                elapsed_s=f"{time.time() - run.t0:.1f}", **values)
 
 
 @torch.no_grad()
@@ -533,20 +512,19 @@ def check_args(cfg, given, env):
 
 
 def check_out(cfg, env):
-    """--out: writable, no other run in it unless resumed (--overwrite removes it), held by this run alone."""
+    """--out: writable, without another run unless resumed (--overwrite removes it), held by this run."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out}: is a file; give a folder for checkpoints and samples")
     if not env.master:
         return
-    stale = util.check_writable(cfg.out, "--out")  # and removes the temporary files of killed runs
+    stale = util.check_writable(cfg.out, "--out")
     old = [f for f in sorted(os.listdir(cfg.out)) if f in ("ckpt.pt", "log.csv", "stdout.log")
            or (f.startswith("samples_") and f.endswith(".png"))] if os.path.isdir(cfg.out) else []
     listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
     if old and not cfg.resume and not cfg.overwrite:
-        raise UsageError(f"--out {cfg.out} already holds "
-                         f"{'a run' if 'ckpt.pt' in old else 'an earlier run'}'s files ({listed}); continue "
-                         f"it with python train.py --resume --out {shlex.quote(cfg.out)}, pick another "
-                         "--out, or pass --overwrite to replace it")
+        raise UsageError(f"--out {cfg.out} already holds {'a run' if 'ckpt.pt' in old else 'an earlier run'}'s "
+                         f"files ({listed}); continue it with python train.py --resume --out "
+                         f"{shlex.quote(cfg.out)}, pick another --out, or pass --overwrite to replace it")
     env.lock, env.made = util.claim_folder(cfg.out, "--out")  # last: nothing after it can fail
     for f in old if cfg.overwrite else []:
         os.remove(os.path.join(cfg.out, f))
@@ -561,8 +539,8 @@ def check_out(cfg, env):
 
 
 def load_data(cfg, env):
-    """-> (the training split, (validation images, attributes) or None, the data's identity); the count, and
-    on resume the identity, checked before any decoding."""
+    """-> (the training split, (validation images, attributes) or None, the data's identity), the count and
+    the identity checked before decoding."""
     if cfg.download and env.master:
         try:
             data.select(cfg.data)
@@ -575,12 +553,11 @@ def load_data(cfg, env):
                          f"{cfg.batch_size}; lower --batch-size")
     if saved and saved != data_id and not cfg.other_data:
         raise UsageError(f"--data {cfg.data} ({n:,} images) is not the data the checkpoint's run trained on "
-                         f"({env.ckpt['train_images']:,}); resume with the run's data, or pass --other-data "
-                         "to continue on these")
+                         f"({env.ckpt['train_images']:,}); resume with it, or pass --other-data")
     if env.master and not (env.ckpt or cfg.minutes or cfg.dry_run) and env.device.type != "cuda":
         estimate_run(cfg, env, n)
     if env.ddp and not env.master:
-        dist.barrier()  # rank 0 decodes and writes the cache first; the others then load it
+        dist.barrier()  # rank 0 writes the cache first, the others load it
     faces = data.load(cfg.data, cfg.size, "train", cfg.crop, cfg.cache_dir, log=env.say, attrs=cfg.attrs,
                       sel=sel)
     if env.ddp and env.master:
@@ -590,7 +567,7 @@ def load_data(cfg, env):
         try:
             v = data.load(cfg.data, cfg.size, "valid", cfg.crop, cfg.cache_dir, log=env.say, attrs=cfg.attrs)
             n = cfg.eval_images
-            val = (data.to_float(v["images"][:n], env.device),  # with every attribute given:
+            val = (data.to_float(v["images"][:n], env.device),  # every attribute given
                    v["cond"][:n].to(env.device).float() * 2 - 1 if cfg.attrs else None)
         except data.DataError as e:
             env.say(f"no validation loss: {e}")
@@ -598,13 +575,12 @@ def load_data(cfg, env):
 
 
 def build(cfg, env, faces, val, data_id, given):
-    """Model, EMA, optimizer (the checkpoint's when resuming), the memory plan, batches, plan and log."""
+    """The Run: model, EMA and optimizer (make_run), the memory plan, batches, plan and log."""
     attrs = tuple(faces["cond_names"] or ())
     net = unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(cfg, attrs)
     if tuple(net.attrs) != attrs:
-        raise UsageError(f"the checkpoint's model is conditioned on {','.join(net.attrs) or 'nothing'}, but "
-                         f"--data {cfg.data} gives {','.join(attrs) or 'no attributes'}; resume with the "
-                         "run's data")
+        raise UsageError(f"the checkpoint's model is conditioned on {','.join(net.attrs) or 'nothing'}, "
+                         f"--data {cfg.data} on {','.join(attrs) or 'nothing'}; resume with the run's data")
     run = make_run(cfg, env, net)
     resident = data.fits_on_gpu(faces["images"].nbytes, env.device)
     plan_memory(cfg, env, run, faces["images"].nbytes if resident else 0)
@@ -619,15 +595,16 @@ def build(cfg, env, faces, val, data_id, given):
     env.say(f"data: {len(faces['images']):,} training images, {run.batches.steps_per_epoch:,} steps per "
             f"epoch at batch {cfg.batch_size}; steps: {steps}, lr warm-up {run.plan.warmup:,}"
             + (f" (--warmup {cfg.warmup} is more than a tenth of the run)" if short else ""))
-    if env.master:
-        open_log(cfg, env, run)
+    if env.master:  # each step once: a resume keeps the rows up to its step
+        run.log = util.CsvLog(os.path.join(cfg.out, "log.csv"), ["step", "epoch", "loss", "val_loss", "lr",
+                              "img_per_s", "elapsed_s"], run.step if env.ckpt else None, "--out")
     run.t0 = run.t_log = time.time() - run.elapsed
     run.step_log = run.step
     return run
 
 
 def make_run(cfg, env, net):
-    """Model, EMA, AdamW, GradScaler and diffusion (the checkpoint's when resuming). -> Run, without data."""
+    """Model, EMA, AdamW, GradScaler and diffusion (the checkpoint's on resume). -> Run, without data."""
     ckpt, device = env.ckpt, env.device
     model = unet.UNet(net).to(device)
     if env.channels_last:
@@ -636,7 +613,7 @@ def make_run(cfg, env, net):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                             fused=fused_adamw(device))
     scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")  # a no-op unless fp16
-    fwd = torch.compile(model) if env.compile else model  # state dicts come from `model`: no _orig_mod.
+    fwd = torch.compile(model) if env.compile else model  # state dicts from `model`: no _orig_mod.
     fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else fwd
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.objective, cfg.min_snr_gamma).to(device)
     fmt = torch.channels_last if env.channels_last else torch.contiguous_format
@@ -649,9 +626,9 @@ def make_run(cfg, env, net):
         own = {k: opt.param_groups[0][k] for k in ("fused", "foreach", "capturable")}  # this device's
         opt.load_state_dict(ckpt["optimizer"])
         for group in opt.param_groups:
-            group.update(own)  # a CPU checkpoint resumed on a GPU gets the fused update back
+            group.update(own)
         scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("world_size") == env.world:  # the dropout RNG continues exactly on the same world size
+        if ckpt.get("world_size") == env.world:  # dropout continues exactly
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -669,7 +646,7 @@ def fused_adamw(device):
 
 
 def make_plan(cfg, env, step, steps_per_epoch, given):
-    """The schedule. A resume keeps the run's warm-up and EMA decay, and a --minutes run its planned end."""
+    """The schedule. A resume keeps the run's warm-up and EMA decay, and a --minutes run its end."""
     saved = env.ckpt and env.ckpt.get("plan")
     if cfg.dry_run:
         total = step + 2
@@ -681,11 +658,11 @@ def make_plan(cfg, env, step, steps_per_epoch, given):
         total = math.inf  # until plan_minutes has measured the speed
     else:
         total = steps_per_epoch * cfg.epochs
-    # --minutes' grids (sample_every None): four over the run, also when a resume moves its end
+    # --minutes' grids (sample_every None): four over the run
     grid_every = 0 if cfg.sample_every is None and math.isinf(total) else grids_every(cfg, total)
-    if saved:  # the warm-up never takes more than a tenth of the run; kept from the start on resume
+    if saved:
         return Plan(total, saved["warmup"], cfg.lr_decay, saved["ema_decay"], grid_every)
-    warmup = cfg.warmup if math.isinf(total) else min(cfg.warmup, total // 10)
+    warmup = cfg.warmup if math.isinf(total) else min(cfg.warmup, total // 10)  # at most a tenth
     return Plan(total, warmup, cfg.lr_decay, cfg.ema_decay, grid_every)
 
 
@@ -701,49 +678,45 @@ def estimate_run(cfg, env, n_images):
     """A new CPU or MPS run, before decoding: how long it takes; past a day, the 30-minute command."""
     steps = cfg.max_steps or cfg.epochs * (n_images // cfg.batch_size)
     per_step = cfg.batch_size // env.world * util.time_step(model_config(cfg), 1, env.device, env.ctx, SMALLER)
-    line = (f"estimate: {steps:,} steps of {cfg.batch_size} images at ~{per_step:.1f} s each on this "
-            f"{env.device.type}: about {fmt_time(steps * per_step)}")
-    if steps * per_step > 86400:
-        line += ("; far beyond a day here. For faces on this machine in 30 minutes: python train.py --data "
-                 f"{shlex.quote(cfg.data)} --size 32 --minutes 30")
-    env.say(line)
+    env.say(f"estimate: {steps:,} steps of {cfg.batch_size} images at ~{per_step:.1f} s each on this "
+            f"{env.device.type}: about {fmt_time(steps * per_step)}" + (
+                "; far beyond a day here. For faces on this machine in 30 minutes: python train.py --data "
+                f"{shlex.quote(cfg.data)} --size 32 --minutes 30" if steps * per_step > 86400 else ""))
 
 
 def fit_model_to_minutes(cfg, env, given):
-    """--minutes without --ch or --batch-size: the preset's width and batch, halved together until the budget
-    holds MIN_STEPS steps, but only to a model faster per image (on a GPU a small step's time is its
-    launches). Timed from the smallest; on a CPU a wider one only if 8 times the narrower's step could fit.
-    A narrowed model gets dropout 0 and the lr times the width ratio, unless --lr is given (REPORT 3.5)."""
+    """--minutes without --ch or --batch-size: the preset's width and batch, halved together until MIN_STEPS
+    fit the budget, but only to a model faster per image (on a GPU a small step's time is its launches).
+    Timed from the smallest (on a CPU a wider one only if 8 times the narrower's step fits). A narrowed model
+    gets dropout 0 and the lr times the width ratio, unless --lr is given (REPORT sec. 3.5)."""
     base = model_config(cfg)
     candidates = [(base.ch >> k, cfg.batch_size >> k) for k in range(3)
                   if base.ch >> k >= 32 and cfg.batch_size >> k >= 8 * env.world]
     budget = cfg.minutes * 60 - (COMPILE_SECONDS if env.compile else 0)
     net_of = lambda ch: dataclasses.replace(base, ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
-    per_step = {}  # candidate -> seconds per step
-    for i in reversed(range(len(candidates))):  # the smallest first
+    per_step = {}  # candidate -> seconds per step, the smallest first
+    for i in reversed(range(len(candidates))):
         if i + 1 in per_step and env.device.type != "cuda" and 8 * per_step[i + 1] * MIN_STEPS > budget:
-            break  # this one, and the wider ones, cannot fit
+            break  # neither this one nor a wider one fits
         per_step[i] = util.time_step(net_of(candidates[i][0]), candidates[i][1] // env.world, env.device, env.ctx,
                                      SMALLER)
     per_image = {i: s / candidates[i][1] for i, s in per_step.items()}
     faster = [i for i in sorted(per_step) if all(per_image[i] < per_image[j] for j in per_image if j < i)]
     fits = [i for i in faster if budget / per_step[i] >= MIN_STEPS]
     ch, b = candidates[int(util.from_rank0(fits[0] if fits else min(faster, key=per_image.get), env.ctrl))]
-    env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b} --dropout {net_of(ch).dropout:g}, the "
-            f"widest of {', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch) faster per image "
-            f"than the wider ones that leaves >= {MIN_STEPS:,} "
-            "steps" + ("" if fits else " (none does: the fastest per "
-                                                                          "image)"))
+    env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b} --dropout {net_of(ch).dropout:g} of "
+            f"{', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch): " + (
+                f"the widest that leaves >= {MIN_STEPS:,} steps" if fits else "the fastest per image"))
     lr = cfg.lr if "lr" in given else cfg.lr * base.ch / ch
     if lr != cfg.lr:
         env.say(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}, the preset's "
-                "width over the model's: a narrower net takes larger steps")
+                "width over the model's")
     return replace(cfg, ch=ch, batch_size=b, dropout=net_of(ch).dropout, lr=lr)
 
 
 def plan_minutes(cfg, env, run):
-    """--minutes, until there is a plan: time the steps after the first two (compilation, autotuning); with
-    10 steps and 10 s (2% of a short budget) timed, plan."""
+    """--minutes, until there is a plan: time the steps after the first two (compilation, autotuning); plan
+    once 10 steps and 10 s (2% of a short budget) are timed."""
     util.synchronize(env.device)
     if run.probe is None:
         run.probe = (run.step + 2, None)
@@ -758,9 +731,12 @@ def plan_minutes(cfg, env, run):
 
 def replan(cfg, env, run, rate):
     """--minutes: the steps that fit the rest of the budget at `rate` steps/s, a warm-up of a tenth, the EMA
-    over the last tenth, a grid each quarter (if the plan comes later: now, then three); moved when the speed
-    changes by more than 2%."""
-    total, first = fit_minutes(cfg, env, run, rate), math.isinf(run.plan.total)
+    over the last tenth, a grid each quarter (a plan after the first quarter: now, then three); moved when
+    the speed changes by more than 2%."""
+    per_step, final = budget_terms(cfg, run, rate)
+    left = cfg.minutes * 60 - (time.time() - env.t_start) - final
+    total = int(util.from_rank0(run.step + max(1, int(0.98 * left / per_step)), env.ctrl))  # rank 0's plan
+    first = math.isinf(run.plan.total)
     if not first and abs(total - run.plan.total) <= 0.02 * run.plan.total:
         return
     start = run.step if first and -(-total // 4) <= run.step else 0 if first else run.plan.grid_from
@@ -775,32 +751,19 @@ def replan(cfg, env, run, rate):
             f"({total / run.batches.steps_per_epoch:.2f} epochs), lr warm-up {p.warmup:,} steps then "
             f"{cfg.lr_decay} decay to step {total:,}, EMA decay {p.ema_decay:.5f}")
     if total < FACE_STEPS and env.master:
-        per_step, final = budget_terms(cfg, run, rate)
         need = time.time() - env.t_start + (FACE_STEPS - run.step) * per_step + final
-        env.say(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces, so the samples may be "
-                f"mostly noise; faces come from about {FACE_STEPS:,} steps, which take about --minutes "
-                f"{math.ceil(need / 60)} on this machine")
+        env.say(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces ({FACE_STEPS:,} steps take "
+                f"about --minutes {math.ceil(need / 60)} on this machine); the samples may be mostly noise")
 
 
 def grids_every(cfg, steps, grids=4):
-    """--sample-every, or for a --minutes plan `steps` in `grids` parts rounded up (the last grid is the
-    end)."""
+    """--sample-every, or for a --minutes plan `steps` in `grids` parts, rounded up."""
     return cfg.sample_every if cfg.sample_every is not None else -(-steps // grids)
 
 
-def fit_minutes(cfg, env, run, rate):
-    """The step at which the run ends on time at `rate` steps/s; rank 0 decides for every rank."""
-    end = 0
-    if env.master:
-        per_step, final = budget_terms(cfg, run, rate)
-        left = cfg.minutes * 60 - (time.time() - env.t_start) - final
-        end = run.step + max(1, int(0.98 * left / per_step))
-    return int(util.from_rank0(end, env.ctrl))
-
-
 def budget_terms(cfg, run, rate):
-    """-> (seconds per step with its share of the periodic grids and validations, seconds of the last ones and
-    of a plan's four grids), priced by the timed forward pass (until then: a third of a step)."""
+    """-> (seconds per step with its share of the grids and validations, seconds of the last ones and of a
+    plan's four grids), priced by the timed forward pass (until then: a third of a step)."""
     fwd = run.forward_s or 1 / (3 * cfg.batch_size * rate)
     grid = cfg.sample_n * cfg.sample_steps * fwd if cfg.sample_every != 0 else 0
     val = 2 * len(run.val[0]) * fwd if run.val is not None else 0
@@ -811,7 +774,7 @@ def budget_terms(cfg, run, rate):
 
 @torch.no_grad()
 def time_forward(cfg, env, run):
-    """Seconds per image of an EMA forward pass at the grids' batch (the second of two), for the budget."""
+    """Seconds per image of an EMA forward pass at the grids' batch (the second of two)."""
     b = min(cfg.sample_n, cfg.batch_size // env.world)
     x = torch.zeros(b, 3, cfg.size, cfg.size, device=env.device)
     for _ in range(2):
@@ -822,7 +785,7 @@ def time_forward(cfg, env, run):
     return (time.time() - t0) / b
 
 def plan_memory(cfg, env, run, resident_bytes=0):
-    """The memory plan of a step of this run's model (util.plan_memory), and its one-line answer."""
+    """The memory plan of a step of this run's model (util.plan_memory)."""
     x = torch.zeros(1, 3, cfg.size, cfg.size, device=env.device)
     loss = lambda x: run.diffusion.training_losses(run.model, x, torch.zeros(len(x), dtype=torch.long,
                                                                             device=env.device), x)
@@ -901,11 +864,10 @@ def make_parser():
                            "OMP_NUM_THREADS=N chooses.")
     pos, path, fraction = util.positive(int), util.path, util.between(0, 1)
     add = p.add_argument_group("data").add_argument
-    add("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout), or a folder of "
-        "images")
+    add("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout) or image folder")
     add("--download", action="store_true", help="first try torchvision's CelebA download (needs gdown)")
-    add("--size", type=pos, default=64, help="image size; picks the U-Net preset (32, 64, 128, 256; another "
-        "size takes the nearest below)")
+    add("--size", type=pos, default=64, help="image size; picks the U-Net preset (32, 64, 128, 256, or the "
+        "nearest below)")
     add("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM box for 178x218 CelebA, else a "
         "centre square")
     add("--cache-dir", type=path, default=None, help="decoded images (default: ~/.cache/ddpm-faces)")
@@ -922,15 +884,11 @@ def make_parser():
     add("--objective", default="eps", choices=OBJECTIVES, help="what the network predicts")
     add("--min-snr-gamma", type=util.positive(float), default=None, help="min-SNR-gamma weighting")
     add = p.add_argument_group("attributes (sample with sample.py --attrs Smiling=1)").add_argument
-    add("--attrs", default=None, help="condition on CelebA attributes: 'all' or names, e.g. Smiling,Male "
-        "(default: unconditional)")
-    add("--attr-film", action="store_true", help="the attributes also scale and shift every block's "
-        "features (FiLM)")
-    add("--p-uncond", type=fraction, default=0.1, help="probability of dropping an image's whole condition "
-        "(guidance needs the unconditional model)")
-    add("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each attribute: a "
-        "number; 'uniform': a rate from U(0, 1) per image; 'balanced': so, but a rarer state is kept unless "
-        "all are dropped (REPORT sec. 3.7)")
+    add("--attrs", default=None, help="condition on CelebA attributes: 'all' or names, e.g. Smiling,Male")
+    add("--attr-film", action="store_true", help="the attributes also scale and shift each block (FiLM)")
+    add("--p-uncond", type=fraction, default=0.1, help="probability of dropping an image's whole condition")
+    add("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each attribute, or "
+        "'uniform' (U(0, 1) per image) or 'balanced' (the rarer state kept) (REPORT sec. 3.7)")
     add_run_flags(p)
     return p
 
@@ -941,50 +899,47 @@ def add_run_flags(p):
     add = p.add_argument_group("optimisation").add_argument
     add("--epochs", type=pos, default=100, help="passes over the training split")
     add("--max-steps", type=pos, default=None, help="stop after this many steps (not --epochs)")
-    add("--minutes", type=real, default=None, help="fit the whole run into N minutes: steps, warm-up, LR and "
-        "EMA decay from the measured speed")
+    add("--minutes", type=real, default=None, help="fit the whole run into N minutes, planned from the "
+        "measured speed")
     add("--batch-size", type=pos, default=128, help="global batch size, split over the GPUs")
     add("--lr", type=real, default=2e-4, help="peak AdamW learning rate")
     add("--warmup", type=num, default=5000, help="LR warm-up steps, at most a tenth of the run")
-    add("--lr-decay", default="constant", choices=["constant", "cosine"], help="after the warm-up: constant "
-        "(DDPM) or a cosine decay to 0 (default with --minutes)")
+    add("--lr-decay", default="constant", choices=["constant", "cosine"], help="after the warm-up (--minutes: "
+        "cosine)")
     add("--weight-decay", type=util.between(0, math.inf), default=0.0, help="AdamW weight decay")
     add("--grad-clip", type=real, default=1.0, help="clip the gradient norm to this")
-    add("--ema-decay", type=util.between(0, 1), default=0.9999, help="EMA decay, warmed up as min(d, "
-        "(1+s)/(10+s))")
+    add("--ema-decay", type=util.between(0, 1), default=0.9999, help="EMA decay d, as min(d, (1+s)/(10+s))")
     add("--seed", type=util.random_seed, default=None, help="random seed (default: drawn)")
     add = p.add_argument_group("speed").add_argument
     add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast: bf16 on GPUs "
-        "with native bf16, else fp16; fp32 on CPU/MPS (fp32 is without TF32)")
-    add("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model: ~90 "
-        "s to start, faster steps (default: on CUDA with Triton, except --dry-run)")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast; auto: bf16 "
+        "on GPUs that have it, else fp16; fp32 on CPU/MPS")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model "
+        "(default: on CUDA with Triton, except --dry-run)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory "
-        "format (default: on, except an eager step on a GPU)")
+        "format (default: on, but off for an eager GPU step)")
     add("--grad-checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute each block in "
-        "backward (less memory, ~1/3 more compute); auto: when a batch would not fit")
+        "backward; auto: when a batch would not fit")
     add = p.add_argument_group("logging, evaluation and checkpoints").add_argument
     add("--out", type=path, default="out", help="folder for ckpt.pt, sample grids and log.csv")
     add("--overwrite", action="store_true", help="a new run in an --out that holds one, removing its files")
     add("--log-every", type=pos, default=100, help="a progress line every N steps")
-    add("--sample-every", type=num, default=5000, help="an EMA sample grid from fixed noise every N steps (0: "
-        "never; --minutes: four over the run)")
-    add("--sample-steps", type=pos, default=DEFAULT_STEPS, help=f"steps of the default sampler "
-        f"({DEFAULT_SAMPLER}, eta {DEFAULT_ETA:g}) for the grids")
+    add("--sample-every", type=num, default=5000, help="a sample grid every N steps (0: never; --minutes: "
+        "four)")
+    add("--sample-steps", type=pos, default=DEFAULT_STEPS, help=f"the grids' {DEFAULT_SAMPLER} steps")
     add("--sample-n", type=util.between(1, 1024, int), default=64, help="images in a grid")
-    add("--eval-every", type=num, default=5000, help="the EMA's validation loss every N steps (0: never)")
+    add("--eval-every", type=num, default=5000, help="a validation loss every N steps (0: never)")
     add("--eval-images", type=pos, default=1024, help="validation images per evaluation")
     add("--ckpt-every", type=num, default=5000, help="write ckpt.pt every N steps (0: at the end)")
     add("--resume", nargs="?", const="latest", default=None, type=path, help="continue a run from its "
-        "checkpoint (a path, or none: ckpt.pt in --out), with its settings")
+        "checkpoint (default: ckpt.pt in --out)")
     add("--other-data", action="store_true", help="with --resume: continue on other images than the run's")
-    add("--dry-run", action="store_true", help="2 steps of one image, an evaluation, a one-image grid and a "
-        "checkpoint: a quick check of a setup")
+    add("--dry-run", action="store_true", help="check a setup: 2 steps of one image, an evaluation, a grid, a "
+        "checkpoint")
     add = p.add_argument_group("benchmark").add_argument
     add("--bench", action="store_true", help="time training steps on synthetic data: img/s, MFU")
     add("--bench-steps", type=pos, default=20, help="timed steps for --bench")
-    add("--peak-tflops", type=real, default=None, help="the device's peak TFLOP/s for MFU (default: from a "
-        "table)")
+    add("--peak-tflops", type=real, default=None, help="the device's peak TFLOP/s for MFU")
 
 
 if __name__ == "__main__":

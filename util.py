@@ -7,6 +7,7 @@ lines with an ETA; labelled picture grids and line charts drawn with Pillow.
 """
 import argparse
 import contextlib
+import csv
 import math
 import os
 import signal
@@ -140,6 +141,28 @@ class Parser(argparse.ArgumentParser):
 
 # -----------------------------------------------------------------------------
 # files: all-or-nothing writes, the folder lock
+
+
+class CsvLog:
+    """A CSV file of `columns`, a row per call. From a run at step `resumed`, the rows of steps up to it are
+    kept (the first column is the step); the rest go, so that each step appears once."""
+
+    def __init__(self, path, columns, resumed, what):
+        self.path, self.columns, self.what, rows = path, columns, what, []
+        if resumed is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r[:len(columns)] for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= resumed]
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([columns] + rows)
+        atomic_write(write, path, what)
+
+    def __call__(self, **values):
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow([values.get(k, "") for k in self.columns])
+        except OSError as e:
+            raise WriteError(f"cannot write {self.path} ({why(e)}); free some space or pass another {self.what}")
 
 
 def why(e):
