@@ -19,7 +19,6 @@ import importlib.util
 import multiprocessing
 import os
 import signal
-import sys
 import time
 import warnings
 
@@ -407,16 +406,16 @@ def download(path, log=print):
 
 def get_args(argv=None):
     p = util.Parser(description="Check a CelebA folder: layout, splits, cache, speed, the crop.")
-    p.add_argument("--data", required=True, type=util.path, help="CelebA root (torchvision or Kaggle layout) "
-                   "or any folder of images")
+    p.add_argument("--data", required=True, type=util.path, help="CelebA root (torchvision or Kaggle "
+                   "layout) or any folder of images")
     p.add_argument("--size", type=util.positive(int), default=64, help="image size after crop and resize")
     p.add_argument("--split", default="train", choices=[*SPLITS, "all"], help="which split")
     p.add_argument("--crop", default="auto", choices=CROPS, help="auto: the DDIM box for 178x218 CelebA, "
                    "else a centre square; none squashes the whole frame")
     p.add_argument("--cache-dir", type=util.path, default=None, help="decoded images (default: "
                    "~/.cache/ddpm-faces)")
-    p.add_argument("--preview", default="data_preview.png", help="a grid of 64 preprocessed images "
-                   "('': none)")
+    p.add_argument("--preview", default="data_preview.png", help="a grid of 64 preprocessed images ('': "
+                   "none)")
     p.add_argument("--export", type=util.path, default=None, metavar="DIR", help="also write every "
                    "preprocessed image as a PNG into DIR (real images for a face score)")
     p.add_argument("--download", action="store_true", help="first try torchvision's CelebA download")
@@ -448,7 +447,8 @@ def summary(d, args, t0):
 
 def main(argv=None):
     args = get_args(argv)
-    try:
+    with util.one_line_errors((OSError, DataError, util.UsageError, util.WriteError),
+                              "interrupted: nothing was cached; run again to decode"):
         if args.export:
             util.check_writable(args.export, "--export")
         if args.download:
@@ -464,12 +464,6 @@ def main(argv=None):
                 name = os.path.splitext(os.path.basename(f))[0] + ".png"
                 util.write_png(img, os.path.join(args.export, name), "--export")
             print(f"export:  {len(d['files']):,} PNGs in {args.export}")
-    except (OSError, DataError, util.UsageError, util.WriteError) as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was cached; run again to decode", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

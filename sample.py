@@ -7,15 +7,15 @@ Draw faces from a checkpoint written by train.py; the checkpoint alone rebuilds 
     python sample.py out/ckpt.pt --bpd 500                    # the bits/dim bound on validation images
     python sample.py --bench                                  # images/s of the default sampler
 
-The core first: load the checkpoint -> draw -> write. Then the other modes, the flags and the table of the
-flags each mode takes, and last the figures of REPORT.md.
+The core first (load the checkpoint -> draw -> write), then the other modes, the flags and the flags each
+mode takes, and last the figures of REPORT.md.
 """
 import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # short OpenMP spinning, as in train.py
 import argparse
 import csv
 import math
-import sys
+import re
 import time
 from dataclasses import dataclass
 
@@ -30,16 +30,16 @@ from diffusion import DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SCH
 from diffusion import guided, slerp
 from util import UsageError
 
-ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # one line, exit code 2
+ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # bad input
 DEFAULT_GUIDANCE = 3.0  # the largest weight whose face quality stays within 10% (REPORT sec. 3.7)
 REPAINT_STEPS = 250  # RePaint's face setting: 250 steps, jump length 10, 10 resamplings
 FIGURES = ("forward", "reverse", "attention", "schedules", "loss")
-FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # the forward figure's timesteps at T = 1000 (scaled)
-# --mask regions as (top, bottom, left, right) fractions of the image, for aligned CelebA faces
+FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # --figure forward's t at T = 1000 (scaled)
+# --mask regions as (top, bottom, left, right) fractions of an aligned CelebA face
 MASKS = dict(center=(0.25, 0.75, 0.25, 0.75), top=(0, 0.5, 0, 1), bottom=(0.5, 1, 0, 1), left=(0, 1, 0, 0.5),
              right=(0, 1, 0.5, 1), eyes=(0.33, 0.57, 0.15, 0.85), mouth=(0.62, 0.84, 0.28, 0.72))
 QUERIES = dict(eye=(0.45, 0.36), mouth=(0.73, 0.5), background=(0.06, 0.06))  # --figure attention's, (y, x)
-say = util.Say()  # print, which outlives a closed terminal or pipe
+say = util.Say()  # print, which outlives a closed terminal
 
 # -----------------------------------------------------------------------------
 # the core: checkpoint -> images
@@ -47,18 +47,12 @@ say = util.Say()  # print, which outlives a closed terminal or pipe
 
 def main(argv=None):
     args, given = make_parser().parse(argv)
-    try:
+    with util.one_line_errors(ERRORS):
         run(args, given)
-    except ERRORS as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 def run(args, given):
-    opt = check_flags(args, given)  # the flags and the mode's defaults, checked before any work
+    opt = check_flags(args, given)  # checked before any work
     device = util.pick_device(opt.device)
     precision, ctx = util.autocast(device, opt.precision)
     util.set_threads(device, say=say)
@@ -71,7 +65,7 @@ def run(args, given):
                  forward=figure_forward, reverse=figure_reverse, attention=figure_attention)
     if opt.mode in other:
         return other[opt.mode](job)
-    # sampling, SDEdit of --init or RePaint of its hole, batch after batch; the grid starts with --init
+    # sampling, SDEdit or RePaint, batch after batch; the grid starts with --init
     grid = [] if job.x_init is None else [data.to_uint8(job.x_init * (1 if job.mask is None else job.mask))]
     progress, done = util.Progress(opt.n, "sampling", "images", say), 0
     while done < opt.n:
@@ -92,14 +86,19 @@ class Job:
     attr_names: tuple  # the model's attributes; () for an unconditional model
     size: int
     device: torch.device
-    ctx: object  # the autocast context
+    ctx: object  # autocast
     generator: torch.Generator
     steps: int  # the sampler's steps
     evals: int  # model evaluations per image
     ckpt_args: dict = None  # the training run's settings (its data, for --bpd)
-    cond: torch.Tensor = None  # (K,) in {+1 present, -1 absent, 0 free}, or None: the unconditional path
-    x_init: torch.Tensor = None  # (1, 3, size, size) in [-1, 1]: what SDEdit edits or RePaint fills in
+    cond: torch.Tensor = None  # (K,) in {+1 present, -1 absent, 0 free}, or None: unconditional
+    x_init: torch.Tensor = None  # (1, 3, size, size) in [-1, 1]: what SDEdit or RePaint edits
     mask: torch.Tensor = None  # (1, 1, size, size): 1 where --init is kept
+
+    def noise(self, n, generator=None):
+        """(n, 3, size, size) standard normal noise from `generator` (default: the job's)."""
+        g = generator or self.generator
+        return torch.randn((n, 3, self.size, self.size), generator=g, device=self.device)
 
 
 def load(opt, device, ctx):
@@ -125,20 +124,20 @@ def load(opt, device, ctx):
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     if opt.compile:
         model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
+    x_init = data.to_float(read_image(opt.init, "--init", size, opt.crop)[None], device) if opt.init else None
     return Job(opt, model, diffusion.to(device), tuple(model.cfg.attrs), size, device, ctx,
                torch.Generator(device=device).manual_seed(opt.seed), steps, evals, ckpt_args,
-               parse_attrs(opt, model.cfg.attrs), load_init(opt, size, device) if opt.init else None,
-               load_mask(opt, size, device) if opt.mask else None)
+               parse_attrs(opt, model.cfg.attrs), x_init, load_mask(opt, size, device) if opt.mask else None)
 
 
 def draw(job, n, x_T=None, cond=..., callback=None, progress=None):
-    """n images (n, 3, H, W) uint8 from x_T (default: fresh noise): sampling, SDEdit of --init or RePaint of
-    its hole, guided toward `cond` (default: the job's). callback(t, x_t, x0_hat) sees every step; progress:
-    (util.Progress, the images done before these)."""
+    """n images (n, 3, H, W) uint8 from x_T (default: fresh noise): sampling, SDEdit or RePaint, guided
+    toward `cond` (default: the job's). callback(t, x_t, x0_hat) sees each step; progress: (util.Progress,
+    the images done before)."""
     opt, diffusion, cond = job.opt, job.diffusion, job.cond if cond is ... else cond
     if x_T is None:
-        x_T = torch.randn((n, 3, job.size, job.size), generator=job.generator, device=job.device)
-    model = job.model if cond is None else guided(job.model, cond.to(job.device), opt.guidance)  # one batch
+        x_T = job.noise(n)
+    model = job.model if cond is None else guided(job.model, cond.to(job.device), opt.guidance)
     steps = [0]
     def step(*a):
         steps[0] += 1
@@ -149,7 +148,7 @@ def draw(job, n, x_T=None, cond=..., callback=None, progress=None):
     kw = dict(sampler=opt.sampler, steps=job.steps, eta=opt.eta, generator=job.generator,
               clip=not opt.no_clip, var_type=opt.var, spacing=opt.spacing, callback=step)
     with job.ctx:
-        if job.mask is not None:  # each image fills in the same --init from its own noise
+        if job.mask is not None:  # the same --init, each from its own noise
             x = diffusion.repaint(model, x_T, job.x_init.expand(n, -1, -1, -1), job.mask, job.steps,
                                   opt.jump_length, opt.jump_n_sample, job.generator, not opt.no_clip, step)
         elif job.x_init is not None:
@@ -178,7 +177,7 @@ def write_grid(opt, batches, nrow=None):
 def compare(job):
     """--compare NAME: every face with NAME absent (top row) and present (bottom row), from the same noise."""
     opt, k, halves = job.opt, job.attr_names.index(job.opt.compare), []
-    x_T = torch.randn((opt.n, 3, job.size, job.size), generator=job.generator, device=job.device)
+    x_T = job.noise(opt.n)
     for value in (-1.0, 1.0):
         job.generator.manual_seed(opt.seed + 1)
         halves.append(draw(job, opt.n, x_T, job.cond.index_fill(0, torch.tensor([k]), value)))
@@ -187,10 +186,9 @@ def compare(job):
 
 
 def interpolate(job):
-    """--interpolate N: a strip from --seed's sample (the same x_T) to --seed + 1's, the noises slerped."""
+    """--interpolate N: a strip from --seed's sample to --seed + 1's, the noises slerped."""
     opt, frames, b = job.opt, [], job.opt.batch_size
-    gens = [torch.Generator(device=job.device).manual_seed(s) for s in (opt.seed, opt.seed + 1)]
-    z = [torch.randn((1, 3, job.size, job.size), device=job.device, generator=g) for g in gens]
+    z = [job.noise(1, torch.Generator(device=job.device).manual_seed(s)) for s in (opt.seed, opt.seed + 1)]
     x_T = slerp(z[0], z[1], torch.linspace(0, 1, opt.interpolate))
     progress = util.Progress(opt.interpolate, "frames", "images", say)
     for i in range(0, len(x_T), b):
@@ -200,7 +198,7 @@ def interpolate(job):
 
 
 def bench(job):
-    """Images/s of the sampler; a 2-step warm-up first (compilation, CUDA graphs, cuDNN's autotuning)."""
+    """Images/s of the sampler, after a 2-step warm-up (compilation, CUDA graphs, autotuning)."""
     n = job.opt.batch_size
     draw(Job(**{**vars(job), "steps": min(job.steps, 2)}), n)
     util.synchronize(job.device)
@@ -218,8 +216,8 @@ def bits_per_dim(job):
     every t, or an estimate from --bpd-t K stratified t per image."""
     opt, a, diffusion = job.opt, job.ckpt_args, job.diffusion
     if opt.bpd_t >= diffusion.T:
-        raise UsageError(f"--bpd-t {opt.bpd_t}: the model has T-1 = {diffusion.T - 1} timesteps to draw "
-                         "from; use fewer, or 0 for every t")
+        raise UsageError(f"--bpd-t {opt.bpd_t}: more than the model's T-1 = {diffusion.T - 1} timesteps; use "
+                         "fewer, or 0 for every t")
     valid = data.load(opt.data or a["data"], job.size, "valid", a["crop"], opt.cache_dir, log=say)["images"]
     valid, parts = valid[: opt.bpd], []
     g = torch.Generator(device=job.device).manual_seed(opt.seed)
@@ -238,13 +236,13 @@ def bits_per_dim(job):
 
 
 def describe(job, precision):
-    """The line that says what will be drawn, and how."""
+    """What will be drawn, and how: one line."""
     opt = job.opt
     if opt.mode == "bpd":
         how = "the variational bound"
     elif opt.mask:
-        how = (f"RePaint inpainting of {opt.init} ({opt.mask}) with {job.steps} steps, jump length "
-               f"{opt.jump_length}, {opt.jump_n_sample} passes: {job.evals} model evaluations per image")
+        how = (f"RePaint inpainting of {opt.init} ({opt.mask}): {job.steps} steps, jump length "
+               f"{opt.jump_length}, {opt.jump_n_sample} passes, {job.evals} model calls per image")
     else:
         how = f"{opt.sampler} with {job.evals} steps" + (f", eta {opt.eta}" if opt.sampler == "ddim" else "")
         if opt.strength is not None:
@@ -264,63 +262,62 @@ def make_parser():
                     "OMP_NUM_THREADS=N chooses.")
     pos, path, fraction = util.positive(int), util.path, util.between(0, 1)
     add = p.add_argument
-    add("ckpt", nargs="?", type=path, default=None, help="checkpoint (out/ckpt.pt, or its folder)")
-    add("--n", type=pos, default=None, help="number of images (default: 64; --figure reverse: 8)")
+    add("ckpt", nargs="?", type=path, help="checkpoint (out/ckpt.pt, or its folder)")
+    add("--n", type=pos, help="number of images (default: 64; --figure reverse: 8)")
     add("--batch-size", type=pos, default=256, help="images per forward pass")
-    add("--sampler", default=None, choices=SAMPLERS, help="DDIM, DPM-Solver++(2M), its SDE twin, or DDPM "
-        f"(all T steps) (default: {DEFAULT_SAMPLER})")
-    add("--steps", type=pos, default=None, help="model evaluations of ddim and dpm++; with --mask, RePaint's "
-        f"steps (default: {DEFAULT_STEPS}; --mask {REPAINT_STEPS})")
+    add("--sampler", choices=SAMPLERS, help="DDIM, DPM-Solver++(2M), its SDE twin, or DDPM (all T steps) "
+        f"(default: {DEFAULT_SAMPLER})")
+    add("--steps", type=pos, help="model evaluations of ddim and dpm++; with --mask, RePaint's steps "
+        f"(default: {DEFAULT_STEPS}; --mask {REPAINT_STEPS})")
     add("--spacing", default="logsnr", choices=["logsnr", "time"], help="the DPM-Solvers' steps: uniform in "
         "log-SNR or in t")
-    add("--eta", type=fraction, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: "
-        f"{DEFAULT_ETA:g}; --interpolate: 0)")
+    add("--eta", type=fraction, help=f"DDIM eta: 0 deterministic, 1 DDPM-like (default: {DEFAULT_ETA:g}; "
+        "--interpolate: 0)")
     add("--var", default="beta", choices=["beta", "posterior"], help="ddpm's sigma_t^2")
     add("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     add("--seed", type=util.random_seed, default=0, help="random seed: the same seed, the same faces")
     add("--out", type=path, default="samples.png", help="the grid or figure (.png, .jpg, .webp)")
-    add("--out-dir", type=path, default=None, help="also every image as a numbered PNG in this folder")
-    add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    add("--out-dir", type=path, help="also every image as a numbered PNG in this folder")
+    add("--device", help="cuda, mps or cpu (default: the first available)")
     add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast; auto: bf16 "
         "on GPUs that have it, else fp16; fp32 on CPU/MPS")
     add("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
-    add("--init", type=path, default=None, help="SDEdit: edit this image instead of sampling from noise")
-    add("--strength", type=fraction, default=None, help="SDEdit: noise --init to t = strength * T, then "
-        "denoise (0 returns it, 1 ignores it; default 0.5)")
+    add("--init", type=path, help="SDEdit: edit this image instead of sampling from noise")
+    add("--strength", type=fraction, help="SDEdit: noise --init to t = strength * T, then denoise (0 "
+        "returns it, 1 ignores it; default 0.5)")
     add("--crop", default="auto", choices=data.CROPS, help="the crop of --init and a --mask image")
-    add("--interpolate", type=pos, default=None, metavar="FRAMES", help="a strip of FRAMES faces from "
-        "--seed's noise to --seed + 1's")
-    add("--attrs", default=None, metavar="NAME=0|1,...", help="attributes of a model trained with --attrs, "
-        "e.g. 'Smiling=1,Eyeglasses=0'; the others are left free")
-    add("--prompt", default=None, metavar="TEXT", help="attributes in plain words, e.g. 'a smiling blond "
-        "woman, no hat'")
+    add("--interpolate", type=util.between(2, math.inf, int), metavar="FRAMES", help="a strip of FRAMES "
+        "faces from --seed's noise to --seed + 1's")
+    add("--attrs", metavar="NAME=0|1,...", help="attributes of a model trained with --attrs, e.g. "
+        "'Smiling=1,Eyeglasses=0'; the others are left free")
+    add("--prompt", metavar="TEXT", help="attributes in plain words, e.g. 'a smiling blond woman, no hat'")
     add("--guidance", type=util.between(0, math.inf), default=DEFAULT_GUIDANCE, help="classifier-free "
         "guidance weight W: 1 the conditional model, larger follows more strictly")
-    add("--compare", default=None, metavar="NAME", help="every face without and with attribute NAME")
-    add("--mask", default=None, metavar="REGION|MASK.png", help="inpaint --init (RePaint): "
-        f"{', '.join(MASKS)}, or the white pixels of a mask image")
+    add("--compare", metavar="NAME", help="every face without and with attribute NAME")
+    add("--mask", metavar="REGION|MASK.png", help=f"inpaint --init (RePaint): {', '.join(MASKS)}, or the "
+        "white pixels of a mask image")
     add("--jump-length", type=pos, default=10, help="RePaint: steps back up")
     add("--jump-n-sample", type=pos, default=10, help="RePaint: passes per jump")
-    add("--figure", default=None, choices=FIGURES, help="a figure of REPORT.md instead of samples (loss: "
-        "from the run's log.csv)")
+    add("--figure", choices=FIGURES, help="a figure of REPORT.md instead of samples (loss: from the run's "
+        "log.csv)")
     add("--bench", action="store_true", help="time sampling one batch")
     add("--size", type=pos, default=64, help="--bench without a checkpoint: that size's preset")
-    add("--bpd", type=pos, default=None, metavar="N", help="the bits/dim bound on N validation images")
+    add("--bpd", type=pos, metavar="N", help="the bits/dim bound on N validation images")
     add("--bpd-t", type=util.non_negative, default=0, help="--bpd estimated from this many random t per "
         "image (0: every t)")
-    add("--data", type=path, default=None, help="--bpd: the data (default: the run's)")
-    add("--cache-dir", type=path, default=None, help="--bpd: the cache of decoded images")
+    add("--data", type=path, help="--bpd: the data (default: the run's)")
+    add("--cache-dir", type=path, help="--bpd: the cache of decoded images")
     return p
 
 
-# the flags each mode takes (besides the checkpoint); any other flag given is an error, not ignored
+# the flags each mode takes (besides the checkpoint); any other is an error
 DRAWS = {"sampler", "steps", "eta", "var", "spacing", "no_clip", "seed", "device", "precision", "compile",
          "attrs", "prompt", "guidance"}
 FILES = {"n", "batch_size", "out", "out_dir"}
+INPAINTS = {"init", "mask", "crop", "jump_length", "jump_n_sample"}
 MODES = dict(
     sample=DRAWS | FILES, sdedit=DRAWS | FILES | {"init", "strength", "crop"},
-    repaint=DRAWS - {"sampler", "eta", "var", "spacing"} | FILES | {"init", "mask", "crop", "jump_length",
-                                                                    "jump_n_sample"},
+    repaint=DRAWS - {"sampler", "eta", "var", "spacing"} | FILES | INPAINTS,
     compare=DRAWS | {"n", "out", "out_dir", "compare"}, interpolate=DRAWS | FILES - {"n"} | {"interpolate"},
     bench=DRAWS | {"bench", "size", "batch_size"},
     bpd={"bpd", "bpd_t", "data", "cache_dir", "batch_size", "seed", "device", "precision", "compile"},
@@ -335,14 +332,14 @@ HINTS = dict(strength=": it edits an image: add --init IMAGE", crop=" (it crops 
 
 
 def mode_of(args):
-    """What the flags ask for: the first of a figure, bench, bpd, interpolate, compare, repaint, sdedit."""
+    """The mode: the first of a figure, bench, bpd, interpolate, compare, repaint, sdedit, sample."""
     return (args.figure or args.bench and "bench" or args.bpd and "bpd" or args.interpolate and "interpolate"
             or args.compare and "compare" or args.mask and "repaint" or args.init and "sdedit" or "sample")
 
 
 def check_flags(args, given):
-    """Flags the mode does not take, and values out of range, before any work. -> a copy of the flags, with
-    the mode and the defaults that depend on it."""
+    """Flags the mode does not take, and bad values, before any work. -> a copy of the flags with the mode
+    and its defaults."""
     mode = mode_of(args)
     what = f"--figure {mode}" if mode in FIGURES else dict(sample="sampling", sdedit="SDEdit (--init)",
                                                            repaint="RePaint (--mask)").get(mode, "--" + mode)
@@ -352,7 +349,7 @@ def check_flags(args, given):
     sampler = args.sampler or (DEFAULT_SAMPLER if mode != "repaint" else "repaint")
     for flag, samplers in SAMPLER_FLAGS.items():
         if flag in given and mode != "repaint" and sampler not in samplers:
-            hint = ": ddpm takes all T steps; for fewer, use --sampler ddim --eta 1" if flag == "steps" else ""
+            hint = ": ddpm takes all T steps; for fewer: --sampler ddim --eta 1" if flag == "steps" else ""
             raise UsageError(f"--{flag} does not apply to --sampler {sampler} (only to "
                              f"{', '.join(samplers)}); drop --{flag}{hint}")
     eta = args.eta if args.eta is not None else 0.0 if mode == "interpolate" else DEFAULT_ETA
@@ -368,13 +365,12 @@ def check_flags(args, given):
 
 
 def check_values(opt, given):
-    """Each value in its range, each file there, the combinations that make sense."""
+    """The values, files and combinations that make sense."""
     for bad, message in [
-        (opt.ckpt is None and opt.mode == "loss", "--figure loss reads the run's log.csv: give the "
-         "checkpoint or its folder"),
+        (opt.ckpt is None and opt.mode == "loss", "--figure loss reads log.csv: give the run's checkpoint"),
         (opt.ckpt is None and opt.mode not in ("bench", "schedules"), "no checkpoint given; usage: python "
          "sample.py out/ckpt.pt"),
-        (opt.mode == "repaint" and opt.init is None, f"--mask {opt.mask} inpaints an image: add --init IMAGE"),
+        (opt.mode == "repaint" and opt.init is None, f"--mask {opt.mask} inpaints: add --init IMAGE"),
         (opt.ckpt is not None and "size" in given, "--size sets the model that --bench times without a "
          "checkpoint: drop --size"),
         (opt.mode == "interpolate" and (opt.sampler in ("ddpm", "dpm++sde") or opt.eta > 0), "--interpolate "
@@ -384,10 +380,9 @@ def check_values(opt, given):
          "attributes asked for: add --attrs NAME=1 (or --prompt TEXT, or --compare NAME)"),
         (opt.prompt is not None and opt.attrs is not None, "--prompt and --attrs both ask for attributes; "
          "use one of them"),
-        ((opt.interpolate or 2) < 2, f"--interpolate {opt.interpolate}: a strip needs at least 2 frames"),
         (opt.mode == "reverse" and opt.n > 8, f"--n {opt.n}: --figure reverse draws up to 8 faces"),
-        (opt.attrs is not None and not opt.attrs.strip(", "), "--attrs '': ask for NAME=1 or NAME=0, or drop "
-         "--attrs"),
+        (opt.attrs is not None and not opt.attrs.strip(", "), "--attrs '': ask for NAME=1 or NAME=0, or "
+         "drop --attrs"),
         (opt.mask not in (None, *MASKS) and not os.path.isfile(opt.mask), f"--mask {opt.mask}: neither a "
          f"region ({', '.join(MASKS)}) nor an image file"),
         (opt.init is not None and not os.path.isfile(opt.init), f"--init {opt.init}: no such file"),
@@ -402,7 +397,7 @@ def check_values(opt, given):
 
 
 def check_outputs(opt):
-    """Every output path, before sampling: a bad one loses no work. --out-dir holds no other run's PNGs."""
+    """Every output path, before any work. --out-dir holds no other run's PNGs."""
     if opt.mode not in ("bench", "bpd"):
         if os.path.isdir(opt.out):
             raise UsageError(f"--out {opt.out} is a folder; give an image file name")
@@ -434,8 +429,8 @@ def parse_attrs(opt, attr_names):
         return None
     if not names and not opt.prompt:
         raise UsageError(f"{'--attrs' if opt.attrs is not None else '--compare'}: {opt.ckpt} is an "
-                         "unconditional model (trained without --attrs); train one with python train.py "
-                         "--attrs Smiling,Male,... or drop it")
+                         "unconditional model; train one with python train.py --attrs Smiling,Male,... or "
+                         "drop it")
     cond = torch.zeros(len(names))
     for item in filter(str.strip, (opt.attrs or "").split(",")):
         name, _, value = (s.strip() for s in item.partition("="))
@@ -450,13 +445,8 @@ def parse_attrs(opt, attr_names):
     return cond
 
 
-def load_init(opt, size, device):
-    """--init -> (1, 3, size, size) in [-1, 1]."""
-    return data.to_float(read_image(opt.init, "--init", size, opt.crop)[None], device)
-
-
 def read_image(path, flag, size, crop):
-    """--init or a --mask image -> (3, size, size) uint8, cropped and resized as in training."""
+    """--init or a --mask image -> (3, size, size) uint8, preprocessed as in training."""
     try:
         return data.preprocess(path, size, crop)
     except Exception as e:
@@ -476,14 +466,13 @@ def load_mask(opt, size, device):
             raise UsageError(f"--mask {opt.mask}: has no white pixels, so nothing would be filled in")
         (mw, mh), (iw, ih) = (Image.open(f).size for f in (opt.mask, opt.init))
         if (mw, mh) != (iw, ih):
-            say(f"note: --mask is {mw}x{mh} and --init {iw}x{ih}; each is cropped and resized on its own, so "
-                "the mask lines up only if it was drawn on the same frame")
+            say(f"note: --mask is {mw}x{mh} and --init {iw}x{ih}: the mask lines up only if drawn on the "
+                "same frame")
     return (1 - fill).view(1, 1, size, size).to(device)
 
 
-# --prompt: plain words -> CelebA attributes, a parser over their names and common phrasings, not a language
-# model (a text encoder would be a dependency, and a download). Per attribute, besides its own name in words:
-# the words that ask for it present | absent.
+# --prompt: plain words -> CelebA attributes, a parser, not a language model (which would be a dependency and
+# a download). Per attribute, besides its name in words: the words for it present | absent.
 PHRASES = """
 5_o_Clock_Shadow: five o clock shadow, stubble
 Arched_Eyebrows
@@ -555,12 +544,11 @@ def prompt_to_attrs(prompt):
 
 
 def parse_prompt(text):
-    """Plain words -> ({attribute: 1 or 0}, {attribute: the words that asked for it}, [ignored words]). A
-    negation (no, not, without) flips the next attribute phrase of its clause, and two cancel (clauses end
-    at commas and at 'and', 'but', 'with'). An attribute asked for both ways is an error."""
+    """Plain words -> ({attribute: 1 or 0}, {attribute: its words}, [ignored words]). A negation flips the
+    next phrase of its clause (which ends at a comma, 'and', 'but', 'with'); two cancel."""
     table = phrases()
     text = text.lower().replace("n't", " not").replace("'", " ").replace("-", " ")
-    words = text.replace(",", " , ").replace(".", " , ").replace(";", " , ").split()
+    words = re.sub(r"[,.;]", " , ", text).split()  # a comma, full stop or semicolon ends a clause
     asked, understood, ignored, negation, i = {}, {}, [], None, 0
     while i < len(words):
         n = next((n for n in (5, 4, 3, 2, 1) if " ".join(words[i:i + n]) in table), 0)
@@ -614,7 +602,7 @@ def figure_reverse(job):
     """x_t (the top row of each pair) and the x0 predicted from it (the bottom row) at about ten of the
     sampler's steps, then the sample, for --n faces; and a GIF of every step."""
     opt, frames, u8 = job.opt, [], data.to_uint8  # frames: (t, the chain after the step from t, x0_hat at t)
-    x_T = torch.randn((opt.n, 3, job.size, job.size), generator=job.generator, device=job.device)
+    x_T = job.noise(opt.n)
     x0 = draw(job, opt.n, x_T, callback=lambda t, x, x0_hat: frames.append((t, x, x0_hat)))
     inputs = [x_T] + [x for _, x, _ in frames[:-1]]  # x_t, the chain where the model is evaluated at t
     steps = [(f"t={t}", u8(x), u8(p)) for (t, _, p), x in zip(frames, inputs)] + [("sample", x0, x0)]
@@ -658,10 +646,10 @@ def attention_maps(job, x_T, timesteps):
 
 def figure_attention(job):
     """Where the finest self-attention (16x16 in the presets) of an eye, the mouth and the background of a
-    generated face looks, at four timesteps (a row per query; red where it looks)."""
+    generated face looks at four timesteps: a row per query, red where it looks."""
     ts = job.diffusion.timesteps(job.opt.sampler, job.steps, job.opt.spacing)
     ts = [ts[round(i * (len(ts) - 1) / 3)] for i in range(4)]
-    x_T = torch.randn((1, 3, job.size, job.size), generator=job.generator, device=job.device)
+    x_T = job.noise(1)
     face, maps = attention_maps(job, x_T, ts)
     scale = max(1, 128 // job.size)
     colours = torch.tensor([[0, 255, 255], [255, 255, 0], [0, 255, 0]], dtype=torch.uint8).view(3, 3, 1, 1)

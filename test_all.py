@@ -1354,7 +1354,7 @@ def test_a_short_budget_draws_four_grids_and_uses_its_time(faces, tmp_path, monk
         now[0] += 3.0
         return real_grid(cfg, env, run)
     monkeypatch.setattr(train, "sample_grid", grid)
-    monkeypatch.setattr(train, "time_forward", lambda cfg, env, run: 3.0 / (cfg.sample_n * cfg.sample_steps))
+    monkeypatch.setattr(util, "time_forward", lambda *a: 3.0 / (4 * 2))  # --sample-n 4, --sample-steps 2
     out = str(tmp_path / "run")
     args = train_args(faces, out, "--minutes", "1", "--log-every", "10", "--sample-steps", "2", "--sample-n", "4")
     del args[args.index("--sample-every"):args.index("--sample-every") + 2]
@@ -2020,7 +2020,7 @@ def test_sampler_and_editing_flag_errors(tiny_run, faces, tmp_path, capsys):
     init = os.path.join(faces, "003.png")
     for extra, words in [(["--strength", "0.5"], "--init IMAGE"), (["--init", init, "--strength", "1.5"], "must be in [0, 1]"),
                          (["--init", str(tmp_path / "nope.png")], "no such file"), (["--interpolate", "4", "--init", init], "--init does not apply to --interpolate"),
-                         (["--interpolate", "4", "--sampler", "ddpm"], "deterministic sampler"), (["--interpolate", "1"], "at least 2 frames"),
+                         (["--interpolate", "4", "--sampler", "ddpm"], "deterministic sampler"), (["--interpolate", "1"], "must be >= 2"),
                          (["--sampler", "ddpm", "--steps", "10"], "ddpm takes all T steps"), (["--spacing", "time"], "drop --spacing"),
                          (["--var", "posterior"], "drop --var"), (["--sampler", "dpm++", "--eta", "0"], "drop --eta"),
                          (["--init", __file__], "not an image")]:

@@ -7,11 +7,11 @@ Train a DDPM on CelebA faces: one GPU, many (torchrun), MPS or CPU.
     python train.py --resume --out out                   # continue the run in out/, with its settings
     python train.py --bench                              # img/s, TFLOP/s and MFU on synthetic data
 
-Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, and what is due now and then is
-`after_step`. Then the setup, the data and model, and the extras: --minutes, memory, --bench, the flags.
-`cfg` holds the settings (never changed in place), `env` the processes and device, `run` what the loop
-updates. Step s draws all its randomness from a generator seeded with (seed, s) for the whole global batch,
-of which each rank takes its slice: a resumed run repeats the uninterrupted one, on any number of GPUs.
+Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, what is due now and then is
+`after_step`. Then the setup, data and model, and the extras: --minutes, memory, --bench, the flags. `cfg`
+holds the settings, `env` the processes and device, `run` what the loop updates. Step s draws all its
+randomness for the whole global batch from a generator seeded with (seed, s), and each rank takes its slice:
+a resumed run repeats the uninterrupted one, on any number of GPUs.
 """
 import os
 # short OpenMP spinning: a core that another program uses costs its share, not every op (REPORT sec. 3.10)
@@ -39,7 +39,7 @@ import util
 from diffusion import DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, OBJECTIVES, SCHEDULES, GaussianDiffusion
 from util import UsageError, fmt_bytes, fmt_time
 
-ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # one line, exit code 2
+ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # bad input
 SIGHUP, SIGPIPE = getattr(signal, "SIGHUP", 1), getattr(signal, "SIGPIPE", 13)  # (not on Windows)
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, SIGHUP: 129, SIGPIPE: 141}  # 128 + the signal
 MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (REPORT sec. 3.5)
@@ -53,14 +53,8 @@ SMALLER = "use a smaller --size, --ch or --batch-size"
 
 def main(argv=None):
     args, given = make_parser().parse(argv)
-    try:
+    with util.one_line_errors(ERRORS, "interrupted before training started; nothing to save"):
         code = train(args, given)
-    except ERRORS as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C before training started
-        print("interrupted before training started; nothing to save", file=sys.stderr)
-        sys.exit(130)
     if code:
         sys.exit(code)
 
@@ -144,8 +138,8 @@ def lr_at(step, lr, plan):
 
 @torch.no_grad()
 def update_ema(ema_params, params, step, decay):
-    # ema = d ema + (1 - d) param in one kernel, as swa_utils' get_ema_multi_avg_fn (AveragedModel itself reads
-    # its step count on the host: a GPU sync per step); d warms up
+    # ema = d ema + (1 - d) param in one kernel, as swa_utils' get_ema_multi_avg_fn (AveragedModel reads its
+    # step count on the host: a GPU sync per step); d warms up
     torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
 
 
@@ -184,7 +178,7 @@ def after_step(cfg, env, run, loss):
 
 def save(cfg, env, run, last, stop):
     """The checkpoint, written by rank 0, and what goes with it."""
-    loss_sum = reduce_loss(env, run.loss_sum)  # on every rank; a resume continues the running loss
+    loss_sum = util.mean_over_ranks(run.loss_sum)  # on every rank; a resume continues it
     if not env.master:
         return
     path, took = os.path.join(cfg.out, "ckpt.pt"), fmt_time(time.time() - env.t_start)
@@ -249,8 +243,8 @@ class Env:
 
 @dataclass
 class Plan:
-    """The schedule (total: inf until --minutes has timed the first steps); grids at grid_from + k *
-    grid_every, and at the end."""
+    """The schedule (total: inf until --minutes has timed the steps); grids at grid_from + k * grid_every,
+    and at the end."""
     total: float
     warmup: int
     lr_decay: str
@@ -300,7 +294,7 @@ def progress(cfg, env, run):
     rate = (run.step - run.step_log) / max(now - run.t_log, 1e-9)  # steps/s since the last line
     if run.probe and not math.isinf(run.plan.total) and run.step < 0.95 * run.plan.total:
         replan(cfg, env, run, rate)  # --minutes: the machine got slower or faster
-    loss = reduce_loss(env, run.loss_sum) / run.loss_n
+    loss = util.mean_over_ranks(run.loss_sum) / run.loss_n
     if not math.isfinite(loss):
         path = os.path.join(cfg.out, "ckpt.pt")
         kept = f"the last good checkpoint {path} was kept" if os.path.exists(path) else "nothing was saved"
@@ -329,14 +323,6 @@ def evaluate(cfg, env, run, last):
             env.say(f"step {run.step} | samples {sample_grid(cfg, env, run)}")
     except util.Interrupted:
         env.say(f"step {run.step} | evaluation or sample grid cut short by the signal")
-
-
-def reduce_loss(env, loss_sum):
-    """The mean over ranks of the summed loss, read on the host."""
-    if env.ddp:
-        dist.all_reduce(loss_sum)
-        loss_sum = loss_sum / env.world
-    return loss_sum.item()
 
 
 def log_row(run, **values):
@@ -475,7 +461,8 @@ def resumed(args, given, env):
 
 def check_args(cfg, given, env):
     """Everything that can be checked without data: a mistake costs seconds, not a decode."""
-    loose = [f"--{f.replace('_', '-')}" for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given] or [""]
+    loose = [f"--{f.replace('_', '-')}" for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given]
+    loose = loose or [""]
     for bad, message in [
         ("minutes" in given and given & {"max_steps", "epochs"},
          "--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes"),
@@ -483,8 +470,8 @@ def check_args(cfg, given, env):
          "minutes, e.g. --minutes 30"),
         (cfg.minutes and cfg.dry_run, "--dry-run runs 2 steps to check a setup; drop it or --minutes"),
         (cfg.dry_run and cfg.resume, "--dry-run writes a new checkpoint: drop it or --resume"),
-        (cfg.other_data and not cfg.resume, "--other-data lets a resume continue on other images; add --resume"),
-        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1 the run diverges; diffusion U-Nets train at about 1e-4 to 5e-4"),
+        (cfg.other_data and not cfg.resume, "--other-data is for a resume on other images; add --resume"),
+        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1 the run diverges; U-Nets train at about 1e-4 to 5e-4"),
         (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes, e.g. --attrs "
          "Smiling,Male, or 'all'; or drop --attrs for an unconditional model"),
         (loose[0] and not cfg.attrs, f"{loose[0]} sets how a conditional model drops its attributes; add "
@@ -507,8 +494,8 @@ def check_args(cfg, given, env):
         origin = "" if field_ == "image_size" or field_ in given else f" (the --size {base} preset's)"
         raise UsageError(f"{flag}{origin} {message}")
     if cfg.size not in unet.PRESETS and not env.ckpt:
-        env.say(f"model: --size {cfg.size} takes the --size {base} preset (--ch, --ch-mult, --num-res-blocks, "
-                "--attn-res and --dropout override it)")
+        env.say(f"model: --size {cfg.size} takes the --size {base} preset (--ch, --ch-mult, "
+                "--num-res-blocks, --attn-res, --dropout override it)")
 
 
 def check_out(cfg, env):
@@ -522,9 +509,10 @@ def check_out(cfg, env):
            or (f.startswith("samples_") and f.endswith(".png"))] if os.path.isdir(cfg.out) else []
     listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
     if old and not cfg.resume and not cfg.overwrite:
-        raise UsageError(f"--out {cfg.out} already holds {'a run' if 'ckpt.pt' in old else 'an earlier run'}'s "
-                         f"files ({listed}); continue it with python train.py --resume --out "
-                         f"{shlex.quote(cfg.out)}, pick another --out, or pass --overwrite to replace it")
+        whose = "a run" if "ckpt.pt" in old else "an earlier run"
+        raise UsageError(f"--out {cfg.out} already holds {whose}'s files ({listed}); continue it with python "
+                         f"train.py --resume --out {shlex.quote(cfg.out)}, pick another --out, or pass "
+                         "--overwrite to replace it")
     env.lock, env.made = util.claim_folder(cfg.out, "--out")  # last: nothing after it can fail
     for f in old if cfg.overwrite else []:
         os.remove(os.path.join(cfg.out, f))
@@ -677,7 +665,8 @@ def model_config(cfg, attrs=()):
 def estimate_run(cfg, env, n_images):
     """A new CPU or MPS run, before decoding: how long it takes; past a day, the 30-minute command."""
     steps = cfg.max_steps or cfg.epochs * (n_images // cfg.batch_size)
-    per_step = cfg.batch_size // env.world * util.time_step(model_config(cfg), 1, env.device, env.ctx, SMALLER)
+    one = util.time_step(model_config(cfg), 1, env.device, env.ctx, SMALLER)  # seconds for one image
+    per_step = cfg.batch_size // env.world * one
     env.say(f"estimate: {steps:,} steps of {cfg.batch_size} images at ~{per_step:.1f} s each on this "
             f"{env.device.type}: about {fmt_time(steps * per_step)}" + (
                 "; far beyond a day here. For faces on this machine in 30 minutes: python train.py --data "
@@ -698,8 +687,8 @@ def fit_model_to_minutes(cfg, env, given):
     for i in reversed(range(len(candidates))):
         if i + 1 in per_step and env.device.type != "cuda" and 8 * per_step[i + 1] * MIN_STEPS > budget:
             break  # neither this one nor a wider one fits
-        per_step[i] = util.time_step(net_of(candidates[i][0]), candidates[i][1] // env.world, env.device, env.ctx,
-                                     SMALLER)
+        ch, b = candidates[i]
+        per_step[i] = util.time_step(net_of(ch), b // env.world, env.device, env.ctx, SMALLER)
     per_image = {i: s / candidates[i][1] for i, s in per_step.items()}
     faster = [i for i in sorted(per_step) if all(per_image[i] < per_image[j] for j in per_image if j < i)]
     fits = [i for i in faster if budget / per_step[i] >= MIN_STEPS]
@@ -707,10 +696,9 @@ def fit_model_to_minutes(cfg, env, given):
     env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b} --dropout {net_of(ch).dropout:g} of "
             f"{', '.join(f'{c}/{bb}' for c, bb in candidates)} (channels/batch): " + (
                 f"the widest that leaves >= {MIN_STEPS:,} steps" if fits else "the fastest per image"))
-    lr = cfg.lr if "lr" in given else cfg.lr * base.ch / ch
+    lr = cfg.lr if "lr" in given else cfg.lr * base.ch / ch  # the preset's width over the model's
     if lr != cfg.lr:
-        env.say(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}, the preset's "
-                "width over the model's")
+        env.say(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}")
     return replace(cfg, ch=ch, batch_size=b, dropout=net_of(ch).dropout, lr=lr)
 
 
@@ -725,7 +713,8 @@ def plan_minutes(cfg, env, run):
     seconds = time.time() - (run.probe[1] or math.inf)
     if run.probe[1] and run.step - run.probe[0] >= 10 and seconds >= min(10, 1.2 * cfg.minutes):
         if env.master:
-            run.forward_s = time_forward(cfg, env, run)
+            b = min(cfg.sample_n, cfg.batch_size // env.world)  # the grids' batch
+            run.forward_s = util.time_forward(run.ema, b, cfg.size, env.device, run.ctx)
         replan(cfg, env, run, (run.step - run.probe[0]) / seconds)
 
 
@@ -752,7 +741,7 @@ def replan(cfg, env, run, rate):
             f"{cfg.lr_decay} decay to step {total:,}, EMA decay {p.ema_decay:.5f}")
     if total < FACE_STEPS and env.master:
         need = time.time() - env.t_start + (FACE_STEPS - run.step) * per_step + final
-        env.say(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces ({FACE_STEPS:,} steps take "
+        env.say(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces ({FACE_STEPS:,} take "
                 f"about --minutes {math.ceil(need / 60)} on this machine); the samples may be mostly noise")
 
 
@@ -771,18 +760,6 @@ def budget_terms(cfg, run, rate):
     per_step += val / cfg.eval_every if val else 0
     return per_step, (4 if cfg.sample_every is None else 1) * grid + val
 
-
-@torch.no_grad()
-def time_forward(cfg, env, run):
-    """Seconds per image of an EMA forward pass at the grids' batch (the second of two)."""
-    b = min(cfg.sample_n, cfg.batch_size // env.world)
-    x = torch.zeros(b, 3, cfg.size, cfg.size, device=env.device)
-    for _ in range(2):
-        t0 = time.time()
-        with run.ctx:
-            run.ema(x, torch.zeros(b, dtype=torch.long, device=env.device))
-        util.synchronize(env.device)
-    return (time.time() - t0) / b
 
 def plan_memory(cfg, env, run, resident_bytes=0):
     """The memory plan of a step of this run's model (util.plan_memory)."""
@@ -864,31 +841,28 @@ def make_parser():
                            "OMP_NUM_THREADS=N chooses.")
     pos, path, fraction = util.positive(int), util.path, util.between(0, 1)
     add = p.add_argument_group("data").add_argument
-    add("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle layout) or image folder")
+    add("--data", type=path, default="data", help="CelebA root (torchvision or Kaggle) or image folder")
     add("--download", action="store_true", help="first try torchvision's CelebA download (needs gdown)")
-    add("--size", type=pos, default=64, help="image size; picks the U-Net preset (32, 64, 128, 256, or the "
-        "nearest below)")
-    add("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM box for 178x218 CelebA, else a "
-        "centre square")
-    add("--cache-dir", type=path, default=None, help="decoded images (default: ~/.cache/ddpm-faces)")
+    add("--size", type=pos, default=64, help="image size; picks the U-Net preset")
+    add("--crop", default="auto", choices=data.CROPS, help="auto: the DDIM box on CelebA, else centred")
+    add("--cache-dir", type=path, help="decoded images (default: ~/.cache/ddpm-faces)")
     add("--no-flip", action="store_true", help="no random horizontal flips")
     add = p.add_argument_group("model (default: the --size preset) and diffusion").add_argument
-    add("--ch", type=pos, default=None, help="base channel count")
-    add("--ch-mult", type=util.int_list, default=None, help="channel multiplier per level: 1,2,2,2,4")
-    add("--num-res-blocks", type=pos, default=None, help="residual blocks per level")
-    add("--attn-res", type=util.int_list, default=None, help="feature-map sizes with self-attention")
-    add("--dropout", type=util.real, default=None, help="dropout in the residual blocks")
-    add("--timesteps", type=util.between(2, math.inf, int), default=1000, help="T, the number of diffusion "
-        "steps")
+    add("--ch", type=pos, help="base channel count")
+    add("--ch-mult", type=util.int_list, help="channel multiplier per level, e.g. 1,2,2,2")
+    add("--num-res-blocks", type=pos, help="residual blocks per level")
+    add("--attn-res", type=util.int_list, help="feature-map sizes with self-attention")
+    add("--dropout", type=util.real, help="dropout in the residual blocks")
+    add("--timesteps", type=util.between(2, math.inf, int), default=1000, help="T, the diffusion steps")
     add("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
     add("--objective", default="eps", choices=OBJECTIVES, help="what the network predicts")
-    add("--min-snr-gamma", type=util.positive(float), default=None, help="min-SNR-gamma weighting")
+    add("--min-snr-gamma", type=util.positive(float), help="min-SNR-gamma weighting")
     add = p.add_argument_group("attributes (sample with sample.py --attrs Smiling=1)").add_argument
-    add("--attrs", default=None, help="condition on CelebA attributes: 'all' or names, e.g. Smiling,Male")
+    add("--attrs", help="condition on CelebA attributes: 'all' or names, e.g. Smiling,Male")
     add("--attr-film", action="store_true", help="the attributes also scale and shift each block (FiLM)")
     add("--p-uncond", type=fraction, default=0.1, help="probability of dropping an image's whole condition")
-    add("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each attribute, or "
-        "'uniform' (U(0, 1) per image) or 'balanced' (the rarer state kept) (REPORT sec. 3.7)")
+    add("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each attribute, "
+        "'uniform' (U(0, 1) per image) or 'balanced' (REPORT sec. 3.7)")
     add_run_flags(p)
     return p
 
@@ -898,48 +872,42 @@ def add_run_flags(p):
     pos, num, path, real = util.positive(int), util.non_negative, util.path, util.positive(float)
     add = p.add_argument_group("optimisation").add_argument
     add("--epochs", type=pos, default=100, help="passes over the training split")
-    add("--max-steps", type=pos, default=None, help="stop after this many steps (not --epochs)")
-    add("--minutes", type=real, default=None, help="fit the whole run into N minutes, planned from the "
-        "measured speed")
+    add("--max-steps", type=pos, help="stop after this many steps (not --epochs)")
+    add("--minutes", type=real, help="fit the whole run into N minutes")
     add("--batch-size", type=pos, default=128, help="global batch size, split over the GPUs")
     add("--lr", type=real, default=2e-4, help="peak AdamW learning rate")
     add("--warmup", type=num, default=5000, help="LR warm-up steps, at most a tenth of the run")
-    add("--lr-decay", default="constant", choices=["constant", "cosine"], help="after the warm-up (--minutes: "
-        "cosine)")
+    add("--lr-decay", default="constant", choices=["constant", "cosine"], help="after the warm-up")
     add("--weight-decay", type=util.between(0, math.inf), default=0.0, help="AdamW weight decay")
     add("--grad-clip", type=real, default=1.0, help="clip the gradient norm to this")
     add("--ema-decay", type=util.between(0, 1), default=0.9999, help="EMA decay d, as min(d, (1+s)/(10+s))")
-    add("--seed", type=util.random_seed, default=None, help="random seed (default: drawn)")
+    add("--seed", type=util.random_seed, help="random seed (default: drawn)")
     add = p.add_argument_group("speed").add_argument
-    add("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast; auto: bf16 "
-        "on GPUs that have it, else fp16; fp32 on CPU/MPS")
-    add("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model "
-        "(default: on CUDA with Triton, except --dry-run)")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory "
-        "format (default: on, but off for an eager GPU step)")
+    add("--device", help="cuda, mps or cpu (default: the first available)")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast (auto: bf16 "
+        "or fp16 on GPUs)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory format "
+        "(default: off for an eager GPU step)")
     add("--grad-checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute each block in "
-        "backward; auto: when a batch would not fit")
+        "backward (auto: when a batch needs it)")
     add = p.add_argument_group("logging, evaluation and checkpoints").add_argument
     add("--out", type=path, default="out", help="folder for ckpt.pt, sample grids and log.csv")
-    add("--overwrite", action="store_true", help="a new run in an --out that holds one, removing its files")
+    add("--overwrite", action="store_true", help="replace the run in --out")
     add("--log-every", type=pos, default=100, help="a progress line every N steps")
-    add("--sample-every", type=num, default=5000, help="a sample grid every N steps (0: never; --minutes: "
-        "four)")
+    add("--sample-every", type=num, default=5000, help="a sample grid every N steps (0: never)")
     add("--sample-steps", type=pos, default=DEFAULT_STEPS, help=f"the grids' {DEFAULT_SAMPLER} steps")
     add("--sample-n", type=util.between(1, 1024, int), default=64, help="images in a grid")
     add("--eval-every", type=num, default=5000, help="a validation loss every N steps (0: never)")
     add("--eval-images", type=pos, default=1024, help="validation images per evaluation")
     add("--ckpt-every", type=num, default=5000, help="write ckpt.pt every N steps (0: at the end)")
-    add("--resume", nargs="?", const="latest", default=None, type=path, help="continue a run from its "
-        "checkpoint (default: ckpt.pt in --out)")
-    add("--other-data", action="store_true", help="with --resume: continue on other images than the run's")
-    add("--dry-run", action="store_true", help="check a setup: 2 steps of one image, an evaluation, a grid, a "
-        "checkpoint")
+    add("--resume", nargs="?", const="latest", type=path, help="continue a run (default: ckpt.pt in --out)")
+    add("--other-data", action="store_true", help="resume on other images than the run's")
+    add("--dry-run", action="store_true", help="check a setup: 2 steps of one image, then a checkpoint")
     add = p.add_argument_group("benchmark").add_argument
-    add("--bench", action="store_true", help="time training steps on synthetic data: img/s, MFU")
+    add("--bench", action="store_true", help="time training steps: img/s, MFU")
     add("--bench-steps", type=pos, default=20, help="timed steps for --bench")
-    add("--peak-tflops", type=real, default=None, help="the device's peak TFLOP/s for MFU")
+    add("--peak-tflops", type=real, help="the device's peak TFLOP/s for MFU")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,18 @@ class WriteError(Exception):
 class CheckpointError(Exception):
     """A missing, corrupt, unsafe or foreign checkpoint, or one whose parts do not fit together."""
 
+@contextlib.contextmanager
+def one_line_errors(errors, interrupted="interrupted"):
+    """Bad input (`errors`) exits with its message, one line and code 2; Ctrl-C with `interrupted` and 130."""
+    try:
+        yield
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)
+
 # -----------------------------------------------------------------------------
 # the command line: argparse types (argparse names a bad value by the type's __name__) and the parser
 
@@ -599,6 +611,18 @@ def time_step(net, batch, device, ctx, fix):
     return max(min(times[1:]), 1e-9)
 
 
+@torch.no_grad()
+def time_forward(model, batch, size, device, ctx):
+    """Seconds per image of a forward pass of `model` at `batch` images of `size` (the second of two)."""
+    x = torch.zeros(batch, 3, size, size, device=device)
+    for _ in range(2):
+        t0 = time.time()
+        with ctx:
+            model(x, torch.zeros(batch, dtype=torch.long, device=device))
+        synchronize(device)
+    return (time.time() - t0) / batch
+
+
 def to_channels_last(model):
     """Every 4-d weight in channels_last strides. Module.to(memory_format=) may keep a 1x1 kernel's NCHW
     strides (the same bytes), while its gradient comes back channels_last: DDP warns, and copies."""
@@ -626,6 +650,15 @@ def saved_bytes_per_image(model, loss, x, ctx):
         return total[0]
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         return measure(2) - measure(1)
+
+
+def mean_over_ranks(t):
+    """The mean of tensor `t` over the ranks of a torchrun job, read on the host (`t` is left as it is)."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.item()
 
 
 def from_rank0(value, group=None):
