@@ -1377,7 +1377,7 @@ def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     a, plan, steps = ckpt["args"], ckpt["plan"], ckpt["step"]
     assert 0.9 * 60 <= now[0] <= 60  # ended within the budget, not far short of it
-    assert "the run will end at step" in printed and steps < 0.8 * planned
+    assert printed.count(" steps in all") >= 2 and steps < 0.8 * planned  # re-planned
     assert plan["total"] == steps and plan["lr_decay"] == a["lr_decay"] == "cosine"
     assert plan["warmup"] == planned // 10 and plan["ema_decay"] == pytest.approx(1 - 10 / steps)
     assert a["max_steps"] is None and a["warmup"] == 1000 and a["ema_decay"] == 0.9999  # the settings stay as given
@@ -1397,7 +1397,7 @@ def minutes_env(device="cpu"):
 
 
 @pytest.mark.parametrize("minutes,min_steps,lr,ch,batch,dropout,new_lr", [
-    ("1", 10**12, None, 64, 8, 0.0, 4e-4), ("1", 10**12, "1e-4", 64, 8, 0.0, 1e-4), ("1e9", 1, None, 128, 16, 0.1, 2e-4)])
+    ("1", 10**12, None, 64, 8, 0.0, 4e-4), ("1", 10**12, "1e-4", 64, 8, 0.0, 1e-4), ("500000", 1, None, 128, 16, 0.1, 2e-4)])
 def test_minutes_narrows_the_model_only_when_the_budget_needs_it(monkeypatch, capsys, minutes, min_steps, lr, ch, batch,
                                                                  dropout, new_lr):
     # A budget too short for the preset halves its channels and batch together (here once: batch >= 8) and
@@ -1589,6 +1589,7 @@ def test_resume_takes_the_devices_own_optimizer_settings(faces, tmp_path, monkey
 def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # (pick_device makes it current)
     for rank in (0, 1):  # every process of a 2-process torchrun on a 1-GPU machine refuses, rank 0 too
         with pytest.raises(util.UsageError, match="--nproc_per_node=1"):
             util.pick_device("cuda", rank, 2)
@@ -1767,7 +1768,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(util.WriteError, match="cannot write .*ckpt.pt .*--out"):
         util.save_checkpoint(dict(good, step=2), path)
     monkeypatch.undo()
-    assert util.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+    assert util.load_checkpoint(path, parts=())["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]  # no model
 
 
 def limited_run(limit, *args):
@@ -1856,7 +1857,7 @@ def test_checks_that_need_no_data_come_before_decoding(faces, tmp_path, capsys, 
     (["sample.py", "--figure", "attention", "x.pt", "--out-dir", "d"], "--out-dir does not apply to --figure attention"),
     (["sample.py", "x.pt", "--bench", "--n", "2"], "--n does not apply to --bench"),
     (["sample.py", "x.pt", "--out", ""], "--out: is empty"),
-    (["train.py", "--minutes", "1e12"], "more than a year"),
+    (["train.py", "--minutes", "1e12"], "at most 525,600"),
     (["train.py", "--seed", "99999999999999999999"], "0..2^63-1"),
     (["train.py", "--seed", "-1"], "0..2^63-1"),
     (["train.py", "--lr", "1e12"], "diverges"),

@@ -9,9 +9,9 @@ Train a DDPM on CelebA faces: one GPU, many (torchrun), MPS or CPU.
 
 Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, what is due now and then is
 `after_step`. Then the setup, data and model, and the extras: --minutes, memory, --bench, the flags. `cfg`
-holds the settings, `env` the processes and device, `run` what the loop updates. Step s draws all its
-randomness for the whole global batch from a generator seeded with (seed, s), and each rank takes its slice:
-a resumed run repeats the uninterrupted one, on any number of GPUs.
+holds the settings, `env` the processes and device, `run` what the loop updates. Step s draws the whole
+global batch's randomness from a generator seeded with (seed, s): a resume repeats the uninterrupted run,
+on any number of GPUs.
 """
 import os
 # short OpenMP spinning: a core that another program uses costs its share, not every op (REPORT sec. 3.10)
@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import unet
@@ -40,15 +39,13 @@ from diffusion import DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, OBJECTIVES, S
 from util import UsageError, fmt_bytes, fmt_time
 
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # bad input
-SIGHUP, SIGPIPE = getattr(signal, "SIGHUP", 1), getattr(signal, "SIGPIPE", 13)  # (not on Windows)
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, SIGHUP: 129, SIGPIPE: 141}  # 128 + the signal
 MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (REPORT sec. 3.5)
 FACE_STEPS = 1000  # 1,037 steps made faces (REPORT sec. 3.5); a plan of fewer gets a warning
 COMPILE_SECONDS = 90  # torch.compile's warm-up of the 64 px preset on an H200 (REPORT sec. 3.10)
 SMALLER = "use a smaller --size, --ch or --batch-size"
 
 # -----------------------------------------------------------------------------
-# the run: train -> loop -> train_step; after each step, what is due
+# the run: train -> loop -> train_step, then what is due
 
 
 def main(argv=None):
@@ -61,16 +58,16 @@ def main(argv=None):
 
 def train(args, given):
     """The phases of a run. -> exit code."""
-    cfg, env = setup(args, given)  # settings, processes, device, --out: every check that needs no data
+    cfg, env = setup(args, given)  # and every check that needs no data
     try:
         if cfg.bench:
             return bench(cfg, env)
         if cfg.minutes and not env.ckpt and not cfg.dry_run and not given & {"ch", "batch_size"}:
-            cfg = fit_model_to_minutes(cfg, env, given)  # a model that leaves MIN_STEPS in the budget
+            cfg = fit_model_to_minutes(cfg, env, given)
         run = build(cfg, env, *load_data(cfg, env), given)
         if run.step >= run.plan.total:
-            env.say(f"nothing to do: the checkpoint is at step {run.step} and the run ends at step "
-                    f"{run.plan.total}; raise --max-steps or --epochs to train further")
+            env.say(f"nothing to do: the checkpoint is at step {run.step}, where the run ends; raise "
+                    "--max-steps or --epochs to train further")
             return 0
         at_once = not env.ddp and env.device.type != "cuda" and not env.compile  # a step can take minutes
         with util.StopSignals(env.signals, env.say, [run.ema, run.model] if at_once else [run.ema], at_once):
@@ -78,7 +75,7 @@ def train(args, given):
     finally:
         if env.ddp and dist.is_initialized():
             dist.destroy_process_group()
-        util.release_folder(env.lock, env.made)
+        util.release_folder(*env.claim)
 
 
 def loop(cfg, env, run):
@@ -145,7 +142,7 @@ def update_ema(ema_params, params, step, decay):
 
 def condition(attrs, gen, cfg, shard, rare):
     """Condition dropout ([CFG] Algorithm 1, line 3): (B/world, K) 0/1 attributes -> +1 present, -1 absent,
-    0 dropped. `balanced` keeps an attribute in its rarer state (`rare`) unless all are dropped."""
+    0 dropped. `balanced` keeps an attribute in its rarer state unless all are dropped."""
     B, K, device = cfg.batch_size, attrs.shape[1], attrs.device
     uniform = cfg.p_drop_attr in ("uniform", "balanced")
     rate = torch.rand(B, 1, generator=gen, device=device) if uniform else cfg.p_drop_attr
@@ -158,7 +155,7 @@ def condition(attrs, gen, cfg, shard, rare):
 
 def after_step(cfg, env, run, loss):
     """What is due after a step (loss None: one cut short): the --minutes plan, a progress line, the
-    validation loss and grid, the checkpoint. -> the exit code to stop with, or None."""
+    validation loss and grid, the checkpoint. -> the exit code, or None."""
     if loss is not None:
         run.loss_sum, run.loss_n = run.loss_sum + loss, run.loss_n + 1
         if math.isinf(run.plan.total):
@@ -173,7 +170,7 @@ def after_step(cfg, env, run, loss):
     if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or last or stop:
         save(cfg, env, run, last, stop)
     run.t_log += time.time() - t0  # not training time
-    return EXIT_CODES[stop] if stop else None
+    return 128 + stop if stop else None  # the shell's code for a death by that signal
 
 
 def save(cfg, env, run, last, stop):
@@ -190,8 +187,7 @@ def save(cfg, env, run, last, stop):
     if last and cfg.dry_run:
         env.say(f"dry run: the setup works ({took}; a checkpoint of {fmt_bytes(os.path.getsize(path))})")
     if stop:
-        name = {SIGHUP: "SIGHUP (the terminal closed)", SIGPIPE: "SIGPIPE (stdout closed)"}.get(stop)
-        env.say(f"interrupted by {name or signal.Signals(stop).name} at step {run.step}" + (
+        env.say(f"interrupted by {util.signal_name(stop)} at step {run.step}" + (
             f"; checkpoint written. Continue with: python train.py --resume --out {shlex.quote(cfg.out)}"
             if saved else ""))
 
@@ -222,19 +218,18 @@ class Env:
     rank: int
     world: int
     local_world: int  # processes on this machine
-    t_start: float  # when the process began: --minutes budgets from here
+    t_start: float  # when the process began (--minutes counts from here)
     out: str
-    say: object = print  # print on rank 0 (surviving a closed terminal), a no-op elsewhere
+    say: object = print  # rank 0's print (which survives a closed terminal)
     signals: list = field(default_factory=list)
     device: torch.device = None
     precision: str = None
     ctx: object = None  # autocast
     compile: bool = False
     channels_last: bool = False
-    ctrl: object = None  # torchrun: the gloo group through which the ranks agree
+    ctrl: object = None  # torchrun: the gloo group in which the ranks agree
     ckpt: dict = None  # the checkpoint a --resume continues
-    lock: object = None  # rank 0's lock on --out, and the folders it made
-    made: list = field(default_factory=list)
+    claim: tuple = (None, ())  # rank 0's lock on --out, and the folders it made
 
     @property
     def master(self):
@@ -243,8 +238,8 @@ class Env:
 
 @dataclass
 class Plan:
-    """The schedule (total: inf until --minutes has timed the steps); grids at grid_from + k * grid_every,
-    and at the end."""
+    """The schedule (total: inf until --minutes has timed the steps); grids at grid_from + k * grid_every
+    and the end."""
     total: float
     warmup: int
     lr_decay: str
@@ -257,7 +252,7 @@ class Plan:
 class Run:
     """What the loop updates: the model, its EMA and optimizer, the data, the plan and the counters."""
     model: torch.nn.Module  # checkpoints take its state dict
-    fwd: object  # the model as a step calls it: compiled and/or DDP-wrapped
+    fwd: object  # the model as a step calls it (compiled, DDP)
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -267,15 +262,15 @@ class Run:
     grad_clip: float
     plan: Plan
     batches: data.Batches = None
-    val: tuple = None  # rank 0: (validation images in [-1, 1] on the device, attributes or None)
+    val: tuple = None  # rank 0: (validation images in [-1, 1], attributes or None)
     step: int = 0
     elapsed: float = 0.0  # seconds of training, across resumes
     loss_sum: torch.Tensor = None  # summed since the last multiple of --log-every
     loss_n: int = 0
-    rare: torch.Tensor = None  # (K,) each attribute's rarer state in the training data
+    rare: torch.Tensor = None  # (K,) each attribute's rarer state
     data_id: str = None  # data.identity of the training images
     t0: float = 0.0  # time.time() - elapsed at the start
-    t_log: float = 0.0  # when the steps of the next progress line began, less evaluation time
+    t_log: float = 0.0  # when the next progress line's steps began, less evaluation time
     step_log: int = 0
     probe: tuple = None  # --minutes: (step, time) where the timing began
     forward_s: float = None  # --minutes: seconds of an EMA forward pass per image
@@ -285,11 +280,11 @@ class Run:
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
 
 # -----------------------------------------------------------------------------
-# what is due every so often: progress lines, validation, sample grids; signals
+# what is due now and then: progress lines, validation, sample grids
 
 
 def progress(cfg, env, run):
-    """A progress line and a row of log.csv; a loss that is not finite ends the run on every rank."""
+    """A progress line and a row of log.csv; a loss that is not finite ends the run."""
     now = time.time()
     rate = (run.step - run.step_log) / max(now - run.t_log, 1e-9)  # steps/s since the last line
     if run.probe and not math.isinf(run.plan.total) and run.step < 0.95 * run.plan.total:
@@ -311,7 +306,7 @@ def progress(cfg, env, run):
 
 
 def evaluate(cfg, env, run, last):
-    """Rank 0: the validation loss and the fixed-noise sample grid, when due; a signal cuts them short."""
+    """Rank 0: the validation loss and the fixed-noise sample grid when due (a signal cuts them short)."""
     every = run.plan.grid_every
     try:
         if run.val is not None and (run.step % cfg.eval_every == 0 or last):
@@ -368,17 +363,17 @@ def val_loss(cfg, env, run):
 
 
 # -----------------------------------------------------------------------------
-# setup: settings, processes, device and --out, and every check that needs no data
+# setup: settings, processes, device, --out, the checks that need no data
 
 
 def setup(args, given):
-    """-> (cfg, env): the flags (or the checkpoint's) with what a run resolves before it starts."""
+    """-> (cfg, env): the flags (or the checkpoint's), and what is resolved before the run."""
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     env = Env(ddp, rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), time.time(), args.out)
     # rank 0 prints; once stdout is gone, into --out/stdout.log, and the run stops with a checkpoint
     env.say = util.Say(lambda: os.path.join(env.out, "stdout.log") if os.path.isdir(env.out) else None,
-                       lambda: env.signals.append(SIGPIPE)) if env.master else lambda *a, **k: None
+                       lambda: env.signals.append(util.SIGPIPE)) if env.master else lambda *a, **k: None
     cfg = resumed(args, given, env) if args.resume else argparse.Namespace(**vars(args))
     check_args(cfg, given, env)
     minutes = cfg.minutes and not cfg.resume
@@ -390,8 +385,6 @@ def setup(args, given):
         cfg = replace(cfg, batch_size=world, sample_steps=min(cfg.sample_steps, 2), sample_n=1, eval_images=2)
     device = util.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)), env.local_world)
     env.out, env.device, cuda = cfg.out, device, device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         env.ctrl = dist.new_group(backend="gloo") if cuda else None  # agreeing never waits for the GPU
@@ -421,7 +414,7 @@ def replace(cfg, **changes):
     return argparse.Namespace(**{**vars(cfg), **changes})
 
 
-# flags that may differ from the checkpoint on --resume; every other setting is the checkpoint's
+# the flags a --resume may change; every other setting is the checkpoint's
 RESUME_MAY_CHANGE = ("data", "cache_dir", "epochs", "max_steps", "log_every", "sample_every", "sample_steps",
                      "sample_n", "eval_every", "eval_images", "ckpt_every", "out", "device", "precision",
                      "compile", "channels_last", "grad_checkpoint", "peak_tflops")
@@ -434,8 +427,6 @@ def resumed(args, given, env):
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: drop one of them")
     path = os.path.join(args.out, "ckpt.pt") if args.resume == "latest" else args.resume
     env.ckpt = ckpt = util.load_checkpoint(path)
-    for weights in ("model", "ema"):  # config, weights and EMA fit together (on the meta device)
-        util.model_from_checkpoint(ckpt, path, weights, device="meta")
     if not all(k in ckpt for k in ("args", "optimizer", "scaler")):
         raise util.CheckpointError(f"{path} lacks the optimizer state that a resume needs; sample from it "
                                    "with sample.py, or start a new run")
@@ -461,20 +452,17 @@ def resumed(args, given, env):
 
 def check_args(cfg, given, env):
     """Everything that can be checked without data: a mistake costs seconds, not a decode."""
-    loose = [f"--{f.replace('_', '-')}" for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given]
-    loose = loose or [""]
+    loose = next((f for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given), "").replace("_", "-")
     for bad, message in [
         ("minutes" in given and given & {"max_steps", "epochs"},
          "--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes"),
-        ((cfg.minutes or 0) > 525_600, f"--minutes {cfg.minutes} is more than a year; give the budget in "
-         "minutes, e.g. --minutes 30"),
         (cfg.minutes and cfg.dry_run, "--dry-run runs 2 steps to check a setup; drop it or --minutes"),
         (cfg.dry_run and cfg.resume, "--dry-run writes a new checkpoint: drop it or --resume"),
         (cfg.other_data and not cfg.resume, "--other-data is for a resume on other images; add --resume"),
         (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1 the run diverges; U-Nets train at about 1e-4 to 5e-4"),
         (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes, e.g. --attrs "
          "Smiling,Male, or 'all'; or drop --attrs for an unconditional model"),
-        (loose[0] and not cfg.attrs, f"{loose[0]} sets how a conditional model drops its attributes; add "
+        (loose and not cfg.attrs, f"--{loose} sets how a conditional model drops its attributes; add "
          "--attrs NAMES, or drop it"),
         (cfg.sample_steps > cfg.timesteps and "sample_steps" in given,
          f"--sample-steps {cfg.sample_steps} is more than --timesteps {cfg.timesteps}; lower it"),
@@ -499,7 +487,7 @@ def check_args(cfg, given, env):
 
 
 def check_out(cfg, env):
-    """--out: writable, without another run unless resumed (--overwrite removes it), held by this run."""
+    """--out: writable, without another run unless resumed (--overwrite removes it), locked."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out}: is a file; give a folder for checkpoints and samples")
     if not env.master:
@@ -513,10 +501,10 @@ def check_out(cfg, env):
         raise UsageError(f"--out {cfg.out} already holds {whose}'s files ({listed}); continue it with python "
                          f"train.py --resume --out {shlex.quote(cfg.out)}, pick another --out, or pass "
                          "--overwrite to replace it")
-    env.lock, env.made = util.claim_folder(cfg.out, "--out")  # last: nothing after it can fail
-    for f in old if cfg.overwrite else []:
-        os.remove(os.path.join(cfg.out, f))
+    env.claim = util.claim_folder(cfg.out, "--out")  # last: nothing after it can fail
     if old and cfg.overwrite:
+        for f in old:
+            os.remove(os.path.join(cfg.out, f))
         env.say(f"--overwrite: removed the earlier run's {listed} from {cfg.out}")
     if stale:
         env.say(f"removed the temporary files that a killed run left in {cfg.out}")
@@ -527,8 +515,7 @@ def check_out(cfg, env):
 
 
 def load_data(cfg, env):
-    """-> (the training split, (validation images, attributes) or None, the data's identity), the count and
-    the identity checked before decoding."""
+    """-> (the training split, (validation images, attributes) or None, the data's identity)."""
     if cfg.download and env.master:
         try:
             data.select(cfg.data)
@@ -563,7 +550,7 @@ def load_data(cfg, env):
 
 
 def build(cfg, env, faces, val, data_id, given):
-    """The Run: model, EMA and optimizer (make_run), the memory plan, batches, plan and log."""
+    """The Run: make_run, the memory plan, the batches, the plan and the log."""
     attrs = tuple(faces["cond_names"] or ())
     net = unet.config_from_dict(env.ckpt["model_args"]) if env.ckpt else model_config(cfg, attrs)
     if tuple(net.attrs) != attrs:
@@ -578,7 +565,7 @@ def build(cfg, env, faces, val, data_id, given):
     run.val, run.data_id = val, data_id
     if faces["cond"] is not None:
         run.rare = (faces["cond"].float().mean(0) < 0.5).to(env.device, torch.uint8)
-    steps = "set once the first are timed" if math.isinf(run.plan.total) else f"{run.plan.total:,}"
+    steps = "planned once timed" if math.isinf(run.plan.total) else f"{run.plan.total:,}"
     short = run.plan.warmup < cfg.warmup and not (env.ckpt or cfg.dry_run) and math.isfinite(run.plan.total)
     env.say(f"data: {len(faces['images']):,} training images, {run.batches.steps_per_epoch:,} steps per "
             f"epoch at batch {cfg.batch_size}; steps: {steps}, lr warm-up {run.plan.warmup:,}"
@@ -592,7 +579,7 @@ def build(cfg, env, faces, val, data_id, given):
 
 
 def make_run(cfg, env, net):
-    """Model, EMA, AdamW, GradScaler and diffusion (the checkpoint's on resume). -> Run, without data."""
+    """Model, EMA, AdamW, GradScaler, diffusion (the checkpoint's on resume). -> Run, without data."""
     ckpt, device = env.ckpt, env.device
     model = unet.UNet(net).to(device)
     if env.channels_last:
@@ -600,7 +587,7 @@ def make_run(cfg, env, net):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                             fused=fused_adamw(device))
-    scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")  # a no-op unless fp16
+    scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")
     fwd = torch.compile(model) if env.compile else model  # state dicts from `model`: no _orig_mod.
     fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else fwd
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.objective, cfg.min_snr_gamma).to(device)
@@ -609,13 +596,7 @@ def make_run(cfg, env, net):
     run = Run(model, fwd, ema, opt, scaler, diffusion, env.ctx, fmt, cfg.grad_clip, plan,
               loss_sum=torch.zeros((), device=device))
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        own = {k: opt.param_groups[0][k] for k in ("fused", "foreach", "capturable")}  # this device's
-        opt.load_state_dict(ckpt["optimizer"])
-        for group in opt.param_groups:
-            group.update(own)
-        scaler.load_state_dict(ckpt["scaler"])
+        util.restore(ckpt, model, ema, opt, scaler)
         if ckpt.get("world_size") == env.world:  # dropout continues exactly
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
@@ -634,7 +615,7 @@ def fused_adamw(device):
 
 
 def make_plan(cfg, env, step, steps_per_epoch, given):
-    """The schedule. A resume keeps the run's warm-up and EMA decay, and a --minutes run its end."""
+    """The schedule; a resume keeps the warm-up and EMA decay (and a --minutes run its end)."""
     saved = env.ckpt and env.ckpt.get("plan")
     if cfg.dry_run:
         total = step + 2
@@ -663,7 +644,7 @@ def model_config(cfg, attrs=()):
 
 
 def estimate_run(cfg, env, n_images):
-    """A new CPU or MPS run, before decoding: how long it takes; past a day, the 30-minute command."""
+    """A new CPU or MPS run, before decoding: how long it takes (past a day: the 30-minute command)."""
     steps = cfg.max_steps or cfg.epochs * (n_images // cfg.batch_size)
     one = util.time_step(model_config(cfg), 1, env.device, env.ctx, SMALLER)  # seconds for one image
     per_step = cfg.batch_size // env.world * one
@@ -675,18 +656,17 @@ def estimate_run(cfg, env, n_images):
 
 def fit_model_to_minutes(cfg, env, given):
     """--minutes without --ch or --batch-size: the preset's width and batch, halved together until MIN_STEPS
-    fit the budget, but only to a model faster per image (on a GPU a small step's time is its launches).
-    Timed from the smallest (on a CPU a wider one only if 8 times the narrower's step fits). A narrowed model
-    gets dropout 0 and the lr times the width ratio, unless --lr is given (REPORT sec. 3.5)."""
+    fit the budget, but only to a model faster per image (a small GPU step is bound by its launches). A
+    narrowed model gets dropout 0 and the lr times the width ratio, unless --lr is given (REPORT sec. 3.5)."""
     base = model_config(cfg)
     candidates = [(base.ch >> k, cfg.batch_size >> k) for k in range(3)
                   if base.ch >> k >= 32 and cfg.batch_size >> k >= 8 * env.world]
     budget = cfg.minutes * 60 - (COMPILE_SECONDS if env.compile else 0)
     net_of = lambda ch: dataclasses.replace(base, ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
-    per_step = {}  # candidate -> seconds per step, the smallest first
+    per_step = {}  # candidate -> seconds per step, from the smallest
     for i in reversed(range(len(candidates))):
         if i + 1 in per_step and env.device.type != "cuda" and 8 * per_step[i + 1] * MIN_STEPS > budget:
-            break  # neither this one nor a wider one fits
+            break  # on a CPU: a wider one, 8 times the work, cannot fit
         ch, b = candidates[i]
         per_step[i] = util.time_step(net_of(ch), b // env.world, env.device, env.ctx, SMALLER)
     per_image = {i: s / candidates[i][1] for i, s in per_step.items()}
@@ -703,8 +683,8 @@ def fit_model_to_minutes(cfg, env, given):
 
 
 def plan_minutes(cfg, env, run):
-    """--minutes, until there is a plan: time the steps after the first two (compilation, autotuning); plan
-    once 10 steps and 10 s (2% of a short budget) are timed."""
+    """--minutes, until there is a plan: time the steps after the first two (compilation, autotuning), and
+    plan after 10 steps and 10 s (2% of a short budget)."""
     util.synchronize(env.device)
     if run.probe is None:
         run.probe = (run.step + 2, None)
@@ -719,9 +699,8 @@ def plan_minutes(cfg, env, run):
 
 
 def replan(cfg, env, run, rate):
-    """--minutes: the steps that fit the rest of the budget at `rate` steps/s, a warm-up of a tenth, the EMA
-    over the last tenth, a grid each quarter (a plan after the first quarter: now, then three); moved when
-    the speed changes by more than 2%."""
+    """--minutes: the steps that fit the budget at `rate` steps/s, a warm-up of a tenth, the EMA over the last
+    tenth, a grid each quarter (or now and three more); moved when the speed changes by 2%."""
     per_step, final = budget_terms(cfg, run, rate)
     left = cfg.minutes * 60 - (time.time() - env.t_start) - final
     total = int(util.from_rank0(run.step + max(1, int(0.98 * left / per_step)), env.ctrl))  # rank 0's plan
@@ -732,14 +711,11 @@ def replan(cfg, env, run, rate):
     warmup = min(cfg.warmup, total // 10) if first else run.plan.warmup
     every = grids_every(cfg, total - start, 3 if start else 4)
     run.plan = Plan(total, warmup, cfg.lr_decay, min(cfg.ema_decay, 1 - 10 / total), every, start)
-    img_s, p = f"{rate * cfg.batch_size:,.1f} img/s", run.plan
-    if not first:
-        return env.say(f"--minutes {cfg.minutes:g}: now {img_s}; the run will end at step {total:,} (EMA "
-                       f"decay {p.ema_decay:.5f})")
-    env.say(f"--minutes {cfg.minutes:g}: {img_s} measured: {total:,} steps in all "
-            f"({total / run.batches.steps_per_epoch:.2f} epochs), lr warm-up {p.warmup:,} steps then "
-            f"{cfg.lr_decay} decay to step {total:,}, EMA decay {p.ema_decay:.5f}")
-    if total < FACE_STEPS and env.master:
+    p = run.plan
+    env.say(f"--minutes {cfg.minutes:g}: {rate * cfg.batch_size:,.1f} img/s{'' if first else ' now'}: "
+            f"{total:,} steps in all ({total / run.batches.steps_per_epoch:.2f} epochs), lr warm-up "
+            f"{p.warmup:,} steps then {cfg.lr_decay} decay, EMA decay {p.ema_decay:.5f}")
+    if first and total < FACE_STEPS and env.master:
         need = time.time() - env.t_start + (FACE_STEPS - run.step) * per_step + final
         env.say(f"--minutes {cfg.minutes:g}: {total:,} steps are too few for faces ({FACE_STEPS:,} take "
                 f"about --minutes {math.ceil(need / 60)} on this machine); the samples may be mostly noise")
@@ -751,8 +727,8 @@ def grids_every(cfg, steps, grids=4):
 
 
 def budget_terms(cfg, run, rate):
-    """-> (seconds per step with its share of the grids and validations, seconds of the last ones and of a
-    plan's four grids), priced by the timed forward pass (until then: a third of a step)."""
+    """-> (seconds per step with its share of grids and validations, seconds of the last ones), from the
+    timed forward pass (or a third of a step)."""
     fwd = run.forward_s or 1 / (3 * cfg.batch_size * rate)
     grid = cfg.sample_n * cfg.sample_steps * fwd if cfg.sample_every != 0 else 0
     val = 2 * len(run.val[0]) * fwd if run.val is not None else 0
@@ -786,16 +762,14 @@ def bench(cfg, env):
             train_step(run, x0, t, torch.randn_like(x0), None, cfg.lr)
             run.step += 1
 
-    checkpointing, run.model.grad_checkpoint = run.model.grad_checkpoint, False  # the model's FLOPs only
-    with FlopCounterMode(display=False) as fc, env.ctx:
-        t = torch.randint(0, cfg.timesteps, (b,), device=device)
-        run.diffusion.training_losses(run.model, x0, t, torch.randn_like(x0)).mean().backward()
-    run.model.grad_checkpoint, flops = checkpointing, fc.get_total_flops()
+    t = torch.randint(0, cfg.timesteps, (b,), device=device)
+    loss = lambda: run.diffusion.training_losses(run.model, x0, t, x0).mean()
+    flops = util.count_flops(run.model, loss, env.ctx)
     run.opt.zero_grad(set_to_none=True)
     t0 = time.time()
     steps(3)  # warm-up: compilation, cudnn autotuning
     util.synchronize(device)
-    env.say(f"bench: warm-up {time.time() - t0:.1f}s")
+    warmup = time.time() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -812,7 +786,7 @@ def bench(cfg, env):
     bound = ", launch-bound" if min(host) > 0.8 * dt and device.type != "cpu" else ""
     env.say(f"bench: {util.device_name(device)} | size {cfg.size} | batch {b}/process x {env.world} | "
             f"{env.precision} | compile {env.compile} | channels_last {env.channels_last} | activation "
-            f"checkpointing {run.model.grad_checkpoint}")
+            f"checkpointing {run.model.grad_checkpoint} | warm-up {warmup:.1f}s")
     env.say(f"bench: {b * env.world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step (host {min(host) * 1e3:.1f} ms "
             f"to issue one{bound}) | peak memory {mem} | {flops / b / 1e9:.2f} GFLOP/img (fwd+bwd) | "
             f"{tflops:.2f} TFLOP/s/process | " + (f"MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s"
@@ -848,7 +822,7 @@ def make_parser():
     add("--cache-dir", type=path, help="decoded images (default: ~/.cache/ddpm-faces)")
     add("--no-flip", action="store_true", help="no random horizontal flips")
     add = p.add_argument_group("model (default: the --size preset) and diffusion").add_argument
-    add("--ch", type=pos, help="base channel count")
+    add("--ch", type=pos, help="base channels")
     add("--ch-mult", type=util.int_list, help="channel multiplier per level, e.g. 1,2,2,2")
     add("--num-res-blocks", type=pos, help="residual blocks per level")
     add("--attn-res", type=util.int_list, help="feature-map sizes with self-attention")
@@ -857,10 +831,10 @@ def make_parser():
     add("--schedule", default="linear", choices=SCHEDULES, help="beta schedule")
     add("--objective", default="eps", choices=OBJECTIVES, help="what the network predicts")
     add("--min-snr-gamma", type=util.positive(float), help="min-SNR-gamma weighting")
-    add = p.add_argument_group("attributes (sample with sample.py --attrs Smiling=1)").add_argument
+    add = p.add_argument_group("attributes").add_argument
     add("--attrs", help="condition on CelebA attributes: 'all' or names, e.g. Smiling,Male")
     add("--attr-film", action="store_true", help="the attributes also scale and shift each block (FiLM)")
-    add("--p-uncond", type=fraction, default=0.1, help="probability of dropping an image's whole condition")
+    add("--p-uncond", type=fraction, default=0.1, help="probability of dropping the whole condition")
     add("--p-drop-attr", type=drop_rate, default="uniform", help="probability of dropping each attribute, "
         "'uniform' (U(0, 1) per image) or 'balanced' (REPORT sec. 3.7)")
     add_run_flags(p)
@@ -873,10 +847,11 @@ def add_run_flags(p):
     add = p.add_argument_group("optimisation").add_argument
     add("--epochs", type=pos, default=100, help="passes over the training split")
     add("--max-steps", type=pos, help="stop after this many steps (not --epochs)")
-    add("--minutes", type=real, help="fit the whole run into N minutes")
-    add("--batch-size", type=pos, default=128, help="global batch size, split over the GPUs")
+    add("--minutes", type=util.positive(float, 525_600), help="fit the whole run into N minutes (a year at "
+        "most)")
+    add("--batch-size", type=pos, default=128, help="global batch, split over the GPUs")
     add("--lr", type=real, default=2e-4, help="peak AdamW learning rate")
-    add("--warmup", type=num, default=5000, help="LR warm-up steps, at most a tenth of the run")
+    add("--warmup", type=num, default=5000, help="LR warm-up steps (at most a tenth of the run)")
     add("--lr-decay", default="constant", choices=["constant", "cosine"], help="after the warm-up")
     add("--weight-decay", type=util.between(0, math.inf), default=0.0, help="AdamW weight decay")
     add("--grad-clip", type=real, default=1.0, help="clip the gradient norm to this")
@@ -892,14 +867,14 @@ def add_run_flags(p):
     add("--grad-checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute each block in "
         "backward (auto: when a batch needs it)")
     add = p.add_argument_group("logging, evaluation and checkpoints").add_argument
-    add("--out", type=path, default="out", help="folder for ckpt.pt, sample grids and log.csv")
+    add("--out", type=path, default="out", help="folder for ckpt.pt, grids and log.csv")
     add("--overwrite", action="store_true", help="replace the run in --out")
     add("--log-every", type=pos, default=100, help="a progress line every N steps")
     add("--sample-every", type=num, default=5000, help="a sample grid every N steps (0: never)")
     add("--sample-steps", type=pos, default=DEFAULT_STEPS, help=f"the grids' {DEFAULT_SAMPLER} steps")
     add("--sample-n", type=util.between(1, 1024, int), default=64, help="images in a grid")
     add("--eval-every", type=num, default=5000, help="a validation loss every N steps (0: never)")
-    add("--eval-images", type=pos, default=1024, help="validation images per evaluation")
+    add("--eval-images", type=pos, default=1024, help="validation images")
     add("--ckpt-every", type=num, default=5000, help="write ckpt.pt every N steps (0: at the end)")
     add("--resume", nargs="?", const="latest", type=path, help="continue a run (default: ckpt.pt in --out)")
     add("--other-data", action="store_true", help="resume on other images than the run's")

@@ -18,6 +18,7 @@ import zlib
 
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 import torchvision
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
@@ -64,12 +65,13 @@ def real(s):
 real.__name__ = "number"
 
 
-def positive(kind):
-    """A finite number > 0 of `kind` (int or float)."""
+def positive(kind, most=math.inf):
+    """A finite number > 0 of `kind` (int or float), at most `most`."""
     def parse(s):
         v = real(s) if kind is float else kind(s)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        if not 0 < v <= most:
+            bound = "be > 0" if v <= 0 else f"be at most {most:,}"
+            raise argparse.ArgumentTypeError(f"must {bound}, got {s}")
         return v
     parse.__name__ = "positive integer" if kind is int else "positive number"
     return parse
@@ -163,7 +165,8 @@ class CsvLog:
         self.path, self.columns, self.what, rows = path, columns, what, []
         if resumed is not None and os.path.exists(path):
             with open(path, newline="") as f:
-                rows = [r[:len(columns)] for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= resumed]
+                rows = [r[:len(columns)] for r in csv.reader(f)
+                        if r and r[0].isdigit() and int(r[0]) <= resumed]
         def write(tmp):
             with open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows([columns] + rows)
@@ -174,7 +177,8 @@ class CsvLog:
             with open(self.path, "a", newline="") as f:
                 csv.writer(f).writerow([values.get(k, "") for k in self.columns])
         except OSError as e:
-            raise WriteError(f"cannot write {self.path} ({why(e)}); free some space or pass another {self.what}")
+            raise WriteError(f"cannot write {self.path} ({why(e)}); free some space or pass another "
+                             f"{self.what}")
 
 
 def why(e):
@@ -337,7 +341,8 @@ def save_checkpoint(ckpt, path, what="--out"):
 
 def load_checkpoint(path, parts=CHECKED):
     """torch.load(weights_only=True) with one-line errors for missing, corrupt, unsafe, foreign and damaged
-    files: the tensors of `parts` must be finite and match their checksums. A folder means its ckpt.pt."""
+    files: the tensors of `parts` must be finite, match their checksums and (weights) the model's config. A
+    folder means its ckpt.pt."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
         raise CheckpointError(f"{path} is a folder without a ckpt.pt; pass the checkpoint file that train.py "
                               "wrote")
@@ -369,11 +374,25 @@ def load_checkpoint(path, parts=CHECKED):
             raise CheckpointError(f"{path}: its {part} tensors fail their checksum, so the file was damaged "
                                   "after it was written (disk, copy or transfer); use another copy or an "
                                   "earlier checkpoint")
+    for part in set(parts) & {"model", "ema"}:  # config and weights fit together (on the meta device)
+        model_from_checkpoint(ckpt, path, part, device="meta")
     step = ckpt.get("step")
     if not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: its step {step!r} is not a count of steps; the file was edited or "
                               "damaged")
     return ckpt
+
+
+def restore(ckpt, model, ema, opt, scaler):
+    """A checkpoint's weights, EMA, optimizer and loss scaler into a run's. The optimizer keeps this device's
+    implementation (fused, foreach): a CPU checkpoint resumed on a GPU gets the fused update back."""
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    own = {k: opt.param_groups[0][k] for k in ("fused", "foreach", "capturable")}
+    opt.load_state_dict(ckpt["optimizer"])
+    for group in opt.param_groups:
+        group.update(own)
+    scaler.load_state_dict(ckpt["scaler"])
 
 
 def diffusion_from_checkpoint(ckpt):
@@ -395,8 +414,8 @@ def model_from_checkpoint(ckpt, path, weights="ema", device="cpu"):
 
 
 def pick_device(name, local_rank=0, local_world=1):
-    """--device -> torch.device: the first available of cuda, mps, cpu when name is None. Under torchrun,
-    process `local_rank` of the `local_world` on this machine takes GPU local_rank."""
+    """--device -> torch.device (made current): the first available of cuda, mps, cpu when name is None.
+    Under torchrun, process `local_rank` of the `local_world` on this machine takes GPU local_rank."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -411,6 +430,8 @@ def pick_device(name, local_rank=0, local_world=1):
                          f"visible; start torchrun with --nproc_per_node={n} (or fewer), or use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device, for kernels and NCCL
     return device
 
 
@@ -451,6 +472,15 @@ def peak_tflops(device):
     if device.type != "cuda":
         return None
     return next((p for k, p in PEAK_TFLOPS if k in device_name(device)), None)
+
+
+SIGHUP, SIGPIPE = getattr(signal, "SIGHUP", 1), getattr(signal, "SIGPIPE", 13)  # (not on Windows)
+
+
+def signal_name(sig):
+    """SIGINT, SIGTERM; SIGHUP and SIGPIPE with what sent them."""
+    said = {SIGHUP: "SIGHUP (the terminal closed)", SIGPIPE: "SIGPIPE (stdout closed)"}
+    return said.get(sig) or signal.Signals(sig).name
 
 
 class Interrupted(Exception):
@@ -609,6 +639,15 @@ def time_step(net, batch, device, ctx, fix):
             synchronize(device)
             times.append(time.time() - t0)
     return max(min(times[1:]), 1e-9)
+
+
+def count_flops(model, loss, ctx):
+    """FLOPs of loss().backward() (torch.utils.flop_counter), without activation checkpointing's recompute."""
+    checkpointing, model.grad_checkpoint = model.grad_checkpoint, False
+    with FlopCounterMode(display=False) as fc, ctx:
+        loss().backward()
+    model.grad_checkpoint = checkpointing
+    return fc.get_total_flops()
 
 
 @torch.no_grad()
