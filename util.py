@@ -1,9 +1,9 @@
 """
-The plumbing that train.py and sample.py share, so that neither imports the other and neither reads it to
-learn diffusion: the errors printed as one line and the argparse types; writes that are all or nothing and
-the lock that keeps two runs out of one folder; the checkpoint file; the device, its memory, precision and
-CPU threads, and the agreement of torchrun's ranks; messages that survive a closed terminal and progress
-lines with an ETA; labelled picture grids and line charts drawn with Pillow.
+The plumbing of the scripts, so that no script imports another and none has to be read to learn diffusion:
+the errors printed as one line and the argparse types; writes that are all or nothing, the lock that keeps
+two runs out of one folder, the CSV log; the checkpoint file; the device, its precision and CPU threads;
+signals; the memory, time and FLOPs of a training step; the agreement of torchrun's ranks; messages that
+survive a closed terminal and progress lines with an ETA; labelled picture grids and line charts.
 """
 import argparse
 import contextlib
@@ -154,31 +154,7 @@ class Parser(argparse.ArgumentParser):
                 a.default = defaults[a.dest]
 
 # -----------------------------------------------------------------------------
-# files: all-or-nothing writes, the folder lock
-
-
-class CsvLog:
-    """A CSV file of `columns`, a row per call. From a run at step `resumed`, the rows of steps up to it are
-    kept (the first column is the step); the rest go, so that each step appears once."""
-
-    def __init__(self, path, columns, resumed, what):
-        self.path, self.columns, self.what, rows = path, columns, what, []
-        if resumed is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = [r[:len(columns)] for r in csv.reader(f)
-                        if r and r[0].isdigit() and int(r[0]) <= resumed]
-        def write(tmp):
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([columns] + rows)
-        atomic_write(write, path, what)
-
-    def __call__(self, **values):
-        try:
-            with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow([values.get(k, "") for k in self.columns])
-        except OSError as e:
-            raise WriteError(f"cannot write {self.path} ({why(e)}); free some space or pass another "
-                             f"{self.what}")
+# files: all-or-nothing writes, the folder lock, the CSV log
 
 
 def why(e):
@@ -308,6 +284,30 @@ def lock_folder(folder, what):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+class CsvLog:
+    """A CSV file of `columns`, a row per call. From a run at step `resumed`, the rows of steps up to it are
+    kept (the first column is the step); the rest go, so that each step appears once."""
+
+    def __init__(self, path, columns, resumed, what):
+        self.path, self.columns, self.what, rows = path, columns, what, []
+        if resumed is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r[:len(columns)] for r in csv.reader(f)
+                        if r and r[0].isdigit() and int(r[0]) <= resumed]
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([columns] + rows)
+        atomic_write(write, path, what)
+
+    def __call__(self, **values):
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow([values.get(k, "") for k in self.columns])
+        except OSError as e:
+            raise WriteError(f"cannot write {self.path} ({why(e)}); free some space or pass another "
+                             f"{self.what}")
 
 # -----------------------------------------------------------------------------
 # checkpoints: one self-describing file, written atomically, loaded with weights_only and verified
@@ -474,6 +474,44 @@ def peak_tflops(device):
     return next((p for k, p in PEAK_TFLOPS if k in device_name(device)), None)
 
 
+def busy_cores(seconds=0.25):
+    """How many cores other programs keep busy, from /proc/stat over `seconds` (this process is idle then).
+    None where there is no /proc/stat."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all ticks, idle + iowait ticks
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def set_threads(device, processes=1, say=print):
+    """On the CPU: one thread per core that no other program keeps busy, shared by this machine's `processes`.
+    A thread that shares its core with another program stalls every parallel op (OpenMP waits for all its
+    threads at each op's end): on 2 cores with one busy, 2 threads trained 6x slower than 1 (REPORT sec.
+    3.10). OMP_NUM_THREADS, when set, decides instead. -> the thread count."""
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = busy_cores() or 0.0
+    idle = max(1, cores - math.floor(busy + 0.3))  # a core 70% busy counts as taken
+    n = max(1, idle // processes)
+    torch.set_num_threads(n)
+    if n * processes < cores:
+        say(f"threads: {n} per process, {cores - idle} of {cores} cores being busy with other programs "
+            "(OMP_NUM_THREADS=N chooses)")
+    return n
+
+# -----------------------------------------------------------------------------
+# signals: stop at a safe point, or cut a long phase short
+
+
 SIGHUP, SIGPIPE = getattr(signal, "SIGHUP", 1), getattr(signal, "SIGPIPE", 13)  # (not on Windows)
 
 
@@ -524,40 +562,9 @@ class StopSignals:
         for s, h in self.saved.items():
             signal.signal(s, h)
 
+# -----------------------------------------------------------------------------
+# a training step: its memory, time and FLOPs
 
-def busy_cores(seconds=0.25):
-    """How many cores other programs keep busy, from /proc/stat over `seconds` (this process is idle then).
-    None where there is no /proc/stat."""
-    def read():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # all ticks, idle + iowait ticks
-    try:
-        total0, idle0 = read()
-        time.sleep(seconds)
-        total1, idle1 = read()
-    except (OSError, ValueError, IndexError):
-        return None
-    cores = os.cpu_count() or 1
-    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
-
-
-def set_threads(device, processes=1, say=print):
-    """On the CPU: one thread per core that no other program keeps busy, shared by this machine's `processes`.
-    A thread that shares its core with another program stalls every parallel op (OpenMP waits for all its
-    threads at each op's end): on 2 cores with one busy, 2 threads trained 6x slower than 1 (REPORT sec.
-    3.10). OMP_NUM_THREADS, when set, decides instead. -> the thread count."""
-    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = busy_cores() or 0.0
-    idle = max(1, cores - math.floor(busy + 0.3))  # a core 70% busy counts as taken
-    n = max(1, idle // processes)
-    torch.set_num_threads(n)
-    if n * processes < cores:
-        say(f"threads: {n} per process, {cores - idle} of {cores} cores being busy with other programs "
-            "(OMP_NUM_THREADS=N chooses)")
-    return n
 
 def device_memory(device):
     """Bytes a run may use on `device`: on a GPU what is free (other processes and MIG slices excluded) plus
@@ -609,6 +616,26 @@ def plan_memory(model, loss, x, batch, processes, mode, ctx, say, state_bytes):
                      f"may use (85% of the {fmt_bytes(available)} available on {device.type}): {hint}")
 
 
+def saved_bytes_per_image(model, loss, x, ctx):
+    """Bytes that autograd keeps for backward per image: the slope between loss() on 1 and 2 images."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def measure(b):
+        seen, total = set(params), [0]
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total[0] += t.untyped_storage().nbytes()
+            return t
+        xb = torch.randn((b, *x.shape[1:]), device=x.device)
+        what = f"{b} image{'s' * (b > 1)} of {tuple(x.shape[1:])}"
+        with memory_errors(what, "use a smaller --size or --ch"), \
+                ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss(xb)
+        return total[0]
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        return measure(2) - measure(1)
+
+
 def check_fits(net, device, fix):
     """Refuse, before anything is allocated, a model (unet.Config) whose state and one image's activations (a
     lower bound: the input and the first level's maps) exceed the memory of `device`."""
@@ -641,15 +668,6 @@ def time_step(net, batch, device, ctx, fix):
     return max(min(times[1:]), 1e-9)
 
 
-def count_flops(model, loss, ctx):
-    """FLOPs of loss().backward() (torch.utils.flop_counter), without activation checkpointing's recompute."""
-    checkpointing, model.grad_checkpoint = model.grad_checkpoint, False
-    with FlopCounterMode(display=False) as fc, ctx:
-        loss().backward()
-    model.grad_checkpoint = checkpointing
-    return fc.get_total_flops()
-
-
 @torch.no_grad()
 def time_forward(model, batch, size, device, ctx):
     """Seconds per image of a forward pass of `model` at `batch` images of `size` (the second of two)."""
@@ -662,6 +680,15 @@ def time_forward(model, batch, size, device, ctx):
     return (time.time() - t0) / batch
 
 
+def count_flops(model, loss, ctx):
+    """FLOPs of loss().backward() (torch.utils.flop_counter), without activation checkpointing's recompute."""
+    checkpointing, model.grad_checkpoint = model.grad_checkpoint, False
+    with FlopCounterMode(display=False) as fc, ctx:
+        loss().backward()
+    model.grad_checkpoint = checkpointing
+    return fc.get_total_flops()
+
+
 def to_channels_last(model):
     """Every 4-d weight in channels_last strides. Module.to(memory_format=) may keep a 1x1 kernel's NCHW
     strides (the same bytes), while its gradient comes back channels_last: DDP warns, and copies."""
@@ -670,25 +697,8 @@ def to_channels_last(model):
             o, i, h, w = p.shape
             p.data = torch.empty_strided(p.shape, (i * h * w, 1, w * i, i), device=p.device).copy_(p.data)
 
-
-def saved_bytes_per_image(model, loss, x, ctx):
-    """Bytes that autograd keeps for backward per image: the slope between loss() on 1 and 2 images."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    def measure(b):
-        seen, total = set(params), [0]
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                total[0] += t.untyped_storage().nbytes()
-            return t
-        xb = torch.randn((b, *x.shape[1:]), device=x.device)
-        what = f"{b} image{'s' * (b > 1)} of {tuple(x.shape[1:])}"
-        with memory_errors(what, "use a smaller --size or --ch"), \
-                ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss(xb)
-        return total[0]
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        return measure(2) - measure(1)
+# -----------------------------------------------------------------------------
+# torchrun: the ranks agree
 
 
 def mean_over_ranks(t):
