@@ -1527,7 +1527,7 @@ def test_benchmarks_report_throughput(tiny_run, capsys):
 
 def test_ddp_two_processes_match_one_process_at_the_same_global_batch(faces, tmp_path, capsys):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    common = ["--max-steps", "3", "--batch-size", "8", "--dropout", "0"]
+    common = ["--max-steps", "3", "--batch-size", "8", "--dropout", "0", "--log-every", "2"]
     r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *train_args(faces, two, *common))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("step 3/3") == 1  # only rank 0 logs
@@ -1536,6 +1536,10 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(faces, tmp
     for k in m1:
         torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(e2[k], e1[k], rtol=1e-4, atol=1e-5)
+    # the logged loss is the same mean (steps 1 and 2 averaged at step 2: a sum reduced over the ranks in
+    # place at step 1 would count step 1 twice)
+    losses = [[float(row["loss"]) for row in log_rows(d) if row["loss"]] for d in (one, two)]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     # the 2-process checkpoint resumes in 1 process and continues like the 1-process run
     more = ["--max-steps", "5", "--batch-size", "8", "--dropout", "0"]
     assert run_cli("train.py", *train_args(faces, two, *more, "--resume")).returncode == 0
