@@ -62,6 +62,11 @@ def train(args, given):
     try:
         if cfg.bench:
             return bench(cfg, env)
+        if cfg.download and env.master:
+            try:
+                data.select(cfg.data)
+            except data.DataError:
+                data.download(cfg.data, env.say)
         if cfg.minutes and not env.ckpt and not cfg.dry_run and not given & {"ch", "batch_size"}:
             cfg = fit_model_to_minutes(cfg, env, given)
         run = build(cfg, env, *load_data(cfg, env), given)
@@ -516,11 +521,6 @@ def check_out(cfg, env):
 
 def load_data(cfg, env):
     """-> (the training split, (validation images, attributes) or None, the data's identity)."""
-    if cfg.download and env.master:
-        try:
-            data.select(cfg.data)
-        except data.DataError:
-            data.download(cfg.data, env.say)
     sel = data.select(cfg.data, "train", log=env.say)
     n, data_id, saved = len(sel["files"]), data.identity(sel), env.ckpt and env.ckpt.get("data_id")
     if n < cfg.batch_size:
