@@ -12,6 +12,7 @@ Layouts accepted as the data folder PATH:
     python data.py --data ~/data/celeba --size 64                    # summary, cache, preview grid
     python data.py --data ~/data/celeba --size 64 --export fid_ref   # PNGs for FID reference statistics
 """
+import collections
 import concurrent.futures
 import csv
 import hashlib
@@ -105,8 +106,7 @@ def list_images(image_dir):
 
 
 def select(path, split="train", log=print):
-    """Find the images of one split. -> dict(layout, image_dir, partition, attr, files, attrs (N, 40) uint8
-    0/1 or None, attr_names, split)."""
+    """The images of one split. -> find_layout's dict with files, attrs ((N, 40) 0/1 or None), attr_names."""
     info = find_layout(path)
     files, attrs, attr_names = list_images(info["image_dir"]), None, None
     if not files:
@@ -167,13 +167,14 @@ def _holdout(files, split):
 
 def identity(sel, stamps=False):
     """A hash of the image paths (relative to the image folder) and sizes: a moved copy keeps it. With
-    `stamps`, also their times and the annotation files: the cache's test of freshness."""
+    `stamps`, also the times and annotation files: the cache's freshness."""
     h = hashlib.sha1()
     for f in sel["files"]:
-        h.update(f"{os.path.relpath(f, sel['image_dir'])}|{os.path.getsize(f)}\n".encode())
-    for f in sel["files"] + [sel["partition"], sel["attr"]] if stamps else []:
-        st = os.stat(f) if f else None
-        h.update(f"{f}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
+        st = os.stat(f)
+        stamp = f"|{st.st_mtime_ns}" if stamps else ""
+        h.update(f"{os.path.relpath(f, sel['image_dir'])}|{st.st_size}{stamp}\n".encode())
+    for f in filter(None, [sel["partition"], sel["attr"]] if stamps else []):
+        h.update(f"{f}|{os.stat(f).st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 # -----------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def crop_box(w, h, crop):
 
 
 def decode(path):
-    """An image file -> (3, H, W) uint8 RGB (from gray, RGBA, palette, CMYK, 16-bit); raises if corrupt."""
+    """An image file -> (3, H, W) uint8 RGB (from any mode, 16-bit too); raises if corrupt."""
     img = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
     return TF.to_dtype(img, torch.uint8, scale=True)  # a 16-bit PNG comes as uint16
 
@@ -275,8 +276,8 @@ def cache_file(cache_dir, path, split, crop, size):
 
 def load(path, size, split="train", crop="auto", cache_dir=None, log=print, attrs=None, sel=None):
     """The images of one split (of `sel` if given), from the cache when it is fresh. -> the selection with
-    images (N, 3, size, size) uint8, cache, decode_seconds, and cond (N, K) uint8 and cond_names: the
-    attributes `attrs` names ('all' or 'Smiling,Male'), checked before decoding."""
+    images (N, 3, size, size) uint8, cache, decode_seconds, cond (N, K) uint8 and cond_names: the
+    attributes `attrs` names ('all' or 'Smiling,Male')."""
     sel = sel or select(path, split, log)
     if not sel["files"]:
         raise DataError(f"data folder {path}: no {split} images" + (
@@ -323,8 +324,7 @@ def with_cond(d, cond_names):
 
 class Batches:
     """Random training batches of the uint8 images, flipped on the device. Every rank draws the same
-    permutation per epoch and takes its shard of each global batch: the same batches for any number of GPUs,
-    so a resume under another world size continues the same data order."""
+    permutation per epoch and takes its shard of each global batch: the same batches on any number of GPUs."""
 
     def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None,
                  resident=None):
@@ -407,7 +407,7 @@ def download(path, log=print):
 
 
 def get_args(argv=None):
-    p = util.Parser(description="Check a CelebA folder: layout, splits, cache, speed, the crop.")
+    p = util.Parser(description="Check a CelebA folder: layout, splits, cache, speed.")
     p.add_argument("--data", required=True, type=util.path, help="CelebA root (torchvision or Kaggle "
                    "layout) or any folder of images")
     p.add_argument("--size", type=util.positive(int), default=64, help="image size after crop and resize")
@@ -425,13 +425,15 @@ def get_args(argv=None):
 
 
 def summary(d, args, loaded):
-    """What was loaded, and how fast: decoding (or the cache), serving batches."""
+    """What was loaded, and how fast."""
     labels = f"{len(d['attr_names'])} attributes" if d["attrs"] is not None else "no labels"
     print(f"layout:  {d['layout']} ({d['image_dir']})\nimages:  {len(d['files']):,} in split {args.split}, "
           f"{labels}")
-    if d["partition"]:
-        sizes = [f"{s} {len(select(args.data, s, log=lambda _: None)['files']):,}" for s in SPLITS]
-        print(f"splits:  {', '.join(sizes)} (official partition)")
+    if d["partition"]:  # the split of each image on disk
+        _, part = _read_table(d["partition"])
+        on_disk = {os.path.basename(f) for f in list_images(d["image_dir"])}
+        n = collections.Counter(_ints(d["partition"], r)[0] for name, r in part.items() if name in on_disk)
+        print("splits:  " + ", ".join(f"{s} {n[k]:,}" for s, k in SPLITS.items()) + " (official partition)")
     print(f"cache:   {d['cache']} ({d['images'].numel() / 2**20:,.1f} MiB)")
     seconds = d["decode_seconds"]
     print(f"decode:  {len(d['files']) / seconds:,.0f} img/s" if seconds else
