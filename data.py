@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import multiprocessing
 import os
+import re
 import signal
 import time
 import warnings
@@ -203,7 +204,11 @@ def decode(path):
 
 def preprocess(path, size, crop):
     """File -> (3, size, size) uint8: crop, then an antialiased resize."""
-    img = decode(path)
+    return prepare(decode(path), size, crop)
+
+
+def prepare(img, size, crop):
+    """(3, H, W) uint8 -> (3, size, size): crop, then an antialiased resize."""
     left, top, w, h = crop_box(img.shape[2], img.shape[1], crop)
     img = TF.crop(img, top, left, h, w)
     return TF.resize(img, [size, size], antialias=True)
@@ -223,11 +228,24 @@ def to_uint8(x):
 
 
 def _preprocess_or_none(job):
+    """-> (the preprocessed image's bytes or None, why it could not be read or None, whether its crop was
+    under half the size: upscaled more than twice)."""
     path, size, crop = job
-    try:  # raw bytes: torch would send every tensor through its own shared-memory segment
-        return preprocess(path, size, crop).numpy().tobytes(), None
+    try:
+        img = decode(path)
     except Exception as e:  # unreadable, corrupt or truncated: skipped with a warning
-        return None, f"{path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        return None, f"{path}: {reason(e)}", False
+    _, _, w, h = crop_box(img.shape[2], img.shape[1], crop)
+    # raw bytes: torch would send every tensor through its own shared-memory segment
+    return prepare(img, size, crop).numpy().tobytes(), None, min(w, h) < size / 2
+
+
+def reason(e):
+    """An exception in a few words: torchvision's decoders name their source file ('decode_jpeg,
+    /__w/.../decode_jpeg.cpp:171, Image is incomplete or truncated'), which says nothing to a user."""
+    first = (str(e).splitlines() or [""])[0]
+    parts = [p for p in first.split(", ") if not re.search(r"/\S*\.(cpp|h|c):\d+", p)]
+    return f"{type(e).__name__}: {', '.join(parts)}"
 
 
 def _worker_init():
@@ -239,14 +257,22 @@ def decode_all(files, size, crop, log=print):
     """Preprocess every file in a process pool (torchvision's decoders hold the GIL).
     -> ((N, 3, size, size) uint8, kept indices, seconds)"""
     workers = min(os.cpu_count() or 1, max(1, len(files) // 64))
-    images, kept, bad = torch.empty(len(files), 3, size, size, dtype=torch.uint8), [], []
+    need = len(files) * 3 * size * size
+    available = util.device_memory(torch.device("cpu"))
+    if need > 0.9 * available:
+        raise DataError(f"{len(files):,} images at {size}x{size} take {util.fmt_bytes(need)} decoded, more "
+                        f"than the {util.fmt_bytes(available)} of memory available; use a smaller image size")
+    images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    kept, bad, small = [], [], []
     start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context(start), _worker_init)
     progress = util.Progress(len(files), f"data: decoding on {workers} process{'es' * (workers > 1)}",
                              "images", log, every=5, first=True)
     try:
         done = pool.map(_preprocess_or_none, [(f, size, crop) for f in files], chunksize=32)
-        for i, (img, err) in enumerate(done):
+        for i, (img, err, tiny) in enumerate(done):
+            if tiny:
+                small.append(files[i])
             if err:
                 bad.append(err)
                 if len(bad) <= MAX_WARNINGS:
@@ -262,6 +288,10 @@ def decode_all(files, size, crop, log=print):
         pool.shutdown(wait=True, cancel_futures=True)
     if len(bad) > MAX_WARNINGS:
         log(f"warning: {len(bad) - MAX_WARNINGS:,} more unreadable images skipped ({len(bad):,} in all)")
+    if small:
+        log(f"note: {len(small):,} image{'s were' if len(small) > 1 else ' was'} upscaled more than twice to "
+            f"{size}x{size} (their crop under {size // 2} pixels on a side; {os.path.basename(small[0])} the "
+            "first): they will look blurred")
     return images[: len(kept)].clone(), kept, time.time() - progress.t0
 
 # -----------------------------------------------------------------------------
@@ -319,12 +349,57 @@ def with_cond(d, cond_names):
     return dict(d, cond=d["attrs"][:, cols] if cols else None, cond_names=cond_names)
 
 # -----------------------------------------------------------------------------
+# the latents of a latent run: one cache per (images, autoencoder)
+
+
+def load_latents(faces, encode, key, flip, device, log=print, batch=256):
+    """The posteriors of an autoencoder's latents for the images of `faces` (load()'s): encode(x) maps (B, 3,
+    H, W) in [-1, 1] on `device` to (B, 2C, h, w), the mean and log-variance of q(z | x); with `flip` also of
+    each mirror image. Cached beside the images' cache, once per autoencoder: `key` names it, and a cache of
+    another autoencoder or of other images is never used. -> (N, F, 2C, h, w) float32 on the CPU, F = 2 with
+    flip."""
+    cache = os.path.splitext(faces["cache"])[0] + f"-latents-{key}{'-flip' if flip else ''}.pt"
+    images = faces["images"]
+    if os.path.exists(cache):
+        try:
+            c = torch.load(cache, mmap=True, weights_only=True)
+            ok = (c.get("version") == CACHE_VERSION and c.get("fingerprint") == faces["fingerprint"]
+                  and c.get("key") == key and len(c["latents"]) == len(images))
+            if ok and util.tensor_crc(c["latents"]) == c["checksum"]:
+                log(f"latents: loaded {len(images):,} from cache {cache}")
+                return c["latents"]
+            why = "corrupt (its bytes fail their checksum)" if ok else "stale (other images or autoencoder)"
+            log(f"latents: cache {cache} is {why}; rebuilding")
+        except Exception as e:
+            log(f"latents: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
+    views = 2 if flip else 1
+    progress = util.Progress(len(images) * views, "latents: encoding", "images", log, every=5, first=True)
+    latents = None
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = to_float(images[i:i + batch], device)
+            parts = [encode(x)]
+            if flip:
+                parts.append(encode(x.flip(3)))
+            z = torch.stack(parts, dim=1).float().cpu()  # (b, F, 2C, h, w)
+            if latents is None:
+                latents = torch.empty(len(images), *z.shape[1:])
+            latents[i:i + len(z)] = z
+            progress((i + len(z)) * views)
+    c = dict(version=CACHE_VERSION, fingerprint=faces["fingerprint"], key=key, latents=latents,
+             checksum=util.tensor_crc(latents))
+    util.atomic_write(lambda tmp: torch.save(c, tmp), cache, "cache folder")
+    log(f"latents: wrote cache {cache} ({latents.numel() * 4 / 2**20:,.0f} MiB)")
+    return latents
+
+# -----------------------------------------------------------------------------
 # serving batches
 
 
 class Batches:
     """Random training batches of the uint8 images, flipped on the device. Every rank draws the same
-    permutation per epoch and takes its shard of each global batch: the same batches on any number of GPUs."""
+    permutation per epoch and takes its shard of each global batch: the same batches on any number of GPUs.
+    `batch` makes a batch of the items drawn (LatentBatches: of latents)."""
 
     def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None,
                  resident=None):
@@ -337,14 +412,23 @@ class Batches:
             images = images.to(device)  # GPU-resident: a batch is one gather, no host copies
         elif device.type == "cuda":
             images = images.pin_memory()
-        self.images, self.batch_size, self.device, self.seed = images, batch_size, device, seed
+        self.images = images
+        self.batch_size = batch_size
+        self.device = device
+        self.seed = seed
         self.attrs = attrs.to(device) if attrs is not None else None  # (N, K) uint8 0/1
         self.shard = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-        self.flip, self.perm_epoch = flip, None
+        self.flip = flip
+        self.perm_epoch = None
         self.steps_per_epoch = len(images) // batch_size  # the last partial batch of an epoch is dropped
 
+    @property
+    def shape(self):
+        """(C, H, W) of what a batch holds."""
+        return tuple(self.images.shape[1:])
+
     def get(self, step, generator):
-        """This rank's shard of global batch `step`: ((B/world, 3, H, W) in [-1, 1], (B/world, K) uint8
+        """This rank's shard of global batch `step`: ((B/world, C, H, W) in [-1, 1], (B/world, K) uint8
         attributes or None). `generator` (on the device) draws the flips."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if self.perm_epoch != epoch:
@@ -352,11 +436,52 @@ class Batches:
             self.perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
             self.perm_epoch = epoch
         idx = self.perm[i * self.batch_size:(i + 1) * self.batch_size][self.shard]
-        x = to_float(self.images[idx], self.device)
+        flip = None
         if self.flip:
             flip = torch.rand(self.batch_size, generator=generator, device=self.device)[self.shard] < 0.5
+        x = self.batch(idx, flip, generator)
+        attrs = None
+        if self.attrs is not None:
+            attrs = self.attrs[idx.to(self.attrs.device)]
+        return x, attrs
+
+    def batch(self, idx, flip, generator):
+        """The images idx in [-1, 1], those where `flip` is true mirrored."""
+        x = to_float(self.images[idx], self.device)
+        if flip is not None:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x, (self.attrs[idx.to(self.attrs.device)] if self.attrs is not None else None)
+        return x
+
+
+class LatentBatches(Batches):
+    """Batches of an autoencoder's latents instead of images. `images` holds the posterior q(z | x) of each
+    image and of its mirror image, (N, F, 2C, h, w): F = 2 (or 1 without flips), the mean and the log-variance
+    stacked. A batch takes the mirror where the flip is drawn (an image flip, exactly), then the mean or, with
+    `sample`, a sample of the posterior, times `scale`."""
+
+    def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None,
+                 resident=None, scale=1.0, sample=False):
+        super().__init__(images, batch_size, device, seed, rank, world, flip and images.shape[1] == 2, attrs,
+                         resident)
+        self.scale = scale
+        self.sample = sample
+
+    @property
+    def shape(self):
+        return (self.images.shape[2] // 2, *self.images.shape[3:])
+
+    def batch(self, idx, flip, generator):
+        posterior = self.images[idx].to(self.device, non_blocking=True)  # (b, F, 2C, h, w)
+        if flip is None:
+            posterior = posterior[:, 0]
+        else:
+            posterior = posterior[torch.arange(len(idx), device=self.device), flip.long()]
+        mean, logvar = posterior.chunk(2, dim=1)  # each (b, C, h, w)
+        z = mean
+        if self.sample:  # the global batch's draw, this rank's shard: the same on any number of GPUs
+            noise = torch.randn((self.batch_size, *mean.shape[1:]), generator=generator, device=self.device)
+            z = mean + torch.exp(0.5 * logvar) * noise[self.shard]
+        return z * self.scale
 
 
 def fits_on_gpu(nbytes, device):

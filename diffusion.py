@@ -217,10 +217,11 @@ class GaussianDiffusion:
     # -------------------------------------------------------------------------
     # training
 
-    def training_losses(self, model, x0, t, noise):
-        """Per-sample loss (B,). t: (B,) indices in 0..T-1, noise: like x0."""
+    def training_losses(self, model, x0, t, noise, model_kwargs=None):
+        """Per-sample loss (B,). t: (B,) indices in 0..T-1, noise: like x0; model_kwargs: the model's other
+        inputs (a condition), as improved-diffusion passes them."""
         xt = self.q_sample(x0, t, noise)
-        out = model(xt, t).float()
+        out = model(xt, t, **(model_kwargs or {})).float()
         if self.objective == "eps":  # [DDPM] Algorithm 1 line 5, L_simple (eq. 14)
             target = noise
         elif self.objective == "x0":

@@ -5,12 +5,26 @@ Draw faces from a checkpoint written by train.py; the checkpoint alone rebuilds 
     python sample.py out/ckpt.pt --n 10000 --out-dir fid_gen  # numbered PNGs for FID tools
     python sample.py out/ckpt.pt --sampler ddpm               # 1000-step ancestral sampling
     python sample.py out/ckpt.pt --bpd 500                    # the bits/dim bound on validation images
+    python sample.py ae/ckpt.pt --n 500 --out-dir rec         # an autoencoder: its reconstructions, and PSNR
     python sample.py --bench                                  # images/s of the default sampler
 
-The core first (load the checkpoint -> draw -> write), then the other modes, the flags and the flags each
-mode takes, and last the figures of REPORT.md.
+A latent model (train.py --latents) draws latents and decodes them with the autoencoder its checkpoint
+carries: every mode below works on it but --bpd. The core first (load the checkpoint -> draw -> write), then
+the other modes, the flags and the flags each mode takes, and last the figures of REPORT.md.
 """
 import os
+import signal
+import sys
+
+
+def quit_quietly(signum, frame):
+    """Ctrl-C while torch loads: one line, not a traceback (main() then takes Ctrl-C over)."""
+    print("interrupted", file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, quit_quietly)
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # short OpenMP spinning, as in train.py
 import argparse
 import csv
@@ -21,8 +35,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+import torchvision
+from PIL import Image, ImageDraw
+from torchvision.transforms.v2 import functional as TF
 
+import autoencoder
 import data
 import unet
 import util
@@ -33,6 +50,7 @@ from util import UsageError
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # bad input
 DEFAULT_GUIDANCE = 3.0  # the largest weight whose face quality stays within 10% (REPORT sec. 3.7)
 REPAINT_STEPS = 250  # RePaint's face setting: 250 steps, jump length 10, 10 resamplings
+GRID_MAX = 1024  # the grid shows at most this many images; more need --out-dir
 FIGURES = ("forward", "reverse", "attention", "schedules", "loss")
 FORWARD_T = (0, 50, 100, 250, 500, 750, 999)  # --figure forward's t at T = 1000 (scaled)
 # --mask regions as (top, bottom, left, right) fractions of an aligned CelebA face
@@ -46,8 +64,9 @@ say = util.Say()  # print, which outlives a closed terminal
 
 
 def main(argv=None):
-    args, given = make_parser().parse(argv)
     with util.one_line_errors(ERRORS):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again
+        args, given = make_parser().parse(argv)
         run(args, given)
 
 
@@ -57,34 +76,42 @@ def run(args, given):
     precision, ctx = util.autocast(device, opt.precision)
     util.set_threads(device, say=say)
     torch.backends.cudnn.benchmark = True
-    if opt.mode in ("schedules", "loss"):  # no model needed
-        return figure_schedules(opt) if opt.mode == "schedules" else figure_loss(opt)
-    job = load(opt, device, ctx)
+    if opt.mode == "schedules":  # no model needed
+        return figure_schedules(opt)
+    if opt.mode == "loss":
+        return figure_loss(opt)
+    job = load(opt, given, device, ctx)
     describe(job, precision)
     other = dict(bench=bench, bpd=bits_per_dim, interpolate=interpolate, compare=compare,
-                 forward=figure_forward, reverse=figure_reverse, attention=figure_attention)
-    if opt.mode in other:
-        return other[opt.mode](job)
+                 reconstruct=reconstruct, forward=figure_forward, reverse=figure_reverse,
+                 attention=figure_attention)
+    if job.opt.mode in other:
+        return other[job.opt.mode](job)
     # sampling, SDEdit or RePaint, batch after batch; the grid starts with --init
-    grid = [] if job.x_init is None else [data.to_uint8(job.x_init * (1 if job.mask is None else job.mask))]
-    progress, done = util.Progress(opt.n, "sampling", "images", say), 0
+    grid = []
+    if job.x_init is not None:
+        shown = job.x_init if job.mask is None else job.x_init * job.mask
+        grid.append(data.to_uint8(shown))
+    progress = util.Progress(opt.n, "sampling", "images", say)
+    done = 0
     while done < opt.n:
         x = draw(job, min(opt.batch_size, opt.n - done), progress=(progress, done))
-        if sum(map(len, grid)) < 1024:  # the grid shows the first images only
+        if sum(map(len, grid)) < GRID_MAX:  # the grid shows the first images only
             grid.append(x)
         write_pngs(opt, x, done)
         done += len(x)
-    write_grid(opt, grid)
+    write_grid(opt, grid, pngs=done)
 
 
 @dataclass
 class Job:
     """Everything a draw needs, from the flags and the checkpoint."""
     opt: argparse.Namespace  # the flags, with the mode's defaults
-    model: torch.nn.Module  # the EMA weights, in eval mode
+    model: torch.nn.Module  # the EMA weights, in eval mode (an autoencoder's for --reconstruct)
     diffusion: GaussianDiffusion
     attr_names: tuple  # the model's attributes; () for an unconditional model
-    size: int
+    size: int  # of the images
+    shape: tuple  # (C, H, W) of what the model draws: an image, or a latent
     device: torch.device
     ctx: object  # autocast
     generator: torch.Generator
@@ -94,81 +121,205 @@ class Job:
     cond: torch.Tensor = None  # (K,) in {+1 present, -1 absent, 0 free}, or None: unconditional
     x_init: torch.Tensor = None  # (1, 3, size, size) in [-1, 1]: what SDEdit or RePaint edits
     mask: torch.Tensor = None  # (1, 1, size, size): 1 where --init is kept
+    first_stage: object = None  # a latent model: its Latents (encode, decode); None for a pixel model
 
     def noise(self, n, generator=None):
-        """(n, 3, size, size) standard normal noise from `generator` (default: the job's)."""
+        """(n, C, H, W) standard normal noise from `generator` (default: the job's)."""
         g = generator or self.generator
-        return torch.randn((n, 3, self.size, self.size), generator=g, device=self.device)
+        return torch.randn((n, *self.shape), generator=g, device=self.device)
+
+    def to_images(self, x):
+        """What the model drew -> images in [-1, 1]: a latent model's latents decoded."""
+        if self.first_stage is None:
+            return x
+        return self.first_stage.decode(x)
 
 
-def load(opt, device, ctx):
+class Latents:
+    """A latent model's autoencoder: images <-> the latents the diffusion model learned (scaled to unit
+    variance by the run's scale factor)."""
+
+    def __init__(self, model, scale):
+        self.model = model
+        self.scale = scale
+        self.factor = model.cfg.factor
+
+    def encode(self, x):
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f): the posterior mean, scaled."""
+        return self.model.encode(x)[0] * self.scale
+
+    def decode(self, z):
+        return self.model.decode(z.float() / self.scale).clamp(-1, 1)
+
+    def mask(self, mask):
+        """A pixel mask (1, 1, H, W), 1 where kept, -> the latent grid's: a latent is kept where its whole f x
+        f patch is (a min-pool); the rest, the seam's patches included, is filled in."""
+        return -F.max_pool2d(-mask, self.factor)
+
+
+def load(opt, given, device, ctx):
     """The checkpoint's EMA model (without one, --bench's random preset), the condition, --init, --mask."""
-    if opt.ckpt is None:
-        model, diffusion, ckpt_args = unet.UNet(unet.preset(opt.size)), GaussianDiffusion(), None
-    else:
-        ckpt = util.load_checkpoint(opt.ckpt, parts=("ema",))
-        (model, diffusion), ckpt_args = util.model_from_checkpoint(ckpt, opt.ckpt), ckpt["args"]
-        say(f"loaded {opt.ckpt}: step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, "
-            f"{model.cfg.image_size}x{model.cfg.image_size}, T={diffusion.T} {diffusion.schedule} "
-            f"{diffusion.objective}")
-    size, T = model.cfg.image_size, diffusion.T
-    if (opt.steps or 0) > T:
-        raise UsageError(f"--steps {opt.steps} is more than the model's T={T}; use at most {T}")
-    steps = opt.steps or min(REPAINT_STEPS if opt.mask else DEFAULT_STEPS, T)
-    if opt.mask:  # each step down RePaint's path is one model evaluation
-        path = diffusion.repaint_path(steps, opt.jump_length, opt.jump_n_sample)
-        evals = sum(q < p for p, q in zip(path, path[1:]))
-    else:
-        t_max = max(round(opt.strength * T) - 1, 0) if opt.strength is not None else None
-        evals = len(diffusion.timesteps(opt.sampler, steps, opt.spacing, t_max))
+    opt, model, diffusion, ckpt_args, first_stage = open_checkpoint(opt, given, device)
+    if diffusion is None:  # an autoencoder: its reconstructions
+        size = model.cfg.image_size
+        model = model.to(device).eval().requires_grad_(False)
+        return Job(opt, model, None, (), size, (3, size, size), device, ctx, None, 0, 1, ckpt_args)
+    shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
+    size = model.cfg.image_size
+    if first_stage is not None:  # the images are the autoencoder's
+        size = ckpt_args["size"]
+    steps, evals = sampler_steps(opt, diffusion)
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     if opt.compile:
         model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
-    x_init = data.to_float(read_image(opt.init, "--init", size, opt.crop)[None], device) if opt.init else None
-    return Job(opt, model, diffusion.to(device), tuple(model.cfg.attrs), size, device, ctx,
+    x_init = None
+    if opt.init:
+        x_init = data.to_float(read_image(opt.init, "--init", size, opt.crop)[None], device)
+    mask = load_mask(opt, size, device) if opt.mask else None
+    return Job(opt, model, diffusion.to(device), tuple(model.cfg.attrs), size, shape, device, ctx,
                torch.Generator(device=device).manual_seed(opt.seed), steps, evals, ckpt_args,
-               parse_attrs(opt, model.cfg.attrs), x_init, load_mask(opt, size, device) if opt.mask else None)
+               parse_attrs(opt, model.cfg.attrs), x_init, mask, first_stage)
 
 
-def draw(job, n, x_T=None, cond=..., callback=None, progress=None):
-    """n images (n, 3, H, W) uint8 from x_T (default: fresh noise): sampling, SDEdit or RePaint, guided
-    toward `cond` (default: the job's). callback(t, x_t, x0_hat) sees each step; progress: (util.Progress,
-    the images done before)."""
-    opt, diffusion, cond = job.opt, job.diffusion, job.cond if cond is ... else cond
+def open_checkpoint(opt, given, device):
+    """-> (the flags, for an autoencoder's checkpoint those of its reconstructions; the EMA model; its
+    GaussianDiffusion, None for an autoencoder; the run's settings; a latent model's Latents or None)."""
+    if opt.ckpt is None:
+        return opt, unet.UNet(unet.preset(opt.size)), GaussianDiffusion(), None, None
+    ckpt = util.load_checkpoint(opt.ckpt, parts=("ema",), build=build_check, say=say)
+    a = ckpt["args"]
+    model = autoencoder.from_checkpoint(ckpt, "ema")
+    diffusion = None
+    first_stage = None
+    if a.get("autoencoder"):  # its reconstructions: another mode, other flags
+        opt = as_reconstruct(opt, given)
+    elif opt.mode == "sample" and given & {"data", "cache_dir"}:
+        dashed = "--" + sorted(given & {"data", "cache_dir"})[0].replace("_", "-")
+        raise UsageError(f"{dashed} does not apply to sampling (it is for --bpd and an autoencoder's "
+                         f"reconstructions); drop {dashed}")
+    else:
+        diffusion = GaussianDiffusion(a["timesteps"], a["schedule"], a["objective"], a.get("min_snr_gamma"))
+    if "autoencoder" in ckpt:
+        ae = autoencoder.from_checkpoint(ckpt, "autoencoder").to(device, memory_format=torch.channels_last)
+        first_stage = Latents(ae.eval().requires_grad_(False), ckpt["autoencoder_args"]["scale_factor"])
+        check_latent_flags(opt, given)
+    say(f"loaded {opt.ckpt}: step {ckpt['step']}, {describe_model(model, diffusion, first_stage)}")
+    return opt, model, diffusion, a, first_stage
+
+
+def sampler_steps(opt, diffusion):
+    """-> (the sampler's steps, the model evaluations per image)."""
+    T = diffusion.T
+    if (opt.steps or 0) > T:
+        raise UsageError(f"--steps {opt.steps} is more than the model's T={T}; use at most {T}")
+    if opt.steps:
+        steps = opt.steps
+    elif opt.mask:
+        steps = min(REPAINT_STEPS, T)
+    else:
+        steps = min(DEFAULT_STEPS, T)
+    if opt.mask:  # each step down RePaint's path is one model evaluation
+        path = diffusion.repaint_path(steps, opt.jump_length, opt.jump_n_sample)
+        return steps, sum(q < p for p, q in zip(path, path[1:]))
+    t_max = None
+    if opt.strength is not None:  # SDEdit starts there
+        t_max = max(round(opt.strength * T) - 1, 0)
+    return steps, len(diffusion.timesteps(opt.sampler, steps, opt.spacing, t_max))
+
+
+def build_check(ckpt, part):
+    """util.load_checkpoint's check that a checkpoint's weights fit their config (on the meta device)."""
+    autoencoder.from_checkpoint(ckpt, part, device="meta")
+
+
+def describe_model(model, diffusion, first_stage):
+    """The model of a checkpoint in a few words."""
+    size = model.cfg.image_size
+    words = f"{model.num_params() / 1e6:.2f}M parameters, {size}x{size}"
+    if diffusion is None:
+        c = model.cfg
+        latent = f"{c.z_channels}x{c.latent_size}x{c.latent_size}"
+        return f"an autoencoder of {words}, f={c.factor}, latents {latent}"
+    words += f", T={diffusion.T} {diffusion.schedule} {diffusion.objective}"
+    if first_stage is not None:
+        f = first_stage.factor
+        words = (f"a latent model of {words} latents ({model.cfg.in_channels} channels) decoded to "
+                 f"{size * f}x{size * f} by its autoencoder (f={f})")
+    return words
+
+
+def draw(job, n, x_T=None, cond=None, callback=None, progress=None):
+    """n images (n, 3, H, W) uint8 from x_T (default: fresh noise): sampling, SDEdit or RePaint, guided toward
+    `cond` (default: the job's condition). A latent model works on latents and decodes the result.
+    callback(t, x_t, x0_hat) sees each step; progress: (util.Progress, the images done before)."""
+    opt, diffusion = job.opt, job.diffusion
+    if cond is None:
+        cond = job.cond
     if x_T is None:
         x_T = job.noise(n)
-    model = job.model if cond is None else guided(job.model, cond.to(job.device), opt.guidance)
-    steps = [0]
+    model = job.model
+    if cond is not None:
+        model = guided(job.model, cond.to(job.device), opt.guidance)
+    steps = 0
     def step(*a):
-        steps[0] += 1
+        nonlocal steps
+        steps += 1
         if callback:
             callback(*a)
         if progress:
-            progress[0](progress[1] + n * steps[0] / job.evals)
-    kw = dict(sampler=opt.sampler, steps=job.steps, eta=opt.eta, generator=job.generator,
-              clip=not opt.no_clip, var_type=opt.var, spacing=opt.spacing, callback=step)
+            progress[0](progress[1] + n * steps / job.evals)
+    clip = not opt.no_clip and job.first_stage is None  # latents have no [-1, 1] to clip to
+    kw = dict(sampler=opt.sampler, steps=job.steps, eta=opt.eta, generator=job.generator, clip=clip,
+              var_type=opt.var, spacing=opt.spacing, callback=step)
     with job.ctx:
-        if job.mask is not None:  # the same --init, each from its own noise
-            x = diffusion.repaint(model, x_T, job.x_init.expand(n, -1, -1, -1), job.mask, job.steps,
-                                  opt.jump_length, opt.jump_n_sample, job.generator, not opt.no_clip, step)
+        if job.mask is not None:
+            x = inpaint(job, model, x_T, n, clip, step)
         elif job.x_init is not None:
-            x = diffusion.sdedit(model, job.x_init.expand(n, -1, -1, -1), opt.strength, x_T, **kw)
+            x_init = job.x_init.expand(n, -1, -1, -1)
+            if job.first_stage is not None:
+                x_init = job.first_stage.encode(x_init)
+            x = diffusion.sdedit(model, x_init, opt.strength, x_T, **kw)
         else:
             x = diffusion.sample(model, x_T.shape, x_T=x_T, **kw)
+        x = job.to_images(x)
+    if job.mask is not None and job.first_stage is not None:  # the known pixels exactly, as a pixel model
+        x = job.mask * job.x_init + (1 - job.mask) * x
     return data.to_uint8(x)
+
+
+def inpaint(job, model, x_T, n, clip, step):
+    """RePaint of --init outside --mask, each image from its own noise; a latent model on the latent grid."""
+    opt = job.opt
+    x_known = job.x_init.expand(n, -1, -1, -1)
+    mask = job.mask
+    if job.first_stage is not None:
+        x_known = job.first_stage.encode(x_known)
+        mask = job.first_stage.mask(mask)
+    return job.diffusion.repaint(model, x_T, x_known, mask, job.steps, opt.jump_length, opt.jump_n_sample,
+                                 job.generator, clip, step)
 
 
 def write_pngs(opt, x, first):
     """The images as numbered PNGs in --out-dir, from number `first`, each whole or not at all."""
-    for i, img in enumerate(x if opt.out_dir else []):
+    if not opt.out_dir:
+        return
+    for i, img in enumerate(x):
         util.write_png(img, os.path.join(opt.out_dir, f"{first + i:06d}.png"), "--out-dir")
 
 
-def write_grid(opt, batches, nrow=None):
-    """The grid --out of the first 1,024 images."""
-    x = torch.cat(batches)[:1024]
-    util.save_image(x, opt.out, "--out", nrow=nrow or (round(math.sqrt(len(x))) if len(x) > 8 else len(x)))
-    say(f"wrote {opt.out}" + (f" and numbered PNGs in {opt.out_dir}" if opt.out_dir else ""))
+def write_grid(opt, batches, nrow=None, pngs=None):
+    """The grid --out of the first GRID_MAX images; says where each output went (pngs: how many numbered PNGs
+    were written, if not one per image of the grid)."""
+    if pngs is None:
+        pngs = sum(map(len, batches))
+    x = torch.cat(batches)[:GRID_MAX]
+    if nrow is None:
+        nrow = round(math.sqrt(len(x))) if len(x) > 8 else len(x)
+    util.save_image(x, opt.out, "--out", nrow=nrow)
+    line = f"wrote {os.path.abspath(opt.out)}"
+    if opt.out_dir:
+        line += f" and {pngs:,} numbered PNGs in {os.path.abspath(opt.out_dir)}"
+    say(line)
 
 # -----------------------------------------------------------------------------
 # the other modes
@@ -176,7 +327,9 @@ def write_grid(opt, batches, nrow=None):
 
 def compare(job):
     """--compare NAME: every face with NAME absent (top row) and present (bottom row), from the same noise."""
-    opt, k, halves = job.opt, job.attr_names.index(job.opt.compare), []
+    opt = job.opt
+    k = job.attr_names.index(opt.compare)
+    halves = []
     x_T = job.noise(opt.n)
     for value in (-1.0, 1.0):
         job.generator.manual_seed(opt.seed + 1)
@@ -187,7 +340,9 @@ def compare(job):
 
 def interpolate(job):
     """--interpolate N: a strip from --seed's sample to --seed + 1's, the noises slerped."""
-    opt, frames, b = job.opt, [], job.opt.batch_size
+    opt = job.opt
+    frames = []
+    b = opt.batch_size
     z = [job.noise(1, torch.Generator(device=job.device).manual_seed(s)) for s in (opt.seed, opt.seed + 1)]
     x_T = slerp(z[0], z[1], torch.linspace(0, 1, opt.interpolate))
     progress = util.Progress(opt.interpolate, "frames", "images", say)
@@ -214,12 +369,12 @@ def bench(job):
 def bits_per_dim(job):
     """--bpd N: the variational bound, [DDPM] eq. 5, on N validation images of the run's data (or --data):
     every t, or an estimate from --bpd-t K stratified t per image."""
-    opt, a, diffusion = job.opt, job.ckpt_args, job.diffusion
+    opt, diffusion = job.opt, job.diffusion
     if opt.bpd_t >= diffusion.T:
         raise UsageError(f"--bpd-t {opt.bpd_t}: more than the model's T-1 = {diffusion.T - 1} timesteps; use "
                          "fewer, or 0 for every t")
-    valid = data.load(opt.data or a["data"], job.size, "valid", a["crop"], opt.cache_dir, log=say)["images"]
-    valid, parts = valid[: opt.bpd], []
+    valid = validation_images(job, opt.bpd)
+    parts = []
     g = torch.Generator(device=job.device).manual_seed(opt.seed)
     progress = util.Progress(len(valid), "bits/dim", "images", say)
     for i in range(0, len(valid), opt.batch_size):
@@ -228,11 +383,48 @@ def bits_per_dim(job):
             parts.append(diffusion.bits_per_dim(job.model, x0, g, t_samples=opt.bpd_t or None))
         progress(i + len(x0))
     r = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    se = r["total"].std().item() / math.sqrt(len(r["total"])) if len(r["total"]) > 1 else float("nan")
+    se = float("nan")
+    if len(r["total"]) > 1:
+        se = r["total"].std().item() / math.sqrt(len(r["total"]))
     how = f"an unbiased estimate from {opt.bpd_t} stratified t per image" if opt.bpd_t else "every t"
     say(f"bits/dim on {len(valid)} validation images (T={diffusion.T}, {how}): prior L_T "
         f"{r['prior'].mean():.4f} + sum of L_t {r['vb'].mean():.4f} + decoder L_0 {r['decoder'].mean():.4f} "
         f"= {r['total'].mean():.4f} +- {se:.4f}")
+
+
+def validation_images(job, n):
+    """The first n validation images of the run's data (or --data), (n, 3, H, W) uint8, as the run cropped
+    them."""
+    a = job.ckpt_args
+    opt = job.opt
+    valid = data.load(opt.data or a["data"], job.size, "valid", a["crop"], opt.cache_dir, log=say)["images"]
+    return valid[:n]
+
+
+@torch.no_grad()
+def reconstruct(job):
+    """An autoencoder's checkpoint: its reconstructions of the first --n validation images (the decoded
+    posterior means), their PSNR, and a grid of originals above reconstructions."""
+    opt = job.opt
+    valid = validation_images(job, opt.n)
+    progress = util.Progress(len(valid), "reconstructions", "images", say)
+    originals, images, psnr = [], [], []
+    for i in range(0, len(valid), opt.batch_size):
+        x = data.to_float(valid[i:i + opt.batch_size], job.device)
+        with job.ctx:
+            r = autoencoder.reconstruct(job.model, x)
+        psnr.append(autoencoder.psnr(data.to_float(data.to_uint8(r), job.device), x))  # of the saved PNGs
+        originals.append(valid[i:i + opt.batch_size])
+        images.append(data.to_uint8(r))
+        write_pngs(opt, images[-1], i)
+        progress(i + len(x))
+    psnr = torch.cat(psnr)
+    say(f"reconstructions of {len(valid)} validation images: PSNR {psnr.mean():.2f} dB (median "
+        f"{psnr.median():.2f}, worst {psnr.min():.2f})")
+    k = max(1, round(math.sqrt(min(len(valid), GRID_MAX // 2))))  # images per row
+    x, r = torch.cat(originals)[:GRID_MAX // 2], torch.cat(images)[:GRID_MAX // 2]
+    rows = [part for i in range(0, len(x), k) for part in (x[i:i + k], r[i:i + k])]
+    write_grid(opt, rows, nrow=k, pngs=len(valid))
 
 
 def describe(job, precision):
@@ -240,11 +432,15 @@ def describe(job, precision):
     opt = job.opt
     if opt.mode == "bpd":
         how = "the variational bound"
+    elif opt.mode == "reconstruct":
+        how = f"reconstructions of {opt.n} validation images"
     elif opt.mask:
         how = (f"RePaint inpainting of {opt.init} ({opt.mask}): {job.steps} steps, jump length "
                f"{opt.jump_length}, {opt.jump_n_sample} passes, {job.evals} model calls per image")
     else:
-        how = f"{opt.sampler} with {job.evals} steps" + (f", eta {opt.eta}" if opt.sampler == "ddim" else "")
+        how = f"{opt.sampler} with {job.evals} steps"
+        if opt.sampler == "ddim":
+            how += f", eta {opt.eta}"
         if opt.strength is not None:
             how += f"; SDEdit of {opt.init} from t = {round(opt.strength * job.diffusion.T)}"
     if job.cond is not None:
@@ -260,7 +456,9 @@ def make_parser():
     p = util.Parser(description="Sample faces from a train.py checkpoint.", epilog="A flag that the mode "
                     "does not use is an error, not ignored. CPU threads: one per idle core; "
                     "OMP_NUM_THREADS=N chooses.")
-    pos, path, fraction = util.positive(int), util.path, util.between(0, 1)
+    pos = util.positive(int)
+    path = util.path
+    fraction = util.between(0, 1)
     add = p.add_argument
     add("ckpt", nargs="?", type=path, help="checkpoint (out/ckpt.pt, or its folder)")
     add("--n", type=pos, help="number of images (default: 64; --figure reverse: 8)")
@@ -305,8 +503,10 @@ def make_parser():
     add("--bpd", type=pos, metavar="N", help="the bits/dim bound on N validation images")
     add("--bpd-t", type=util.non_negative, default=0, help="--bpd estimated from this many random t per "
         "image (0: every t)")
-    add("--data", type=path, help="--bpd: the data (default: the run's)")
-    add("--cache-dir", type=path, help="--bpd: the cache of decoded images")
+    add("--data", type=path, help="--bpd, and an autoencoder's reconstructions: the data (default: the "
+        "run's)")
+    add("--cache-dir", type=path, help="--bpd, and an autoencoder's reconstructions: the cache of decoded "
+        "images")
     return p
 
 
@@ -316,7 +516,8 @@ DRAWS = {"sampler", "steps", "eta", "var", "spacing", "no_clip", "seed", "device
 FILES = {"n", "batch_size", "out", "out_dir"}
 INPAINTS = {"init", "mask", "crop", "jump_length", "jump_n_sample"}
 MODES = dict(
-    sample=DRAWS | FILES, sdedit=DRAWS | FILES | {"init", "strength", "crop"},
+    sample=DRAWS | FILES | {"data", "cache_dir"},  # --data: an autoencoder's (checked once it is loaded)
+    sdedit=DRAWS | FILES | {"init", "strength", "crop"},
     repaint=DRAWS - {"sampler", "eta", "var", "spacing"} | FILES | INPAINTS,
     compare=DRAWS | {"n", "out", "out_dir", "compare"}, interpolate=DRAWS | FILES - {"n"} | {"interpolate"},
     bench=DRAWS | {"bench", "size", "batch_size"},
@@ -325,38 +526,67 @@ MODES = dict(
     attention=DRAWS | {"figure", "out"}, schedules={"figure", "out"}, loss={"figure", "out"})
 SAMPLER_FLAGS = dict(eta=("ddim",), var=("ddpm",), spacing=("dpm++", "dpm++sde"),
                      steps=("ddim", "dpm++", "dpm++sde"))  # the flags that some samplers take
+# an autoencoder's checkpoint: its reconstructions of validation images
+RECONSTRUCT = {"n", "batch_size", "out", "out_dir", "data", "cache_dir", "device", "precision"}
+# --figure forward of --init: that image under the forward process, nothing drawn
+FORWARD_INIT = {"figure", "out", "init", "crop", "seed", "device", "precision"}
 REPAINT = ": RePaint inpaints: add --init IMAGE --mask REGION"
 HINTS = dict(strength=": it edits an image: add --init IMAGE", crop=" (it crops --init)", jump_length=REPAINT,
-             jump_n_sample=REPAINT, sampler=": RePaint takes its own steps",
-             size=" (--bench without a checkpoint)")
+             jump_n_sample=REPAINT, size=" (--bench without a checkpoint)")
 
 
 def mode_of(args):
     """The mode: the first of a figure, bench, bpd, interpolate, compare, repaint, sdedit, sample."""
-    return (args.figure or args.bench and "bench" or args.bpd and "bpd" or args.interpolate and "interpolate"
-            or args.compare and "compare" or args.mask and "repaint" or args.init and "sdedit" or "sample")
+    if args.figure:
+        return args.figure
+    for mode, flag in (("bench", args.bench), ("bpd", args.bpd), ("interpolate", args.interpolate),
+                       ("compare", args.compare), ("repaint", args.mask), ("sdedit", args.init)):
+        if flag:
+            return mode
+    return "sample"
+
+
+def mode_name(mode):
+    """How a message names a mode."""
+    if mode in FIGURES:
+        return f"--figure {mode}"
+    names = dict(sample="sampling", sdedit="SDEdit (--init)", repaint="RePaint (--mask)",
+                 reconstruct="an autoencoder's reconstructions")
+    return names.get(mode, "--" + mode)
 
 
 def check_flags(args, given):
     """Flags the mode does not take, and bad values, before any work. -> a copy of the flags with the mode
     and its defaults."""
     mode = mode_of(args)
-    what = f"--figure {mode}" if mode in FIGURES else dict(sample="sampling", sdedit="SDEdit (--init)",
-                                                           repaint="RePaint (--mask)").get(mode, "--" + mode)
-    for flag in sorted(given - MODES[mode] - {"ckpt", mode}, key=list(vars(args)).index):
+    takes = MODES[mode]
+    if mode == "forward" and args.init:
+        takes = FORWARD_INIT
+    for flag in sorted(given - takes - {"ckpt", mode}, key=list(vars(args)).index):
         dashed = "--" + flag.replace("_", "-")
-        raise UsageError(f"{dashed} does not apply to {what}; drop {dashed}{HINTS.get(flag, '')}")
-    sampler = args.sampler or (DEFAULT_SAMPLER if mode != "repaint" else "repaint")
+        hint = HINTS.get(flag, "")
+        if flag == "sampler" and mode == "repaint":
+            hint = ": RePaint takes its own steps"
+        if mode == "forward" and args.init and flag in MODES["forward"]:
+            hint = ": with --init the figure noises that image and draws nothing"
+        raise UsageError(f"{dashed} does not apply to {mode_name(mode)}; drop {dashed}{hint}")
+    sampler = args.sampler or DEFAULT_SAMPLER
+    if mode == "repaint":
+        sampler = "repaint"
     for flag, samplers in SAMPLER_FLAGS.items():
         if flag in given and mode != "repaint" and sampler not in samplers:
             hint = ": ddpm takes all T steps; for fewer: --sampler ddim --eta 1" if flag == "steps" else ""
             raise UsageError(f"--{flag} does not apply to --sampler {sampler} (only to "
                              f"{', '.join(samplers)}); drop --{flag}{hint}")
-    eta = args.eta if args.eta is not None else 0.0 if mode == "interpolate" else DEFAULT_ETA
-    opt = argparse.Namespace(**{
-        **vars(args), "mode": mode, "sampler": sampler, "eta": eta,
-        "n": args.n or (8 if mode == "reverse" else 64),
-        "strength": 0.5 if mode == "sdedit" and args.strength is None else args.strength})
+    eta = args.eta
+    if eta is None:
+        eta = 0.0 if mode == "interpolate" else DEFAULT_ETA  # interpolation needs a deterministic sampler
+    n = args.n or (8 if mode == "reverse" else 64)
+    strength = args.strength
+    if mode == "sdedit" and strength is None:
+        strength = 0.5
+    opt = argparse.Namespace(**{**vars(args), "mode": mode, "sampler": sampler, "eta": eta, "n": n,
+                                "strength": strength})
     check_values(opt, given)
     check_outputs(opt)
     if opt.prompt is not None:
@@ -364,8 +594,31 @@ def check_flags(args, given):
     return opt
 
 
+def as_reconstruct(opt, given):
+    """An autoencoder's checkpoint: the flags of its reconstructions. -> the flags, in mode reconstruct."""
+    for flag in sorted(given - RECONSTRUCT - {"ckpt"}, key=list(vars(opt)).index):
+        dashed = "--" + flag.replace("_", "-")
+        raise UsageError(f"{dashed}: {opt.ckpt} is an autoencoder's checkpoint, which draws no faces of its "
+                         f"own; sample.py shows its reconstructions of validation images (--n, --out, "
+                         f"--out-dir, --data); drop {dashed}, or pass the checkpoint of a train.py --latents "
+                         "run")
+    return argparse.Namespace(**{**vars(opt), "mode": "reconstruct"})
+
+
+def check_latent_flags(opt, given):
+    """What a latent model cannot do."""
+    if opt.mode == "bpd":
+        raise UsageError(f"--bpd: {opt.ckpt} is a latent model, whose bound would be in bits per latent "
+                         "value of its autoencoder, not per pixel; use a pixel model's checkpoint")
+    if "no_clip" in given:
+        raise UsageError(f"--no-clip: {opt.ckpt} is a latent model, whose latents are never clipped (they "
+                         "have no [-1, 1] range); drop --no-clip")
+
+
 def check_values(opt, given):
     """The values, files and combinations that make sense."""
+    interpolate_bad = opt.mode == "interpolate" and (opt.sampler in ("ddpm", "dpm++sde") or opt.eta > 0)
+    with_eta = f" with eta {opt.eta:g}" if opt.eta else ""
     for bad, message in [
         (opt.ckpt is None and opt.mode == "loss", "--figure loss reads log.csv: give the run's checkpoint"),
         (opt.ckpt is None and opt.mode not in ("bench", "schedules"), "no checkpoint given; usage: python "
@@ -373,14 +626,16 @@ def check_values(opt, given):
         (opt.mode == "repaint" and opt.init is None, f"--mask {opt.mask} inpaints: add --init IMAGE"),
         (opt.ckpt is not None and "size" in given, "--size sets the model that --bench times without a "
          "checkpoint: drop --size"),
-        (opt.mode == "interpolate" and (opt.sampler in ("ddpm", "dpm++sde") or opt.eta > 0), "--interpolate "
-         "needs a deterministic sampler: --sampler ddim --eta 0 (the default here) or dpm++, not "
-         f"{opt.sampler}" + (f" with eta {opt.eta:g}" if opt.eta else "")),
+        (interpolate_bad, "--interpolate needs a deterministic sampler: --sampler ddim --eta 0 (the default "
+         f"here) or dpm++, not {opt.sampler}{with_eta}"),
         ("guidance" in given and not (opt.attrs or opt.prompt or opt.compare), "--guidance weighs the "
          "attributes asked for: add --attrs NAME=1 (or --prompt TEXT, or --compare NAME)"),
         (opt.prompt is not None and opt.attrs is not None, "--prompt and --attrs both ask for attributes; "
          "use one of them"),
         (opt.mode == "reverse" and opt.n > 8, f"--n {opt.n}: --figure reverse draws up to 8 faces"),
+        (opt.mode in ("sample", "sdedit", "repaint", "compare") and opt.n > GRID_MAX and not opt.out_dir,
+         f"--n {opt.n:,}: the grid keeps the first {GRID_MAX:,} images and the rest would be lost; add "
+         "--out-dir DIR to keep them all as PNGs, or lower --n"),
         (opt.attrs is not None and not opt.attrs.strip(", "), "--attrs '': ask for NAME=1 or NAME=0, or "
          "drop --attrs"),
         (opt.mask not in (None, *MASKS) and not os.path.isfile(opt.mask), f"--mask {opt.mask}: neither a "
@@ -393,7 +648,12 @@ def check_values(opt, given):
         try:
             unet.check_config(unet.preset(opt.size))
         except ValueError as e:
-            raise UsageError(f"--size {e.args[1]}")
+            field, message = e.args
+            if field == "image_size":
+                raise UsageError(f"--size {message}")
+            base = max([s for s in unet.PRESETS if s <= opt.size] or [min(unet.PRESETS)])
+            raise UsageError(f"--size {opt.size}: the {base} preset it takes cannot be built at that size "
+                             f"(its {field}: {message}); use a size the presets are for, 32 to 256")
 
 
 def check_outputs(opt):
@@ -407,8 +667,9 @@ def check_outputs(opt):
                              "writes; use .png, .jpg or .webp")
         util.check_writable(os.path.dirname(opt.out), "--out")
     if opt.out_dir:
-        old = [f for f in os.listdir(opt.out_dir) if f[:6].isdigit() and f.endswith(".png")] \
-            if os.path.isdir(opt.out_dir) else []
+        old = []
+        if os.path.isdir(opt.out_dir):
+            old = [f for f in os.listdir(opt.out_dir) if f[:6].isdigit() and f.endswith(".png")]
         if old:
             raise UsageError(f"--out-dir {opt.out_dir} already holds {len(old):,} numbered PNGs ({min(old)} "
                              "...), which the new ones would mix with; remove them or pick another folder")
@@ -549,7 +810,11 @@ def parse_prompt(text):
     table = phrases()
     text = text.lower().replace("n't", " not").replace("'", " ").replace("-", " ")
     words = re.sub(r"[,.;]", " , ", text).split()  # a comma, full stop or semicolon ends a clause
-    asked, understood, ignored, negation, i = {}, {}, [], None, 0
+    asked = {}  # attribute -> 1 or 0
+    understood = {}  # attribute -> the words that asked for it
+    ignored = []
+    negation = None  # the negation word waiting for the next phrase of its clause
+    i = 0
     while i < len(words):
         n = next((n for n in (5, 4, 3, 2, 1) if " ".join(words[i:i + n]) in table), 0)
         if n == 0:  # a negation, a word between phrases, or one it does not know
@@ -563,13 +828,17 @@ def parse_prompt(text):
             i += 1
             continue
         said = " ".join(words[i:i + n])
-        (name, value), i = table[said], i + n
+        name, value = table[said]
+        i += n
         if negation and said != "no beard":  # CelebA's own name, whose "no" is no negation
-            value, said = 1 - value, f"{negation} ... {said}"
+            value = 1 - value
+            said = f"{negation} ... {said}"
         if name in asked and asked[name] != value:
             raise UsageError(f"--prompt asks for {name} both ways ({understood[name]!r} and {said!r}); ask "
                              "for one")
-        asked[name], understood[name], negation = value, said, None
+        asked[name] = value
+        understood[name] = said
+        negation = None
     return asked, understood, ignored
 
 # -----------------------------------------------------------------------------
@@ -584,36 +853,52 @@ def save_figure(opt, img, path=None, **kw):
 
 
 def figure_forward(job):
-    """One face (--init, or the model's) under q(x_t | x_0) at FORWARD_T: a row per schedule, one noise."""
+    """One face (--init, or the model's) under q(x_t | x_0) at FORWARD_T: a row per schedule, one noise. A
+    latent model noises the face's latent, and each x_t is shown decoded."""
     opt, T, device = job.opt, job.diffusion.T, job.device
-    face = job.x_init if job.x_init is not None else data.to_float(draw(job, 1), device)  # (1, 3, H, W)
+    face = job.x_init
+    if face is None:
+        face = data.to_float(draw(job, 1), device)  # (1, 3, H, W)
+    x0 = face
+    if job.first_stage is not None:
+        with job.ctx:
+            x0 = job.first_stage.encode(face)  # (1, C, h, w)
     ts = [round(t * (T - 1) / 999) for t in FORWARD_T]
     g = torch.Generator(device=device).manual_seed(opt.seed)
-    noise, rows = torch.randn(face.shape, generator=g, device=device), []
+    noise = torch.randn(x0.shape, generator=g, device=device)
+    rows = []
     for name in SCHEDULES:
         d = GaussianDiffusion(T, name)
-        rows.append(data.to_uint8(torch.cat([d.q_sample(face, torch.tensor([t], device=device), noise)
-                                             for t in ts])))
+        xt = torch.cat([d.q_sample(x0, torch.tensor([t], device=device), noise) for t in ts])
+        with job.ctx:
+            rows.append(data.to_uint8(job.to_images(xt)))
     scale = max(1, 64 // face.shape[-1])
-    save_figure(opt, util.image_grid(rows, [f"t={t}" for t in ts], list(SCHEDULES), scale))
+    save_figure(opt, image_grid(rows, [f"t={t}" for t in ts], list(SCHEDULES), scale))
 
 
 def figure_reverse(job):
     """x_t (the top row of each pair) and the x0 predicted from it (the bottom row) at about ten of the
-    sampler's steps, then the sample, for --n faces; and a GIF of every step."""
-    opt, frames, u8 = job.opt, [], data.to_uint8  # frames: (t, the chain after the step from t, x0_hat at t)
+    sampler's steps, then the sample, for --n faces; and a GIF of every step. A latent model's are decoded."""
+    opt = job.opt
+    frames = []  # (t, the chain after the step from t, x0_hat at t)
+
+    def shown_as_image(x):
+        with job.ctx:
+            return data.to_uint8(job.to_images(x))
+
     x_T = job.noise(opt.n)
     x0 = draw(job, opt.n, x_T, callback=lambda t, x, x0_hat: frames.append((t, x, x0_hat)))
     inputs = [x_T] + [x for _, x, _ in frames[:-1]]  # x_t, the chain where the model is evaluated at t
-    steps = [(f"t={t}", u8(x), u8(p)) for (t, _, p), x in zip(frames, inputs)] + [("sample", x0, x0)]
+    steps = [(f"t={t}", shown_as_image(x), shown_as_image(p)) for (t, _, p), x in zip(frames, inputs)]
+    steps.append(("sample", x0, x0))
     shown = steps  # about ten of the steps, and the sample
     if len(steps) > 11:
         shown = [steps[round(i * (len(steps) - 2) / 9)] for i in range(10)] + steps[-1:]
-    scale, n = max(1, 64 // x_T.shape[-1]), len(x_T)
+    scale = max(1, 64 // x0.shape[-1])
+    n = len(x_T)
     rows = [torch.stack([s[k][i] for s in shown]) for i in range(n) for k in (1, 2)]
-    save_figure(opt, util.image_grid(rows, [s[0] for s in shown], ["x_t", "x0_hat"] * n, scale))
-    gif = [util.image_grid([x, p], [label] + [""] * (n - 1), ["x_t", "x0_hat"], scale)
-           for label, x, p in steps]
+    save_figure(opt, image_grid(rows, [s[0] for s in shown], ["x_t", "x0_hat"] * n, scale))
+    gif = [image_grid([x, p], [label] + [""] * (n - 1), ["x_t", "x0_hat"], scale) for label, x, p in steps]
     save_figure(opt, gif[0], os.path.splitext(opt.out)[0] + ".gif", save_all=True, append_images=gif[1:],
                 duration=[100] * (len(gif) - 1) + [2000], loop=0)
 
@@ -665,15 +950,15 @@ def figure_attention(job):
             box = c[:, max(cy - half, 0):cy + half + 1, max(cx - half, 0):cx + half + 1]
             box[:, [0, -1], :], box[:, :, [0, -1]] = colours[q], colours[q]
         rows.append(torch.stack(cells))
-    save_figure(job.opt, util.image_grid(rows, ["face"] + [f"t={t}" for t in ts], list(QUERIES), 1))
+    save_figure(job.opt, image_grid(rows, ["face"] + [f"t={t}" for t in ts], list(QUERIES), 1))
 
 
 def figure_schedules(opt):
     """alpha_bar_t and log-SNR = log(alpha_bar / (1 - alpha_bar)) of each schedule, at the checkpoint's T."""
     T = util.load_checkpoint(opt.ckpt, parts=())["args"]["timesteps"] if opt.ckpt else 1000
     ds, ts = [GaussianDiffusion(T, name) for name in SCHEDULES], list(range(T))
-    a = util.line_chart([(d.schedule, ts, d.alphas_cumprod.tolist()) for d in ds], "alpha_bar_t", "t")
-    b = util.line_chart([(d.schedule, ts, torch.log(d.snr).tolist()) for d in ds], "log-SNR", "t")
+    a = line_chart([(d.schedule, ts, d.alphas_cumprod.tolist()) for d in ds], "alpha_bar_t", "t")
+    b = line_chart([(d.schedule, ts, torch.log(d.snr).tolist()) for d in ds], "log-SNR", "t")
     img = Image.new("RGB", (a.width + b.width, a.height), "white")
     img.paste(a, (0, 0))
     img.paste(b, (a.width, 0))
@@ -694,7 +979,70 @@ def figure_loss(opt):
     if not series:
         raise UsageError(f"--figure loss: {path} has no loss rows yet; train for at least --log-every steps")
     run = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    save_figure(opt, util.line_chart(series, f"loss ({run})", "step", log_y=True, size=(480, 300)))
+    save_figure(opt, line_chart(series, f"loss ({run})", "step", log_y=True, size=(480, 300)))
+
+# -----------------------------------------------------------------------------
+# pictures: a labelled grid of images, a line chart (Pillow draws the few charts of the figures)
+
+
+def image_grid(rows, col_labels, row_labels, scale):
+    """rows: list of (k, 3, H, W) uint8 -> a PIL image, the images enlarged `scale` times (nearest),
+    labelled."""
+    # (3, h, w)
+    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=255)
+    img = TF.to_pil_image(grid).resize((grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST)
+    left, top, cell = 8 + 7 * max(map(len, row_labels)), 16, img.height // len(rows)
+    canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
+    canvas.paste(img, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(col_labels):
+        draw.text((left + (i + 0.5) * img.width / len(rows[0]), 8), text, fill="black", anchor="mm")
+    for i, text in enumerate(row_labels):
+        draw.text((4, top + (i + 0.5) * cell), text, fill="black", anchor="lm")
+    return canvas
+
+
+def nice_ticks(lo, hi, log=False):
+    """Round values in [lo, hi]: multiples of 1, 2 or 5 times a power of ten (on a log axis, those values)."""
+    if log:
+        decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        ticks = [v for v in (m * 10 ** k for k in decades for m in (1, 2, 5)) if lo <= v <= hi]
+        if len(ticks) >= 3:
+            return ticks
+    raw = (hi - lo) / 5 or 1
+    decade = 10 ** math.floor(math.log10(raw))
+    step = min(m * decade for m in (1, 2, 5, 10) if m * decade >= raw)
+    return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def line_chart(series, title, xlabel, log_y=False, size=(360, 260)):
+    """series: list of (name, xs, ys) -> a PIL line chart with axes, round ticks and a legend."""
+    W, H, (l, r, t, b) = *size, (52, 10, 22, 34)  # plot area margins: left, right, top, bottom
+    f, unf = (math.log10, lambda v: 10 ** v) if log_y else (lambda y: y, lambda v: v)
+    xs, ys = [x for _, xx, _ in series for x in xx], [y for _, _, yy in series for y in yy]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    pad = 0.05 * ((f(y1) - f(y0)) or 1)
+    px = lambda x: l + (x - x0) / ((x1 - x0) or 1) * (W - l - r)
+    py = lambda y: H - b - (f(y) - f(y0) + pad) / (f(y1) - f(y0) + 2 * pad) * (H - t - b)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([l, t, W - r, H - b], outline="black")
+    for xv in nice_ticks(x0, x1):
+        d.text((px(xv), H - b + 4), f"{xv:g}", fill="black", anchor="mt")
+    for yv in nice_ticks(unf(f(y0) - pad), unf(f(y1) + pad), log_y):
+        d.line([l - 3, py(yv), l, py(yv)], fill="black")
+        d.text((l - 5, py(yv)), f"{yv:.4g}", fill="black", anchor="rm")
+    d.text((W / 2, 4), title, fill="black", anchor="mt")
+    d.text(((l + W - r) / 2, H - 4), xlabel, fill="black", anchor="mb")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for i, (name, xx, yy) in enumerate(series):
+        points = [(px(x), py(y)) for x, y in zip(xx, yy)]
+        if len(points) > 1:
+            d.line(points, fill=colours[i % 4], width=2)
+        else:
+            d.ellipse([*points[0], *points[0]], outline=colours[i % 4])
+        d.text((W - r - 6, t + 6 + 12 * i), name, fill=colours[i % 4], anchor="ra")
+    return img
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ class UNetConfig:
 
 
 PRESETS = {
+    # for the latents of latent diffusion (a 64x64 face at f = 8 and f = 4): the 32 preset's width, one
+    # level fewer per halving of the size, attention at 8x8 (and in the middle)
+    8: dict(ch=128, ch_mult=(1, 2), attn_res=(8,), dropout=0.1),
+    16: dict(ch=128, ch_mult=(1, 2, 2), attn_res=(8,), dropout=0.1),
     # DDPM's CIFAR-10 network (35.7M params)
     32: dict(ch=128, ch_mult=(1, 2, 2, 2), attn_res=(16,), dropout=0.1),
     # the DDIM paper's CelebA 64x64 network: 128 channels, mult 1,2,2,2,4, attention at 16x16, dropout 0.1
@@ -101,11 +105,17 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv, + the time embedding, GroupNorm, SiLU, dropout, conv, + the input. temb_dim
+    None: no time embedding (the autoencoder's blocks)."""
+
     def __init__(self, c_in, c_out, temb_dim, dropout, film=False):
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.temb = nn.Linear(temb_dim, c_out)  # per-channel bias from the time embedding
-        self.norm2, self.dropout = norm(c_out), nn.Dropout(dropout)
+        self.norm1 = norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        if temb_dim is not None:
+            self.temb = nn.Linear(temb_dim, c_out)  # per-channel bias from the time embedding
+        self.norm2 = norm(c_out)
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each residual branch starts as the identity
         nn.init.zeros_(self.conv2.bias)
@@ -115,10 +125,12 @@ class ResBlock(nn.Module):
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
 
-    def forward(self, x, emb):  # x (B, c_in, H, W); emb: the time embedding (B, temb_dim) after SiLU
+    def forward(self, x, emb=None):  # x (B, c_in, H, W); emb: the time embedding (B, temb_dim) after SiLU
         temb, aemb = emb if isinstance(emb, tuple) else (emb, None)  # FiLM: also the attributes
         h = self.conv1(F.silu(self.norm1(x)))  # (B, c_out, H, W)
-        h = self.norm2(h + self.temb(temb)[:, :, None, None])  # time injected into every block
+        if temb is not None:
+            h = h + self.temb(temb)[:, :, None, None]  # time injected into every block
+        h = self.norm2(h)
         if aemb is not None:
             scale, shift = self.film(aemb)[:, :, None, None].chunk(2, dim=1)  # each (B, c_out, 1, 1)
             h = h * (1 + scale) + shift
@@ -267,6 +279,10 @@ class UNet(nn.Module):
         if self.grad_checkpoint and self.training:  # keep the block's input; recompute the rest in backward
             return checkpoint(block, h, temb, use_reentrant=False)
         return block(h, temb)
+
+    def blocks(self):
+        """The blocks a forward pass runs in turn (what a hook that watches the pass hangs on)."""
+        return [*self.down, *self.mid, *self.up]
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
