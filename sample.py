@@ -497,7 +497,7 @@ def make_parser():
     add("--jump-length", type=pos, default=10, help="RePaint: steps back up")
     add("--jump-n-sample", type=pos, default=10, help="RePaint: passes per jump")
     add("--figure", choices=FIGURES, help="a figure of REPORT.md instead of samples (loss: from the run's "
-        "log.csv)")
+        "log.csv; reverse: also an animation, --out's name with .gif)")
     add("--bench", action="store_true", help="time sampling one batch")
     add("--size", type=pos, default=64, help="--bench without a checkpoint: that size's preset")
     add("--bpd", type=pos, metavar="N", help="the bits/dim bound on N validation images")
@@ -897,9 +897,13 @@ def figure_reverse(job):
     scale = max(1, 64 // x0.shape[-1])
     n = len(x_T)
     rows = [torch.stack([s[k][i] for s in shown]) for i in range(n) for k in (1, 2)]
-    save_figure(opt, image_grid(rows, [s[0] for s in shown], ["x_t", "x0_hat"] * n, scale))
+    stem, ext = os.path.splitext(opt.out)
+    strip = opt.out
+    if ext.lower() == ".gif":  # --out names the animation: the strip goes beside it
+        strip = stem + ".png"
+    save_figure(opt, image_grid(rows, [s[0] for s in shown], ["x_t", "x0_hat"] * n, scale), strip)
     gif = [image_grid([x, p], [label] + [""] * (n - 1), ["x_t", "x0_hat"], scale) for label, x, p in steps]
-    save_figure(opt, gif[0], os.path.splitext(opt.out)[0] + ".gif", save_all=True, append_images=gif[1:],
+    save_figure(opt, gif[0], stem + ".gif", save_all=True, append_images=gif[1:],
                 duration=[100] * (len(gif) - 1) + [2000], loop=0)
 
 

@@ -2222,6 +2222,9 @@ def test_figure_reverse_ends_at_the_sample_and_writes_every_step_as_a_gif(tiny_r
     assert all(torch.equal(grid_face(out, 2 * i, 0), data.to_uint8(x_T)[i]) for i in range(2))
     gif = Image.open(tmp_path / "rev.gif")
     assert gif.n_frames == 16 and gif.is_animated  # every step, then the sample
+    # --out naming the animation: the strip goes beside it, not under it
+    sample.main([tiny_run, "--figure", "reverse", "--n", "1", "--steps", "3", "--out", str(tmp_path / "anim.gif")])
+    assert Image.open(tmp_path / "anim.gif").n_frames == 4 and Image.open(tmp_path / "anim.png").format == "PNG"
 
 
 def chart_colours(path):
