@@ -2554,6 +2554,7 @@ def test_latent_diffusion_refusals_are_one_line(latent_run, faces, tmp_path, cap
         ([*base, "--autoencoder", "--factor", "3"], "invalid choice"),
         (["--resume", ldm, "--size", "32", *CPU], "--size 32 contradicts the checkpoint's 16"),
         (["--resume", ldm, "--latents", str(tmp_path / "x.pt"), *CPU], "contradicts the checkpoint's"),
+        (["--resume", ldm, "--autoencoder", *CPU], "--autoencoder contradicts the checkpoint"),
     ]:
         one_line_error(cli(capsys, train.main, argv), words)
     png = ["--out", str(tmp_path / "x.png")]

@@ -611,8 +611,10 @@ def resumed(args, given, env):
             continue
         if k in given and SETTINGS[k].resume == FIXED and cfg[k] != v:
             flag = "--" + k.replace("_", "-")
-            raise UsageError(f"{flag} {shown(cfg[k])} contradicts the checkpoint's {shown(v)} ({path}); drop "
-                             f"{flag} to continue the run, or start a new run in another --out")
+            what = f"{flag} {shown(cfg[k])} contradicts the checkpoint's {shown(v)} ({path})"
+            if isinstance(v, bool):  # a switch: given, it was off in the run
+                what = f"{flag} contradicts the checkpoint {path}, whose run was trained without it"
+            raise UsageError(f"{what}; drop {flag} to continue the run, or start a new run in another --out")
         if k not in given:
             cfg[k] = v
     if "epochs" in given and "max_steps" not in given:  # extended by epochs: not the saved --max-steps
