@@ -15,7 +15,8 @@ Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, what is
 --minutes, a step's memory and time, signals, torchrun, --bench, and last the flags, where every setting
 says its default, its help and whether a resume may change it. `cfg` holds the settings, `env` the
 processes and device, `run` what the loop updates. Step s draws the whole global batch's randomness from a
-generator seeded with (seed, s): a resume repeats the uninterrupted run, on any number of GPUs.
+generator seeded with (seed, s): a resume repeats the uninterrupted run, on any number of GPUs (dropout's
+masks, each process's own, aside).
 """
 import os
 import signal
