@@ -206,6 +206,11 @@ def scale_factor(latents):
     return 1.0 / latents.double().std().item()
 
 
+def decode_scaled(model, z, scale):
+    """Latents as the diffusion model learns and draws them (times the scale factor) -> images in [-1, 1]."""
+    return model.decode(z.float() / scale).clamp(-1, 1)
+
+
 def from_checkpoint(ckpt, part="ema", device="cpu"):
     """The network that `part` of a train.py checkpoint holds, with those weights: an autoencoder run's
     autoencoder, a latent run's first stage (part "autoencoder"), or else the U-Net. On the meta device

@@ -149,7 +149,7 @@ class Latents:
         return self.model.encode(x)[0] * self.scale
 
     def decode(self, z):
-        return self.model.decode(z.float() / self.scale).clamp(-1, 1)
+        return autoencoder.decode_scaled(self.model, z, self.scale)
 
     def mask(self, mask):
         """A pixel mask (1, 1, H, W), 1 where kept, -> the latent grid's: a latent is kept where its whole f x

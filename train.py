@@ -832,7 +832,7 @@ def build(cfg, env, faces, val, data_id, given, ae=None):
         run.batches = data.LatentBatches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank,
                                          env.world, flip=not cfg.no_flip, attrs=faces["cond"],
                                          resident=resident, scale=scale, sample=cfg.posterior == "sample")
-        run.decoder = functools.partial(decode_latents, ae, scale)
+        run.decoder = functools.partial(autoencoder.decode_scaled, ae, scale=scale)
     else:
         run.batches = data.Batches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
                                    flip=not cfg.no_flip, attrs=faces["cond"], resident=resident)
@@ -1017,10 +1017,6 @@ def encode_split(cfg, env, faces, ae):
                 "q(z | x))")
     return posteriors
 
-
-def decode_latents(ae, scale, z):
-    """Latents as the diffusion model draws them (scaled to unit variance) -> images in [-1, 1]."""
-    return ae.decode(z.float() / scale).clamp(-1, 1)
 
 # -----------------------------------------------------------------------------
 # --minutes: fit the run into a time budget
