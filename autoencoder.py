@@ -211,6 +211,12 @@ def decode_scaled(model, z, scale):
     return model.decode(z.float() / scale).clamp(-1, 1)
 
 
+def check_weights(ckpt, part):
+    """That `part` of a checkpoint fits the model its config describes: built on the meta device, at no cost
+    (KeyError, RuntimeError, TypeError or ValueError where it does not). util.load_checkpoint's `build`."""
+    from_checkpoint(ckpt, part, device="meta")
+
+
 def from_checkpoint(ckpt, part="ema", device="cpu"):
     """The network that `part` of a train.py checkpoint holds, with those weights: an autoencoder run's
     autoencoder, a latent run's first stage (part "autoencoder"), or else the U-Net. On the meta device

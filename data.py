@@ -408,7 +408,9 @@ class Batches:
             raise ValueError(f"a batch of {batch_size} must divide into {world} equal shards and fit in the "
                              f"{len(images):,} images")
         device = torch.device(device)
-        if fits_on_gpu(images.nbytes, device) if resident is None else resident:
+        if resident is None:
+            resident = fits_on_gpu(images.nbytes, device)
+        if resident:
             images = images.to(device)  # GPU-resident: a batch is one gather, no host copies
         elif device.type == "cuda":
             images = images.pin_memory()

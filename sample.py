@@ -186,7 +186,7 @@ def open_checkpoint(opt, given, device):
     GaussianDiffusion, None for an autoencoder; the run's settings; a latent model's Latents or None)."""
     if opt.ckpt is None:
         return opt, unet.UNet(unet.preset(opt.size)), GaussianDiffusion(), None, None
-    ckpt = util.load_checkpoint(opt.ckpt, parts=("ema",), build=build_check, say=say)
+    ckpt = util.load_checkpoint(opt.ckpt, parts=("ema",), build=autoencoder.check_weights, say=say)
     a = ckpt["args"]
     model = autoencoder.from_checkpoint(ckpt, "ema")
     diffusion = None
@@ -225,11 +225,6 @@ def sampler_steps(opt, diffusion):
     if opt.strength is not None:  # SDEdit starts there
         t_max = max(round(opt.strength * T) - 1, 0)
     return steps, len(diffusion.timesteps(opt.sampler, steps, opt.spacing, t_max))
-
-
-def build_check(ckpt, part):
-    """util.load_checkpoint's check that a checkpoint's weights fit their config (on the meta device)."""
-    autoencoder.from_checkpoint(ckpt, part, device="meta")
 
 
 def describe_model(model, diffusion, first_stage):

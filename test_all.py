@@ -1937,7 +1937,7 @@ def test_sampling_writes_a_grid_and_numbered_pngs(tiny_run, tmp_path, capsys):
 
 def test_samples_are_what_the_model_draws_with_the_library(tiny_run, tmp_path):
     sample.main([tiny_run, "--n", "3", "--steps", "4", "--seed", "9", "--out", str(tmp_path / "p.png"), "--out-dir", str(tmp_path / "p")])
-    ckpt = util.load_checkpoint(tiny_run, build=sample.build_check)
+    ckpt = util.load_checkpoint(tiny_run, build=autoencoder.check_weights)
     model = autoencoder.from_checkpoint(ckpt)
     diffusion = D.GaussianDiffusion(ckpt["args"]["timesteps"])
     x = diffusion.sample(model.eval(), (3, 3, 16, 16), "ddim", 4, D.DEFAULT_ETA, torch.Generator().manual_seed(9), device="cpu")

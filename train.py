@@ -594,7 +594,7 @@ def resumed(args, given, env):
     if args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: drop one of them")
     path = os.path.join(args.out, "ckpt.pt") if args.resume == "latest" else args.resume
-    env.ckpt = ckpt = util.load_checkpoint(path, build=build_check)
+    env.ckpt = ckpt = util.load_checkpoint(path, build=autoencoder.check_weights)
     if not all(k in ckpt for k in ("args", "optimizer", "scaler")):
         raise util.CheckpointError(f"{path} lacks the optimizer state that a resume needs; sample from it "
                                    "with sample.py, or start a new run")
@@ -635,7 +635,7 @@ def open_autoencoder(cfg, given, env):
     """--latents PATH: the autoencoder whose latents the run learns (env.ae); the run takes its image size and
     crop. -> the settings with them."""
     path = cfg.latents
-    ckpt = util.load_checkpoint(path, parts=("ema",), build=build_check)
+    ckpt = util.load_checkpoint(path, parts=("ema",), build=autoencoder.check_weights)
     a = ckpt["args"]
     if not a.get("autoencoder"):
         raise UsageError(f"--latents {path} is a diffusion model's checkpoint, not an autoencoder's; pass "
@@ -976,10 +976,6 @@ def build_model(net):
         return autoencoder.Autoencoder(net)
     return unet.UNet(net)
 
-
-def build_check(ckpt, part):
-    """util.load_checkpoint's check that a checkpoint's weights fit their config (on the meta device)."""
-    autoencoder.from_checkpoint(ckpt, part, device="meta")
 
 # -----------------------------------------------------------------------------
 # latents: a latent run's training set is the autoencoder's encoding of the images, cached once
