@@ -29,6 +29,7 @@ import torchvision
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+import budget
 import util
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -109,7 +110,9 @@ def list_images(image_dir):
 def select(path, split="train", log=print):
     """The images of one split. -> find_layout's dict with files, attrs ((N, 40) 0/1 or None), attr_names."""
     info = find_layout(path)
-    files, attrs, attr_names = list_images(info["image_dir"]), None, None
+    files = list_images(info["image_dir"])
+    attrs = None
+    attr_names = None
     if not files:
         raise DataError(f"data folder {info['image_dir']}: no images found (looked for {', '.join(IMG_EXTS)} "
                         "recursively); give the folder that holds img_align_celeba, or your images")
@@ -258,16 +261,18 @@ def decode_all(files, size, crop, log=print):
     -> ((N, 3, size, size) uint8, kept indices, seconds)"""
     workers = min(os.cpu_count() or 1, max(1, len(files) // 64))
     need = len(files) * 3 * size * size
-    available = util.device_memory(torch.device("cpu"))
+    available = budget.device_memory(torch.device("cpu"))
     if need > 0.9 * available:
         raise DataError(f"{len(files):,} images at {size}x{size} take {util.fmt_bytes(need)} decoded, more "
                         f"than the {util.fmt_bytes(available)} of memory available; use a smaller image size")
     images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    kept, bad, small = [], [], []
+    kept = []  # the indices of the images read
+    bad = []  # why the others could not be
+    small = []  # the files upscaled more than twice
     start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context(start), _worker_init)
-    progress = util.Progress(len(files), f"data: decoding on {workers} process{'es' * (workers > 1)}",
-                             "images", log, every=5, first=True)
+    progress = util.Progress(len(files), f"data: decoding on {util.plural(workers, 'process', 'processes')}", "images",
+                             log, every=5, first=True)
     try:
         done = pool.map(_preprocess_or_none, [(f, size, crop) for f in files], chunksize=32)
         for i, (img, err, tiny) in enumerate(done):
@@ -568,11 +573,14 @@ def summary(d, args, loaded):
     b = 128  # serving: training batches from the cache, on the GPU if there is one
     if len(d["images"]) >= b:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        batches, g, n, t1 = Batches(d["images"], b, device, 0), torch.Generator(device), 0, None
+        batches = Batches(d["images"], b, device, 0)
+        g = torch.Generator(device)
+        n = 0  # batches served
+        t1 = None  # when the first was
         while n < 10 or time.time() - t1 < 2:
             batches.get(n, g)
             t1, n = t1 or time.time(), n + 1  # the first batch (the permutation) is not timed
-        util.synchronize(torch.device(device))
+        budget.synchronize(torch.device(device))
         print(f"serve:   {(n - 1) * b / (time.time() - t1):,.0f} img/s in batches of {b} on {device}")
 
 

@@ -377,7 +377,8 @@ class GaussianDiffusion:
         x_T as the chain's state there (SDEdit). The defaults are the project's default sampler: DDIM, 20
         steps, eta 1."""
         if x_T is None:
-            device = device or (generator.device if generator is not None else "cpu")
+            if device is None:
+                device = generator.device if generator is not None else "cpu"
             x_T = torch.randn(shape, generator=generator, device=device)
         ts = self.timesteps(sampler, steps, spacing, t_max)
         if sampler == "ddpm":
@@ -502,3 +503,104 @@ class GaussianDiffusion:
                      for lo, hi in zip(edges[:-1], edges[1:]))
         prior, decoder = self.prior_bpd(x0), term(full(0))
         return dict(prior=prior, vb=vb, decoder=decoder, total=prior + vb + decoder)
+
+# -----------------------------------------------------------------------------
+# training: the objective that a training loop optimises, one step at a time
+
+
+def drop_condition(attrs, gen, batch_size, shard, p_uncond, p_drop="uniform", rare=None):
+    """Condition dropout ([CFG] Algorithm 1, line 3): (B/world, K) 0/1 attributes -> +1 present, -1 absent,
+    0 dropped, drawn from `gen` for the global batch of `batch_size` (this rank's `shard` kept). Each attribute
+    is dropped with probability p_drop, 'uniform' (a rate drawn from U(0, 1) per image) or 'balanced' (the
+    same, but an attribute in its `rare` state stays unless all are dropped: Eyeglasses, on 7% of faces, is
+    then shown as present whenever a face has them); the whole condition with probability p_uncond."""
+    B = batch_size
+    K = attrs.shape[1]
+    uniform = p_drop in ("uniform", "balanced")
+    rate = torch.rand(B, 1, generator=gen, device=attrs.device) if uniform else p_drop
+    keep = (torch.rand(B, K, generator=gen, device=attrs.device) >= rate)[shard]  # each attribute on its own
+    if p_drop == "balanced":
+        keep |= attrs == rare
+    keep &= (torch.rand(B, 1, generator=gen, device=attrs.device) >= p_uncond)[shard]  # the whole condition
+    return (attrs.float() * 2 - 1) * keep
+
+
+class Denoising:
+    """A DDPM's training objective, [DDPM] Algorithm 1 lines 3-5: a timestep and the noise for each image,
+    drawn from the step's generator, and the loss of the model's prediction from x_t. On images, or on the
+    latents of `first`, the first stage (autoencoder.FirstStage, or autoencoder.Pixels for images), which
+    decodes what its samples draw. A conditional model's attributes are dropped as classifier-free guidance
+    trains them. The loop that calls it does not ask which it holds: an autoencoder's Reconstruction has the
+    same methods."""
+    face_steps = 1000  # fewer training steps than this drew noise, not faces (REPORT sec. 3.5)
+    val_passes = 1  # model evaluations per validation image
+
+    def __init__(self, diffusion, first, shape, *, batch_size, shard, memory_format=torch.contiguous_format,
+                 p_uncond=0.1, p_drop="uniform", rare=None, sample_steps=DEFAULT_STEPS, seed=0):
+        self.diffusion = diffusion
+        self.first = first
+        self.shape = shape  # (C, H, W) of what the model learns: images, or latents
+        self.batch_size = batch_size  # the global batch, of which this rank's `shard` is trained here
+        self.shard = shard
+        self.memory_format = memory_format
+        self.p_uncond = p_uncond
+        self.p_drop = p_drop
+        self.rare = rare  # (K,) each attribute's rarer state, for p_drop 'balanced'
+        self.sample_steps = sample_steps  # of the grids' sampler, from the same noise every time (`seed`)
+        self.seed = seed
+        self.grid_evals = len(diffusion.timesteps(DEFAULT_SAMPLER, sample_steps))  # per grid image
+
+    @staticmethod
+    def probe_losses(model, x):
+        """The per-image loss at t = 0 and zero noise: what a memory plan, a timing or a FLOP count runs."""
+        t = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        return GaussianDiffusion(2).to(x.device).training_losses(model, x, t, torch.zeros_like(x))
+
+    def losses(self, x0, attrs, gen):
+        """One step's loss: t and eps drawn from `gen` for the global batch, this rank's shard of x0 (B/world,
+        C, H, W) kept. -> a function of the model: its per-image loss (B/world,)."""
+        B = self.batch_size
+        t = torch.randint(0, self.diffusion.T, (B,), generator=gen, device=x0.device)[self.shard]  # line 3
+        noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=x0.device)[self.shard]  # line 4
+        noise = noise.contiguous(memory_format=self.memory_format)
+        kwargs = None
+        if attrs is not None:
+            cond = drop_condition(attrs, gen, B, self.shard, self.p_uncond, self.p_drop, self.rare)
+            kwargs = dict(attrs=cond)
+        return lambda model: self.diffusion.training_losses(model, x0, t, noise, model_kwargs=kwargs)  # line 5
+
+    @torch.no_grad()
+    def grid(self, ema, examples, n, batch, ctx, callback=None):
+        """n samples of the model `ema`, from the same noise at every call (x_T and every later z), decoded.
+        examples: unused (an autoencoder's grid shows its reconstructions of them). callback(images done)
+        after each step. -> (images in [-1, 1], images per row, model evaluations made)."""
+        x_T = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(self.seed))
+        device = self.diffusion.betas.device
+        g = torch.Generator(device=device).manual_seed(self.seed + 1)
+        done = 0
+        drawn = []
+        for x in x_T.to(device).split(batch):
+            def count(*_):
+                nonlocal done
+                done += len(x)
+                if callback:
+                    callback(done)
+            with ctx:
+                z = self.diffusion.sample(ema, x.shape, DEFAULT_SAMPLER, self.sample_steps, DEFAULT_ETA, g, x_T=x,
+                                          clip=self.first.clip, callback=count)
+                drawn.append(self.first.decode(z))
+        return torch.cat(drawn), round(math.sqrt(n)), n * self.grid_evals
+
+    def val_losses(self, ema, x0, attrs, g, ctx):
+        """The loss of `ema` on validation images (or latents) x0, t and noise from `g`. -> (losses, None)."""
+        t = torch.randint(0, self.diffusion.T, (len(x0),), generator=g, device=x0.device)
+        kwargs = None
+        if attrs is not None:
+            kwargs = dict(attrs=attrs)
+        with ctx:
+            noise = torch.randn(x0.shape, generator=g, device=x0.device)
+            return self.diffusion.training_losses(ema, x0, t, noise, model_kwargs=kwargs), None
+
+    def forward(self, ema, x):
+        """One model evaluation as a grid makes it (what --minutes prices grids and validation by)."""
+        return ema(x, torch.zeros(len(x), dtype=torch.long, device=x.device))

@@ -31,6 +31,7 @@ import csv
 import math
 import re
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
 
 import autoencoder
+import budget
 import data
 import unet
 import util
@@ -58,6 +60,7 @@ MASKS = dict(center=(0.25, 0.75, 0.25, 0.75), top=(0, 0.5, 0, 1), bottom=(0.5, 1
              right=(0, 1, 0.5, 1), eyes=(0.33, 0.57, 0.15, 0.85), mouth=(0.62, 0.84, 0.28, 0.72))
 QUERIES = dict(eye=(0.45, 0.36), mouth=(0.73, 0.5), background=(0.06, 0.06))  # --figure attention's, (y, x)
 say = util.Say()  # print, which outlives a closed terminal
+NETWORKS = dict(unet=unet.check_weights, autoencoder=autoencoder.check_weights)  # a checkpoint's networks
 
 # -----------------------------------------------------------------------------
 # the core: checkpoint -> images
@@ -72,9 +75,9 @@ def main(argv=None):
 
 def run(args, given):
     opt = check_flags(args, given)  # checked before any work
-    device = util.pick_device(opt.device)
-    precision, ctx = util.autocast(device, opt.precision)
-    util.set_threads(device, say=say)
+    device = budget.pick_device(opt.device)
+    precision, ctx = budget.autocast(device, opt.precision)
+    budget.set_threads(device, say=say)
     torch.backends.cudnn.benchmark = True
     if opt.mode == "schedules":  # no model needed
         return figure_schedules(opt)
@@ -107,21 +110,22 @@ def run(args, given):
 class Job:
     """Everything a draw needs, from the flags and the checkpoint."""
     opt: argparse.Namespace  # the flags, with the mode's defaults
-    model: torch.nn.Module  # the EMA weights, in eval mode (an autoencoder's for --reconstruct)
+    model: object  # the EMA weights in eval mode, as a draw calls them (compiled with --compile)
+    net: torch.nn.Module  # the same network itself (the figures hook its layers); an autoencoder's for --reconstruct
     diffusion: GaussianDiffusion
+    first_stage: object  # a latent model's autoencoder.FirstStage (encode, decode); autoencoder.Pixels else
     attr_names: tuple  # the model's attributes; () for an unconditional model
     size: int  # of the images
     shape: tuple  # (C, H, W) of what the model draws: an image, or a latent
     device: torch.device
     ctx: object  # autocast
-    generator: torch.Generator
-    steps: int  # the sampler's steps
-    evals: int  # model evaluations per image
+    generator: torch.Generator = None
+    steps: int = 0  # the sampler's steps
+    evals: int = 1  # model evaluations per image
     ckpt_args: dict = None  # the training run's settings (its data, for --bpd)
     cond: torch.Tensor = None  # (K,) in {+1 present, -1 absent, 0 free}, or None: unconditional
     x_init: torch.Tensor = None  # (1, 3, size, size) in [-1, 1]: what SDEdit or RePaint edits
     mask: torch.Tensor = None  # (1, 1, size, size): 1 where --init is kept
-    first_stage: object = None  # a latent model: its Latents (encode, decode); None for a pixel model
 
     def noise(self, n, generator=None):
         """(n, C, H, W) standard normal noise from `generator` (default: the job's)."""
@@ -130,81 +134,65 @@ class Job:
 
     def to_images(self, x):
         """What the model drew -> images in [-1, 1]: a latent model's latents decoded."""
-        if self.first_stage is None:
-            return x
         return self.first_stage.decode(x)
-
-
-class Latents:
-    """A latent model's autoencoder: images <-> the latents the diffusion model learned (scaled to unit
-    variance by the run's scale factor)."""
-
-    def __init__(self, model, scale):
-        self.model = model
-        self.scale = scale
-        self.factor = model.cfg.factor
-
-    def encode(self, x):
-        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f): the posterior mean, scaled."""
-        return self.model.encode(x)[0] * self.scale
-
-    def decode(self, z):
-        return autoencoder.decode_scaled(self.model, z, self.scale)
-
-    def mask(self, mask):
-        """A pixel mask (1, 1, H, W), 1 where kept, -> the latent grid's: a latent is kept where its whole f x
-        f patch is (a min-pool); the rest, the seam's patches included, is filled in."""
-        return -F.max_pool2d(-mask, self.factor)
 
 
 def load(opt, given, device, ctx):
     """The checkpoint's EMA model (without one, --bench's random preset), the condition, --init, --mask."""
-    opt, model, diffusion, ckpt_args, first_stage = open_checkpoint(opt, given, device)
+    opt, net, diffusion, ckpt_args, first_stage = open_checkpoint(opt, given, device)
     if diffusion is None:  # an autoencoder: its reconstructions
-        size = model.cfg.image_size
-        model = model.to(device).eval().requires_grad_(False)
-        return Job(opt, model, None, (), size, (3, size, size), device, ctx, None, 0, 1, ckpt_args)
-    shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
-    size = model.cfg.image_size
-    if first_stage is not None:  # the images are the autoencoder's
-        size = ckpt_args["size"]
+        size = net.cfg.image_size
+        net = net.to(device).eval().requires_grad_(False)
+        return Job(opt=opt, model=net, net=net, diffusion=None, first_stage=first_stage, attr_names=(), size=size,
+                   shape=(3, size, size), device=device, ctx=ctx, ckpt_args=ckpt_args)
+    shape = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)
+    size = net.cfg.image_size * first_stage.factor  # the images are the autoencoder's
     steps, evals = sampler_steps(opt, diffusion)
-    model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    net = net.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    model = net
     if opt.compile:
-        model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
+        model = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else "default")
     x_init = None
     if opt.init:
         x_init = data.to_float(read_image(opt.init, "--init", size, opt.crop)[None], device)
-    mask = load_mask(opt, size, device) if opt.mask else None
-    return Job(opt, model, diffusion.to(device), tuple(model.cfg.attrs), size, shape, device, ctx,
-               torch.Generator(device=device).manual_seed(opt.seed), steps, evals, ckpt_args,
-               parse_attrs(opt, model.cfg.attrs), x_init, mask, first_stage)
+    mask = None
+    if opt.mask:
+        mask = load_mask(opt, size, device)
+    return Job(opt=opt, model=model, net=net, diffusion=diffusion.to(device), first_stage=first_stage,
+               attr_names=tuple(net.cfg.attrs), size=size, shape=shape, device=device, ctx=ctx,
+               generator=torch.Generator(device=device).manual_seed(opt.seed), steps=steps, evals=evals,
+               ckpt_args=ckpt_args, cond=parse_attrs(opt, net.cfg.attrs), x_init=x_init, mask=mask)
 
 
 def open_checkpoint(opt, given, device):
-    """-> (the flags, for an autoencoder's checkpoint those of its reconstructions; the EMA model; its
-    GaussianDiffusion, None for an autoencoder; the run's settings; a latent model's Latents or None)."""
+    """-> (the flags, for an autoencoder's checkpoint those of its reconstructions; the EMA network; its
+    GaussianDiffusion, None for an autoencoder; the run's settings; the first stage: a latent model's
+    autoencoder, or autoencoder.Pixels)."""
     if opt.ckpt is None:
-        return opt, unet.UNet(unet.preset(opt.size)), GaussianDiffusion(), None, None
-    ckpt = util.load_checkpoint(opt.ckpt, parts=("ema",), build=autoencoder.check_weights, say=say)
+        return opt, unet.UNet(unet.preset(opt.size)), GaussianDiffusion(), None, autoencoder.Pixels()
+    ckpt = util.load_checkpoint(opt.ckpt, parts=("ema",), networks=NETWORKS, say=say)
     a = ckpt["args"]
-    model = autoencoder.from_checkpoint(ckpt, "ema")
     diffusion = None
-    first_stage = None
-    if a.get("autoencoder"):  # its reconstructions: another mode, other flags
+    first_stage = autoencoder.Pixels()
+    if util.network_of(ckpt, "ema") == "autoencoder":  # its reconstructions: another mode, other flags
+        net = autoencoder.from_checkpoint(ckpt, "ema")
         opt = as_reconstruct(opt, given)
     elif opt.mode == "sample" and given & {"data", "cache_dir"}:
         dashed = "--" + sorted(given & {"data", "cache_dir"})[0].replace("_", "-")
         raise UsageError(f"{dashed} does not apply to sampling (it is for --bpd and an autoencoder's "
                          f"reconstructions); drop {dashed}")
     else:
+        net = unet.from_checkpoint(ckpt, "ema")
         diffusion = GaussianDiffusion(a["timesteps"], a["schedule"], a["objective"], a.get("min_snr_gamma"))
-    if "autoencoder" in ckpt:
-        ae = autoencoder.from_checkpoint(ckpt, "autoencoder").to(device, memory_format=torch.channels_last)
-        first_stage = Latents(ae.eval().requires_grad_(False), ckpt["autoencoder_args"]["scale_factor"])
+    if "autoencoder" in ckpt:  # a latent model carries its first stage
+        first_stage = autoencoder.FirstStage.from_checkpoint(ckpt).to(device, channels_last)
         check_latent_flags(opt, given)
-    say(f"loaded {opt.ckpt}: step {ckpt['step']}, {describe_model(model, diffusion, first_stage)}")
-    return opt, model, diffusion, a, first_stage
+    say(f"loaded {opt.ckpt}: step {ckpt['step']}, {describe_model(net, diffusion, first_stage)}")
+    return opt, net, diffusion, a, first_stage
+
+
+def channels_last(model):
+    model.to(memory_format=torch.channels_last)
 
 
 def sampler_steps(opt, diffusion):
@@ -236,8 +224,8 @@ def describe_model(model, diffusion, first_stage):
         latent = f"{c.z_channels}x{c.latent_size}x{c.latent_size}"
         return f"an autoencoder of {words}, f={c.factor}, latents {latent}"
     words += f", T={diffusion.T} {diffusion.schedule} {diffusion.objective}"
-    if first_stage is not None:
-        f = first_stage.factor
+    f = first_stage.factor
+    if f > 1:
         words = (f"a latent model of {words} latents ({model.cfg.in_channels} channels) decoded to "
                  f"{size * f}x{size * f} by its autoencoder (f={f})")
     return words
@@ -263,21 +251,19 @@ def draw(job, n, x_T=None, cond=None, callback=None, progress=None):
             callback(*a)
         if progress:
             progress[0](progress[1] + n * steps / job.evals)
-    clip = not opt.no_clip and job.first_stage is None  # latents have no [-1, 1] to clip to
+    clip = not opt.no_clip and job.first_stage.clip  # latents have no [-1, 1] to clip to
     kw = dict(sampler=opt.sampler, steps=job.steps, eta=opt.eta, generator=job.generator, clip=clip,
               var_type=opt.var, spacing=opt.spacing, callback=step)
     with job.ctx:
         if job.mask is not None:
             x = inpaint(job, model, x_T, n, clip, step)
         elif job.x_init is not None:
-            x_init = job.x_init.expand(n, -1, -1, -1)
-            if job.first_stage is not None:
-                x_init = job.first_stage.encode(x_init)
+            x_init = job.first_stage.encode(job.x_init.expand(n, -1, -1, -1))
             x = diffusion.sdedit(model, x_init, opt.strength, x_T, **kw)
         else:
             x = diffusion.sample(model, x_T.shape, x_T=x_T, **kw)
         x = job.to_images(x)
-    if job.mask is not None and job.first_stage is not None:  # the known pixels exactly, as a pixel model
+    if job.mask is not None:  # the known pixels exactly (a latent model's too)
         x = job.mask * job.x_init + (1 - job.mask) * x
     return data.to_uint8(x)
 
@@ -285,11 +271,8 @@ def draw(job, n, x_T=None, cond=None, callback=None, progress=None):
 def inpaint(job, model, x_T, n, clip, step):
     """RePaint of --init outside --mask, each image from its own noise; a latent model on the latent grid."""
     opt = job.opt
-    x_known = job.x_init.expand(n, -1, -1, -1)
-    mask = job.mask
-    if job.first_stage is not None:
-        x_known = job.first_stage.encode(x_known)
-        mask = job.first_stage.mask(mask)
+    x_known = job.first_stage.encode(job.x_init.expand(n, -1, -1, -1))
+    mask = job.first_stage.mask(job.mask)
     return job.diffusion.repaint(model, x_T, x_known, mask, job.steps, opt.jump_length, opt.jump_n_sample,
                                  job.generator, clip, step)
 
@@ -350,11 +333,11 @@ def interpolate(job):
 def bench(job):
     """Images/s of the sampler, after a 2-step warm-up (compilation, CUDA graphs, autotuning)."""
     n = job.opt.batch_size
-    draw(Job(**{**vars(job), "steps": min(job.steps, 2)}), n)
-    util.synchronize(job.device)
+    draw(dataclasses.replace(job, steps=min(job.steps, 2)), n)
+    budget.synchronize(job.device)
     t0 = time.time()
     draw(job, n)
-    util.synchronize(job.device)
+    budget.synchronize(job.device)
     dt = time.time() - t0
     say(f"bench: {n / dt:,.1f} images/s | {n} images of {job.size}x{job.size} in {dt:.2f}s | "
         f"{job.opt.sampler} {job.evals} steps | {dt / job.evals * 1e3:.1f} ms per step")
@@ -403,7 +386,9 @@ def reconstruct(job):
     opt = job.opt
     valid = validation_images(job, opt.n)
     progress = util.Progress(len(valid), "reconstructions", "images", say)
-    originals, images, psnr = [], [], []
+    originals = []
+    images = []
+    psnr = []
     for i in range(0, len(valid), opt.batch_size):
         x = data.to_float(valid[i:i + opt.batch_size], job.device)
         with job.ctx:
@@ -439,7 +424,9 @@ def describe(job, precision):
         if opt.strength is not None:
             how += f"; SDEdit of {opt.init} from t = {round(opt.strength * job.diffusion.T)}"
     if job.cond is not None:
-        asked = [a for a in (opt.attrs, opt.compare and f"{opt.compare}=0|1") if a]
+        asked = [opt.attrs] if opt.attrs else []
+        if opt.compare:
+            asked.append(f"{opt.compare}=0|1")
         how += f"; {' and '.join(asked)} with guidance {opt.guidance:g}"
     say(f"device {job.device}, {precision}, {how}")
 
@@ -576,7 +563,9 @@ def check_flags(args, given):
     eta = args.eta
     if eta is None:
         eta = 0.0 if mode == "interpolate" else DEFAULT_ETA  # interpolation needs a deterministic sampler
-    n = args.n or (8 if mode == "reverse" else 64)
+    n = args.n
+    if n is None:
+        n = 8 if mode == "reverse" else 64
     strength = args.strength
     if mode == "sdedit" and strength is None:
         strength = 0.5
@@ -657,7 +646,7 @@ def check_outputs(opt):
         if os.path.isdir(opt.out):
             raise UsageError(f"--out {opt.out} is a folder; give an image file name")
         ext = os.path.splitext(opt.out)[1].lower()
-        if ext not in util.image_formats():
+        if ext not in image_formats():
             raise UsageError(f"--out {opt.out}: '{ext or 'no extension'}' is not an image format Pillow "
                              "writes; use .png, .jpg or .webp")
         util.check_writable(os.path.dirname(opt.out), "--out")
@@ -669,6 +658,11 @@ def check_outputs(opt):
             raise UsageError(f"--out-dir {opt.out_dir} already holds {len(old):,} numbered PNGs ({min(old)} "
                              "...), which the new ones would mix with; remove them or pick another folder")
         util.check_writable(opt.out_dir, "--out-dir")
+
+
+def image_formats():
+    """File extensions Pillow can write, e.g. {'.png', '.jpg', ...}."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
 
 
 def parse_attrs(opt, attr_names):
@@ -854,10 +848,8 @@ def figure_forward(job):
     face = job.x_init
     if face is None:
         face = data.to_float(draw(job, 1), device)  # (1, 3, H, W)
-    x0 = face
-    if job.first_stage is not None:
-        with job.ctx:
-            x0 = job.first_stage.encode(face)  # (1, C, h, w)
+    with job.ctx:
+        x0 = job.first_stage.encode(face)  # (1, C, h, w): the face, or its latent
     ts = [round(t * (T - 1) / 999) for t in FORWARD_T]
     g = torch.Generator(device=device).manual_seed(opt.seed)
     noise = torch.randn(x0.shape, generator=g, device=device)
@@ -904,23 +896,23 @@ def figure_reverse(job):
 
 @torch.no_grad()
 def attention_maps(job, x_T, timesteps):
-    """Sample one face from x_T (1, 3, H, W), recording at `timesteps` the finest attention weights (the mean
+    """Sample one face from x_T (1, C, H, W), recording at `timesteps` the finest attention weights (the mean
     over layers and heads) of each of QUERIES. -> (the face (1, 3, H, W) uint8, maps (Q, len(timesteps), r,
-    r), each a distribution over the positions)."""
-    model = getattr(job.model, "_orig_mod", job.model)  # hooks need the eager modules
-    r = max(model.cfg.attn_res)
+    r), each a distribution over the r x r positions of the model's finest attention)."""
+    r = max(job.net.cfg.attn_res)
     queries = [round(y * (r - 1)) * r + round(x * (r - 1)) for y, x in QUERIES.values()]
-    now, maps = [None], {t: [] for t in timesteps}
+    now = [None]
+    maps = {t: [] for t in timesteps}
     def hook(module, inputs, output):
         x = inputs[0]
         if x.shape[-1] == r and now[0] in maps:  # the first image (the conditional half under guidance)
             maps[now[0]].append(module.weights(x[:1].float())[0].mean(0)[queries])  # (Q, r*r)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, unet.Attention)]
+    handles = [m.register_forward_hook(hook) for m in job.net.attention_layers()]  # the eager modules
     def model_at(x, t, *a):
         now[0] = int(t[0])
         return job.model(x, t, *a)
     try:
-        face = draw(Job(**{**vars(job), "model": model_at}), 1, x_T)
+        face = draw(dataclasses.replace(job, model=model_at), 1, x_T)
     finally:
         for h in handles:
             h.remove()
@@ -929,16 +921,22 @@ def attention_maps(job, x_T, timesteps):
 
 
 def figure_attention(job):
-    """Where the finest self-attention (16x16 in the presets) of an eye, the mouth and the background of a
-    generated face looks at four timesteps: a row per query, red where it looks."""
+    """Where the finest self-attention (16x16 in the pixel presets, 8x8 in the latent ones) of an eye, the
+    mouth and the background of a generated face looks at four timesteps: a row per query, red where it
+    looks."""
     ts = job.diffusion.timesteps(job.opt.sampler, job.steps, job.opt.spacing)
     ts = [ts[round(i * (len(ts) - 1) / 3)] for i in range(4)]
     x_T = job.noise(1)
     face, maps = attention_maps(job, x_T, ts)
+    r = maps.shape[-1]
+    say(f"attention: the model's finest self-attention, on its {r}x{r} feature map"
+        + (f" of the {job.shape[1]}x{job.shape[2]} latent" if job.first_stage.factor > 1 else ""))
     scale = max(1, 128 // job.size)
     colours = torch.tensor([[0, 255, 255], [255, 255, 0], [0, 255, 0]], dtype=torch.uint8).view(3, 3, 1, 1)
     big = face[0].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, S, S)
-    grey, red, rows = big.float().mean(0, keepdim=True).expand(3, -1, -1), torch.tensor([255.0, 0, 0]), []
+    grey = big.float().mean(0, keepdim=True).expand(3, -1, -1)
+    red = torch.tensor([255.0, 0, 0])
+    rows = []
     for q, (y, x) in enumerate(QUERIES.values()):
         cells = [big.clone()]
         for m in maps[q]:
@@ -990,7 +988,9 @@ def image_grid(rows, col_labels, row_labels, scale):
     # (3, h, w)
     grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=255)
     img = TF.to_pil_image(grid).resize((grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST)
-    left, top, cell = 8 + 7 * max(map(len, row_labels)), 16, img.height // len(rows)
+    left = 8 + 7 * max(map(len, row_labels))  # room for the row labels
+    top = 16
+    cell = img.height // len(rows)
     canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
     canvas.paste(img, (left, top))
     draw = ImageDraw.Draw(canvas)

@@ -22,6 +22,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import autoencoder
+import budget
 import data
 import diffusion as D
 import sample
@@ -576,7 +577,7 @@ def test_one_timestep_is_refused_by_the_math_too():
 
 def test_channels_last_gives_every_4d_weight_its_strides_1x1_kernels_too():
     m = unet.UNet(tiny_config())
-    train.to_channels_last(m)
+    budget.to_channels_last(m)
     weights = [p for p in m.parameters() if p.dim() == 4]
     assert any(p.shape[2:] == (1, 1) for p in weights)  # the skip connections' 1x1 convs
     for p in weights:
@@ -587,15 +588,15 @@ def test_channels_last_gives_every_4d_weight_its_strides_1x1_kernels_too():
 @pytest.mark.parametrize("busy,cores,processes,threads", [(0.1, 2, 1, 2), (1.0, 2, 1, 1), (0.8, 16, 1, 15), (3.0, 16, 4, 3)])
 def test_threads_are_the_idle_cores(monkeypatch, busy, cores, processes, threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(util.CpuLoad, "others", lambda self: busy)
+    monkeypatch.setattr(budget.CpuLoad, "others", lambda self: busy)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     chosen, said = [], []
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
-    assert util.set_threads(torch.device("cpu"), processes, said.append) == threads and chosen == [threads]
+    assert budget.set_threads(torch.device("cpu"), processes, said.append) == threads and chosen == [threads]
     assert bool(said) == (threads * processes < cores)  # a choice below the cores is said, with how to override it
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     chosen.clear()
-    util.set_threads(torch.device("cpu"), processes, said.append)
+    budget.set_threads(torch.device("cpu"), processes, said.append)
     assert chosen == []  # the variable decides
 
 
@@ -672,7 +673,8 @@ def test_every_parameter_gets_a_gradient(attrs):
 
 def saved_per_image(m, d=None):
     """Bytes autograd keeps per image for a training step of model m, with its activation checkpointing as set."""
-    return train.saved_bytes_per_image(m, m.grad_checkpoint, torch.device("cpu"), contextlib.nullcontext())
+    return budget.saved_bytes_per_image(m, D.Denoising.probe_losses, (3, m.cfg.image_size, m.cfg.image_size),
+                                        m.grad_checkpoint, torch.device("cpu"), contextlib.nullcontext(), "fix")
 
 
 def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memory():
@@ -1128,8 +1130,8 @@ TINY = ["--size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1
 @pytest.fixture(autouse=True)
 def cpu_unless_asked(monkeypatch):
     """A script run in this process without --device uses the CPU, even where a GPU is visible."""
-    pick = util.pick_device
-    monkeypatch.setattr(util, "pick_device", lambda name=None, *a: pick(name or "cpu", *a))
+    pick = budget.pick_device
+    monkeypatch.setattr(budget, "pick_device", lambda name=None, *a, **k: pick(name or "cpu", *a, **k))
 
 
 @pytest.fixture(scope="module")
@@ -1138,6 +1140,14 @@ def faces(tmp_path_factory):
     for i in range(24):
         Image.fromarray(face(200 + i, 20, 20).permute(1, 2, 0).numpy()).save(str(root / f"{i:03d}.png"))
     return str(root)
+
+
+def stage_of(args):
+    """What train.py's setup decides the flags `args` train (a latent run's autoencoder: the default config)."""
+    first = autoencoder.Pixels()
+    if args.latents:
+        first = autoencoder.FirstStage(autoencoder.AutoencoderConfig(), None, None, {})
+    return train.Stage(objective=autoencoder.Reconstruction if args.autoencoder else D.Denoising, first=first)
 
 
 def train_args(faces, out, *extra):
@@ -1194,7 +1204,7 @@ def test_training_prints_progress_and_writes_grid_log_and_checkpoint(faces, tmp_
     assert "takes the" not in r.stdout  # 16 has a preset of its own; a size without one says which it took:
     args, given = train.make_parser().parse(["--size", "24", "--attn-res", "12", "--ch-mult", "1,2"])
     said = []
-    train.check_args(args, given, SimpleNamespace(world=1, ckpt=None, ae=None, say=said.append))
+    train.check_args(args, given, SimpleNamespace(world=1, say=said.append), None, stage_of(args))
     assert said == ["model: --size 24 takes the --size 16 preset (--ch, --ch-mult, --num-res-blocks, --attn-res, --dropout override it)"]
     assert Image.open(os.path.join(out, "samples_0000003.png")).size == (2 * 18 + 2, 2 * 18 + 2)  # 4 faces, 2 x 2
     log = open(os.path.join(out, "log.csv")).read().splitlines()
@@ -1218,8 +1228,7 @@ def test_conditional_training_takes_the_annotation_files_attributes(cond_run, fa
 def test_condition_dropout_rates():
     g = torch.Generator().manual_seed(0)
     attrs = torch.randint(0, 2, (20000, 4), generator=g, dtype=torch.uint8)
-    args = SimpleNamespace(p_uncond=0.1, p_drop_attr="uniform", batch_size=len(attrs))
-    c = train.condition(attrs, g, args, slice(None), None)
+    c = D.drop_condition(attrs, g, len(attrs), slice(None), 0.1, "uniform")
     assert set(c.unique().tolist()) <= {-1.0, 0.0, 1.0} and torch.equal(c[c != 0], attrs[c != 0].float() * 2 - 1)
     specified = (c != 0).sum(1)
     # dropped whole with p 0.1; otherwise a rate u ~ U(0, 1) makes the number specified uniform on 0..K
@@ -1227,13 +1236,12 @@ def test_condition_dropout_rates():
     want = torch.full((5,), 0.9 / 5, dtype=torch.float64)
     want[0] += 0.1
     assert (share - want).abs().max() < 0.015, share
-    c = train.condition(attrs, g, SimpleNamespace(p_uncond=0.0, p_drop_attr=0.25, batch_size=len(attrs)), slice(None), None)
+    c = D.drop_condition(attrs, g, len(attrs), slice(None), 0.0, 0.25)
     assert abs((c == 0).double().mean().item() - 0.25) < 0.01
     # balanced: an attribute in its rarer state (here: present for the first two, absent for the last two) is only
     # ever dropped with the whole condition; its other state is dropped at the uniform rate, half of the time
     rare = torch.tensor([1, 1, 0, 0], dtype=torch.uint8)
-    cfg = SimpleNamespace(p_uncond=0.1, p_drop_attr="balanced", batch_size=len(attrs))
-    c = train.condition(attrs, g, cfg, slice(None), rare)
+    c = D.drop_condition(attrs, g, len(attrs), slice(None), 0.1, "balanced", rare)
     whole, is_rare = (c == 0).all(1), attrs == rare
     assert abs(whole[is_rare.any(1)].double().mean().item() - 0.1) < 0.01 and (c[~whole][is_rare[~whole]] != 0).all()
     assert abs((c[~whole][~is_rare[~whole]] == 0).double().mean().item() - 0.5) < 0.02
@@ -1334,13 +1342,16 @@ def test_short_runs_leave_the_warmup_early(faces, tmp_path, capsys):
 
 
 def fake_clock(monkeypatch, seconds_per_step):
-    """train.py's clock, advanced by the training steps alone: nothing then depends on this machine's speed."""
+    """train.py's and budget.py's clock, advanced by the training steps alone: nothing then depends on this
+    machine's speed."""
     now, real_step = [0.0], train.train_step
     def step(run, *a):
         now[0] += seconds_per_step(run.step)
         return real_step(run, *a)
     monkeypatch.setattr(train, "train_step", step)
-    monkeypatch.setattr(train, "time", type("clock", (), {"time": staticmethod(lambda: now[0])}))
+    clock = type("clock", (), {"time": staticmethod(lambda: now[0])})
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(budget, "time", clock)
     return now
 
 
@@ -1372,7 +1383,7 @@ def test_a_short_budget_draws_four_grids_and_uses_its_time(faces, tmp_path, monk
         now[0] += grid_s
         return real_grid(cfg, env, run)
     monkeypatch.setattr(train, "sample_grid", grid)
-    monkeypatch.setattr(train, "time_forward", lambda *a: grid_s / (4 * 2))  # --sample-n 4, --sample-steps 2
+    monkeypatch.setattr(budget, "time_forward", lambda *a: grid_s / (4 * 2))  # --sample-n 4, --sample-steps 2
     out = str(tmp_path / "run")
     args = train_args(faces, out, "--minutes", "1", "--log-every", "10", "--sample-steps", "2", "--sample-n", "4")
     del args[args.index("--sample-every"):args.index("--sample-every") + 2]
@@ -1415,7 +1426,7 @@ def test_minutes_fits_the_run_into_the_budget_and_follows_a_slowdown(faces, tmp_
 
 def minutes_env(device="cpu"):
     return SimpleNamespace(device=SimpleNamespace(type=device), ctx=contextlib.nullcontext(), world=1, ddp=False,
-                           say=print, compile=False, ctrl=None, ae=None)
+                           say=print, compile=False, ctrl=None)
 
 
 @pytest.mark.parametrize("minutes,min_steps,lr,ch,batch,dropout,new_lr", [
@@ -1426,12 +1437,12 @@ def test_minutes_narrows_the_model_only_when_the_budget_needs_it(monkeypatch, ca
     # scales the learning rate by the width ratio, unless --lr is given; a generous one keeps the preset as it
     # is, dropout and lr included. The budgets are far from the edge, so the outcome does not depend on this
     # machine's speed.
-    monkeypatch.setattr(train, "MIN_STEPS", min_steps)
+    monkeypatch.setattr(budget, "MIN_STEPS", min_steps)
     args, given = train.make_parser().parse(["--size", "16", "--ch-mult", "1,2", "--attn-res", "8", "--batch-size", "16",
                                              "--minutes", minutes] + (["--lr", lr] if lr else []))
     env = minutes_env()
     env.device = torch.device("cpu")
-    cfg = train.fit_model_to_minutes(args, env, given)
+    cfg = train.fit_model_to_minutes(args, env, given, stage_of(args))
     assert (cfg.ch, cfg.batch_size, cfg.dropout) == (ch, batch, dropout) and args.ch is None  # a new settings object
     printed = capsys.readouterr().out
     assert cfg.lr == pytest.approx(new_lr) and ("--lr 0.0004, 0.0002 times 128/64" in printed) == (lr is None and ch == 64)
@@ -1443,24 +1454,24 @@ def test_minutes_narrows_the_model_only_when_the_budget_needs_it(monkeypatch, ca
 def test_minutes_never_narrows_to_a_model_slower_per_image(monkeypatch, device, seconds, ch):
     # On a GPU every candidate is timed, and a narrower model is taken only where it is faster per image; with
     # none leaving MIN_STEPS, the fastest per image. The timings are given, so nothing depends on a device.
-    monkeypatch.setattr(train, "time_step", lambda net, batch, *a: seconds(net.ch, batch))
+    monkeypatch.setattr(budget, "time_step", lambda build, probe, shape, batch, *a: seconds(build.args[0].ch, batch))
     args, given = train.make_parser().parse(["--size", "64", "--minutes", "3"])
-    cfg = train.fit_model_to_minutes(args, minutes_env(device), given)
+    cfg = train.fit_model_to_minutes(args, minutes_env(device), given, stage_of(args))
     assert cfg.ch == ch and cfg.batch_size == ch, cfg
 
 
 def test_a_first_run_far_beyond_a_day_says_so(monkeypatch, capsys):
     args, given = train.make_parser().parse(["--size", "64", "--epochs", "100", "--data", "my data"])
-    env = SimpleNamespace(device=torch.device("cpu"), world=1, ctx=contextlib.nullcontext(), say=print, ae=None)
-    monkeypatch.setattr(train, "time_step", lambda *a: 2.0)  # 2 s per image, as for the 64x64 preset on a laptop
-    train.estimate_run(args, env, 162_770)
+    env = SimpleNamespace(device=torch.device("cpu"), world=1, ctx=contextlib.nullcontext(), say=print)
+    monkeypatch.setattr(budget, "time_step", lambda *a: 2.0)  # 2 s per image, as for the 64x64 preset on a laptop
+    train.estimate_run(args, env, stage_of(args), 162_770)
     line = capsys.readouterr().out
     assert "127,100 steps of 128 images" in line and "about 9038h" in line and "far beyond a day" in line, line
     import shlex
     hint = shlex.split(line.split("in 30 minutes: ")[1])
     assert hint[:2] == ["python", "train.py"] and train.make_parser().parse(hint[2:])[0].minutes == 30 and "my data" in hint
-    monkeypatch.setattr(train, "time_step", lambda *a: 0.001)
-    train.estimate_run(args, env, 162_770)
+    monkeypatch.setattr(budget, "time_step", lambda *a: 0.001)
+    train.estimate_run(args, env, stage_of(args), 162_770)
     assert "far beyond" not in capsys.readouterr().out
 
 
@@ -1470,15 +1481,15 @@ def test_memory_plan_refuses_a_batch_that_cannot_fit_and_names_one_that_can(face
     per_image = [1.25 * saved_per_image(m, D.GaussianDiffusion(50)) for m.grad_checkpoint in (False, True)]
     state = 20 * m.num_params()
     # room for 5 images without checkpointing, and for more than 16 with it: auto turns it on
-    monkeypatch.setattr(util, "device_memory", lambda device: (state + 5.5 * per_image[0]) / 0.85)
+    monkeypatch.setattr(budget, "device_memory", lambda device: (state + 5.5 * per_image[0]) / 0.85)
     assert per_image[1] * 16 < 5.5 * per_image[0]
     train.main(args)
     assert "activation checkpointing on" in capsys.readouterr().out
     # with checkpointing off, the same batch is refused and the error names a batch that fits
     code, _, err = main_error(capsys, train.main, args + ["--grad-checkpoint", "off", "--overwrite"])
     assert code == 2 and "a batch of 16 needs" in err and err.count("\n") == 1, err
-    budget, available = err.split("more than the ")[1].split(" a run may use (85% of the ")  # says both, consistently
-    assert float(budget.split()[0]) < float(available.split()[0]), err
+    may_use, available = err.split("more than the ")[1].split(" a run may use (85% of the ")  # says both, consistently
+    assert float(may_use.split()[0]) < float(available.split()[0]), err
     fits = int(err.split("use --batch-size ")[1].split()[0])
     assert 4 <= fits <= 6, err  # room for about 5 (the measurement differs a little with the memory format)
     train.main(args + ["--grad-checkpoint", "off", "--overwrite", "--batch-size", str(fits)])
@@ -1492,27 +1503,27 @@ def test_memory_plan_refuses_a_batch_that_cannot_fit_and_names_one_that_can(face
 def test_memory_plan_counts_resident_images_and_ddp_buckets(monkeypatch):
     m = unet.UNet(unet.preset(16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,)))
     diffusion = D.GaussianDiffusion(50)
-    env = SimpleNamespace(device=torch.device("cpu"), world=1, ddp=False, ctx=contextlib.nullcontext(), say=lambda *a: None)
-    cfg, run = SimpleNamespace(grad_checkpoint="auto", size=16, batch_size=4), SimpleNamespace(model=m, diffusion=diffusion)
+    def plan(ddp=False, resident_bytes=0):
+        return budget.plan_memory(m, D.Denoising.probe_losses, (3, 16, 16), 4, 1, ddp, "auto", torch.device("cpu"),
+                                  contextlib.nullcontext(), lambda *a: None, str, resident_bytes)
     per_image = 1.25 * saved_per_image(m, diffusion)
-    monkeypatch.setattr(util, "device_memory", lambda device: (20 * m.num_params() + 5.5 * per_image) / 0.85)
-    assert not train.plan_memory(cfg, env, run)  # 4 images fit in the room for 5.5
-    assert train.plan_memory(cfg, env, run, resident_bytes=2 * per_image)  # the training images take the room of 2
+    monkeypatch.setattr(budget, "device_memory", lambda device: (20 * m.num_params() + 5.5 * per_image) / 0.85)
+    assert not plan()  # 4 images fit in the room for 5.5
+    assert plan(resident_bytes=2 * per_image)  # the training images take the room of 2
     assert not m.grad_checkpoint  # the plan says what to do; train.py sets it
     # room for 4 images and 2 more bytes per parameter: enough alone, not beside DDP's buckets (4 bytes per parameter)
-    monkeypatch.setattr(util, "device_memory", lambda device: (22 * m.num_params() + 4 * per_image) / 0.85)
-    assert not train.plan_memory(cfg, env, run)
-    env.ddp = True
-    assert train.plan_memory(cfg, env, run)
+    monkeypatch.setattr(budget, "device_memory", lambda device: (22 * m.num_params() + 4 * per_image) / 0.85)
+    assert not plan()
+    assert plan(ddp=True)
 
 
 def test_gpu_memory_budget_is_what_is_free_within_the_process_limit(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60e9, 80e9))  # free, total
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2e9)  # already this process's
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0, raising=False)
-    assert util.device_memory(torch.device("cuda")) == 62e9
+    assert budget.device_memory(torch.device("cuda")) == 62e9
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.2, raising=False)  # a 16 GB share
-    assert util.device_memory(torch.device("cuda")) == 16e9
+    assert budget.device_memory(torch.device("cuda")) == 16e9
 
 
 def test_bpd_command_prints_the_bound_or_its_estimate(tiny_run, capsys):
@@ -1604,21 +1615,21 @@ def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # (pick_device makes it current)
     for rank in (0, 1):  # every process of a 2-process torchrun on a 1-GPU machine refuses, rank 0 too
         with pytest.raises(util.UsageError, match="--nproc_per_node=1"):
-            util.pick_device("cuda", rank, 2)
-    assert util.pick_device("cuda", 0, 1) == torch.device("cuda:0")
+            budget.pick_device("cuda", rank, 2)
+    assert budget.pick_device("cuda", 0, 1) == torch.device("cuda:0")
 
 
 def test_auto_precision_needs_native_bf16_and_fp32_means_fp32(monkeypatch):
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # a V100, a T4
     with pytest.warns(UserWarning, match="CUDA is not available"):  # the autocast object itself, on this CPU machine
-        assert util.autocast(torch.device("cuda"), "auto")[0] == "fp16"
+        assert budget.autocast(torch.device("cuda"), "auto")[0] == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
     with pytest.warns(UserWarning, match="CUDA is not available"):
-        assert util.autocast(torch.device("cuda"), "auto")[0] == "bf16"
-    assert util.autocast(torch.device("cpu"), "auto")[0] == "fp32"
+        assert budget.autocast(torch.device("cuda"), "auto")[0] == "bf16"
+    assert budget.autocast(torch.device("cpu"), "auto")[0] == "fp32"
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    util.autocast(torch.device("cpu"), "bf16")
+    budget.autocast(torch.device("cpu"), "bf16")
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
@@ -1937,8 +1948,8 @@ def test_sampling_writes_a_grid_and_numbered_pngs(tiny_run, tmp_path, capsys):
 
 def test_samples_are_what_the_model_draws_with_the_library(tiny_run, tmp_path):
     sample.main([tiny_run, "--n", "3", "--steps", "4", "--seed", "9", "--out", str(tmp_path / "p.png"), "--out-dir", str(tmp_path / "p")])
-    ckpt = util.load_checkpoint(tiny_run, build=autoencoder.check_weights)
-    model = autoencoder.from_checkpoint(ckpt)
+    ckpt = util.load_checkpoint(tiny_run, networks=sample.NETWORKS)
+    model = unet.from_checkpoint(ckpt)
     diffusion = D.GaussianDiffusion(ckpt["args"]["timesteps"])
     x = diffusion.sample(model.eval(), (3, 3, 16, 16), "ddim", 4, D.DEFAULT_ETA, torch.Generator().manual_seed(9), device="cpu")
     assert all(torch.equal(torchvision.io.read_image(str(tmp_path / "p" / f"00000{i}.png")), data.to_uint8(x)[i]) for i in range(3))
@@ -2298,31 +2309,31 @@ def test_threads_follow_a_program_that_starts_during_the_run(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     busy = [0.0]
-    monkeypatch.setattr(util.CpuLoad, "others", lambda self: busy[0])
+    monkeypatch.setattr(budget.CpuLoad, "others", lambda self: busy[0])
     said = []
-    load = util.CpuLoad()
+    load = budget.CpuLoad()
     torch.set_num_threads(2)
     try:
-        assert util.set_threads(torch.device("cpu"), 1, said.append, load) == 2 and said == []  # idle: as it was
+        assert budget.set_threads(torch.device("cpu"), 1, said.append, load) == 2 and said == []  # idle: as it was
         busy[0] = 1.0  # the browser starts
-        assert util.set_threads(torch.device("cpu"), 1, said.append, load) == 1
+        assert budget.set_threads(torch.device("cpu"), 1, said.append, load) == 1
         assert said == ["threads: 2 -> 1 per process, other programs now keeping 1 of 2 cores busy (OMP_NUM_THREADS=N chooses)"]
         busy[0] = 0.1  # and ends
-        assert util.set_threads(torch.device("cpu"), 1, said.append, load) == 2 and len(said) == 2
+        assert budget.set_threads(torch.device("cpu"), 1, said.append, load) == 2 and len(said) == 2
         busy[0] = 0.67  # a busy loop's share of 2 cores while this run's 2 threads compete with it
-        assert util.set_threads(torch.device("cpu"), 1, said.append, load) == 1 and len(said) == 3
+        assert budget.set_threads(torch.device("cpu"), 1, said.append, load) == 1 and len(said) == 3
     finally:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def test_the_cpu_load_reader_sees_another_process_not_its_own():
-    if util.CpuLoad.read() is None:
+    if budget.CpuLoad.read() is None:
         pytest.skip("no /proc")
     # Other programs may run beside the tests: compare with a reading while this process sleeps, and allow
     # their load to move between the two readings (three tries). Counting its own core would add 1.
     readings = []
     for _ in range(3):
-        load = util.CpuLoad()
+        load = budget.CpuLoad()
         time.sleep(0.3)
         idle = load.others()
         t0 = time.time()
@@ -2374,7 +2385,7 @@ def test_sampling_says_where_each_output_went(tiny_run, tmp_path, capsys, monkey
 
 
 def test_data_check_refuses_a_size_beyond_the_memory(faces, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(util, "device_memory", lambda device: 2**30)
+    monkeypatch.setattr(budget, "device_memory", lambda device: 2**30)
     code, _, err = main_error(capsys, data.main, ["--data", faces, "--size", "5000", "--cache-dir", str(tmp_path)])
     assert code == 2 and "23 images at 5000x5000 take 1.6 GiB decoded, more than the 1.0 GiB of memory available" in err, err
     assert err.count("\n") == 1, err
@@ -2392,10 +2403,12 @@ def tiny_ae(factor=4, size=16):
 def test_autoencoder_shapes_for_every_factor(factor):
     m = perturbed(tiny_ae(factor))
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    mean, logvar = m.encode(x)
-    assert mean.shape == logvar.shape == (2, 4, 16 // factor, 16 // factor)
-    x_hat, mean2, _ = m(x, torch.zeros_like(mean))
-    assert x_hat.shape == x.shape and torch.equal(mean, mean2)
+    posterior = m.encode(x)
+    mean = posterior.mode()
+    assert mean.shape == posterior.logvar.shape == (2, 4, 16 // factor, 16 // factor)
+    x_hat, posterior2 = m(x, torch.zeros_like(mean))
+    assert x_hat.shape == x.shape and torch.equal(mean, posterior2.mean)
+    assert torch.equal(posterior.sample(torch.zeros_like(mean)), mean)
     torch.testing.assert_close(x_hat, m.decode(mean))  # zero noise: z is the posterior mean
     assert len(m.cfg.ch_mult) == {2: 2, 4: 3, 8: 4}[factor]  # log2(f) downsamplings
 
@@ -2410,9 +2423,10 @@ def test_kl_term_is_the_closed_form_and_the_loss_adds_it_with_its_weight():
     m = perturbed(tiny_ae())
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     noise = torch.randn(2, 4, 4, 4, generator=g)
-    x_hat, mu, lv = m(x, noise)
+    x_hat, posterior = m(x, noise)
     l1 = (x - x_hat).abs().mean((1, 2, 3))
-    kl = autoencoder.kl_divergence(mu, lv)
+    kl = autoencoder.kl_divergence(posterior.mean, posterior.logvar)
+    torch.testing.assert_close(posterior.kl(), kl)
     torch.testing.assert_close(autoencoder.training_losses(m, x, noise, 0.0), l1)
     torch.testing.assert_close(autoencoder.training_losses(m, x, noise, 0.5), l1 + 0.5 * kl / x[0].numel())
 
@@ -2588,7 +2602,6 @@ def test_every_command_in_the_docs_passes_its_checks(tmp_path, monkeypatch):
     # checks and model, a latent run's with the default autoencoder; sample.py's mode, flags, files and outputs)
     import re, shlex
     monkeypatch.chdir(tmp_path)  # sample.py's output checks write scratch files where the command says
-    ae = dict(args=dict(model_args=autoencoder.config_dict(autoencoder.AutoencoderConfig())))
     parsers = {"train.py": lambda a: train.make_parser().parse(a), "sample.py": lambda a: sample.make_parser().parse(a),
                "data.py": lambda a: (data.get_args(a), set())}
     for name, text in doc_text().items():
@@ -2608,9 +2621,9 @@ def test_every_command_in_the_docs_passes_its_checks(tmp_path, monkeypatch):
                     continue
                 if script == "train.py":
                     world = int(re.search(r"nproc_per_node[= ](\d+)", m.group(1)).group(1)) if m.group(1) else 1
-                    env = SimpleNamespace(world=world, ckpt=None, ae=ae if args.latents else None, say=quiet)
+                    env = SimpleNamespace(world=world, say=quiet)
                     try:
-                        train.check_args(args, given, env)
+                        train.check_args(args, given, env, None, stage_of(args))
                     except util.UsageError as e:
                         raise AssertionError((name, line, str(e)))
                 if script == "sample.py":

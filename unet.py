@@ -142,7 +142,9 @@ class Attention(nn.Module):
     def __init__(self, c, head_dim):
         super().__init__()
         self.heads = max(1, c // head_dim)
-        self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm = norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)  # the queries, keys and values of every position
+        self.proj = nn.Conv2d(c, c, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -209,7 +211,8 @@ class UNet(nn.Module):
         super().__init__()
         check_config(cfg)
         self.cfg = cfg
-        ch, temb_dim = cfg.ch, 4 * cfg.ch
+        ch = cfg.ch
+        temb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         if cfg.attrs:  # column k: attribute k present, K + k: absent; no bias: "unspecified" adds exactly 0
             # Linear's default init gives each vector a norm like the time embedding's; zero-initialised ones
@@ -219,7 +222,10 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         # encoder: remember the channel count of every feature map that becomes a skip connection
-        self.down, skips, c, res = nn.ModuleList(), [ch], ch, cfg.image_size
+        self.down = nn.ModuleList()
+        skips = [ch]
+        c = ch
+        res = cfg.image_size  # the feature map's size at this level
         for level, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
                 attn = res in cfg.attn_res
@@ -247,7 +253,8 @@ class UNet(nn.Module):
                 res *= 2
 
         self.grad_checkpoint = False  # recompute each block in backward: far less memory, ~1/3 more compute
-        self.norm_out, self.conv_out = norm(c), nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the network starts by predicting 0
         nn.init.zeros_(self.conv_out.bias)
 
@@ -284,6 +291,10 @@ class UNet(nn.Module):
         """The blocks a forward pass runs in turn (what a hook that watches the pass hangs on)."""
         return [*self.down, *self.mid, *self.up]
 
+    def attention_layers(self):
+        """The self-attention layers, in the order a forward pass runs them (for figures of where they look)."""
+        return [b.attn for b in self.blocks() if isinstance(b, ResAttnBlock) and b.attn is not None]
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -295,6 +306,12 @@ def config_dict(cfg):
 def config_from_dict(model_args):
     """The UNetConfig of the plain dict stored in a checkpoint."""
     return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()})
+
+
+def check_weights(ckpt, part):
+    """That `part` of a checkpoint fits the U-Net its config describes: built on the meta device, at no cost
+    (KeyError, RuntimeError, TypeError or ValueError where it does not). util.load_checkpoint's check."""
+    from_checkpoint(ckpt, part, device="meta")
 
 
 def from_checkpoint(ckpt, weights="ema", device="cpu"):

@@ -1,20 +1,23 @@
 """
 The plumbing that the scripts share, so that no script imports another: one-line errors and argparse types;
 writes that are all or nothing and the lock that keeps two runs out of one folder; the checkpoint file
-(written atomically, loaded with weights_only and verified); the device, its precision and the CPU's threads;
-messages that outlive a closed terminal, and progress lines with an ETA. It imports no module of the project
-and never changes a model: what decides how a training step computes is in train.py.
+(written atomically, loaded with weights_only and verified); the device and the ranks of a torchrun job;
+messages that outlive a closed terminal, and progress lines with an ETA. It imports no module of the project,
+never changes a model and decides nothing about how a step computes (that is budget.py's and train.py's).
 """
 import argparse
 import contextlib
+import csv
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
 import zlib
 
 import torch
+import torch.distributed as dist
 import torchvision
 from PIL import Image
 
@@ -159,7 +162,8 @@ def why(e):
 def check_writable(folder, what):
     """Write a scratch file in `folder`, so that a bad output path fails before any work (folders made for
     that are removed again), and remove_stale_temporaries there. -> how many it removed."""
-    folder, created = os.path.abspath(folder or "."), []
+    folder = os.path.abspath(folder or ".")
+    created = []
     try:
         parent = folder
         while not os.path.exists(parent):
@@ -207,11 +211,6 @@ def save_image(x, path, what, **grid):
     fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
     atomic_write(lambda tmp: torchvision.utils.save_image(x.float() / 255, tmp, format=fmt, **grid), path,
                  what)
-
-
-def image_formats():
-    """File extensions Pillow can write, e.g. {'.png', '.jpg', ...}."""
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
 
 
 def remove_stale_temporaries(folder):
@@ -309,12 +308,12 @@ def save_checkpoint(ckpt, path, what="--out"):
     atomic_write(write, path, what)
 
 
-def load_checkpoint(path, parts=("model", "ema", "optimizer"), build=None, say=None):
+def load_checkpoint(path, parts=("model", "ema", "optimizer"), networks=None, say=None):
     """torch.load(weights_only=True) with one-line errors for missing, corrupt, unsafe, foreign and damaged
     files: the tensors of `parts` (and of a latent model's autoencoder) must be there, be finite and match
-    their checksums, and build(ckpt, part), if given, must build each model part from its config (on the meta
-    device: a check at no cost; it raises KeyError, RuntimeError, TypeError or ValueError where they do not
-    fit). The other checked parts are verified too: where they fail, say() says once that the file cannot be
+    their checksums, and each model part must build from its config: networks[kind](ckpt, part), where kind is
+    the network the part holds, "unet" or "autoencoder" (on the meta device: a check at no cost; it raises
+    KeyError, RuntimeError, TypeError or ValueError where they do not fit). The other checked parts are verified too: where they fail, say() says once that the file cannot be
     resumed. A folder means its ckpt.pt."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
         raise CheckpointError(f"{path} is a folder without a ckpt.pt; pass the checkpoint file that train.py "
@@ -348,7 +347,7 @@ def load_checkpoint(path, parts=("model", "ema", "optimizer"), build=None, say=N
                               "marker); pass a ckpt.pt from train.py's --out folder")
     for part in parts:
         check_part(ckpt, part, path)
-    for part in CHECKED:
+    for part in ("model", "ema", "optimizer"):  # (a latent model's autoencoder is checked below)
         if part not in parts and part in ckpt and not checksum_ok(ckpt, part) and say:
             say(f"note: {path}: its {part} tensors fail their checksum (the file was damaged after it was "
                 "written), so it cannot be resumed; the weights used here are intact")
@@ -357,9 +356,9 @@ def load_checkpoint(path, parts=("model", "ema", "optimizer"), build=None, say=N
     models = [p for p in ("model", "ema") if p in parts]
     if "autoencoder" in ckpt:
         models.append("autoencoder")
-    for part in models if build is not None else []:
+    for part in models if networks is not None else []:
         try:
-            build(ckpt, part)
+            networks[network_of(ckpt, part)](ckpt, part)
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its {part} weights do not fit the model its config describes in "
                                   f"this version ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
@@ -368,6 +367,14 @@ def load_checkpoint(path, parts=("model", "ema", "optimizer"), build=None, say=N
         raise CheckpointError(f"{path}: its step {step!r} is not a count of steps; the file was edited or "
                               "damaged")
     return ckpt
+
+
+def network_of(ckpt, part):
+    """Which network a part of a checkpoint holds: "autoencoder" (an autoencoder run's weights, or a latent
+    run's first stage) or "unet"."""
+    if part == "autoencoder" or ckpt["args"].get("autoencoder"):
+        return "autoencoder"
+    return "unet"
 
 
 def check_part(ckpt, part, path):
@@ -392,137 +399,85 @@ def checksum_ok(ckpt, part):
 
 
 # -----------------------------------------------------------------------------
-# the device, its precision, and the CPU's threads
+# the processes of a torchrun job
 
 
-def pick_device(name, local_rank=0, local_world=1):
-    """--device -> torch.device (made current): the first available of cuda, mps, cpu when name is None.
-    Under torchrun, process `local_rank` of the `local_world` on this machine takes GPU local_rank."""
-    if name is None:
-        name = "cpu"
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-    try:
-        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cuda", "mps", "cpu"):  # meta, xpu, ...: nothing trains there
-        raise UsageError(f"--device {name}: not a device these scripts can run on; use cuda, cuda:N, mps or "
-                         "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    want, n = max(local_world, (device.index or 0) + 1), torch.cuda.device_count()
-    if device.type == "cuda" and want > n:
-        raise UsageError(f"{want} processes want a GPU each but {n} GPU{'s are' if n > 1 else ' is'} "
-                         f"visible; start torchrun with --nproc_per_node={n} (or fewer), or use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # the current device, for kernels and NCCL
-    return device
+def mean_over_ranks(t):
+    """The mean of tensor `t` over the ranks of a torchrun job, read on the host (`t` is left as it is)."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.item()
 
 
-def autocast(device, precision):
-    """--precision -> (its name, the autocast context). auto: bf16 on GPUs with native bf16 (Ampere and
-    later), fp16 on older GPUs (is_bf16_supported() alone also counts the slow emulated bf16 of a V100 or T4),
-    fp32 on CPU and MPS. fp32 means fp32: TF32 matmuls and convolutions only come with the mixed
-    precisions."""
-    if precision == "auto":
-        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        precision = "fp32"
-        if device.type == "cuda":
-            precision = "bf16" if native else "fp16"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    if dtype == torch.float32:
-        return precision, contextlib.nullcontext()
-    return precision, torch.autocast(device.type, dtype=dtype)
+def from_rank0(value, group=None):
+    """Rank 0's `value` (a number) on every rank of a torchrun job."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.broadcast(t, 0, group=group)
+    return t.item()
 
 
-def synchronize(device):
-    """Wait for the device's queued work, so that a timing measures it (CUDA and MPS run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+def on_any_rank(flag, group=None):
+    """True on every rank when `flag` is true on at least one."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item() > 0
+
+# -----------------------------------------------------------------------------
+# signals: stop a run at a safe point, or cut a long phase short
 
 
-# dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU; the first match wins
-class CpuLoad:
-    """How many cores other programs keep busy between two readings: the machine's busy time (/proc/stat) less
-    this process's own (/proc/self/stat), so that it reads right while this process computes too. None where
-    there is no /proc (not Linux)."""
-
-    def __init__(self):
-        self.last = self.read()
-
-    @staticmethod
-    def read():
-        """-> (all ticks, idle ticks, this process's ticks), or None."""
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]  # "cpu": user nice system idle iowait ...
-            with open("/proc/self/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-            return sum(v), v[3] + v[4], int(fields[11]) + int(fields[12])  # utime + stime of every thread
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def others(self):
-        """Cores that other programs kept busy since the last call (or since this object was made)."""
-        now, last = self.read(), self.last
-        self.last = now
-        if now is None or last is None or now[0] <= last[0]:
-            return None
-        total, idle, own = (a - b for a, b in zip(now, last))
-        cores = os.cpu_count() or 1
-        return max(0.0, cores * (total - idle - own) / total)
+SIGHUP = getattr(signal, "SIGHUP", 1)  # (not on Windows)
+SIGPIPE = getattr(signal, "SIGPIPE", 13)
 
 
-def set_threads(device, processes=1, say=print, load=None):
-    """On the CPU: one thread per core that no other program keeps busy, shared by this machine's `processes`.
-    A thread that shares its core with another program stalls every parallel op (OpenMP waits for all its
-    threads at each op's end): on 2 cores with one busy, 2 threads trained 6x slower than 1 (REPORT sec.
-    3.10). OMP_NUM_THREADS, when set, decides instead. `load`: a CpuLoad running since the last call, for a
-    re-check during a run, which says so when the count changes; without it the load is read over 0.25 s.
-    -> the thread count."""
-    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if load is None:
-        reading = CpuLoad()
-        time.sleep(0.25)
-        busy = reading.others() or 0.0
-    else:
-        busy = load.others() or 0.0
-    # A core half busy counts as taken: a program that wants a whole core gets about two thirds of one while
-    # this run's threads compete with it (on 2 cores, 2 threads and 1 busy loop: 3 threads share 2 cores).
-    idle = max(1, cores - math.floor(busy + 0.5))
-    n = max(1, idle // processes)
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    if load is None and n * processes < cores:
-        say(f"threads: {n} per process, {cores - idle} of {cores} cores being busy with other programs "
-            "(OMP_NUM_THREADS=N chooses)")
-    if load is not None and n != before:
-        say(f"threads: {before} -> {n} per process, other programs now keeping {cores - idle} of {cores} "
-            "cores busy (OMP_NUM_THREADS=N chooses)")
-    return n
+def signal_name(sig):
+    """SIGINT, SIGTERM; SIGHUP and SIGPIPE with what sent them."""
+    said = {SIGHUP: "SIGHUP (the terminal closed)", SIGPIPE: "SIGPIPE (stdout closed)"}
+    return said.get(sig) or signal.Signals(sig).name
 
-def device_memory(device):
-    """Bytes a run may use on `device`: on a GPU what is free (other processes and MIG slices excluded) plus
-    what this process holds, within its memory fraction; on the CPU what the OS has available."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)  # torch 2.7+
-        return min(free + torch.cuda.memory_reserved(device), fraction * total)
-    try:
-        with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable page cache
-            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+class Interrupted(Exception):
+    """A signal arrived in a long phase (a CPU step, a sample grid, an evaluation): it is cut short."""
+
+
+class StopSignals:
+    """For the time it is entered: Ctrl-C, SIGTERM (Slurm, Kubernetes, `timeout`) and SIGHUP (a closed
+    terminal) are appended to `signals`, for the loop to stop at a safe point (after this step, or with
+    `at_once` inside it); the first is acknowledged at once. A second Ctrl-C then quits at once; a second
+    SIGTERM is ignored (Slurm signals every process and torchrun forwards it again: neither may cut the last
+    checkpoint short)."""
+
+    def __init__(self, signals, say, at_once=False):
+        self.signals = signals
+        self.say = say
+        self.when = "now" if at_once else "after this step"
+        kinds = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # Windows
+        self.saved = {s: signal.getsignal(s) for s in kinds}
+
+    def handler(self, signum, frame):
+        if not self.signals:
+            line = f"\n{signal.Signals(signum).name}: stopping {self.when} and writing a checkpoint"
+            if signum != SIGHUP:  # a closed terminal has no keys to press
+                line += "; press Ctrl-C again to quit at once without one"
+            self.say(line)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.signals.append(signum)
+
+    def __enter__(self):
+        for s in self.saved:
+            signal.signal(s, self.handler)
+
+    def __exit__(self, *exc):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+
 
 # -----------------------------------------------------------------------------
 # messages
@@ -531,6 +486,12 @@ def device_memory(device):
 def fmt_bytes(n):
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
+
+def plural(n, word, words=None):
+    """'1 image', '2 images', '1,024 images' (`words`: the plural, where it is not word + 's')."""
+    if n == 1:
+        return f"1 {word}"
+    return f"{n:,} {words or word + 's'}"
 
 
 def fmt_time(s):
@@ -544,7 +505,9 @@ class Say:
     nowhere), and on_lost() is called once, so that the run can stop as it would on SIGTERM."""
 
     def __init__(self, fallback=lambda: None, on_lost=lambda: None):
-        self.fallback, self.on_lost, self.lost = fallback, on_lost, False
+        self.fallback = fallback
+        self.on_lost = on_lost
+        self.lost = False
 
     def __call__(self, *args, **kw):
         if not self.lost:
@@ -568,9 +531,14 @@ class Progress:
     begun)."""
 
     def __init__(self, total, what, unit, say=print, every=10.0, first=False, last=True):
-        self.total, self.what, self.unit, self.say, self.every = total, what, unit, say, every
+        self.total = total
+        self.what = what
+        self.unit = unit
+        self.say = say
+        self.every = every
         self.t0 = time.time()
-        self.last, self.end = -math.inf if first else self.t0, last
+        self.last = -math.inf if first else self.t0  # when a line was last said; None once the end was
+        self.end = last
 
     def __call__(self, done):
         """With last=False the end goes unsaid when nothing was said before it (a short phase)."""
@@ -579,10 +547,41 @@ class Progress:
             return
         if done >= self.total and not self.end and self.last == self.t0:
             return
-        self.last, rate = (now if done < self.total else None), done / max(now - self.t0, 1e-9)
+        self.last = now
+        if done >= self.total:
+            self.last = None
+        rate = done / max(now - self.t0, 1e-9)
         line = f"{self.what}: {done:,.0f}/{self.total:,} {self.unit}"
         if now - self.t0 > 2 or done >= self.total:  # a rate of the first moments would mislead
-            line += f" | {rate:,.1f} {self.unit}/s" + (f" | ETA {fmt_time((self.total - done) / rate)}"
-                                                       if done < self.total else "")
+            line += f" | {rate:,.1f} {self.unit}/s"
+            if done < self.total:
+                line += f" | ETA {fmt_time((self.total - done) / rate)}"
         self.say(line)
 
+
+class CsvLog:
+    """A CSV file of `columns`, a row per call. From a run at step `resumed`, the rows of steps up to it are
+    kept (the first column is the step); the rest go, so that each step appears once."""
+
+    def __init__(self, path, columns, resumed, what):
+        self.path = path
+        self.columns = columns
+        self.what = what
+        rows = []
+        if resumed is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r[:len(columns)] for r in csv.reader(f)
+                        if r and r[0].isdigit() and int(r[0]) <= resumed]
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([columns] + rows)
+        atomic_write(write, path, what)
+
+    def __call__(self, **values):
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow([values.get(k, "") for k in self.columns])
+        except OSError as e:
+            raise WriteError(f"cannot write {self.path} ({why(e)}); free some space or pass "
+                                  f"another {self.what}")
