@@ -353,6 +353,23 @@ def with_cond(d, cond_names):
     cols = [d["attr_names"].index(a) for a in cond_names] if cond_names else None
     return dict(d, cond=d["attrs"][:, cols] if cols else None, cond_names=cond_names)
 
+def validation_set(path, size, crop, cache_dir, n, attrs, encode, device, log=print):
+    """A training run's validation set: the first n images of the valid split in [-1, 1] on `device`, through
+    encode() (a latent run's first stage: their scaled latents), and the attributes `attrs` names as +1/-1
+    (or None). -> (x, cond), or None (with a line that says why) where there is no valid split."""
+    try:
+        v = load(path, size, "valid", crop, cache_dir, log=log, attrs=attrs)
+    except DataError as e:
+        log(f"no validation loss: {e}")
+        return None
+    x = to_float(v["images"][:n], device)
+    with torch.no_grad():
+        x = torch.cat([encode(part) for part in x.split(256)])
+    cond = None
+    if attrs:  # every attribute given
+        cond = v["cond"][:n].to(device).float() * 2 - 1
+    return x, cond
+
 # -----------------------------------------------------------------------------
 # the latents of a latent run: one cache per (images, autoencoder)
 
@@ -526,8 +543,10 @@ def download(path, log=print):
                 os.rmdir(folder)
         chain = []  # the exception and what caused it
         while e is not None and len(chain) < 10:
-            chain, e = chain + [f"{type(e).__name__}: {e}"], e.__cause__ or e.__context__
-        text, why = " | ".join(chain), chain[0].splitlines()[0][:300]
+            chain.append(f"{type(e).__name__}: {e}")
+            e = e.__cause__ if e.__cause__ is not None else e.__context__
+        text = " | ".join(chain)
+        why = chain[0].splitlines()[0][:300]
         if any(k in text for k in NO_NETWORK):
             why = "no network: Google Drive could not be reached"
         if any(k in text for k in QUOTA):

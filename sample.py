@@ -129,8 +129,9 @@ class Job:
 
     def noise(self, n, generator=None):
         """(n, C, H, W) standard normal noise from `generator` (default: the job's)."""
-        g = generator or self.generator
-        return torch.randn((n, *self.shape), generator=g, device=self.device)
+        if generator is None:
+            generator = self.generator
+        return torch.randn((n, *self.shape), generator=generator, device=self.device)
 
     def to_images(self, x):
         """What the model drew -> images in [-1, 1]: a latent model's latents decoded."""
@@ -835,7 +836,9 @@ def parse_prompt(text):
 
 
 def save_figure(opt, img, path=None, **kw):
-    path = path or opt.out
+    """A PIL image to `path` (default: --out), atomically."""
+    if path is None:
+        path = opt.out
     fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
     util.atomic_write(lambda tmp: img.save(tmp, format=fmt, **kw), path, "--out")
     say(f"wrote {path}")

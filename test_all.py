@@ -1147,7 +1147,9 @@ def stage_of(args):
     first = autoencoder.Pixels()
     if args.latents:
         first = autoencoder.FirstStage(autoencoder.AutoencoderConfig(), None, None, {})
-    return train.Stage(objective=autoencoder.Reconstruction if args.autoencoder else D.Denoising, first=first)
+    if args.autoencoder:
+        return train.AutoencoderStage(first)
+    return train.DDPMStage(first)
 
 
 def train_args(faces, out, *extra):

@@ -90,9 +90,12 @@ def train(args, given, started):
         if cfg.minutes and not ckpt and not cfg.dry_run and not given & {"ch", "batch_size"}:
             cfg = fit_model_to_minutes(cfg, env, given, stage)
         faces, data_id = load_split(cfg, env, ckpt, stage)
-        if cfg.latents:  # the training set is the autoencoder's latents of the images (and the scale factor)
+        if stage.latent:  # the training set is the autoencoder's latents of the images (and the scale factor)
             faces, stage.first = encode_split(cfg, env, faces, stage.first)
-        val = validation_set(cfg, env, stage.first)
+        val = None
+        if env.master and cfg.eval_every > 0:  # the first --eval-images validation images (or their latents)
+            val = data.validation_set(cfg.data, cfg.size, cfg.crop, cfg.cache_dir, cfg.eval_images, cfg.attrs,
+                                      stage.first.encode, env.device, env.say)
         run = build(cfg, env, ckpt, stage, faces, val, data_id, given)
         if run.step >= run.plan.total:
             env.say(f"nothing to do: the checkpoint is at step {run.step}, where the run ends; raise "
@@ -170,53 +173,100 @@ def update_ema(ema_params, params, step, decay):
     torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
 
 # -----------------------------------------------------------------------------
-# the networks a run trains: the U-Net (on images or latents), or latent diffusion's autoencoder
+# the stages: what a run trains, decided once in setup, which the rest asks without asking which it is
 
 
-def network(cfg, ckpt, shape, attrs=()):
-    """The network's config: the checkpoint's on a resume; else the autoencoder the flags describe, or the
-    U-Net preset of the size of what it learns, `shape` (C, H, W): images, or latents (with their channels),
-    with the flags' overrides."""
-    if ckpt:
-        if util.network_of(ckpt, "model") == "autoencoder":
-            return autoencoder.config_from_dict(ckpt["model_args"])
-        return unet.config_from_dict(ckpt["model_args"])
-    if cfg.autoencoder:
+class DDPMStage:
+    """A DDPM: the U-Net preset of the size of what it learns, its Denoising objective; on images, or on the
+    latents of a first stage (autoencoder.FirstStage; autoencoder.Pixels for images) that it encodes and
+    decodes."""
+    objective = Denoising
+    build = unet.UNet
+    from_dict = staticmethod(unet.config_from_dict)
+    narrowest = 32  # --minutes narrows it to no fewer channels
+
+    def __init__(self, first):
+        self.first = first
+        self.latent = first.factor > 1
+        self.name = "latent U-Net" if self.latent else "U-Net"
+
+    def shape(self, size):
+        """(C, H, W) of what the model learns from size x size images: the images, or their latents."""
+        return self.first.latent_shape(size)
+
+    def config(self, cfg, attrs=()):
+        """The flags' network: the preset of its input's size (with its channels), the flags' overrides."""
+        c, h, _ = self.shape(cfg.size)
+        return unet.preset(h, in_channels=c, ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
+                           attn_res=cfg.attn_res, dropout=cfg.dropout, attr_film=cfg.attr_film, attrs=attrs)
+
+    @staticmethod
+    def narrowed(base, ch):
+        """--minutes' settings of `base` at ch channels: a narrowed U-Net gets no dropout (REPORT sec. 3.5)."""
+        return dict(ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
+
+    def make_objective(self, cfg, net, env, shard, rare=None):
+        diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.objective, cfg.min_snr_gamma)
+        fmt = torch.channels_last if env.channels_last else torch.contiguous_format
+        return Denoising(diffusion.to(env.device), self.first, self.shape(cfg.size), batch_size=cfg.batch_size,
+                         shard=shard, memory_format=fmt, p_uncond=cfg.p_uncond, p_drop=cfg.p_drop_attr, rare=rare,
+                         sample_steps=cfg.sample_steps, seed=cfg.seed)
+
+    def batches(self, cfg, env, faces, resident):
+        """The training batches: of the images, or of the latents (scaled by the first stage's factor)."""
+        if self.latent:
+            return data.LatentBatches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
+                                      flip=not cfg.no_flip, attrs=faces["cond"], resident=resident,
+                                      scale=self.first.scale_factor, sample=cfg.posterior == "sample")
+        return data.Batches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
+                            flip=not cfg.no_flip, attrs=faces["cond"], resident=resident)
+
+
+class AutoencoderStage:
+    """Latent diffusion's first stage: the autoencoder the flags describe, its Reconstruction objective, on
+    the images."""
+    objective = autoencoder.Reconstruction
+    build = autoencoder.Autoencoder
+    from_dict = staticmethod(autoencoder.config_from_dict)
+    narrowest = 16
+    name = "autoencoder"
+    latent = False
+
+    def __init__(self, first):
+        self.first = first  # autoencoder.Pixels: it learns the images
+
+    def shape(self, size):
+        return (3, size, size)
+
+    def config(self, cfg, attrs=()):
         return autoencoder.AutoencoderConfig(
             image_size=cfg.size, factor=cfg.factor, z_channels=cfg.z_channels,
             ch=cfg.ch or autoencoder.AutoencoderConfig.ch,
             num_res_blocks=cfg.num_res_blocks or autoencoder.AutoencoderConfig.num_res_blocks,
             mid_attn=not cfg.no_mid_attn)
-    return unet.preset(shape[1], in_channels=shape[0], ch=cfg.ch, ch_mult=cfg.ch_mult,
-                       num_res_blocks=cfg.num_res_blocks, attn_res=cfg.attn_res, dropout=cfg.dropout,
-                       attr_film=cfg.attr_film, attrs=attrs)
+
+    @staticmethod
+    def narrowed(base, ch):
+        return dict(ch=ch)
+
+    def make_objective(self, cfg, net, env, shard, rare=None):
+        return autoencoder.Reconstruction(net, batch_size=cfg.batch_size, shard=shard, kl_weight=cfg.kl_weight)
+
+    def batches(self, cfg, env, faces, resident):
+        return data.Batches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
+                            flip=not cfg.no_flip, attrs=faces["cond"], resident=resident)
 
 
-def build_network(net):
-    if isinstance(net, autoencoder.AutoencoderConfig):
-        return autoencoder.Autoencoder(net)
-    return unet.UNet(net)
+def network(cfg, ckpt, stage, attrs=()):
+    """The network's config: the checkpoint's on a resume, else the one the flags describe."""
+    if ckpt:
+        return stage.from_dict(ckpt["model_args"])
+    return stage.config(cfg, attrs)
 
 
 def config_dict(net):
     """A network's config as a checkpoint stores it (plain lists and numbers)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(net).items()}
-
-
-def objective_of(cfg, stage, net, env, faces=None):
-    """The run's objective, what a step computes: the autoencoder's Reconstruction, or a DDPM's Denoising of
-    the images or latents (the attributes' rarer states from `faces`, for --p-drop-attr balanced)."""
-    shard = slice(env.rank * cfg.batch_size // env.world, (env.rank + 1) * cfg.batch_size // env.world)
-    if stage.objective is autoencoder.Reconstruction:
-        return autoencoder.Reconstruction(net, batch_size=cfg.batch_size, shard=shard, kl_weight=cfg.kl_weight)
-    diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.objective, cfg.min_snr_gamma)
-    rare = None
-    if faces is not None and faces["cond"] is not None:
-        rare = (faces["cond"].float().mean(0) < 0.5).to(env.device, torch.uint8)
-    fmt = torch.channels_last if env.channels_last else torch.contiguous_format
-    return Denoising(diffusion.to(env.device), stage.first, stage.shape(cfg.size), batch_size=cfg.batch_size,
-                     shard=shard, memory_format=fmt, p_uncond=cfg.p_uncond, p_drop=cfg.p_drop_attr, rare=rare,
-                     sample_steps=cfg.sample_steps, seed=cfg.seed)
 
 # -----------------------------------------------------------------------------
 # what is due now and then: the --minutes plan, progress lines, validation, grids, checkpoints
@@ -241,13 +291,18 @@ def after_step(cfg, env, run, loss):
         if run.minutes:  # the machine got slower or faster: the end moves
             run.plan = run.minutes.followed(run.step, run.plan, rate)
         progress(cfg, env, run, rate)
+        if run.step % cfg.log_every == 0:  # the loss column averages the steps since the last multiple
+            run.loss_sum = torch.zeros((), device=env.device)
+            run.loss_n = 0
         run.t_log = now
         run.step_log = run.step
         if env.threads:
             env.threads.recheck(now)  # other programs came or went
     t0 = time.time()
     if not stop and env.master:
-        evaluate(cfg, env, run, last)
+        grid_s = evaluate(cfg, env, run, last)
+        if grid_s is not None and run.minutes:  # --minutes prices grids and validation by this time
+            run.minutes.grid_drawn(run.step, grid_s)
     if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or last or stop:
         save(cfg, env, run, last, stop)
     run.t_log += time.time() - t0  # not training time
@@ -257,8 +312,8 @@ def after_step(cfg, env, run, loss):
 
 
 def progress(cfg, env, run, rate):
-    """A progress line and a row of log.csv; a loss that is not finite ends the run. Every rank calls it: the
-    loss is the mean over the ranks."""
+    """A progress line and a row of log.csv, the loss averaged since the last; a loss that is not finite ends
+    the run. Every rank calls it: the loss is the mean over the ranks."""
     loss = util.mean_over_ranks(run.loss_sum) / run.loss_n
     if not math.isfinite(loss):
         path = os.path.join(cfg.out, "ckpt.pt")
@@ -276,13 +331,12 @@ def progress(cfg, env, run, rate):
     env.say(f"epoch {epoch} | step {run.step}/{total} | loss {loss:.4f} | {rate * cfg.batch_size:,.1f} img/s "
             f"| lr {lr:.2e} | ETA {eta}")
     log_row(run, loss=f"{loss:.6f}", lr=f"{lr:.3e}", img_per_s=f"{rate * cfg.batch_size:.1f}")
-    if run.step % cfg.log_every == 0:  # the loss column averages the steps since the last multiple
-        run.loss_sum = torch.zeros((), device=env.device)
-        run.loss_n = 0
 
 
 def evaluate(cfg, env, run, last):
-    """Rank 0: the validation loss and the fixed-noise sample grid when due (a signal cuts them short)."""
+    """Rank 0: the validation loss and the fixed-noise sample grid when due (a signal cuts them short). -> the
+    grid's seconds per image and model evaluation, or None where none was drawn."""
+    grid_s = None
     try:
         if run.val is not None and (run.step % cfg.eval_every == 0 or last):
             vl, psnr = val_loss(cfg, env, run)
@@ -294,11 +348,11 @@ def evaluate(cfg, env, run, last):
         if grid_due(cfg, run, last):
             t0 = time.time()
             path, evals = sample_grid(cfg, env, run)
-            if run.minutes:  # grids and validation are priced by this forward pass's time
-                run.minutes.grid_drawn(run.step, (time.time() - t0) / evals)
+            grid_s = (time.time() - t0) / evals
             env.say(f"step {run.step} | samples {path}")
     except util.Interrupted:
         env.say(f"step {run.step} | evaluation or sample grid cut short by the signal")
+    return grid_s
 
 
 def grid_due(cfg, run, last):
@@ -355,7 +409,7 @@ def val_loss(cfg, env, run):
 
 def stop_signal(env):
     """The signal that stops the run, agreed by every rank, or None. A closed terminal also fails the writes
-    to stdout: its util.SIGHUP is the one cause."""
+    to stdout: its SIGHUP is the one cause."""
     if not util.on_any_rank(env.signals, env.ctrl):
         return None
     if util.SIGHUP in env.signals:
@@ -442,19 +496,6 @@ class Env:
 
 
 @dataclass
-class Stage:
-    """What a run trains, decided once in setup: its objective (diffusion.Denoising or autoencoder.
-    Reconstruction, the class), and the first stage whose latents a DDPM learns (autoencoder.Pixels: the
-    images themselves)."""
-    objective: type
-    first: object
-
-    def shape(self, size):
-        """(C, H, W) of what the model learns from size x size images."""
-        return self.first.latent_shape(size)
-
-
-@dataclass
 class Run:
     """What the loop updates: the model, its EMA and optimizer, the data, the plan and the counters."""
     model: torch.nn.Module  # checkpoints take its state dict
@@ -504,15 +545,15 @@ def setup(args, given, started):
     ckpt = None
     cfg = argparse.Namespace(**vars(args))
     if args.resume:
-        ckpt = open_resume(args)
-        cfg = resumed(args, given, ckpt, env.say)
+        ckpt, path = open_resume(args)
+        cfg = resumed(args, given, ckpt, path, env.say)
     first = autoencoder.Pixels()
     if ckpt and "autoencoder" in ckpt:  # a latent run carries its autoencoder
         first = autoencoder.FirstStage.from_checkpoint(ckpt)
     elif cfg.latents:
         first, trained = open_autoencoder(cfg, given)
         cfg = replace(cfg, size=trained["size"], crop=trained["crop"])  # the run takes its autoencoder's
-    stage = Stage(objective=autoencoder.Reconstruction if cfg.autoencoder else Denoising, first=first)
+    stage = AutoencoderStage(first) if cfg.autoencoder else DDPMStage(first)
     check_args(cfg, given, env, ckpt, stage)
     minutes = cfg.minutes and not cfg.resume
     cfg = replace(cfg, data=os.path.abspath(cfg.data), out=os.path.abspath(cfg.out))
@@ -532,9 +573,9 @@ def setup(args, given, started):
         env.ctrl = dist.new_group(backend="gloo") if cuda else None  # agreeing never waits for the GPU
     env.precision, env.ctx, env.compile, env.channels_last = budget.step_settings(
         device, cfg.precision, cfg.compile, cfg.channels_last, cfg.dry_run)
-    net = network(cfg, ckpt, stage.shape(cfg.size))
+    net = network(cfg, ckpt, stage)
     with torch.device("meta"):  # shapes only: no memory, no time
-        params = build_network(net).num_params()
+        params = stage.build(net).num_params()
     budget.check_fits(params, net, device, "use a smaller --ch or --size")
     if cfg.seed is None:  # rank 0's: every rank shuffles alike
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
@@ -548,7 +589,7 @@ def setup(args, given, started):
     env.say(f"device {device} x {plural(world, 'process', 'processes')}{threads}, {env.precision}, compile "
             f"{env.compile}, channels_last {env.channels_last}, seed {cfg.seed}")
     if not cfg.bench:
-        env.claim = check_out(cfg, env)
+        env.claim = claim_out(cfg, env)
     return cfg, env, ckpt, stage
 
 
@@ -559,7 +600,7 @@ def stdout_log(env):
 
 def stdout_lost(env):
     """stdout failed: the run stops as on a signal (unless one already stops it: a closed terminal's
-    util.SIGHUP)."""
+    SIGHUP)."""
     if not env.signals:
         env.signals.append(util.SIGPIPE)
 
@@ -570,7 +611,7 @@ def replace(cfg, **changes):
 
 
 def open_resume(args):
-    """--resume: the checkpoint it continues, with the state a resume needs."""
+    """--resume: the checkpoint it continues, with the state a resume needs. -> (it, its path)."""
     if args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: drop one of them")
     path = os.path.join(args.out, "ckpt.pt") if args.resume == "latest" else args.resume
@@ -582,14 +623,12 @@ def open_resume(args):
     if ckpt["step"] > planned:
         raise util.CheckpointError(f"{path}: its step {ckpt['step']:,} is beyond the {planned:,} steps its "
                                    "run planned; the file was edited or damaged: use another copy")
-    ckpt["path"] = path
-    return ckpt
+    return ckpt, path
 
 
-def resumed(args, given, ckpt, say):
-    """The settings of the run a --resume continues: every one from the checkpoint; a flag that contradicts
-    it is refused."""
-    path = ckpt["path"]
+def resumed(args, given, ckpt, path, say):
+    """The settings of the run a --resume continues: every one from the checkpoint (at `path`); a flag that
+    contradicts it is refused."""
     cfg = vars(args).copy()
     if "out" not in given and args.resume != "latest":  # in the checkpoint's folder
         cfg["out"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
@@ -684,25 +723,24 @@ def run_kinds(cfg):
 
 def check_model(cfg, given, env, ckpt, stage):
     """The model the flags describe can be built; a size between presets says which it takes."""
-    net = network(cfg, None, stage.shape(cfg.size))
+    net = stage.config(cfg)
     try:
         with torch.device("meta"):  # built at no cost: the network checks its config
-            build_network(net)
+            stage.build(net)
     except ValueError as e:
         field_, message = e.args
         flag = "--" + field_.replace("_", "-")
         if field_ == "image_size":
             flag = "--size"
         origin = ""
-        preset = isinstance(net, unet.UNetConfig) and field_ not in given
-        if preset and field_ != "image_size":
+        if stage.build is unet.UNet and field_ not in given and field_ != "image_size":
             origin = f" (the {preset_name(net, cfg)} preset's)"
-        if field_ == "image_size" and net.image_size != cfg.size:
+        if field_ == "image_size" and stage.latent:
             message += f" (the {cfg.size}x{cfg.size} images' latents)"
         raise UsageError(f"{flag}{origin} {message}")
-    if isinstance(net, unet.UNetConfig) and net.image_size not in unet.PRESETS and not ckpt:
+    if stage.build is unet.UNet and net.image_size not in unet.PRESETS and not ckpt:
         what = f"--size {cfg.size}"
-        if net.image_size != cfg.size:
+        if stage.latent:
             what = f"the {net.image_size}x{net.image_size} latent"
         env.say(f"model: {what} takes the --size {preset_of(net.image_size)} preset (--ch, --ch-mult, "
                 "--num-res-blocks, --attn-res, --dropout override it)")
@@ -720,9 +758,9 @@ def preset_of(size):
     return max([s for s in unet.PRESETS if s <= size] or [min(unet.PRESETS)])
 
 
-def check_out(cfg, env):
-    """--out: writable, without another run unless resumed (--overwrite removes it), locked. -> rank 0's claim
-    on the folder (util.claim_folder's)."""
+def claim_out(cfg, env):
+    """--out, checked and taken: writable, without another run unless resumed (--overwrite removes it), locked
+    by rank 0. -> its claim on the folder (util.claim_folder's)."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out}: is a file; give a folder for checkpoints and samples")
     if not env.master:
@@ -785,49 +823,35 @@ def load_split(cfg, env, ckpt, stage):
 def estimate_run(cfg, env, stage, n_images):
     """A new CPU or MPS run, before decoding: how long it takes (past a day: the 30-minute command)."""
     steps = cfg.max_steps or cfg.epochs * (n_images // cfg.batch_size)
-    net = network(cfg, None, stage.shape(cfg.size))
-    one = budget.time_step(functools.partial(build_network, net), stage.objective.probe_losses,
+    net = stage.config(cfg)
+    one = budget.time_step(functools.partial(stage.build, net), stage.objective.probe_losses,
                            stage.shape(cfg.size), 1, env.device, env.ctx, SMALLER)  # seconds for one image
     hint = f"For faces on this machine in 30 minutes: python train.py --data {shlex.quote(cfg.data)} --size 32 --minutes 30"
     env.say(budget.estimate_run(steps, cfg.batch_size // env.world, one, env.device, hint))
 
 
-def validation_set(cfg, env, first):
-    """Rank 0: (the first --eval-images validation images in [-1, 1], or their latents; their attributes or
-    None), or None."""
-    if not env.master or cfg.eval_every <= 0:
-        return None
-    try:
-        v = data.load(cfg.data, cfg.size, "valid", cfg.crop, cfg.cache_dir, log=env.say, attrs=cfg.attrs)
-    except data.DataError as e:
-        env.say(f"no validation loss: {e}")
-        return None
-    n = cfg.eval_images
-    x = data.to_float(v["images"][:n], env.device)
-    with torch.no_grad():  # the latents the model learns: posterior means, scaled
-        x = torch.cat([first.encode(part) for part in x.split(256)])
-    cond = None
-    if cfg.attrs:  # every attribute given
-        cond = v["cond"][:n].to(env.device).float() * 2 - 1
-    return x, cond
-
-
 def build(cfg, env, ckpt, stage, faces, val, data_id, given):
     """The Run: the model, its objective, the memory plan, the batches, the plan and the log."""
-    attrs = tuple(faces["cond_names"] or ())
+    attrs = ()
+    if faces["cond_names"]:
+        attrs = tuple(faces["cond_names"])
     shape = stage.shape(cfg.size)
-    net = network(cfg, ckpt, shape, attrs)
+    net = network(cfg, ckpt, stage, attrs)
     if tuple(getattr(net, "attrs", ())) != attrs:
         raise UsageError(f"the checkpoint's model is conditioned on {','.join(net.attrs) or 'nothing'}, "
                          f"--data {cfg.data} on {','.join(attrs) or 'nothing'}; resume with the run's data")
-    objective = objective_of(cfg, stage, net, env, faces)
-    run = make_run(cfg, env, ckpt, net, objective, stage.first)
+    shard = slice(env.rank * cfg.batch_size // env.world, (env.rank + 1) * cfg.batch_size // env.world)
+    rare = None  # each attribute's rarer state, for --p-drop-attr balanced
+    if faces["cond"] is not None:
+        rare = (faces["cond"].float().mean(0) < 0.5).to(env.device, torch.uint8)
+    objective = stage.make_objective(cfg, net, env, shard, rare)
+    run = make_run(cfg, env, ckpt, stage, net, objective)
     resident = data.fits_on_gpu(faces["images"].nbytes, env.device)
     resident_bytes = faces["images"].nbytes if resident else 0
     run.model.grad_checkpoint = budget.plan_memory(  # activation checkpointing, if the batch needs it
         run.model, objective.probe_losses, shape, cfg.batch_size, env.world, env.ddp, cfg.grad_checkpoint,
         env.device, env.ctx, env.say, functools.partial(batch_fix, cfg, env), resident_bytes)
-    run.batches = batches(cfg, env, faces, stage.first, resident)
+    run.batches = stage.batches(cfg, env, faces, resident)
     run.plan = make_plan(cfg, ckpt, run.step, run.batches.steps_per_epoch, given)
     run.val = val
     run.data_id = data_id
@@ -869,25 +893,14 @@ def batch_fix(cfg, env, fit):
     return hint
 
 
-def batches(cfg, env, faces, first, resident):
-    """The training batches: of the images, or of a latent run's latents (scaled by its first stage's
-    factor)."""
-    if cfg.latents:
-        return data.LatentBatches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
-                                  flip=not cfg.no_flip, attrs=faces["cond"], resident=resident,
-                                  scale=first.scale_factor, sample=cfg.posterior == "sample")
-    return data.Batches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
-                        flip=not cfg.no_flip, attrs=faces["cond"], resident=resident)
-
-
-def make_run(cfg, env, ckpt, net, objective, first):
+def make_run(cfg, env, ckpt, stage, net, objective):
     """Model, EMA, AdamW, GradScaler (the checkpoint's on resume). -> Run, without data."""
     device = env.device
-    model = build_network(net).to(device)
+    model = stage.build(net).to(device)
     if env.channels_last:
         budget.to_channels_last(model)
         if env.ddp:
-            budget.match_gradient_strides(model, objective.probe_losses, first.latent_shape(cfg.size), device)
+            budget.match_gradient_strides(model, objective.probe_losses, stage.shape(cfg.size), device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                             fused=fused_adamw(device))
@@ -896,7 +909,7 @@ def make_run(cfg, env, ckpt, net, objective, first):
     if env.ddp:
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     fmt = torch.channels_last if env.channels_last else torch.contiguous_format
-    run = Run(model=model, fwd=fwd, ema=ema, opt=opt, scaler=scaler, objective=objective, first=first,
+    run = Run(model=model, fwd=fwd, ema=ema, opt=opt, scaler=scaler, objective=objective, first=stage.first,
               ctx=env.ctx, memory_format=fmt, grad_clip=cfg.grad_clip,
               plan=Plan(math.inf, cfg.warmup, cfg.lr_decay, cfg.ema_decay), loss_sum=torch.zeros((), device=device))
     if ckpt:
@@ -951,30 +964,23 @@ def make_plan(cfg, ckpt, step, steps_per_epoch, given):
 
 def fit_model_to_minutes(cfg, env, given, stage):
     """--minutes without --ch or --batch-size: the preset's width and batch, halved together until
-    budget.MIN_STEPS fit the budget, but only to a model faster per image. A narrowed U-Net gets dropout 0;
-    the lr is scaled by the width ratio, unless --lr is given (REPORT sec. 3.5). An autoencoder may narrow to
-    16 channels, a U-Net to 32."""
+    budget.MIN_STEPS fit the budget, but only to a model faster per image (and not below the stage's
+    narrowest); the lr is scaled by the width ratio, unless --lr is given (REPORT sec. 3.5)."""
     shape = stage.shape(cfg.size)
-    base = network(cfg, None, shape)
-    is_unet = isinstance(base, unet.UNetConfig)
-    narrowest = 32 if is_unet else 16
+    base = stage.config(cfg)
     widths = [(base.ch >> k, cfg.batch_size >> k) for k in range(4)
-              if base.ch >> k >= narrowest and cfg.batch_size >> k >= 8 * env.world]
-
-    def changes(ch):  # the settings of `base` narrowed to ch channels
-        if not is_unet:
-            return dict(ch=ch)
-        return dict(ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
+              if base.ch >> k >= stage.narrowest and cfg.batch_size >> k >= 8 * env.world]
 
     def seconds_per_step(i):
         ch, b = widths[i]
-        net = dataclasses.replace(base, **changes(ch))
-        return budget.time_step(functools.partial(build_network, net), stage.objective.probe_losses, shape,
+        net = dataclasses.replace(base, **stage.narrowed(base, ch))
+        return budget.time_step(functools.partial(stage.build, net), stage.objective.probe_losses, shape,
                                 b // env.world, env.device, env.ctx, SMALLER)
 
     chosen, why = budget.fit_width(cfg.minutes, widths, seconds_per_step, env.device, env.compile)
     ch, b = widths[int(util.from_rank0(chosen, env.ctrl))]
-    others = "".join(f" --{k} {v:g}" for k, v in changes(ch).items() if k != "ch")
+    changes = stage.narrowed(base, ch)
+    others = "".join(f" --{k} {v:g}" for k, v in changes.items() if k != "ch")
     env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b}{others} of "
             f"{', '.join(f'{c}/{bb}' for c, bb in widths)} (channels/batch): {why}")
     lr = cfg.lr
@@ -982,7 +988,7 @@ def fit_model_to_minutes(cfg, env, given, stage):
         lr = cfg.lr * base.ch / ch  # the preset's width over the model's
     if lr != cfg.lr:
         env.say(f"--minutes {cfg.minutes:g}: --lr {lr:g}, {cfg.lr:g} times {base.ch}/{ch}")
-    return replace(cfg, batch_size=b, lr=lr, **changes(ch))
+    return replace(cfg, batch_size=b, lr=lr, **changes)
 
 # -----------------------------------------------------------------------------
 # latents: a latent run's training set is the autoencoder's encoding of the images, cached once
@@ -1038,9 +1044,9 @@ def bench(cfg, env, stage):
     device = env.device
     b = cfg.batch_size // env.world
     shape = stage.shape(cfg.size)
-    net = network(cfg, None, shape)
-    objective = objective_of(cfg, stage, net, env)
-    run = make_run(cfg, env, None, net, objective, stage.first)
+    net = stage.config(cfg)
+    objective = stage.make_objective(cfg, net, env, slice(env.rank * b, (env.rank + 1) * b))
+    run = make_run(cfg, env, None, stage, net, objective)
     run.model.grad_checkpoint = budget.plan_memory(run.model, objective.probe_losses, shape, cfg.batch_size,
                                                    env.world, env.ddp, cfg.grad_checkpoint, device, env.ctx,
                                                    env.say, functools.partial(batch_fix, cfg, env))
@@ -1055,12 +1061,7 @@ def bench(cfg, env, stage):
     run.opt.zero_grad(set_to_none=True)
     warmup, line = budget.bench(step, cfg.bench_steps, flops, b, env.world, device, cfg.peak_tflops,
                                 "MFU n/a (pass --peak-tflops)")
-    what = "U-Net"
-    if cfg.autoencoder:
-        what = "autoencoder"
-    if cfg.latents:
-        what = "latent U-Net"
-    env.say(f"bench: {budget.device_name(device)} | {what} {' x '.join(map(str, shape))} | batch "
+    env.say(f"bench: {budget.device_name(device)} | {stage.name} {' x '.join(map(str, shape))} | batch "
             f"{b}/process x {env.world} | {env.precision} | compile {env.compile} | channels_last "
             f"{env.channels_last} | activation checkpointing {run.model.grad_checkpoint} | warm-up "
             f"{warmup:.1f}s")
