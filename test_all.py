@@ -26,6 +26,7 @@ import budget
 import data
 import diffusion as D
 import sample
+import settings
 import train
 import unet
 import util
@@ -1204,7 +1205,7 @@ def test_training_prints_progress_and_writes_grid_log_and_checkpoint(faces, tmp_
     assert r.returncode == 0, r.stderr
     assert "device cpu" in r.stdout and "seed 5" in r.stdout and "img/s" in r.stdout and "ETA" in r.stdout
     assert "takes the" not in r.stdout  # 16 has a preset of its own; a size without one says which it took:
-    args, given = train.make_parser().parse(["--size", "24", "--attn-res", "12", "--ch-mult", "1,2"])
+    args, given = settings.make_parser().parse(["--size", "24", "--attn-res", "12", "--ch-mult", "1,2"])
     said = []
     train.check_args(args, given, SimpleNamespace(world=1, say=said.append), None, stage_of(args))
     assert said == ["model: --size 24 takes the --size 16 preset (--ch, --ch-mult, --num-res-blocks, --attn-res, --dropout override it)"]
@@ -1440,7 +1441,7 @@ def test_minutes_narrows_the_model_only_when_the_budget_needs_it(monkeypatch, ca
     # is, dropout and lr included. The budgets are far from the edge, so the outcome does not depend on this
     # machine's speed.
     monkeypatch.setattr(budget, "MIN_STEPS", min_steps)
-    args, given = train.make_parser().parse(["--size", "16", "--ch-mult", "1,2", "--attn-res", "8", "--batch-size", "16",
+    args, given = settings.make_parser().parse(["--size", "16", "--ch-mult", "1,2", "--attn-res", "8", "--batch-size", "16",
                                              "--minutes", minutes] + (["--lr", lr] if lr else []))
     env = minutes_env()
     env.device = torch.device("cpu")
@@ -1457,13 +1458,13 @@ def test_minutes_never_narrows_to_a_model_slower_per_image(monkeypatch, device, 
     # On a GPU every candidate is timed, and a narrower model is taken only where it is faster per image; with
     # none leaving MIN_STEPS, the fastest per image. The timings are given, so nothing depends on a device.
     monkeypatch.setattr(budget, "time_step", lambda build, probe, shape, batch, *a: seconds(build.args[0].ch, batch))
-    args, given = train.make_parser().parse(["--size", "64", "--minutes", "3"])
+    args, given = settings.make_parser().parse(["--size", "64", "--minutes", "3"])
     cfg = train.fit_model_to_minutes(args, minutes_env(device), given, stage_of(args))
     assert cfg.ch == ch and cfg.batch_size == ch, cfg
 
 
 def test_a_first_run_far_beyond_a_day_says_so(monkeypatch, capsys):
-    args, given = train.make_parser().parse(["--size", "64", "--epochs", "100", "--data", "my data"])
+    args, given = settings.make_parser().parse(["--size", "64", "--epochs", "100", "--data", "my data"])
     env = SimpleNamespace(device=torch.device("cpu"), world=1, ctx=contextlib.nullcontext(), say=print)
     monkeypatch.setattr(budget, "time_step", lambda *a: 2.0)  # 2 s per image, as for the 64x64 preset on a laptop
     train.estimate_run(args, env, stage_of(args), 162_770)
@@ -1471,7 +1472,7 @@ def test_a_first_run_far_beyond_a_day_says_so(monkeypatch, capsys):
     assert "127,100 steps of 128 images" in line and "about 9038h" in line and "far beyond a day" in line, line
     import shlex
     hint = shlex.split(line.split("in 30 minutes: ")[1])
-    assert hint[:2] == ["python", "train.py"] and train.make_parser().parse(hint[2:])[0].minutes == 30 and "my data" in hint
+    assert hint[:2] == ["python", "train.py"] and settings.make_parser().parse(hint[2:])[0].minutes == 30 and "my data" in hint
     monkeypatch.setattr(budget, "time_step", lambda *a: 0.001)
     train.estimate_run(args, env, stage_of(args), 162_770)
     assert "far beyond" not in capsys.readouterr().out
@@ -2604,7 +2605,7 @@ def test_every_command_in_the_docs_passes_its_checks(tmp_path, monkeypatch):
     # checks and model, a latent run's with the default autoencoder; sample.py's mode, flags, files and outputs)
     import re, shlex
     monkeypatch.chdir(tmp_path)  # sample.py's output checks write scratch files where the command says
-    parsers = {"train.py": lambda a: train.make_parser().parse(a), "sample.py": lambda a: sample.make_parser().parse(a),
+    parsers = {"train.py": lambda a: settings.make_parser().parse(a), "sample.py": lambda a: sample.make_parser().parse(a),
                "data.py": lambda a: (data.get_args(a), set())}
     for name, text in doc_text().items():
         commands = 0

@@ -1,0 +1,187 @@
+"""
+Every setting of a training run in one table: its flag, default and help (argparse's), which runs take it
+(a diffusion run, an autoencoder run, a latent run, --bench) and what a --resume does with it (it may change
+it, the checkpoint's is kept, or it is no setting of the run). train.py parses its command line with this
+table, refuses a flag that the run does not take, and resumes a run's settings by it.
+"""
+import argparse
+import math
+from dataclasses import dataclass
+
+import autoencoder
+import data
+import util
+from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, OBJECTIVES, SCHEDULES
+
+
+# which runs a flag is for: every training run is a diffusion or an autoencoder run; a latent run (a
+# diffusion run on an autoencoder's latents) and --bench take flags of their own too
+DIFFUSION, AUTOENCODER, LATENT, BENCH = "diffusion", "autoencoder", "latent", "bench"
+RUN_NAMES = {DIFFUSION: "a diffusion run", AUTOENCODER: "an autoencoder run (--autoencoder)",
+             LATENT: "a latent run (--latents AE_CKPT)", BENCH: "--bench"}
+ANY = {DIFFUSION, AUTOENCODER}
+# what a --resume does with a setting: it may change it, the checkpoint's is kept (a contradicting flag is
+# refused), or it is no setting of the run (never taken from the checkpoint)
+MAY, FIXED, ONCE = "may change", "fixed", "once"
+
+
+@dataclass
+class Setting:
+    resume: str  # MAY, FIXED or ONCE
+    runs: set  # the runs that take it
+
+
+SETTINGS = {}  # dest -> Setting, filled by make_parser
+
+
+def drop_rate(s):
+    """argparse type for --p-drop-attr: 'uniform', 'balanced' or a probability."""
+    if s in ("uniform", "balanced"):
+        return s
+    if not 0 <= float(s) <= 1:
+        raise argparse.ArgumentTypeError(f"must be 'uniform', 'balanced' or in [0, 1], got {s}")
+    return float(s)
+
+
+def run_kinds(cfg):
+    """What this run is, as the flags' `runs` name it."""
+    kinds = {AUTOENCODER if cfg.autoencoder else DIFFUSION}
+    if cfg.latents:
+        kinds.add(LATENT)
+    if cfg.bench:
+        kinds.add(BENCH)
+    return kinds
+
+
+def make_parser():
+    """Each flag once: its default and help (argparse's), whether a --resume may change it, which runs take
+    it."""
+    p = util.Parser(description="Train a DDPM (denoising diffusion) on CelebA faces, or the autoencoder of "
+                    "latent diffusion and a DDPM on its latents.",
+                    epilog="--resume takes every setting from the checkpoint; only those marked [resume may "
+                    "change] may differ (--data: a moved copy of the same images). CPU threads: one per idle "
+                    "core, looked at again every 10 s; OMP_NUM_THREADS=N chooses.")
+
+    def adder(title):
+        """-> add(flag, resume, runs, **argparse's keywords), which adds a flag to the group `title`."""
+        group = p.add_argument_group(title)
+        def add(flag, resume, runs=ANY, **kw):
+            if resume == MAY:
+                kw["help"] += " [resume may change]"
+            action = group.add_argument(flag, **kw)
+            SETTINGS[action.dest] = Setting(resume, runs)
+        return add
+
+    add_model_flags(adder)
+    add_run_flags(adder)
+    return p
+
+
+# the argparse types of the settings below: each refuses a bad value in one line
+pos = util.positive(int)
+positive_real = util.positive(float)
+fraction = util.between(0, 1)
+
+
+def add_model_flags(adder):
+    """The settings of the data, the model, the diffusion, latent diffusion and the attributes."""
+    add = adder("data")
+    add("--data", MAY, type=util.path, default="data", help="CelebA root (torchvision or Kaggle) or image "
+        "folder")
+    add("--download", ONCE, action="store_true", help="first try torchvision's CelebA download (needs gdown)")
+    add("--size", FIXED, type=pos, default=64, help="image size; picks the U-Net preset")
+    add("--crop", FIXED, default="auto", choices=data.CROPS, help="auto: the DDIM box on CelebA, else "
+        "centred")
+    add("--cache-dir", MAY, type=util.path, help="decoded images and latents (default: ~/.cache/ddpm-faces)")
+    add("--no-flip", FIXED, action="store_true", help="no random horizontal flips")
+
+    add = adder("model (default: the --size preset) and diffusion")
+    add("--ch", FIXED, type=pos, help="base channels")
+    add("--ch-mult", FIXED, {DIFFUSION}, type=util.int_list, help="channel multiplier per level, e.g. "
+        "1,2,2,2")
+    add("--num-res-blocks", FIXED, type=pos, help="residual blocks per level")
+    add("--attn-res", FIXED, {DIFFUSION}, type=util.int_list, help="feature-map sizes with self-attention")
+    add("--dropout", FIXED, {DIFFUSION}, type=util.real, help="dropout in the residual blocks")
+    add("--timesteps", FIXED, {DIFFUSION}, type=util.between(2, math.inf, int), default=1000,
+        help="T, the diffusion steps")
+    add("--schedule", FIXED, {DIFFUSION}, default="linear", choices=SCHEDULES, help="beta schedule")
+    add("--objective", FIXED, {DIFFUSION}, default="eps", choices=OBJECTIVES, help="what the network "
+        "predicts")
+    add("--min-snr-gamma", FIXED, {DIFFUSION}, type=positive_real, help="min-SNR-gamma weighting")
+
+    add = adder("latent diffusion: the autoencoder, then a DDPM on its latents")
+    add("--autoencoder", FIXED, action="store_true", help="train the autoencoder (autoencoder.py) instead of "
+        "a DDPM")
+    add("--factor", FIXED, {AUTOENCODER}, type=int, default=4, choices=autoencoder.FACTORS,
+        help="the autoencoder's downsampling factor f")
+    add("--z-channels", FIXED, {AUTOENCODER}, type=pos, default=4, help="the latent's channels")
+    add("--kl-weight", FIXED, {AUTOENCODER}, type=util.between(0, math.inf), default=autoencoder.KL_WEIGHT,
+        help="the KL term's weight")
+    add("--no-mid-attn", FIXED, {AUTOENCODER}, action="store_true", help="no self-attention in the "
+        "autoencoder's middle")
+    add("--latents", FIXED, {DIFFUSION}, type=util.path, metavar="AE_CKPT", help="train the DDPM on the "
+        "latents of this autoencoder (its size and crop)")
+    add("--posterior", FIXED, {LATENT}, default="mean", choices=["mean", "sample"], help="the latent of an "
+        "image: the mean of q(z | x), or a sample of it each epoch")
+
+    add = adder("attributes")
+    add("--attrs", FIXED, {DIFFUSION}, help="condition on CelebA attributes: 'all' or names, e.g. "
+        "Smiling,Male")
+    add("--attr-film", FIXED, {DIFFUSION}, action="store_true", help="the attributes also scale and shift "
+        "each block (FiLM)")
+    add("--p-uncond", FIXED, {DIFFUSION}, type=fraction, default=0.1, help="probability of dropping the "
+        "whole condition")
+    add("--p-drop-attr", FIXED, {DIFFUSION}, type=drop_rate, default="uniform", help="probability of "
+        "dropping each attribute, 'uniform' (U(0, 1) per image) or 'balanced' (REPORT sec. 3.7)")
+
+
+def add_run_flags(adder):
+    """The settings of how a run trains, how fast, and what it writes."""
+    add = adder("optimisation")
+    add("--epochs", MAY, type=pos, default=100, help="passes over the training split")
+    add("--max-steps", MAY, type=pos, help="stop after this many steps (not --epochs)")
+    add("--minutes", FIXED, type=util.positive(float, 525_600), help="fit the whole run into N minutes (a "
+        "year at most)")
+    add("--batch-size", FIXED, type=pos, default=128, help="global batch, split over the GPUs")
+    add("--lr", FIXED, type=positive_real, default=2e-4, help="peak AdamW learning rate")
+    add("--warmup", FIXED, type=util.non_negative, default=5000, help="LR warm-up steps (at most a tenth of "
+        "the run)")
+    add("--lr-decay", FIXED, default="constant", choices=["constant", "cosine"], help="after the warm-up")
+    add("--weight-decay", FIXED, type=util.between(0, math.inf), default=0.0, help="AdamW weight decay")
+    add("--grad-clip", FIXED, type=positive_real, default=1.0, help="clip the gradient norm to this")
+    add("--ema-decay", FIXED, type=fraction, default=0.9999, help="EMA decay d, as min(d, (1+s)/(10+s))")
+    add("--seed", FIXED, type=util.random_seed, help="random seed (default: drawn)")
+
+    add = adder("speed")
+    add("--device", MAY, help="cuda, mps or cpu (default: the first available)")
+    add("--precision", MAY, default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast (auto: "
+        "bf16 or fp16 on GPUs)")
+    add("--compile", MAY, action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    add("--channels-last", MAY, action=argparse.BooleanOptionalAction, help="channels_last memory format "
+        "(default: off for an eager GPU step)")
+    add("--grad-checkpoint", MAY, default="auto", choices=["auto", "on", "off"], help="recompute each block "
+        "in backward (auto: when a batch needs it)")
+
+    add = adder("logging, evaluation and checkpoints")
+    add("--out", MAY, type=util.path, default="out", help="folder for ckpt.pt, grids and log.csv")
+    add("--overwrite", ONCE, action="store_true", help="replace the run in --out")
+    add("--log-every", MAY, type=pos, default=100, help="a progress line every N steps")
+    add("--sample-every", MAY, type=util.non_negative, default=5000, help="a sample grid every N steps (0: "
+        "never)")
+    add("--sample-steps", MAY, {DIFFUSION}, type=pos, default=DEFAULT_STEPS, help=f"the grids' "
+        f"{DEFAULT_SAMPLER} steps")
+    add("--sample-n", MAY, type=util.between(1, 1024, int), default=64, help="images in a grid")
+    add("--eval-every", MAY, type=util.non_negative, default=5000, help="a validation loss every N steps (0: "
+        "never)")
+    add("--eval-images", MAY, type=pos, default=1024, help="validation images")
+    add("--ckpt-every", MAY, type=util.non_negative, default=5000, help="write ckpt.pt every N steps (0: at "
+        "the end)")
+    add("--resume", ONCE, nargs="?", const="latest", type=util.path, help="continue a run (default: ckpt.pt "
+        "in --out)")
+    add("--other-data", ONCE, action="store_true", help="resume on other images than the run's")
+    add("--dry-run", ONCE, action="store_true", help="check a setup: 2 steps of one image, then a checkpoint")
+
+    add = adder("benchmark")
+    add("--bench", ONCE, action="store_true", help="time training steps: img/s, MFU")
+    add("--bench-steps", ONCE, {BENCH}, type=pos, default=20, help="timed steps for --bench")
+    add("--peak-tflops", ONCE, {BENCH}, type=positive_real, help="the device's peak TFLOP/s for MFU")
