@@ -177,7 +177,8 @@ class Posterior:
         self.logvar = logvar.clamp(-30.0, 20.0)  # as [LDM]'s: exp() stays finite
 
     def sample(self, noise):
-        """z = mean + std * noise, noise ~ N(0, I) ([VAE] eq. 10: the reparameterisation trick, differentiable)."""
+        """z = mean + std * noise, noise ~ N(0, I) ([VAE] eq. 10: the reparameterisation trick,
+        differentiable). """
         return self.mean + torch.exp(0.5 * self.logvar) * noise
 
     def mode(self):
@@ -249,8 +250,8 @@ class Reconstruction:
         return training_losses(model, x, noise)
 
     def losses(self, x, attrs, gen):
-        """One step's loss: the posterior's noise drawn from `gen` for the global batch, this rank's shard of x
-        (B/world, 3, H, W) kept. -> a function of the model: its per-image loss."""
+        """One step's loss: the posterior's noise drawn from `gen` for the global batch, this rank's shard of
+        x (B/world, 3, H, W) kept. -> a function of the model: its per-image loss."""
         noise = torch.randn((self.batch_size, *self.latent_shape), generator=gen, device=x.device)[self.shard]
         return lambda model: training_losses(model, x, noise, self.kl_weight)
 

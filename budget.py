@@ -92,10 +92,10 @@ def device_memory(device):
 
 
 def autocast(device, precision):
-    """A precision (auto, bf16, fp16 or fp32) -> (its name, the autocast context). auto: bf16 on GPUs with native bf16 (Ampere and
-    later), fp16 on older GPUs (is_bf16_supported() alone also counts the slow emulated bf16 of a V100 or T4),
-    fp32 on CPU and MPS. fp32 means fp32: TF32 matmuls and convolutions only come with the mixed
-    precisions."""
+    """A precision (auto, bf16, fp16 or fp32) -> (its name, the autocast context). auto: bf16 on GPUs with
+    native bf16 (Ampere and later), fp16 on older GPUs (is_bf16_supported() alone also counts the slow
+    emulated bf16 of a V100 or T4), fp32 on CPU and MPS. fp32 means fp32: TF32 matmuls and convolutions only
+    come with the mixed precisions."""
     if precision == "auto":
         native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         precision = "fp32"
@@ -314,8 +314,8 @@ def plan_memory(model, probe, shape, batch, world, ddp, mode, device, ctx, say, 
         per_image = 1.25 * saved_bytes_per_image(model, probe, shape, on, device, ctx, fix(0))
         need = state_bytes + b * per_image
         if need <= budget:
-            say(f"memory: ~{fmt_bytes(need)} for a batch of {b} (of {fmt_bytes(available)} on {device.type}); "
-                f"activation checkpointing {'on' if on else 'off'}")
+            say(f"memory: ~{fmt_bytes(need)} for a batch of {b} (of {fmt_bytes(available)} on "
+                f"{device.type}); activation checkpointing {'on' if on else 'off'}")
             return on
     fit = max(0, int((budget - state_bytes) / per_image) * world)
     raise UsageError(f"a batch of {batch} needs ~{fmt_bytes(need)}, more than the {fmt_bytes(budget)} a run "
@@ -411,9 +411,10 @@ def bench(step, steps, flops, batch, world, device, peak=None, no_peak="MFU n/a"
     mfu = no_peak
     if peak:
         mfu = f"MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s"
-    return warmup, (f"{batch * world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step (host {min(host) * 1e3:.1f} ms "
-                    f"to issue one{bound}) | peak memory {mem} | {flops / batch / 1e9:.2f} GFLOP/img (fwd+bwd) | "
-                    f"{tflops:.2f} TFLOP/s/process | {mfu}")
+    line = (f"{batch * world / dt:,.1f} img/s | {dt * 1e3:.1f} ms/step (host {min(host) * 1e3:.1f} ms to "
+            f"issue one{bound}) | peak memory {mem} | {flops / batch / 1e9:.2f} GFLOP/img (fwd+bwd) | "
+            f"{tflops:.2f} TFLOP/s/process | {mfu}")
+    return warmup, line
 
 # -----------------------------------------------------------------------------
 # --minutes: fit the run into a time budget
@@ -444,9 +445,9 @@ def estimate_run(steps, batch, seconds_per_image, device, hint):
 
 def fit_width(minutes, widths, seconds_per_step, device, compiled):
     """A budget of `minutes` and a model of free width: the widest of `widths` ((channels, batch) pairs, from
-    the preset's down to the narrowest, each half the one before) that leaves MIN_STEPS in the budget, but only
-    among models faster per image (a small GPU step is bound by its launches); where none fits, the fastest
-    per image. seconds_per_step(i) times candidate i. -> (its index, why it was chosen)."""
+    the preset's down to the narrowest, each half the one before) that leaves MIN_STEPS in the budget, but
+    only among models faster per image (a small GPU step is bound by its launches); where none fits, the
+    fastest per image. seconds_per_step(i) times candidate i. -> (its index, why it was chosen)."""
     budget = minutes * 60 - (COMPILE_SECONDS if compiled else 0)
     per_step = {}  # candidate -> seconds per step, from the smallest
     for i in reversed(range(len(widths))):
@@ -462,13 +463,13 @@ def fit_width(minutes, widths, seconds_per_step, device, compiled):
 
 
 class Minutes:
-    """A time budget: the run ends within `minutes` of the process's start, imports, decoding, the last grid and
-    checkpoint included. It times the steps after the first two (compilation, autotuning), then plans: the
+    """A time budget: the run ends within `minutes` of the process's start, imports, decoding, the last grid
+    and checkpoint included. It times the steps after the first two (compilation, autotuning), then plans: the
     steps that fit, a warm-up of a tenth, the EMA over about the last tenth, grids evenly spaced; it moves the
-    end when the speed changes by 5% and ends early rather than late. It prices what is not training from
-    what it is told: a grid's and the validation's forward passes (`forward_s`, seconds per image and
-    model evaluation), the last checkpoint's write (`save_s`). label(m) names a budget of m minutes in its
-    messages, as the script's flag sets it."""
+    end when the speed changes by 5% and ends early rather than late. It prices what is not training from what
+    it is told: a grid's and the validation's forward passes (`forward_s`, seconds per image and model
+    evaluation), the last checkpoint's write (`save_s`). label(m) names a budget of m minutes in its messages,
+    as the script's flag sets it."""
 
     def __init__(self, *, minutes, t_start, settings, params, steps_per_epoch, grid_evals, val_evals,
                  face_steps, time_forward, device, label, say, master=True, group=None):
@@ -557,23 +558,25 @@ class Minutes:
         every = self.grids_every(total - start, grids)
         new = Plan(total, warmup, s.lr_decay, min(s.ema_decay, 1 - 10 / total), every, start)
         now = "" if first else " now"
-        self.say(f"{self.label(self.minutes)}: {rate * s.batch_size:,.1f} img/s{now}: {total:,} steps in all "
-                 f"({total / self.steps_per_epoch:.2f} epochs), lr warm-up {warmup:,} steps then {s.lr_decay} "
-                 f"decay, EMA decay {new.ema_decay:.5f}")
+        self.say(f"{self.label(self.minutes)}: {rate * s.batch_size:,.1f} img/s{now}: {total:,} steps in "
+                 f"all ({total / self.steps_per_epoch:.2f} epochs), lr warm-up {warmup:,} steps then "
+                 f"{s.lr_decay} decay, EMA decay {new.ema_decay:.5f}")
         if first and self.face_steps and total < self.face_steps and self.master:
             need = time.time() - self.t_start + (self.face_steps - step) * per_step + self.last_seconds()
-            self.say(f"{self.label(self.minutes)}: {total:,} steps are too few for faces ({self.face_steps:,} "
-                     f"take about {self.label(math.ceil(need / 60))} on this machine); the samples may be mostly "
+            enough = self.label(math.ceil(need / 60))
+            self.say(f"{self.label(self.minutes)}: {total:,} steps are too few for faces "
+                     f"({self.face_steps:,} take about {enough} on this machine); the samples may be mostly "
                      "noise")
         return new
 
     def past_deadline(self, plan):
         """Whether only the end is left of the budget (a slower machine than planned ends the run early rather
         than late)."""
-        return math.isfinite(plan.total) and time.time() - self.t_start + self.last_seconds() >= self.minutes * 60
+        used = time.time() - self.t_start
+        return math.isfinite(plan.total) and used + self.last_seconds() >= self.minutes * 60
 
     def cut(self, plan, step):
-        """The plan ended at `step`: the rest of the budget is the last grid's, evaluation's and checkpoint's."""
+        """The plan ended at `step`: the rest of the budget is the last grid's, evaluation's, checkpoint's."""
         return dataclasses.replace(plan, total=step, ema_decay=min(self.s.ema_decay, 1 - 10 / step))
 
     def grids_every(self, steps, grids=4):
@@ -612,9 +615,9 @@ class Minutes:
         return per_step
 
     def last_seconds(self):
-        """What the end of a run takes: the last grid, the validation loss and the checkpoint (timed, or priced
-        at 200 MB/s for its weights, EMA and Adam's moments), with a margin of 20% and 3 s (the process's exit
-        took about 1 s)."""
+        """What the end of a run takes: the last grid, the validation loss and the checkpoint (timed, or
+        priced at 200 MB/s for its weights, EMA and Adam's moments), with a margin of 20% and 3 s (the
+        process's exit took about 1 s)."""
         val = self.val_evals * (self.forward_s or 0.0)
         save = self.save_s or 16 * self.params / 200e6 + 0.5
         return 1.2 * (self.grid_seconds() + val + save) + 3.0
@@ -635,8 +638,8 @@ def schedule(total, warmup, lr_decay, ema_decay, sample_every, saved=None):
 
 
 def grids_every(sample_every, steps, grids=4):
-    """A grid every `sample_every` steps, or where it is None (a time budget's grids) `steps` in `grids` parts,
-    rounded up."""
+    """A grid every `sample_every` steps, or where it is None (a time budget's grids) `steps` in `grids`
+    parts, rounded up."""
     if sample_every is not None:
         return sample_every
     return -(-steps // grids)

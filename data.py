@@ -271,8 +271,8 @@ def decode_all(files, size, crop, log=print):
     small = []  # the files upscaled more than twice
     start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context(start), _worker_init)
-    progress = util.Progress(len(files), f"data: decoding on {util.plural(workers, 'process', 'processes')}", "images",
-                             log, every=5, first=True)
+    processes = util.plural(workers, "process", "processes")
+    progress = util.Progress(len(files), f"data: decoding on {processes}", "images", log, every=5, first=True)
     try:
         done = pool.map(_preprocess_or_none, [(f, size, crop) for f in files], chunksize=32)
         for i, (img, err, tiny) in enumerate(done):

@@ -509,8 +509,8 @@ class GaussianDiffusion:
 
 
 def drop_condition(attrs, gen, batch_size, shard, p_uncond, p_drop="uniform", rare=None):
-    """Condition dropout ([CFG] Algorithm 1, line 3): (B/world, K) 0/1 attributes -> +1 present, -1 absent,
-    0 dropped, drawn from `gen` for the global batch of `batch_size` (this rank's `shard` kept). Each attribute
+    """Condition dropout ([CFG] Algorithm 1, line 3): (B/world, K) 0/1 attributes -> +1 present, -1 absent, 0
+    dropped, drawn from `gen` for the global batch of `batch_size` (this rank's `shard` kept). Each attribute
     is dropped with probability p_drop, 'uniform' (a rate drawn from U(0, 1) per image) or 'balanced' (the
     same, but an attribute in its `rare` state stays unless all are dropped: Eyeglasses, on 7% of faces, is
     then shown as present whenever a face has them); the whole condition with probability p_uncond."""
@@ -567,7 +567,7 @@ class Denoising:
         if attrs is not None:
             cond = drop_condition(attrs, gen, B, self.shard, self.p_uncond, self.p_drop, self.rare)
             kwargs = dict(attrs=cond)
-        return lambda model: self.diffusion.training_losses(model, x0, t, noise, model_kwargs=kwargs)  # line 5
+        return lambda model: self.diffusion.training_losses(model, x0, t, noise, model_kwargs=kwargs)
 
     @torch.no_grad()
     def grid(self, ema, examples, n, batch, ctx, callback=None):
@@ -586,8 +586,8 @@ class Denoising:
                 if callback:
                     callback(done)
             with ctx:
-                z = self.diffusion.sample(ema, x.shape, DEFAULT_SAMPLER, self.sample_steps, DEFAULT_ETA, g, x_T=x,
-                                          clip=self.first.clip, callback=count)
+                z = self.diffusion.sample(ema, x.shape, DEFAULT_SAMPLER, self.sample_steps, DEFAULT_ETA, g,
+                                          x_T=x, clip=self.first.clip, callback=count)
                 drawn.append(self.first.decode(z))
         return torch.cat(drawn), round(math.sqrt(n)), n * self.grid_evals
 

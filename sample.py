@@ -111,7 +111,7 @@ class Job:
     """Everything a draw needs, from the flags and the checkpoint."""
     opt: argparse.Namespace  # the flags, with the mode's defaults
     model: object  # the EMA weights in eval mode, as a draw calls them (compiled with --compile)
-    net: torch.nn.Module  # the same network itself (the figures hook its layers); an autoencoder's for --reconstruct
+    net: torch.nn.Module  # the network itself (the figures hook its layers); an autoencoder's reconstructs
     diffusion: GaussianDiffusion
     first_stage: object  # a latent model's autoencoder.FirstStage (encode, decode); autoencoder.Pixels else
     attr_names: tuple  # the model's attributes; () for an unconditional model
@@ -144,8 +144,8 @@ def load(opt, given, device, ctx):
     if diffusion is None:  # an autoencoder: its reconstructions
         size = net.cfg.image_size
         net = net.to(device).eval().requires_grad_(False)
-        return Job(opt=opt, model=net, net=net, diffusion=None, first_stage=first_stage, attr_names=(), size=size,
-                   shape=(3, size, size), device=device, ctx=ctx, ckpt_args=ckpt_args)
+        return Job(opt=opt, model=net, net=net, diffusion=None, first_stage=first_stage, attr_names=(),
+                   size=size, shape=(3, size, size), device=device, ctx=ctx, ckpt_args=ckpt_args)
     shape = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)
     size = net.cfg.image_size * first_stage.factor  # the images are the autoencoder's
     steps, evals = sampler_steps(opt, diffusion)

@@ -11,13 +11,14 @@ autoencoder, then a DDPM on its latents.
     python train.py --bench                              # img/s, TFLOP/s and MFU on synthetic data
 
 Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, what it computes is the run's
-objective (`Denoising` for a DDPM on images or latents, `Reconstruction` for the autoencoder), chosen once,
-and what is due now and then is `after_step`. Then the setup, the data and the model, the signals, and last
-the flags, where every setting says its default, its help and whether a resume may change it. How a step
-computes on this machine, whether it fits the memory and how many steps fit --minutes is budget.py's. `cfg`
-holds the settings, `env` the processes and device, `run` what the loop updates. Step s draws the whole
-global batch's randomness from a generator seeded with (seed, s): a resume repeats the uninterrupted run, on
-any number of GPUs (dropout's masks, each process's own, aside).
+objective (diffusion.Denoising for a DDPM on images or latents, autoencoder.Reconstruction for the
+autoencoder), which the run's stage (DDPMStage or AutoencoderStage, decided once in setup) makes, and what is
+due now and then is `after_step`. Then the setup, the data and the model. How a step computes on this
+machine, whether it fits the memory and how many steps fit --minutes is budget.py's; the flags, with their
+defaults, help and resume rules, are settings.py's. `cfg` holds the settings, `env` the processes and
+device, `run` what the loop updates. Step s draws the whole global batch's randomness from a generator
+seeded with (seed, s): a resume repeats the uninterrupted run, on any number of GPUs (dropout's masks, each
+process's own, aside).
 """
 import os
 import signal
@@ -198,26 +199,27 @@ class DDPMStage:
     def config(self, cfg, attrs=()):
         """The flags' network: the preset of its input's size (with its channels), the flags' overrides."""
         c, h, _ = self.shape(cfg.size)
-        return unet.preset(h, in_channels=c, ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
-                           attn_res=cfg.attn_res, dropout=cfg.dropout, attr_film=cfg.attr_film, attrs=attrs)
+        return unet.preset(h, in_channels=c, ch=cfg.ch, ch_mult=cfg.ch_mult,
+                           num_res_blocks=cfg.num_res_blocks, attn_res=cfg.attn_res, dropout=cfg.dropout,
+                           attr_film=cfg.attr_film, attrs=attrs)
 
     @staticmethod
     def narrowed(base, ch):
-        """--minutes' settings of `base` at ch channels: a narrowed U-Net gets no dropout (REPORT sec. 3.5)."""
+        """--minutes' settings of `base` at ch channels: narrowed, no dropout (REPORT sec. 3.5)."""
         return dict(ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
 
     def make_objective(self, cfg, net, env, shard, rare=None):
         diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.objective, cfg.min_snr_gamma)
         fmt = torch.channels_last if env.channels_last else torch.contiguous_format
-        return Denoising(diffusion.to(env.device), self.first, self.shape(cfg.size), batch_size=cfg.batch_size,
-                         shard=shard, memory_format=fmt, p_uncond=cfg.p_uncond, p_drop=cfg.p_drop_attr, rare=rare,
-                         sample_steps=cfg.sample_steps, seed=cfg.seed)
+        return Denoising(diffusion.to(env.device), self.first, self.shape(cfg.size),
+                         batch_size=cfg.batch_size, shard=shard, memory_format=fmt, p_uncond=cfg.p_uncond,
+                         p_drop=cfg.p_drop_attr, rare=rare, sample_steps=cfg.sample_steps, seed=cfg.seed)
 
     def batches(self, cfg, env, faces, resident):
         """The training batches: of the images, or of the latents (scaled by the first stage's factor)."""
         if self.latent:
-            return data.LatentBatches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
-                                      flip=not cfg.no_flip, attrs=faces["cond"], resident=resident,
+            return data.LatentBatches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank,
+                                      env.world, flip=not cfg.no_flip, attrs=faces["cond"], resident=resident,
                                       scale=self.first.scale_factor, sample=cfg.posterior == "sample")
         return data.Batches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
                             flip=not cfg.no_flip, attrs=faces["cond"], resident=resident)
@@ -251,7 +253,8 @@ class AutoencoderStage:
         return dict(ch=ch)
 
     def make_objective(self, cfg, net, env, shard, rare=None):
-        return autoencoder.Reconstruction(net, batch_size=cfg.batch_size, shard=shard, kl_weight=cfg.kl_weight)
+        return autoencoder.Reconstruction(net, batch_size=cfg.batch_size, shard=shard,
+                                          kl_weight=cfg.kl_weight)
 
     def batches(self, cfg, env, faces, resident):
         return data.Batches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
@@ -300,8 +303,8 @@ def after_step(cfg, env, run, loss):
         if env.threads:
             env.threads.recheck(now)  # other programs came or went
     t0 = time.time()
-    if not stop and env.master:
-        grid_s = evaluate(cfg, env, run, last)
+    if not stop and env.master and (val_due(cfg, run, last) or grid_due(cfg, run, last)):
+        grid_s = evaluate(cfg, env, run, last)  # -> the grid's seconds per image and evaluation, or None
         if grid_s is not None and run.minutes:  # --minutes prices grids and validation by this time
             run.minutes.grid_drawn(run.step, grid_s)
     if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or last or stop:
@@ -339,7 +342,7 @@ def evaluate(cfg, env, run, last):
     grid's seconds per image and model evaluation, or None where none was drawn."""
     grid_s = None
     try:
-        if run.val is not None and (run.step % cfg.eval_every == 0 or last):
+        if val_due(cfg, run, last):
             vl, psnr = val_loss(cfg, env, run)
             line = f"step {run.step} | val loss {vl:.4f} ({len(run.val[0])} images, EMA weights)"
             if psnr is not None:
@@ -354,6 +357,11 @@ def evaluate(cfg, env, run, last):
     except util.Interrupted:
         env.say(f"step {run.step} | evaluation or sample grid cut short by the signal")
     return grid_s
+
+
+def val_due(cfg, run, last):
+    """A validation loss every --eval-every steps and at the end, where there are validation images."""
+    return run.val is not None and (run.step % cfg.eval_every == 0 or last)
 
 
 def grid_due(cfg, run, last):
@@ -582,7 +590,8 @@ def setup(args, given, started):
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
         cfg = replace(cfg, seed=int(util.from_rank0(seed, env.ctrl)))
     torch.manual_seed(cfg.seed + rank)  # dropout; the rest comes from a generator per step
-    stage.first.to(device, budget.to_channels_last if env.channels_last else None)  # a latent run's autoencoder
+    # a latent run's autoencoder, built after the seed (its random init comes before the U-Net's)
+    stage.first.to(device, budget.to_channels_last if env.channels_last else None)
     env.threads = budget.Threads(device, env.local_world, env.say)
     threads = ""
     if device.type == "cpu":
@@ -674,8 +683,8 @@ def open_autoencoder(cfg, given):
                              f"{a[key]}, and a latent run takes its autoencoder's; drop --{key}, or train an "
                              f"autoencoder with --{key} {getattr(cfg, key)}")
     source = dict(path=os.path.abspath(path), id=f"{util.tensor_crc(ckpt['ema']):08x}")  # its weights' CRC-32
-    first = autoencoder.FirstStage(autoencoder.config_from_dict(ckpt["model_args"]), ckpt["ema"], None, source)
-    return first, a
+    net = autoencoder.config_from_dict(ckpt["model_args"])
+    return autoencoder.FirstStage(net, ckpt["ema"], None, source), a
 
 
 def check_args(cfg, given, env, ckpt, stage):
@@ -817,7 +826,8 @@ def estimate_run(cfg, env, stage, n_images):
     net = stage.config(cfg)
     one = budget.time_step(functools.partial(stage.build, net), stage.objective.probe_losses,
                            stage.shape(cfg.size), 1, env.device, env.ctx, SMALLER)  # seconds for one image
-    hint = f"For faces on this machine in 30 minutes: python train.py --data {shlex.quote(cfg.data)} --size 32 --minutes 30"
+    hint = ("For faces on this machine in 30 minutes: python train.py --data "
+            f"{shlex.quote(cfg.data)} --size 32 --minutes 30")
     env.say(budget.estimate_run(steps, cfg.batch_size // env.world, one, env.device, hint))
 
 
@@ -901,8 +911,8 @@ def make_run(cfg, env, ckpt, stage, net, objective):
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     fmt = torch.channels_last if env.channels_last else torch.contiguous_format
     run = Run(model=model, fwd=fwd, ema=ema, opt=opt, scaler=scaler, objective=objective, first=stage.first,
-              ctx=env.ctx, memory_format=fmt, grad_clip=cfg.grad_clip,
-              plan=Plan(math.inf, cfg.warmup, cfg.lr_decay, cfg.ema_decay), loss_sum=torch.zeros((), device=device))
+              ctx=env.ctx, memory_format=fmt, grad_clip=cfg.grad_clip, plan=Plan(math.inf, cfg.warmup,
+              cfg.lr_decay, cfg.ema_decay), loss_sum=torch.zeros((), device=device))
     if ckpt:
         restore(ckpt, model, ema, opt, scaler)
         if ckpt.get("world_size") == env.world:  # dropout continues exactly
@@ -1014,8 +1024,8 @@ def encode_split(cfg, env, faces, first):
 
 
 def stop_inside_steps(models, signals):
-    """Once a signal has arrived, each of `models` raises util.Interrupted: every block before its forward, every
-    weight after its gradient. A CPU step, grid or evaluation of minutes ends within one block."""
+    """Once a signal has arrived, each of `models` raises util.Interrupted: every block before its forward,
+    every weight after its gradient. A CPU step, grid or evaluation of minutes ends within one block."""
     def check(*_):
         if signals:
             raise util.Interrupted

@@ -292,7 +292,8 @@ class UNet(nn.Module):
         return [*self.down, *self.mid, *self.up]
 
     def attention_layers(self):
-        """The self-attention layers, in the order a forward pass runs them (for figures of where they look)."""
+        """The self-attention layers, in the order a forward pass runs them (for figures of where they look).
+        """
         return [b.attn for b in self.blocks() if isinstance(b, ResAttnBlock) and b.attn is not None]
 
     def num_params(self):

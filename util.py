@@ -311,10 +311,10 @@ def save_checkpoint(ckpt, path, what="--out"):
 def load_checkpoint(path, parts=("model", "ema", "optimizer"), networks=None, say=None):
     """torch.load(weights_only=True) with one-line errors for missing, corrupt, unsafe, foreign and damaged
     files: the tensors of `parts` (and of a latent model's autoencoder) must be there, be finite and match
-    their checksums, and each model part must build from its config: networks[kind](ckpt, part), where kind is
-    the network the part holds, "unet" or "autoencoder" (on the meta device: a check at no cost; it raises
-    KeyError, RuntimeError, TypeError or ValueError where they do not fit). The other checked parts are verified too: where they fail, say() says once that the file cannot be
-    resumed. A folder means its ckpt.pt."""
+    their checksums, and each model part must build from its config: networks[kind](ckpt, part), kind the
+    network the part holds, "unet" or "autoencoder" (on the meta device, at no cost; it raises KeyError,
+    RuntimeError, TypeError or ValueError where they do not fit). The other parts are verified too: where
+    they fail, say() says once that the file cannot be resumed. A folder means its ckpt.pt."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
         raise CheckpointError(f"{path} is a folder without a ckpt.pt; pass the checkpoint file that train.py "
                               "wrote")
