@@ -20,7 +20,10 @@ network pretrained elsewhere; the adversarial one did not help at the budgets me
 divided by the number of pixel values, so that it reads as an L1 distance per pixel value.
 
 The diffusion model then learns the latents scaled by `scale_factor` (1 / their standard deviation, [LDM]
-sec. 4.3.2), and its samples are decoded: x = Decoder(z / scale_factor).
+sec. 4.3.2), and its samples are decoded: x = Decoder(z / scale_factor). The latent model carries its first
+stage as [LDM]'s does (`FirstStage`: the frozen autoencoder and the scale factor; `Pixels`, the identity, for
+a pixel model), so that nothing that draws or encodes asks which kind of model it holds. `Reconstruction` is
+the autoencoder's training objective, with the same methods as diffusion.Denoising.
 
 References:
   [LDM] Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752

@@ -1,5 +1,6 @@
 """
-Gaussian diffusion: beta schedules, the forward process, the training loss and the samplers.
+Gaussian diffusion: beta schedules, the forward process, the training loss and the samplers; last, the
+training objective a DDPM run optimises step by step (`Denoising`: [DDPM] Algorithm 1's t and noise).
 
 Pure math. No optimizer, no data: the model is passed in as `model(x_t, t) -> output`, where t is a
 LongTensor of timestep indices in 0..T-1 and the output is the prediction for `objective`.
