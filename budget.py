@@ -1,9 +1,10 @@
 """
-The planning of a run's time and memory: how a step computes on this machine (its precision, memory format
-and CPU threads), whether a batch fits in the device's memory, how long a step takes and how many FLOPs it
-does, and the --minutes plan that fits a whole run into a time budget. train.py calls each of these by its
-name; what a step computes (the objective: a DDPM's loss, an autoencoder's) is passed in, so this file imports
-no script and no model.
+The planning of a run's time and memory: the device and the processes that share the work (agreeing on a
+plan under torchrun), how a step computes on this machine (its precision, memory format and CPU threads),
+whether a batch fits in the device's memory, how long a step takes and how many FLOPs it does, and the
+--minutes plan that fits a whole run into a time budget. train.py calls each of these by its name; what a
+step computes (the objective: a DDPM's loss, an autoencoder's) is passed in, so this file imports no script
+and no model.
 
     precision, ctx = autocast(device, "auto")     # bf16 on GPUs that have it, fp32 on the CPU
     fits = plan_memory(model, probe, shape, ...)  # activation checkpointing only when the batch needs it
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 import util
@@ -33,7 +35,7 @@ PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989),
                ("RTX 3090", 71), ("V100", 125)]
 
 # -----------------------------------------------------------------------------
-# the device, and how a step computes on it: precision, memory format
+# the device and the processes, and how a step computes on them: precision, memory format
 
 
 def pick_device(name, local_rank=0, local_world=1, flag="--device"):
@@ -89,8 +91,6 @@ def device_memory(device):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-
-
 def autocast(device, precision):
     """A precision (auto, bf16, fp16 or fp32) -> (its name, the autocast context). auto: bf16 on GPUs with
     native bf16 (Ampere and later), fp16 on older GPUs (is_bf16_supported() alone also counts the slow
@@ -108,6 +108,33 @@ def autocast(device, precision):
     if dtype == torch.float32:
         return precision, contextlib.nullcontext()
     return precision, torch.autocast(device.type, dtype=dtype)
+
+
+def mean_over_ranks(t):
+    """The mean of tensor `t` over the ranks of a torchrun job, read on the host (`t` is left as it is)."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.item()
+
+
+def from_rank0(value, group=None):
+    """Rank 0's `value` (a number) on every rank of a torchrun job."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.broadcast(t, 0, group=group)
+    return t.item()
+
+
+def on_any_rank(flag, group=None):
+    """True on every rank when `flag` is true on at least one."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item() > 0
 
 
 def step_settings(device, precision, compile=None, channels_last=None, dry_run=False):
@@ -537,7 +564,7 @@ class Minutes:
         s = self.s
         per_step = self.seconds_per_step(rate)
         left = self.time_left() - self.grid_seconds() * self.grids_left() - self.last_seconds()
-        total = int(util.from_rank0(step + max(1, int(0.98 * left / per_step)), self.group))  # rank 0's plan
+        total = int(from_rank0(step + max(1, int(0.98 * left / per_step)), self.group))  # rank 0's plan
         first = math.isinf(plan.total)
         if not first and abs(total - plan.total) <= 0.05 * plan.total:
             return plan

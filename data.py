@@ -14,6 +14,7 @@ Layouts accepted as the data folder PATH:
 """
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -26,6 +27,7 @@ import warnings
 
 import torch
 import torchvision
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
@@ -40,6 +42,7 @@ warnings.filterwarnings("ignore", message=".*TorchCodec.*")  # torchvision 0.29 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 CACHE_VERSION = 3  # 2: a CRC-32 of the image bytes, verified on load; 3: identity() with times
 MAX_WARNINGS = 10
+MAX_UPSCALE = 4  # a size more than this many times the images' crop is refused
 
 
 class DataError(Exception):
@@ -253,7 +256,26 @@ def reason(e):
 
 def _worker_init():
     torch.set_num_threads(1)  # one image per process; cores come from the processes
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: one line, not one per worker
+    for s in util.STOPS:  # Ctrl-C, SIGTERM, SIGHUP are the main process's: one line, not one per worker
+        signal.signal(s, signal.SIG_IGN)
+
+
+def check_upscale(files, size, crop, need):
+    """Refuse, before decoding, a size far beyond the images: over MAX_UPSCALE times the side of the largest crop
+    among the first 32 files (their headers read; `need` the bytes the decoded images would take)."""
+    sides = []
+    for f in files[:32]:
+        with contextlib.suppress(Exception):  # an unreadable file is skipped when the images are decoded
+            with Image.open(f) as img:
+                w, h = img.size
+            _, _, cw, ch = crop_box(w, h, crop)
+            sides.append((min(cw, ch), w, h))
+    if not sides or size <= MAX_UPSCALE * max(sides)[0]:
+        return
+    side, w, h = max(sides)
+    raise DataError(f"a size of {size} is {size / side:.0f} times the images' crop ({side} pixels on a side, "
+                    f"of {w}x{h} images): upscaling beyond {MAX_UPSCALE}x adds no detail and would take "
+                    f"{util.fmt_bytes(need)}; use a size of {MAX_UPSCALE * side} or less")
 
 
 def decode_all(files, size, crop, log=print):
@@ -335,6 +357,7 @@ def load(path, size, split="train", crop="auto", cache_dir=None, log=print, attr
             log(f"data: cache {cache} is {why}; rebuilding")
         except Exception as e:
             log(f"data: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
+    check_upscale(sel["files"], size, crop, len(sel["files"]) * 3 * size * size)
     log(f"data: {sel['layout']} layout in {sel['image_dir']}: decoding {len(sel['files']):,} {split} images "
         f"once (crop {crop}, size {size})")
     images, kept, seconds = decode_all(sel["files"], size, crop, log)
@@ -607,6 +630,7 @@ def main(argv=None):
     args = get_args(argv)
     with util.one_line_errors((OSError, DataError, util.UsageError, util.WriteError),
                               "interrupted: nothing was cached; run again to decode"):
+        util.stop_on_signals()
         if args.export:
             util.check_writable(args.export, "--export")
         if args.download:
@@ -614,8 +638,11 @@ def main(argv=None):
         t0 = time.time()
         d = load(args.data, args.size, args.split, args.crop, args.cache_dir)
         summary(d, args, time.time() - t0)
-        if args.preview:
-            util.save_image(d["images"][:64], args.preview, "--preview", nrow=8, padding=2)
+        if args.preview:  # at most 256 px a face: a grid of full-size images of a large --size would not fit
+            preview = d["images"][:64]
+            if args.size > 256:
+                preview = TF.resize(preview, [256, 256], antialias=True)
+            util.save_image(preview, args.preview, "--preview", nrow=8, padding=2)
             print(f"preview: {args.preview}")
         if args.export:  # each file whole or not at all: a full disk stops the export with an error
             for f, img in zip(d["files"], d["images"]):

@@ -18,13 +18,15 @@ import sys
 
 
 def quit_quietly(signum, frame):
-    """Ctrl-C while torch loads: one line, not a traceback (main() then takes Ctrl-C over)."""
-    print("interrupted", file=sys.stderr)
-    os._exit(130)
+    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, not a traceback (main() then takes them over)."""
+    print(f"{signal.Signals(signum).name}: interrupted", file=sys.stderr)
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, quit_quietly)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # (Windows has no SIGHUP)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), quit_quietly)
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # short OpenMP spinning, as in train.py
 import argparse
 import csv
@@ -68,7 +70,7 @@ NETWORKS = dict(unet=unet.check_weights, autoencoder=autoencoder.check_weights) 
 
 def main(argv=None):
     with util.one_line_errors(ERRORS):
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again
+        util.stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: one line (every output is whole or not there)
         args, given = make_parser().parse(argv)
         run(args, given)
 
@@ -484,7 +486,7 @@ def make_parser():
     add("--bench", action="store_true", help="time sampling one batch")
     add("--size", type=pos, default=64, help="--bench without a checkpoint: that size's preset")
     add("--bpd", type=pos, metavar="N", help="the bits/dim bound on N validation images")
-    add("--bpd-t", type=util.non_negative, default=0, help="--bpd estimated from this many random t per "
+    add("--bpd-t", type=util.count, default=0, help="--bpd estimated from this many random t per "
         "image (0: every t)")
     add("--data", type=path, help="--bpd, and an autoencoder's reconstructions: the data (default: the "
         "run's)")

@@ -34,6 +34,15 @@ class Setting:
 SETTINGS = {}  # dest -> Setting, filled by make_parser
 
 
+def int_list(s):
+    """Comma-separated positive integers, e.g. 1,2,2,2."""
+    parts = s.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError("expected comma-separated positive integers such as 1,2,2,2, got "
+                                         f"{s!r}")
+    return tuple(int(p) for p in parts)
+
+
 def drop_rate(s):
     """argparse type for --p-drop-attr: 'uniform', 'balanced' or a probability."""
     if s in ("uniform", "balanced"):
@@ -97,10 +106,10 @@ def add_model_flags(adder):
 
     add = adder("model (default: the --size preset) and diffusion")
     add("--ch", FIXED, type=pos, help="base channels")
-    add("--ch-mult", FIXED, {DIFFUSION}, type=util.int_list, help="channel multiplier per level, e.g. "
+    add("--ch-mult", FIXED, {DIFFUSION}, type=int_list, help="channel multiplier per level, e.g. "
         "1,2,2,2")
     add("--num-res-blocks", FIXED, type=pos, help="residual blocks per level")
-    add("--attn-res", FIXED, {DIFFUSION}, type=util.int_list, help="feature-map sizes with self-attention")
+    add("--attn-res", FIXED, {DIFFUSION}, type=int_list, help="feature-map sizes with self-attention")
     add("--dropout", FIXED, {DIFFUSION}, type=util.real, help="dropout in the residual blocks")
     add("--timesteps", FIXED, {DIFFUSION}, type=util.between(2, math.inf, int), default=1000,
         help="T, the diffusion steps")
@@ -144,7 +153,7 @@ def add_run_flags(adder):
         "year at most)")
     add("--batch-size", FIXED, type=pos, default=128, help="global batch, split over the GPUs")
     add("--lr", FIXED, type=positive_real, default=2e-4, help="peak AdamW learning rate")
-    add("--warmup", FIXED, type=util.non_negative, default=5000, help="LR warm-up steps (at most a tenth of "
+    add("--warmup", FIXED, type=util.count, default=5000, help="LR warm-up steps (at most a tenth of "
         "the run)")
     add("--lr-decay", FIXED, default="constant", choices=["constant", "cosine"], help="after the warm-up")
     add("--weight-decay", FIXED, type=util.between(0, math.inf), default=0.0, help="AdamW weight decay")
@@ -166,15 +175,15 @@ def add_run_flags(adder):
     add("--out", MAY, type=util.path, default="out", help="folder for ckpt.pt, grids and log.csv")
     add("--overwrite", ONCE, action="store_true", help="replace the run in --out")
     add("--log-every", MAY, type=pos, default=100, help="a progress line every N steps")
-    add("--sample-every", MAY, type=util.non_negative, default=5000, help="a sample grid every N steps (0: "
+    add("--sample-every", MAY, type=util.count, default=5000, help="a sample grid every N steps (0: "
         "never)")
     add("--sample-steps", MAY, {DIFFUSION}, type=pos, default=DEFAULT_STEPS, help=f"the grids' "
         f"{DEFAULT_SAMPLER} steps")
     add("--sample-n", MAY, type=util.between(1, 1024, int), default=64, help="images in a grid")
-    add("--eval-every", MAY, type=util.non_negative, default=5000, help="a validation loss every N steps (0: "
+    add("--eval-every", MAY, type=util.count, default=5000, help="a validation loss every N steps (0: "
         "never)")
     add("--eval-images", MAY, type=pos, default=1024, help="validation images")
-    add("--ckpt-every", MAY, type=util.non_negative, default=5000, help="write ckpt.pt every N steps (0: at "
+    add("--ckpt-every", MAY, type=util.count, default=5000, help="write ckpt.pt every N steps (0: at "
         "the end)")
     add("--resume", ONCE, nargs="?", const="latest", type=util.path, help="continue a run (default: ckpt.pt "
         "in --out)")

@@ -1783,7 +1783,7 @@ def test_a_signal_cuts_a_long_step_or_grid_short(faces, tmp_path, monkeypatch, c
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    good = dict(format=util.CKPT_FORMAT, step=1, model={"w": torch.ones(3)})
+    good = dict(format=util.CKPT_FORMAT, step=1, model={"w": torch.ones(3)}, args={}, model_args={})
     util.save_checkpoint(good, path)
     real_save = torch.save
     def crashing_save(obj, f):
@@ -2018,12 +2018,14 @@ def test_bad_checkpoints_get_one_line_errors(faces, tmp_path, capsys):
 
 def test_a_checkpoint_damaged_after_it_was_written_is_refused(tiny_run, tmp_path, capsys):
     good = util.load_checkpoint(tiny_run)
-    torch.save(dict(good, step=-5), str(tmp_path / "edited.pt"))
+    torch.save(dict(good, step=-5), str(tmp_path / "meta.pt"))  # a setting edited: its checksum no longer holds
+    util.save_checkpoint(dict(good, step=-5), str(tmp_path / "edited.pt"))  # edited and checksummed again
     raw = bytearray(open(os.path.join(tiny_run, "ckpt.pt"), "rb").read())
     at = bytes(raw).find(good["ema"]["conv_in.bias"].numpy().tobytes())  # one bit of the EMA weights flipped
     raw[at + 5] ^= 1
     open(tmp_path / "flipped.pt", "wb").write(raw)
-    for name, words in [("edited.pt", "its step -5 is not a count of steps"), ("flipped.pt", "its ema tensors fail their checksum")]:
+    for name, words in [("edited.pt", "its step -5 is not a count of steps"), ("flipped.pt", "its ema tensors fail their checksum"),
+                        ("meta.pt", "its settings, configs or counters fail their checksum")]:
         for main, args in [(sample.main, ["--n", "1", "--out", str(tmp_path / "s.png")]), (train.main, ["--max-steps", "9"])]:
             r = cli(capsys, main, [str(tmp_path / name), *args] if main is sample.main else ["--resume", str(tmp_path / name), *args])
             one_line_error(r, words)
@@ -2038,7 +2040,7 @@ def test_broken_checkpoints_are_refused_on_resume_and_sampling(faces, tmp_path, 
              "nan_ema": dict(good, ema={k: v * float("nan") for k, v in good["ema"].items()})}
     for name, ckpt in cases.items():
         path = str(tmp_path / f"{name}.pt")
-        torch.save(ckpt, path)
+        util.save_checkpoint(ckpt, path)  # checksummed again: the checks of their sense must catch each
         for main, argv in ((train.main, ["--resume", path, "--out", str(tmp_path / name)]), (sample.main, [path, "--out", str(tmp_path / "s.png")])):
             code, _, err = main_error(capsys, main, argv)
             words = {"no_ema": "lacks its ema entry, so the file was damaged", "wrong_model": "do not fit the model",
@@ -2367,7 +2369,7 @@ def test_a_checkpoint_step_beyond_its_plan_is_damage(faces, tmp_path, capsys):
     out = str(tmp_path / "run")
     train.main(train_args(faces, out, "--max-steps", "2"))
     ckpt = util.load_checkpoint(out)
-    torch.save(dict(ckpt, step=10**12), os.path.join(out, "ckpt.pt"))
+    util.save_checkpoint(dict(ckpt, step=10**12), os.path.join(out, "ckpt.pt"))
     one_line_error(cli(capsys, train.main, ["--resume", "--out", out]), "is beyond the 2 steps its run planned")
 
 
@@ -2571,7 +2573,7 @@ def test_latent_diffusion_refusals_are_one_line(latent_run, faces, tmp_path, cap
         ([*base, "--autoencoder", "--latents", ae], "--latents is for a diffusion run"),
         ([*base, "--autoencoder", "--factor", "3"], "invalid choice"),
         (["--resume", ldm, "--size", "32", *CPU], "--size 32 contradicts the checkpoint's 16"),
-        (["--resume", ldm, "--latents", str(tmp_path / "x.pt"), *CPU], "contradicts the checkpoint's"),
+        (["--resume", ldm, "--latents", str(tmp_path / "x.pt"), *CPU], "learns the latents of"),
         (["--resume", ldm, "--autoencoder", *CPU], "--autoencoder contradicts the checkpoint"),
     ]:
         one_line_error(cli(capsys, train.main, argv), words)
@@ -2581,6 +2583,36 @@ def test_latent_diffusion_refusals_are_one_line(latent_run, faces, tmp_path, cap
                         ([ldm, "--data", faces, *png], "--data does not apply to sampling"),
                         ([ae, "--sampler", "ddpm", *png], "is an autoencoder's checkpoint, which draws no faces")]:
         one_line_error(cli(capsys, sample.main, argv), words)
+
+
+def test_a_latent_checkpoints_metadata_is_checked_before_any_use(latent_run, tmp_path, capsys):
+    # every value a latent checkpoint's use depends on is checked: its first stage there, its scale factor a finite
+    # positive number, its settings as written (a checksum), its autoencoder's tensors; each damage is one line on
+    # sampling and on resuming, and nothing is written
+    ae, ldm, cache = latent_run
+    good = util.load_checkpoint(ldm)
+    args = dict(good["autoencoder_args"])
+    cases = {"no_ae": ({k: v for k, v in good.items() if k != "autoencoder"}, "without its autoencoder entry"),
+             "none": (dict(good, autoencoder_args=dict(args, scale_factor=None)), "scale factor None"),
+             "nan": (dict(good, autoencoder_args=dict(args, scale_factor=float("nan"))), "scale factor nan"),
+             "zero": (dict(good, autoencoder_args=dict(args, scale_factor=0.0)), "scale factor 0.0")}
+    for name, (ckpt, words) in cases.items():
+        util.save_checkpoint(ckpt, str(tmp_path / f"{name}.pt"))
+    torch.save(dict(good, autoencoder_args=dict(args, scale_factor=2.0)), str(tmp_path / "edited.pt"))
+    cases["edited"] = (None, "its settings, configs or counters fail their checksum")
+    raw = bytearray(open(os.path.join(ldm, "ckpt.pt"), "rb").read())
+    at = bytes(raw).find(good["autoencoder"]["decoder.conv_out.bias"].numpy().tobytes())
+    raw[at + 5] ^= 1
+    open(tmp_path / "flipped.pt", "wb").write(raw)
+    cases["flipped"] = (None, "its autoencoder tensors fail their checksum")
+    for name, (_, words) in cases.items():
+        path = str(tmp_path / f"{name}.pt")
+        for main, argv in ((sample.main, [path, "--n", "1", "--out", str(tmp_path / "s.png")]),
+                           (train.main, ["--resume", path, "--out", str(tmp_path / name), *CPU])):
+            r = cli(capsys, main, argv)
+            one_line_error(r, words)
+            assert "intact" not in r.stdout, (name, r.stdout)
+    assert not os.path.exists(tmp_path / "s.png")
 
 
 # -----------------------------------------------------------------------------

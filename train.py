@@ -29,13 +29,15 @@ STARTED = time.time()  # --minutes counts from here: the imports below take seco
 
 
 def quit_quietly(signum, frame):
-    """Ctrl-C while torch loads: one line, not a traceback (main() then takes Ctrl-C over)."""
-    print("interrupted before training started; nothing to save", file=sys.stderr)
-    os._exit(130)
+    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, not a traceback (main() then takes them over)."""
+    print(f"{signal.Signals(signum).name}: interrupted before training started; nothing to save", file=sys.stderr)
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, quit_quietly)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # (Windows has no SIGHUP)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), quit_quietly)
 # short OpenMP spinning: a core that another program uses costs its share, not every op (REPORT sec. 3.10)
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import argparse
@@ -64,6 +66,7 @@ from util import UsageError, fmt_bytes, fmt_time, plural
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # bad input
 SMALLER = "use a smaller --size, --ch or --batch-size"
 NETWORKS = dict(unet=unet.check_weights, autoencoder=autoencoder.check_weights)  # a checkpoint's networks
+PRESET_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")  # None: the preset's value
 
 # -----------------------------------------------------------------------------
 # the run: train -> loop -> train_step, then what is due
@@ -71,7 +74,7 @@ NETWORKS = dict(unet=unet.check_weights, autoencoder=autoencoder.check_weights) 
 
 def main(argv=None, started=None):
     with util.one_line_errors(ERRORS, "interrupted before training started; nothing to save"):
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again
+        util.stop_on_signals()  # until the loop: one line, and the --out folder as it was
         args, given = settings.make_parser().parse(argv)
         code = train(args, given, started or time.time())
     if code:
@@ -110,7 +113,9 @@ def train(args, given, started):
         else:
             stop_inside_steps([run.ema], env.signals)  # the EMA's grids and evaluations
         with util.StopSignals(env.signals, env.say, at_once):
-            return loop(cfg, env, run)
+            code = loop(cfg, env, run)
+        util.stop_on_signals(done=f"the run is over, its checkpoint written; exiting with code {code}")
+        return code
     finally:
         if env.ddp and dist.is_initialized():
             dist.destroy_process_group()
@@ -285,7 +290,7 @@ def after_step(cfg, env, run, loss):
         if run.minutes and math.isinf(run.plan.total):  # --minutes: times the first steps, then plans
             run.plan = run.minutes.timed(run.step, run.plan)
     stop = stop_signal(env)
-    if loss is not None and run.minutes and util.on_any_rank(run.minutes.past_deadline(run.plan) and not stop,
+    if loss is not None and run.minutes and budget.on_any_rank(run.minutes.past_deadline(run.plan) and not stop,
                                                              env.ctrl):
         run.plan = run.minutes.cut(run.plan, run.step)  # the rest of the budget is the end's
     last = run.step >= run.plan.total
@@ -318,7 +323,7 @@ def after_step(cfg, env, run, loss):
 def progress(cfg, env, run, rate):
     """A progress line and a row of log.csv, the loss averaged since the last; a loss that is not finite ends
     the run. Every rank calls it: the loss is the mean over the ranks."""
-    loss = util.mean_over_ranks(run.loss_sum) / run.loss_n
+    loss = budget.mean_over_ranks(run.loss_sum) / run.loss_n
     if not math.isfinite(loss):
         path = os.path.join(cfg.out, "ckpt.pt")
         kept = "nothing was saved"
@@ -419,7 +424,7 @@ def val_loss(cfg, env, run):
 def stop_signal(env):
     """The signal that stops the run, agreed by every rank, or None. A closed terminal also fails the writes
     to stdout: its SIGHUP is the one cause."""
-    if not util.on_any_rank(env.signals, env.ctrl):
+    if not budget.on_any_rank(env.signals, env.ctrl):
         return None
     if util.SIGHUP in env.signals:
         return util.SIGHUP
@@ -430,7 +435,7 @@ def stop_signal(env):
 
 def save(cfg, env, run, last, stop):
     """The checkpoint, written by rank 0, and what goes with it."""
-    loss_sum = util.mean_over_ranks(run.loss_sum)  # on every rank; a resume continues it
+    loss_sum = budget.mean_over_ranks(run.loss_sum)  # on every rank; a resume continues it
     if not env.master:
         return
     path = os.path.join(cfg.out, "ckpt.pt")
@@ -588,7 +593,7 @@ def setup(args, given, started):
     budget.check_fits(params, net, device, "use a smaller --ch or --size")
     if cfg.seed is None:  # rank 0's: every rank shuffles alike
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
-        cfg = replace(cfg, seed=int(util.from_rank0(seed, env.ctrl)))
+        cfg = replace(cfg, seed=int(budget.from_rank0(seed, env.ctrl)))
     torch.manual_seed(cfg.seed + rank)  # dropout; the rest comes from a generator per step
     # a latent run's autoencoder, built after the seed (its random init comes before the U-Net's)
     stage.first.to(device, budget.to_channels_last if env.channels_last else None)
@@ -625,6 +630,13 @@ def open_resume(args):
     if args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: drop one of them")
     path = os.path.join(args.out, "ckpt.pt") if args.resume == "latest" else args.resume
+    if args.resume == "latest" and not os.path.exists(path) and os.path.isdir(args.out):
+        util.release_folder(*util.claim_folder(args.out, "--out"))  # a live run's folder is in use: say so
+        held = [f for f in sorted(os.listdir(args.out)) if f in ("log.csv", "stdout.log")]
+        if held:
+            raise UsageError(f"--out {args.out} holds no checkpoint to resume ({', '.join(held)} of a run that "
+                             "stopped before its first); start that run again with --overwrite, or pick another "
+                             "--out")
     ckpt = util.load_checkpoint(path, networks=NETWORKS)
     if not all(k in ckpt for k in ("args", "optimizer", "scaler")):
         raise util.CheckpointError(f"{path} lacks the optimizer state that a resume needs; sample from it "
@@ -638,14 +650,23 @@ def open_resume(args):
 
 def resumed(args, given, ckpt, path, say):
     """The settings of the run a --resume continues: every one from the checkpoint (at `path`); a flag that
-    contradicts it is refused."""
+    contradicts it is refused. A model flag is compared with the network's own value where the run left it to
+    the preset; a flag that the run does not take is left for check_args to refuse by name."""
     cfg = vars(args).copy()
     if "out" not in given and args.resume != "latest":  # in the checkpoint's folder
         cfg["out"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    kinds = settings.run_kinds(argparse.Namespace(**ckpt["args"]))
     for k, v in ckpt["args"].items():
+        if v is None and k in PRESET_FLAGS:  # left to the preset: the network's own value
+            v = ckpt["model_args"].get(k)
         if isinstance(v, list):
             v = tuple(v)
         if k not in cfg or settings.SETTINGS[k].resume == settings.ONCE or k == "out":
+            continue
+        if k in given and not settings.SETTINGS[k].runs & kinds:
+            continue
+        if k == "latents" and k in given:
+            same_autoencoder(cfg[k], v, ckpt, path)
             continue
         if k in given and settings.SETTINGS[k].resume == settings.FIXED and cfg[k] != v:
             flag = "--" + k.replace("_", "-")
@@ -659,6 +680,17 @@ def resumed(args, given, ckpt, path, say):
         cfg["max_steps"] = None
     say(f"resuming from {path} at step {ckpt['step']}")
     return argparse.Namespace(**cfg)
+
+
+def same_autoencoder(given, saved, ckpt, path):
+    """--latents on a resume: the run's own autoencoder (by any path to that file), or a one-line refusal."""
+    if saved is None:
+        raise UsageError(f"--latents: the checkpoint's run ({path}) is a DDPM on pixels, not on an autoencoder's "
+                         "latents; drop --latents to continue it, or start a latent run in another --out")
+    source = ckpt.get("autoencoder_args", {}).get("path", saved)
+    if os.path.realpath(given) not in (os.path.realpath(saved), os.path.realpath(source)):
+        raise UsageError(f"--latents {given}: the checkpoint's run ({path}) learns the latents of {source}, which "
+                         "it carries; drop --latents to continue it, or start a new run in another --out")
 
 
 def shown(value):
@@ -766,17 +798,17 @@ def claim_out(cfg, env):
     if not env.master:
         return None, ()
     stale = util.check_writable(cfg.out, "--out")
-    old = []
-    if os.path.isdir(cfg.out):
-        old = [f for f in sorted(os.listdir(cfg.out)) if f in ("ckpt.pt", "log.csv", "stdout.log")
-               or (f.startswith("samples_") and f.endswith(".png"))]
+    claim = util.claim_folder(cfg.out, "--out")  # first: a folder that a live run holds is that run's
+    old = [f for f in sorted(os.listdir(cfg.out)) if f in ("ckpt.pt", "log.csv", "stdout.log")
+           or (f.startswith("samples_") and f.endswith(".png"))]
     listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
     if old and not cfg.resume and not cfg.overwrite:
-        whose = "a run" if "ckpt.pt" in old else "an earlier run"
-        raise UsageError(f"--out {cfg.out} already holds {whose}'s files ({listed}); continue it with python "
-                         f"train.py --resume --out {shlex.quote(cfg.out)}, pick another --out, or pass "
-                         "--overwrite to replace it")
-    claim = util.claim_folder(cfg.out, "--out")  # last: nothing after it can fail
+        util.release_folder(*claim)
+        fix = (f"continue it with python train.py --resume --out {shlex.quote(cfg.out)}, pick another --out, or "
+               "pass --overwrite to replace it")
+        if "ckpt.pt" not in old:  # nothing to resume
+            fix = "it stopped before its first checkpoint: pass --overwrite to start again there, or another --out"
+        raise UsageError(f"--out {cfg.out} already holds an earlier run's files ({listed}); {fix}")
     if old and cfg.overwrite:
         for f in old:
             os.remove(os.path.join(cfg.out, f))
@@ -853,7 +885,7 @@ def build(cfg, env, ckpt, stage, faces, val, data_id, given):
         run.model, objective.probe_losses, shape, cfg.batch_size, env.world, env.ddp, cfg.grad_checkpoint,
         env.device, env.ctx, env.say, functools.partial(batch_fix, cfg, env), resident_bytes)
     run.batches = stage.batches(cfg, env, faces, resident)
-    run.plan = make_plan(cfg, ckpt, run.step, run.batches.steps_per_epoch, given)
+    run.plan = make_plan(cfg, ckpt, run.step, run.batches.steps_per_epoch, given, env.say)
     run.val = val
     run.data_id = data_id
     if cfg.minutes and not ckpt:  # the planner of a new --minutes run
@@ -946,9 +978,10 @@ def fused_adamw(device):
     return device.type == "cuda"
 
 
-def make_plan(cfg, ckpt, step, steps_per_epoch, given):
+def make_plan(cfg, ckpt, step, steps_per_epoch, given, say):
     """The schedule of the run's steps; a resume keeps the warm-up and EMA decay (and a --minutes run its
-    end)."""
+    end). A resume that moves the end says where it is no longer the run that it would have been
+    uninterrupted: its warm-up was a tenth of the old length, or its cosine decay ends elsewhere."""
     saved = ckpt.get("plan") if ckpt else None
     if cfg.dry_run:
         total = step + 2
@@ -960,7 +993,17 @@ def make_plan(cfg, ckpt, step, steps_per_epoch, given):
         total = math.inf  # until the --minutes planner has measured the speed
     else:
         total = steps_per_epoch * cfg.epochs
-    return budget.schedule(total, cfg.warmup, cfg.lr_decay, cfg.ema_decay, cfg.sample_every, saved)
+    plan = budget.schedule(total, cfg.warmup, cfg.lr_decay, cfg.ema_decay, cfg.sample_every, saved)
+    fresh = budget.schedule(total, cfg.warmup, cfg.lr_decay, cfg.ema_decay, cfg.sample_every)
+    if saved and total != saved["total"] and (fresh.warmup != plan.warmup or cfg.lr_decay == "cosine"):
+        was = f"{saved['total']:,}" if math.isfinite(saved["total"]) else "its --minutes end"
+        differs = f"its lr warm-up stays {plural(plan.warmup, 'step')} (one of {total:,} steps would warm up for "
+        differs += f"{fresh.warmup:,})"
+        if cfg.lr_decay == "cosine":
+            differs = f"its cosine decay now ends at step {total:,}, from the lr it has"
+        say(f"note: the run now ends at step {total:,}, not {was}: {differs}; the weights will differ from a run "
+            f"planned for {total:,} steps from the start")
+    return plan
 
 
 def fit_model_to_minutes(cfg, env, given, stage):
@@ -979,7 +1022,7 @@ def fit_model_to_minutes(cfg, env, given, stage):
                                 b // env.world, env.device, env.ctx, SMALLER)
 
     chosen, why = budget.fit_width(cfg.minutes, widths, seconds_per_step, env.device, env.compile)
-    ch, b = widths[int(util.from_rank0(chosen, env.ctrl))]
+    ch, b = widths[int(budget.from_rank0(chosen, env.ctrl))]
     changes = stage.narrowed(base, ch)
     others = "".join(f" --{k} {v:g}" for k, v in changes.items() if k != "ch")
     env.say(f"--minutes {cfg.minutes:g}: --ch {ch} --batch-size {b}{others} of "

@@ -8,6 +8,7 @@ never changes a model and decides nothing about how a step computes (that is bud
 import argparse
 import contextlib
 import csv
+import json
 import math
 import os
 import signal
@@ -17,7 +18,6 @@ import time
 import zlib
 
 import torch
-import torch.distributed as dist
 import torchvision
 from PIL import Image
 
@@ -37,15 +37,31 @@ class CheckpointError(Exception):
 
 @contextlib.contextmanager
 def one_line_errors(errors, interrupted="interrupted"):
-    """Bad input (`errors`) exits with its message, one line and code 2; Ctrl-C with `interrupted` and 130."""
+    """Bad input (`errors`) exits with its message, one line and code 2; Ctrl-C, SIGTERM and SIGHUP (which
+    stop_on_signals turns into KeyboardInterrupt(signal)) with `interrupted` and code 128 + the signal."""
     try:
         yield
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sig = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"{signal_name(sig)}: {interrupted}", file=sys.stderr)
+        sys.exit(128 + sig)
+
+
+def stop_on_signals(done=None):
+    """Ctrl-C, SIGTERM (Slurm, `timeout`) and SIGHUP (a closed terminal) raise KeyboardInterrupt(signal), which
+    one_line_errors ends in one line (and the `finally` clauses that clean up run). Once the work is `done`
+    (the words that say so), they only say it: the process ends as it would have."""
+    def stop(signum, frame):
+        if done:
+            with contextlib.suppress(OSError):
+                print(f"{signal_name(signum)}: {done}", file=sys.stderr)
+            return
+        raise KeyboardInterrupt(signum)
+    for s in STOPS:
+        signal.signal(s, stop)
 
 # -----------------------------------------------------------------------------
 # the command line: argparse types (argparse names a bad value by the type's __name__) and the parser
@@ -72,15 +88,6 @@ def positive(kind, most=math.inf):
     return parse
 
 
-def non_negative(s):
-    """An integer >= 0 (0 usually means never)."""
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-non_negative.__name__ = "integer"
-
-
 def between(lo, hi, kind=float):
     """A finite number of `kind` (int or float) in [lo, hi] (hi may be inf)."""
     def parse(s):
@@ -93,6 +100,9 @@ def between(lo, hi, kind=float):
     return parse
 
 
+count = between(0, math.inf, int)  # an integer >= 0 (0 usually means never)
+
+
 def random_seed(s):
     """A seed in 0..2^63-1: what torch's generators take, with room for the per-step offsets."""
     v = int(s)
@@ -100,15 +110,6 @@ def random_seed(s):
         raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {s}")
     return v
 random_seed.__name__ = "integer"
-
-
-def int_list(s):
-    """Comma-separated positive integers, e.g. 1,2,2,2."""
-    parts = s.split(",")
-    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError("expected comma-separated positive integers such as 1,2,2,2, got "
-                                         f"{s!r}")
-    return tuple(int(p) for p in parts)
 
 
 def path(s):
@@ -298,8 +299,16 @@ def tensor_crc(obj, crc=0):
 CHECKED = ("model", "ema", "optimizer", "autoencoder")  # the parts whose tensors carry a checksum
 
 
+def meta_crc(ckpt):
+    """CRC-32 of everything else a checkpoint holds (settings, configs, plan, scale factor, counters), as JSON
+    with sorted keys: its use depends on these as much as on the weights."""
+    meta = {k: v for k, v in ckpt.items() if k not in (*CHECKED, "rng", "checksums")}
+    return zlib.crc32(json.dumps(meta, sort_keys=True, default=repr).encode())
+
+
 def save_checkpoint(ckpt, path, what="--out"):
-    ckpt = dict(ckpt, checksums={part: tensor_crc(ckpt[part]) for part in CHECKED if part in ckpt})
+    checksums = {part: tensor_crc(ckpt[part]) for part in CHECKED if part in ckpt}
+    ckpt = dict(ckpt, checksums=dict(checksums, meta=meta_crc(ckpt)))
     def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
@@ -345,16 +354,16 @@ def load_checkpoint(path, parts=("model", "ema", "optimizer"), networks=None, sa
     if marker != CKPT_FORMAT:
         raise CheckpointError(f"{path} was not written by this project's train.py (no '{CKPT_FORMAT}' "
                               "marker); pass a ckpt.pt from train.py's --out folder")
+    check_meta(ckpt, path)
     for part in parts:
         check_part(ckpt, part, path)
     for part in ("model", "ema", "optimizer"):  # (a latent model's autoencoder is checked below)
         if part not in parts and part in ckpt and not checksum_ok(ckpt, part) and say:
             say(f"note: {path}: its {part} tensors fail their checksum (the file was damaged after it was "
                 "written), so it cannot be resumed; the weights used here are intact")
+    models = [p for p in ("model", "ema") if p in parts]
     if "autoencoder" in ckpt:  # a latent model's decoder: every use needs it
         check_part(ckpt, "autoencoder", path)
-    models = [p for p in ("model", "ema") if p in parts]
-    if "autoencoder" in ckpt:
         models.append("autoencoder")
     for part in models if networks is not None else []:
         try:
@@ -367,6 +376,26 @@ def load_checkpoint(path, parts=("model", "ema", "optimizer"), networks=None, sa
         raise CheckpointError(f"{path}: its step {step!r} is not a count of steps; the file was edited or "
                               "damaged")
     return ckpt
+
+
+def check_meta(ckpt, path):
+    """What every use of a checkpoint depends on besides its weights: there, as written (the checksum of
+    checkpoints that have one), and of a sense (a latent model's autoencoder and a finite, positive scale
+    factor)."""
+    damaged = "so the file was damaged or edited; use another copy or an earlier checkpoint"
+    saved = ckpt.get("checksums", {}).get("meta")
+    if saved is not None and meta_crc(ckpt) != saved:
+        raise CheckpointError(f"{path}: its settings, configs or counters fail their checksum, {damaged}")
+    for key in ("args", "model_args"):
+        if not isinstance(ckpt.get(key), dict):
+            raise CheckpointError(f"{path} lacks its {key} entry, {damaged}")
+    if (ckpt["args"].get("latents") or "autoencoder_args" in ckpt) and "autoencoder" not in ckpt:
+        raise CheckpointError(f"{path} is a latent model without its autoencoder entry, {damaged}")
+    if "autoencoder" in ckpt:
+        scale = ckpt.get("autoencoder_args", {}).get("scale_factor")
+        if not isinstance(scale, float) or not 0 < scale < math.inf:
+            raise CheckpointError(f"{path}: its latents' scale factor {scale!r} is not a finite positive number, "
+                                  f"{damaged}")
 
 
 def network_of(ckpt, part):
@@ -399,41 +428,12 @@ def checksum_ok(ckpt, part):
 
 
 # -----------------------------------------------------------------------------
-# the processes of a torchrun job
-
-
-def mean_over_ranks(t):
-    """The mean of tensor `t` over the ranks of a torchrun job, read on the host (`t` is left as it is)."""
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.item()
-
-
-def from_rank0(value, group=None):
-    """Rank 0's `value` (a number) on every rank of a torchrun job."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.broadcast(t, 0, group=group)
-    return t.item()
-
-
-def on_any_rank(flag, group=None):
-    """True on every rank when `flag` is true on at least one."""
-    if not dist.is_initialized():
-        return bool(flag)
-    t = torch.tensor([float(bool(flag))])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item() > 0
-
-# -----------------------------------------------------------------------------
 # signals: stop a run at a safe point, or cut a long phase short
 
 
 SIGHUP = getattr(signal, "SIGHUP", 1)  # (not on Windows)
 SIGPIPE = getattr(signal, "SIGPIPE", 13)
+STOPS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # Windows lacks one
 
 
 def signal_name(sig):
@@ -457,8 +457,7 @@ class StopSignals:
         self.signals = signals
         self.say = say
         self.when = "now" if at_once else "after this step"
-        kinds = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # Windows
-        self.saved = {s: signal.getsignal(s) for s in kinds}
+        self.saved = {s: signal.getsignal(s) for s in STOPS}
 
     def handler(self, signum, frame):
         if not self.signals:
