@@ -459,10 +459,16 @@ class Plan:
     grid_from: int = 0
 
 
-def estimate_run(steps, batch, seconds_per_image, device, hint):
-    """A new CPU or MPS run, before decoding: how long its `steps` take (past a day, `hint` is said: what to
-    run instead). -> the line to say."""
-    per_step = batch * seconds_per_image
+def estimate_run(steps, batch, step_time, device, hint):
+    """A new CPU or MPS run, before decoding: how long its `steps` of `batch` images take, a step's time
+    extrapolated from those of 1 and 4 images, step_time(b) (a step has a cost of its own besides its images':
+    1 image's time times the batch made a CPU estimate twice too long). Past a day, `hint` is said: what to
+    run instead. -> the line to say."""
+    one = step_time(1)
+    few = min(batch, 4)
+    per_step = one
+    if few > 1:
+        per_step += (step_time(few) - one) / (few - 1) * (batch - 1)
     line = (f"estimate: {steps:,} steps of {batch} images at ~{per_step:.1f} s each on this {device.type}: "
             f"about {fmt_time(steps * per_step)}")
     if steps * per_step > 86400:

@@ -250,19 +250,22 @@ def reason(e):
     """An exception in a few words: torchvision's decoders name their source file ('decode_jpeg,
     /__w/.../decode_jpeg.cpp:171, Image is incomplete or truncated'), which says nothing to a user."""
     first = (str(e).splitlines() or [""])[0]
+    if "Unsupported image file" in first:  # torchvision names its own functions to call instead
+        return "not a JPEG, PNG, WebP or GIF image (its bytes are of another format)"
     parts = [p for p in first.split(", ") if not re.search(r"/\S*\.(cpp|h|c):\d+", p)]
     return f"{type(e).__name__}: {', '.join(parts)}"
 
 
 def _worker_init():
     torch.set_num_threads(1)  # one image per process; cores come from the processes
-    for s in util.STOPS:  # Ctrl-C, SIGTERM, SIGHUP are the main process's: one line, not one per worker
-        signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: one line, not one per worker
+    for s in util.STOPS[1:]:  # SIGTERM and SIGHUP end a worker as the pool expects (not the main's one line)
+        signal.signal(s, signal.SIG_DFL)
 
 
 def check_upscale(files, size, crop, need):
-    """Refuse, before decoding, a size far beyond the images: over MAX_UPSCALE times the side of the largest crop
-    among the first 32 files (their headers read; `need` the bytes the decoded images would take)."""
+    """Refuse, before decoding, a size far beyond the images: over MAX_UPSCALE times the side of the largest
+    crop among the first 32 files (their headers read; `need` the bytes the decoded images would take)."""
     sides = []
     for f in files[:32]:
         with contextlib.suppress(Exception):  # an unreadable file is skipped when the images are decoded
@@ -411,14 +414,14 @@ def load_latents(faces, encode, key, flip, device, log=print, batch=256):
             ok = (c.get("version") == CACHE_VERSION and c.get("fingerprint") == faces["fingerprint"]
                   and c.get("key") == key and len(c["latents"]) == len(images))
             if ok and util.tensor_crc(c["latents"]) == c["checksum"]:
-                log(f"latents: loaded {len(images):,} from cache {cache}")
+                log(f"latents: loaded those of {util.plural(len(images), 'image')} from cache {cache}")
                 return c["latents"]
             why = "corrupt (its bytes fail their checksum)" if ok else "stale (other images or autoencoder)"
             log(f"latents: cache {cache} is {why}; rebuilding")
         except Exception as e:
             log(f"latents: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
-    views = 2 if flip else 1
-    progress = util.Progress(len(images) * views, "latents: encoding", "images", log, every=5, first=True)
+    what = "latents: encoding the images and their mirror images" if flip else "latents: encoding the images"
+    progress = util.Progress(len(images), what, "images", log, every=5, first=True)
     latents = None
     with torch.no_grad():
         for i in range(0, len(images), batch):
@@ -430,7 +433,7 @@ def load_latents(faces, encode, key, flip, device, log=print, batch=256):
             if latents is None:
                 latents = torch.empty(len(images), *z.shape[1:])
             latents[i:i + len(z)] = z
-            progress((i + len(z)) * views)
+            progress(i + len(z))
     c = dict(version=CACHE_VERSION, fingerprint=faces["fingerprint"], key=key, latents=latents,
              checksum=util.tensor_crc(latents))
     util.atomic_write(lambda tmp: torch.save(c, tmp), cache, "cache folder")

@@ -18,7 +18,8 @@ import sys
 
 
 def quit_quietly(signum, frame):
-    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, not a traceback (main() then takes them over)."""
+    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, not a traceback (main() then takes them over).
+    """
     print(f"{signal.Signals(signum).name}: interrupted", file=sys.stderr)
     os._exit(128 + signum)
 
@@ -185,6 +186,9 @@ def open_checkpoint(opt, given, device):
         raise UsageError(f"{dashed} does not apply to sampling (it is for --bpd and an autoencoder's "
                          f"reconstructions); drop {dashed}")
     else:
+        if opt.mode == "sample" and opt.n > GRID_MAX and not opt.out_dir:
+            raise UsageError(f"--n {opt.n:,}: the grid keeps the first {GRID_MAX:,} images and the rest "
+                             "would be lost; add --out-dir DIR to keep them all as PNGs, or lower --n")
         net = unet.from_checkpoint(ckpt, "ema")
         diffusion = GaussianDiffusion(a["timesteps"], a["schedule"], a["objective"], a.get("min_snr_gamma"))
     if "autoencoder" in ckpt:  # a latent model carries its first stage
@@ -364,13 +368,13 @@ def bits_per_dim(job):
             parts.append(diffusion.bits_per_dim(job.model, x0, g, t_samples=opt.bpd_t or None))
         progress(i + len(x0))
     r = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    se = float("nan")
+    se = " (one image: no standard error)"
     if len(r["total"]) > 1:
-        se = r["total"].std().item() / math.sqrt(len(r["total"]))
+        se = f" +- {r['total'].std().item() / math.sqrt(len(r['total'])):.4f}"
     how = f"an unbiased estimate from {opt.bpd_t} stratified t per image" if opt.bpd_t else "every t"
-    say(f"bits/dim on {len(valid)} validation images (T={diffusion.T}, {how}): prior L_T "
+    say(f"bits/dim on {util.plural(len(valid), 'validation image')} (T={diffusion.T}, {how}): prior L_T "
         f"{r['prior'].mean():.4f} + sum of L_t {r['vb'].mean():.4f} + decoder L_0 {r['decoder'].mean():.4f} "
-        f"= {r['total'].mean():.4f} +- {se:.4f}")
+        f"= {r['total'].mean():.4f}{se}")
 
 
 def validation_images(job, n):
@@ -388,6 +392,9 @@ def reconstruct(job):
     posterior means), their PSNR, and a grid of originals above reconstructions."""
     opt = job.opt
     valid = validation_images(job, opt.n)
+    if len(valid) < opt.n:
+        say(f"note: the validation split holds {util.plural(len(valid), 'image')}: "
+            f"{util.plural(len(valid), 'reconstruction')}, not --n {opt.n:,}")
     progress = util.Progress(len(valid), "reconstructions", "images", say)
     originals = []
     images = []
@@ -589,6 +596,10 @@ def as_reconstruct(opt, given):
                          f"own; sample.py shows its reconstructions of validation images (--n, --out, "
                          f"--out-dir, --data); drop {dashed}, or pass the checkpoint of a train.py --latents "
                          "run")
+    if opt.n > GRID_MAX // 2 and not opt.out_dir:  # each reconstruction beside its original
+        raise UsageError(f"--n {opt.n:,}: the grid keeps the first {GRID_MAX // 2:,} reconstructions (each "
+                         "below its original) and the rest would be lost; add --out-dir DIR to keep them all "
+                         "as PNGs, or lower --n")
     return argparse.Namespace(**{**vars(opt), "mode": "reconstruct"})
 
 
@@ -620,7 +631,7 @@ def check_values(opt, given):
         (opt.prompt is not None and opt.attrs is not None, "--prompt and --attrs both ask for attributes; "
          "use one of them"),
         (opt.mode == "reverse" and opt.n > 8, f"--n {opt.n}: --figure reverse draws up to 8 faces"),
-        (opt.mode in ("sample", "sdedit", "repaint", "compare") and opt.n > GRID_MAX and not opt.out_dir,
+        (opt.mode in ("sdedit", "repaint", "compare") and opt.n > GRID_MAX and not opt.out_dir,
          f"--n {opt.n:,}: the grid keeps the first {GRID_MAX:,} images and the rest would be lost; add "
          "--out-dir DIR to keep them all as PNGs, or lower --n"),
         (opt.attrs is not None and not opt.attrs.strip(", "), "--attrs '': ask for NAME=1 or NAME=0, or "
@@ -640,7 +651,7 @@ def check_values(opt, given):
                 raise UsageError(f"--size {message}")
             base = max([s for s in unet.PRESETS if s <= opt.size] or [min(unet.PRESETS)])
             raise UsageError(f"--size {opt.size}: the {base} preset it takes cannot be built at that size "
-                             f"(its {field}: {message}); use a size the presets are for, 32 to 256")
+                             f"(its {field}: {message}); use a size the presets are for, 8 to 256")
 
 
 def check_outputs(opt):

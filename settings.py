@@ -2,10 +2,12 @@
 Every setting of a training run in one table: its flag, default and help (argparse's), which runs take it
 (a diffusion run, an autoencoder run, a latent run, --bench) and what a --resume does with it (it may change
 it, the checkpoint's is kept, or it is no setting of the run). train.py parses its command line with this
-table, refuses a flag that the run does not take, and resumes a run's settings by it.
+table, refuses a flag that the run does not take or flags that do not go together (check), and takes a
+resumed run's settings from its checkpoint by it (resumed).
 """
 import argparse
 import math
+import os
 from dataclasses import dataclass
 
 import autoencoder
@@ -23,6 +25,7 @@ ANY = {DIFFUSION, AUTOENCODER}
 # what a --resume does with a setting: it may change it, the checkpoint's is kept (a contradicting flag is
 # refused), or it is no setting of the run (never taken from the checkpoint)
 MAY, FIXED, ONCE = "may change", "fixed", "once"
+PRESET_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")  # None: the --size preset's value
 
 
 @dataclass
@@ -60,6 +63,100 @@ def run_kinds(cfg):
     if cfg.bench:
         kinds.add(BENCH)
     return kinds
+
+
+def check(cfg, given, world):
+    """The flags of a run (`given`: those typed) go together and are the run's: one line for the first that
+    does not, naming the fix."""
+    runs = run_kinds(cfg)
+    for flag in sorted(given):
+        if not SETTINGS[flag].runs & runs:
+            wanted = " or ".join(RUN_NAMES[r] for r in sorted(SETTINGS[flag].runs))
+            dashed = "--" + flag.replace("_", "-")
+            raise util.UsageError(f"{dashed} is for {wanted}, not for this run; drop {dashed}")
+    loose = next((f for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given), "").replace("_", "-")
+    for bad, message in [
+        ("minutes" in given and given & {"max_steps", "epochs"},
+         "--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes"),
+        (cfg.minutes and cfg.dry_run, "--dry-run runs 2 steps to check a setup; drop it or --minutes"),
+        (cfg.dry_run and cfg.resume, "--dry-run writes a new checkpoint: drop it or --resume"),
+        (cfg.other_data and not cfg.resume, "--other-data is for a resume on other images; add --resume"),
+        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1 the run diverges; U-Nets train at about 1e-4 to 5e-4"),
+        (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes, e.g. --attrs "
+         "Smiling,Male, or 'all'; or drop --attrs for an unconditional model"),
+        (loose == "attr-film" and not cfg.attrs, "--attr-film lets a conditional model's attributes scale "
+         "and shift each block (FiLM); add --attrs NAMES, or drop it"),
+        (loose and loose != "attr-film" and not cfg.attrs, f"--{loose} sets how a conditional model drops "
+         "its attributes; add --attrs NAMES, or drop it"),
+        (cfg.sample_steps > cfg.timesteps and "sample_steps" in given,
+         f"--sample-steps {cfg.sample_steps} is more than --timesteps {cfg.timesteps}; lower it"),
+        (cfg.batch_size % world, f"--batch-size {cfg.batch_size} must be divisible by the number of "
+         f"processes ({world})"),
+    ]:
+        if bad:
+            raise util.UsageError(message)
+
+
+def resumed(args, given, ckpt, path):
+    """The settings of the run a --resume continues: every one from the checkpoint (at `path`); a flag that
+    contradicts it is refused. A model flag is compared with the network's own value where the run left it to
+    the preset; a flag that the run does not take is left for check() to refuse by name."""
+    cfg = vars(args).copy()
+    if "out" not in given and args.resume != "latest":  # in the checkpoint's folder
+        cfg["out"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    kinds = run_kinds(argparse.Namespace(**ckpt["args"]))
+    for k, v in ckpt["args"].items():
+        if v is None and k in PRESET_FLAGS:  # left to the preset: the network's own value
+            v = ckpt["model_args"].get(k)
+        if isinstance(v, list):
+            v = tuple(v)
+        if k not in cfg or SETTINGS[k].resume == ONCE or k == "out":
+            continue
+        if k in given and not SETTINGS[k].runs & kinds:
+            continue
+        if k == "latents" and k in given:
+            same_autoencoder(cfg[k], v, ckpt, path)
+            continue
+        if k in given and SETTINGS[k].resume == FIXED and cfg[k] != v:
+            flag = "--" + k.replace("_", "-")
+            what = f"{flag} {shown(cfg[k])} contradicts the checkpoint's {shown(v)} ({path})"
+            if isinstance(v, bool):  # a switch: given, it was off in the run
+                what = f"{flag} contradicts the checkpoint {path}, whose run was trained without it"
+            raise util.UsageError(f"{what}; drop {flag} to continue the run, or start a new run in another "
+                                  "--out")
+        if k not in given:
+            cfg[k] = v
+    if "epochs" in given and "max_steps" not in given:  # extended by epochs: not the saved --max-steps
+        cfg["max_steps"] = None
+    return argparse.Namespace(**cfg)
+
+
+def same_autoencoder(given, saved, ckpt, path):
+    """--latents on a resume: the run's own autoencoder (by any path to that file), or a one-line refusal."""
+    if saved is None:
+        raise util.UsageError(f"--latents: the checkpoint's run ({path}) is a DDPM on pixels, not on an "
+                              "autoencoder's latents; drop --latents to continue it, or start a latent run "
+                              "in another --out")
+    source = ckpt.get("autoencoder_args", {}).get("path", saved)
+    if checkpoint_file(given) not in (checkpoint_file(saved), checkpoint_file(source)):
+        raise util.UsageError(f"--latents {given}: the checkpoint's run ({path}) learns the latents of "
+                              f"{source}, which it carries; drop --latents to continue it, or start a new "
+                              "run in another --out")
+
+
+def shown(value):
+    """A setting as it is typed: 1,2,2 for a tuple."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return value
+
+
+def checkpoint_file(path):
+    """The file a checkpoint's path means, whatever path leads there (a folder means its ckpt.pt)."""
+    path = os.path.realpath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    return path
 
 
 def make_parser():
@@ -124,7 +221,7 @@ def add_model_flags(adder):
     add("--factor", FIXED, {AUTOENCODER}, type=int, default=4, choices=autoencoder.FACTORS,
         help="the autoencoder's downsampling factor f")
     add("--z-channels", FIXED, {AUTOENCODER}, type=pos, default=4, help="the latent's channels")
-    add("--kl-weight", FIXED, {AUTOENCODER}, type=util.between(0, math.inf), default=autoencoder.KL_WEIGHT,
+    add("--kl-weight", FIXED, {AUTOENCODER}, type=util.between(0, 1), default=autoencoder.KL_WEIGHT,
         help="the KL term's weight")
     add("--no-mid-attn", FIXED, {AUTOENCODER}, action="store_true", help="no self-attention in the "
         "autoencoder's middle")

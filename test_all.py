@@ -1466,14 +1466,14 @@ def test_minutes_never_narrows_to_a_model_slower_per_image(monkeypatch, device, 
 def test_a_first_run_far_beyond_a_day_says_so(monkeypatch, capsys):
     args, given = settings.make_parser().parse(["--size", "64", "--epochs", "100", "--data", "my data"])
     env = SimpleNamespace(device=torch.device("cpu"), world=1, ctx=contextlib.nullcontext(), say=print)
-    monkeypatch.setattr(budget, "time_step", lambda *a: 2.0)  # 2 s per image, as for the 64x64 preset on a laptop
+    monkeypatch.setattr(budget, "time_step", lambda *a, **k: 2.0 * a[3])  # 2 s per image, as for the 64x64 preset on a laptop
     train.estimate_run(args, env, stage_of(args), 162_770)
     line = capsys.readouterr().out
     assert "127,100 steps of 128 images" in line and "about 9038h" in line and "far beyond a day" in line, line
     import shlex
     hint = shlex.split(line.split("in 30 minutes: ")[1])
     assert hint[:2] == ["python", "train.py"] and settings.make_parser().parse(hint[2:])[0].minutes == 30 and "my data" in hint
-    monkeypatch.setattr(budget, "time_step", lambda *a: 0.001)
+    monkeypatch.setattr(budget, "time_step", lambda *a, **k: 0.001)
     train.estimate_run(args, env, stage_of(args), 162_770)
     assert "far beyond" not in capsys.readouterr().out
 
@@ -1534,7 +1534,8 @@ def test_bpd_command_prints_the_bound_or_its_estimate(tiny_run, capsys):
     for estimate in ([], ["--bpd-t", "7"]):
         sample.main([ckpt, "--bpd", "3", *estimate])
         line = capsys.readouterr().out.splitlines()[-1]
-        assert "bits/dim on 1 validation images" in line and "prior L_T" in line and "decoder L_0" in line, line
+        assert "bits/dim on 1 validation image " in line and "prior L_T" in line and "decoder L_0" in line, line
+        assert "(one image: no standard error)" in line and "nan" not in line, line
         assert ("7 stratified t" in line) == bool(estimate), line
         totals.append(float(line.split("= ")[1].split()[0]))
     assert 0 < totals[0] < 100 and 0 < totals[1] < 100
@@ -1912,7 +1913,6 @@ def test_checks_that_need_no_data_come_before_decoding(faces, tmp_path, capsys, 
     (["train.py", "--attr-film"], "--attr-film lets a conditional model's attributes scale and shift each block"),
     (["train.py", "--peak-tflops", "5"], "--peak-tflops is for --bench"),
     (["train.py", "--bench-steps", "5"], "--bench-steps is for --bench"),
-    (["sample.py", "x.pt", "--n", "2000"], "the grid keeps the first 1,024 images"),
     (["sample.py", "x.pt", "--figure", "forward", "--init", "README.md", "--sampler", "ddpm"],
      "--sampler does not apply to --figure forward; drop --sampler: with --init the figure noises that image"),
 ])
@@ -2391,9 +2391,9 @@ def test_sampling_says_where_each_output_went(tiny_run, tmp_path, capsys, monkey
 
 
 def test_data_check_refuses_a_size_beyond_the_memory(faces, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(budget, "device_memory", lambda device: 2**30)
-    code, _, err = main_error(capsys, data.main, ["--data", faces, "--size", "5000", "--cache-dir", str(tmp_path)])
-    assert code == 2 and "23 images at 5000x5000 take 1.6 GiB decoded, more than the 1.0 GiB of memory available" in err, err
+    monkeypatch.setattr(budget, "device_memory", lambda device: 2**17)
+    code, _, err = main_error(capsys, data.main, ["--data", faces, "--size", "80", "--cache-dir", str(tmp_path)])
+    assert code == 2 and "23 images at 80x80 take 0.4 MiB decoded, more than the 0.1 MiB of memory available" in err, err
     assert err.count("\n") == 1, err
 
 
@@ -2687,3 +2687,159 @@ def test_every_table_row_has_its_tables_number_of_cells():
                 while j < len(lines) and lines[j].startswith("|"):
                     assert lines[j].count("|") - lines[j].count("\\|") == cells, (name, j + 1, lines[j])
                     j += 1
+
+
+# -----------------------------------------------------------------------------
+# every promise at every moment: a resume that moves the end, folders in use, signals before and after the loop
+
+
+def test_a_resume_that_moves_the_end_says_how_it_differs_from_a_run_planned_so(faces, tmp_path, capsys):
+    # 12 steps then a resume to 20: the warm-up was a tenth of the 12 planned (1 step), not of 20 (2 steps). The resume
+    # says so, and the weights indeed differ; a resume to the end the run planned is bit for bit the uninterrupted run.
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    train.main(train_args(faces, a, "--max-steps", "12", "--warmup", "5000"))
+    capsys.readouterr()
+    train.main(["--resume", "--out", a, "--max-steps", "20"])
+    said = capsys.readouterr().out
+    assert "note: the run now ends at step 20, not 12: its lr warm-up stays 1 step (one of 20 steps would warm up for 2)" in said, said
+    train.main(train_args(faces, b, "--max-steps", "20", "--warmup", "5000"))
+    with pytest.raises(AssertionError):
+        assert_same_training_state(a, b, 20)
+    train.main(train_args(faces, c, "--max-steps", "12", "--warmup", "5000", "--ckpt-every", "6"))
+    os.remove(os.path.join(c, "log.csv"))
+    train.main(["--resume", "--out", c, "--max-steps", "12"])  # the end it planned: nothing to say, nothing differs
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_resume_flags_are_compared_with_what_the_run_is(latent_run, faces, tmp_path, capsys):
+    # a latent run's model flags as the preset set them, its autoencoder by another path to the same file, and the
+    # flags that a pixel run does not take named as such (not as contradicting a value the run never had)
+    ae, ldm, cache = latent_run
+    run = str(tmp_path / "ldm")
+    shutil.copytree(ldm, run)
+    ckpt = util.load_checkpoint(run)
+    net = ckpt["model_args"]
+    ch_mult = ",".join(map(str, net["ch_mult"]))
+    attn = ",".join(map(str, net["attn_res"]))
+    link = str(tmp_path / "same_ae.pt")
+    os.symlink(os.path.join(ae, "ckpt.pt"), link)
+    r = cli(capsys, train.main, ["--resume", "--out", run, "--attn-res", attn, "--ch-mult", ch_mult, "--num-res-blocks",
+                                 str(net["num_res_blocks"]), "--latents", link, "--max-steps", str(ckpt["step"] + 1), *CPU])
+    assert r.returncode == 0, r.stderr
+    pixel = str(tmp_path / "pix")
+    train.main(train_args(faces, pixel, "--max-steps", "1"))
+    for argv, words in [(["--z-channels", "2"], "--z-channels is for an autoencoder run"),
+                        (["--factor", "8"], "--factor is for an autoencoder run"),
+                        (["--latents", link], "is a DDPM on pixels, not on an autoencoder's latents")]:
+        one_line_error(cli(capsys, train.main, ["--resume", "--out", pixel, *argv]), words)
+
+
+def test_a_live_run_and_a_run_that_never_saved_are_named_for_what_they_are(faces, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    p = long_run(faces, out)  # a live run, before its first checkpoint (--ckpt-every 0)
+    try:
+        for argv in (train_args(faces, out, "--max-steps", "2"), ["--resume", "--out", out],
+                     train_args(faces, out, "--max-steps", "2", "--overwrite")):
+            one_line_error(cli(capsys, train.main, argv), "is in use by another run (process")
+    finally:
+        p.kill()
+        p.wait()
+    assert "ckpt.pt" not in os.listdir(out) and "log.csv" in os.listdir(out)  # killed (-9) before its first checkpoint
+    one_line_error(cli(capsys, train.main, train_args(faces, out, "--max-steps", "2")),
+                   "it stopped before its first checkpoint: pass --overwrite")
+    one_line_error(cli(capsys, train.main, ["--resume", "--out", out]), "holds no checkpoint to resume (log.csv")
+    r = cli(capsys, train.main, train_args(faces, out, "--max-steps", "1", "--overwrite"))
+    assert r.returncode == 0 and util.load_checkpoint(out)["step"] == 1, r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_before_the_loop_is_one_line_and_leaves_nothing(tmp_path, sig):
+    # SIGTERM (Slurm, timeout) and SIGHUP while the images decode: as Ctrl-C, one line, the shell's code, no --out
+    for i in range(300):
+        big = torch.randint(0, 256, (3, 400, 400), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        torchvision.io.write_jpeg(big, str(tmp_path / f"{i:03d}.jpg"), quality=95)
+    out = str(tmp_path / "out")
+    p = subprocess.Popen([sys.executable, "-u", "train.py", "--data", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+                          "--out", out, *TINY[:TINY.index("--seed")]], cwd=HERE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if "decoding" in line:
+            p.send_signal(sig)
+            break
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig and err.count("\n") == 1 and "interrupted before training started" in err, err
+    assert not os.path.exists(out)
+
+
+def test_a_signal_after_the_last_checkpoint_ends_the_run_as_finished(faces, tmp_path, monkeypatch, capsys):
+    # the scheduler's SIGTERM arrives while a finished run exits: it ends with code 0 and says why
+    real = util.release_folder
+    def release(*a):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+    monkeypatch.setattr(util, "release_folder", release)
+    r = cli(capsys, train.main, train_args(faces, str(tmp_path / "run"), "--max-steps", "2"))
+    assert r.returncode == 0 and "SIGTERM: the run is over, its checkpoint written; exiting with code 0" in r.stderr, r
+
+
+def test_a_periodic_checkpoint_is_not_written_again_when_a_signal_follows_it(faces, tmp_path, monkeypatch, capsys):
+    writes = []
+    real = util.save_checkpoint
+    monkeypatch.setattr(util, "save_checkpoint", lambda ckpt, *a: writes.append(ckpt["step"]) or real(ckpt, *a))
+    real_step = train.train_step
+    def step(run, *a):
+        if run.step == 2:  # right after the checkpoint of step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(run, *a)
+    monkeypatch.setattr(train, "train_step", step)
+    code, out, _ = main_error(capsys, train.main, train_args(faces, str(tmp_path / "run"), "--max-steps", "9",
+                                                             "--ckpt-every", "2"))
+    assert code == 143 and writes == [2] and "checkpoint written" in out, (writes, out)
+
+
+def test_the_estimate_of_a_cpu_run_counts_a_steps_own_cost_and_the_encoding(monkeypatch, capsys):
+    args, given = settings.make_parser().parse(["--size", "16", "--max-steps", "100", "--batch-size", "32"])
+    env = SimpleNamespace(device=torch.device("cpu"), world=1, ctx=contextlib.nullcontext(), say=print)
+    monkeypatch.setattr(budget, "time_step", lambda build, probe, shape, batch, **k: 0.2 + 0.1 * batch)  # a step's own 0.2 s
+    train.estimate_run(args, env, stage_of(args), 10_000)
+    line = capsys.readouterr().out
+    assert "100 steps of 32 images at ~3.4 s each" in line, line  # 0.2 + 32 x 0.1, not 32 x (0.2 + 0.1)
+
+
+def test_sampling_counts_and_sizes_are_said_as_they_are(latent_run, tiny_run, tmp_path, capsys):
+    ae, ldm, cache = latent_run
+    r = cli(capsys, sample.main, [ae, "--n", "20", "--out", str(tmp_path / "r.png"), "--cache-dir", cache])
+    valid = len(data.load(util.load_checkpoint(ae)["args"]["data"], 16, "valid", cache_dir=cache, log=quiet)["images"])
+    said = f"the validation split holds {util.plural(valid, 'image')}: {util.plural(valid, 'reconstruction')}, not --n 20"
+    assert r.returncode == 0 and said in r.stdout, r.stdout
+    one_line_error(cli(capsys, sample.main, [ae, "--n", "600", "--out", str(tmp_path / "r.png")]), "first 512 reconstructions")
+    one_line_error(cli(capsys, sample.main, [tiny_run, "--n", "2000", "--out", str(tmp_path / "s.png")]),
+                   "the grid keeps the first 1,024 images")
+    one_line_error(cli(capsys, sample.main, ["--bench", "--size", "5"]), "use a multiple of")
+    assert "fewer levels" not in cli(capsys, sample.main, ["--bench", "--size", "5"]).stderr
+    assert "1 downsamplings" not in str(unet_error(unet.UNetConfig(image_size=5, ch_mult=(1, 2))))
+
+
+def unet_error(cfg):
+    try:
+        unet.check_config(cfg)
+    except ValueError as e:
+        return e.args[1]
+
+
+def test_bad_sizes_flags_and_formats_get_the_right_words(faces, tmp_path, capsys):
+    # a size far beyond the images is refused before decoding; a huge autoencoder names its own flag; an impossible KL
+    # weight is refused; an image of another format than its name says is skipped with words a user can act on
+    r = cli(capsys, data.main, ["--data", faces, "--size", "5000", "--cache-dir", str(tmp_path / "c")])
+    one_line_error(r, "times the images' crop", "use a size of 80 or less")
+    assert not os.path.exists(tmp_path / "c") or not os.listdir(tmp_path / "c")
+    one_line_error(cli(capsys, train.main, ["--autoencoder", "--z-channels", "1000000", "--out", str(tmp_path / "o"), *CPU]),
+                   "--z-channels")
+    one_line_error(cli(capsys, train.main, ["--autoencoder", "--kl-weight", "1e300"]), "--kl-weight", "[0, 1]")
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(face(i, 20, 20).permute(1, 2, 0).numpy()).save(str(folder / f"{i}.png"))
+    Image.fromarray(face(9, 20, 20).permute(1, 2, 0).numpy()).save(str(folder / "0a.jpg"), format="BMP")  # a training file
+    out = cli(capsys, data.main, ["--data", str(folder), "--size", "16", "--cache-dir", str(tmp_path / "c2"), "--preview", ""]).stdout
+    assert "0a.jpg: not a JPEG, PNG, WebP or GIF image" in out and "decode_avif" not in out, out

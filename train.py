@@ -29,8 +29,9 @@ STARTED = time.time()  # --minutes counts from here: the imports below take seco
 
 
 def quit_quietly(signum, frame):
-    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, not a traceback (main() then takes them over)."""
-    print(f"{signal.Signals(signum).name}: interrupted before training started; nothing to save", file=sys.stderr)
+    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, not a traceback (main() takes them over)."""
+    name = signal.Signals(signum).name
+    print(f"{name}: interrupted before training started; nothing to save", file=sys.stderr)
     os._exit(128 + signum)
 
 
@@ -66,7 +67,6 @@ from util import UsageError, fmt_bytes, fmt_time, plural
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # bad input
 SMALLER = "use a smaller --size, --ch or --batch-size"
 NETWORKS = dict(unet=unet.check_weights, autoencoder=autoencoder.check_weights)  # a checkpoint's networks
-PRESET_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")  # None: the preset's value
 
 # -----------------------------------------------------------------------------
 # the run: train -> loop -> train_step, then what is due
@@ -191,6 +191,7 @@ class DDPMStage:
     build = unet.UNet
     from_dict = staticmethod(unet.config_from_dict)
     narrowest = 32  # --minutes narrows it to no fewer channels
+    widths = "--ch or --size"  # the flags that make it large
 
     def __init__(self, first):
         self.first = first
@@ -237,6 +238,7 @@ class AutoencoderStage:
     build = autoencoder.Autoencoder
     from_dict = staticmethod(autoencoder.config_from_dict)
     narrowest = 16
+    widths = "--ch, --z-channels or --size"
     name = "autoencoder"
     latent = False
 
@@ -290,9 +292,10 @@ def after_step(cfg, env, run, loss):
         if run.minutes and math.isinf(run.plan.total):  # --minutes: times the first steps, then plans
             run.plan = run.minutes.timed(run.step, run.plan)
     stop = stop_signal(env)
-    if loss is not None and run.minutes and budget.on_any_rank(run.minutes.past_deadline(run.plan) and not stop,
-                                                             env.ctrl):
-        run.plan = run.minutes.cut(run.plan, run.step)  # the rest of the budget is the end's
+    if loss is not None and run.minutes:  # the end's share of the budget left: the run ends now
+        ends = run.minutes.past_deadline(run.plan) and not stop
+        if budget.on_any_rank(ends, env.ctrl):
+            run.plan = run.minutes.cut(run.plan, run.step)
     last = run.step >= run.plan.total
     if loss is not None and (run.step % cfg.log_every == 0 or last or stop or run.step in (1, 10)):
         now = time.time()
@@ -441,7 +444,10 @@ def save(cfg, env, run, last, stop):
     path = os.path.join(cfg.out, "ckpt.pt")
     run.elapsed = time.time() - run.t0
     t0 = time.time()
-    saved = checkpoint(cfg, env, run, path, loss_sum)
+    saved = True  # a signal right after a periodic checkpoint: that one is this step's
+    if run.saved_at != run.step:
+        saved = checkpoint(cfg, env, run, path, loss_sum)
+        run.saved_at = run.step
     if run.minutes:
         run.minutes.save_s = time.time() - t0  # --minutes keeps this much for the last one
     took = fmt_time(time.time() - env.t_start)
@@ -531,6 +537,7 @@ class Run:
     loss_sum: torch.Tensor = None  # summed since the last multiple of --log-every
     loss_n: int = 0
     data_id: str = None  # data.identity of the training images
+    saved_at: int = -1  # the step of the checkpoint on disk, written by this process
     t0: float = 0.0  # time.time() - elapsed at the start
     t_log: float = 0.0  # when the next progress line's steps began, less evaluation time
     step_log: int = 0
@@ -560,7 +567,8 @@ def setup(args, given, started):
     cfg = argparse.Namespace(**vars(args))
     if args.resume:
         ckpt, path = open_resume(args)
-        cfg = resumed(args, given, ckpt, path, env.say)
+        cfg = settings.resumed(args, given, ckpt, path)
+        env.say(f"resuming from {path} at step {ckpt['step']}")
     first = autoencoder.Pixels()
     if ckpt and "autoencoder" in ckpt:  # a latent run carries its autoencoder
         first = autoencoder.FirstStage.from_checkpoint(ckpt)
@@ -590,7 +598,7 @@ def setup(args, given, started):
     net = network(cfg, ckpt, stage)
     with torch.device("meta"):  # shapes only: no memory, no time
         params = stage.build(net).num_params()
-    budget.check_fits(params, net, device, "use a smaller --ch or --size")
+    budget.check_fits(params, net, device, f"use a smaller {stage.widths}")
     if cfg.seed is None:  # rank 0's: every rank shuffles alike
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
         cfg = replace(cfg, seed=int(budget.from_rank0(seed, env.ctrl)))
@@ -634,9 +642,9 @@ def open_resume(args):
         util.release_folder(*util.claim_folder(args.out, "--out"))  # a live run's folder is in use: say so
         held = [f for f in sorted(os.listdir(args.out)) if f in ("log.csv", "stdout.log")]
         if held:
-            raise UsageError(f"--out {args.out} holds no checkpoint to resume ({', '.join(held)} of a run that "
-                             "stopped before its first); start that run again with --overwrite, or pick another "
-                             "--out")
+            raise UsageError(f"--out {args.out} holds no checkpoint to resume ({', '.join(held)} of a run "
+                             "that stopped before its first); start that run again with --overwrite, or pick "
+                             "another --out")
     ckpt = util.load_checkpoint(path, networks=NETWORKS)
     if not all(k in ckpt for k in ("args", "optimizer", "scaler")):
         raise util.CheckpointError(f"{path} lacks the optimizer state that a resume needs; sample from it "
@@ -646,58 +654,6 @@ def open_resume(args):
         raise util.CheckpointError(f"{path}: its step {ckpt['step']:,} is beyond the {planned:,} steps its "
                                    "run planned; the file was edited or damaged: use another copy")
     return ckpt, path
-
-
-def resumed(args, given, ckpt, path, say):
-    """The settings of the run a --resume continues: every one from the checkpoint (at `path`); a flag that
-    contradicts it is refused. A model flag is compared with the network's own value where the run left it to
-    the preset; a flag that the run does not take is left for check_args to refuse by name."""
-    cfg = vars(args).copy()
-    if "out" not in given and args.resume != "latest":  # in the checkpoint's folder
-        cfg["out"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    kinds = settings.run_kinds(argparse.Namespace(**ckpt["args"]))
-    for k, v in ckpt["args"].items():
-        if v is None and k in PRESET_FLAGS:  # left to the preset: the network's own value
-            v = ckpt["model_args"].get(k)
-        if isinstance(v, list):
-            v = tuple(v)
-        if k not in cfg or settings.SETTINGS[k].resume == settings.ONCE or k == "out":
-            continue
-        if k in given and not settings.SETTINGS[k].runs & kinds:
-            continue
-        if k == "latents" and k in given:
-            same_autoencoder(cfg[k], v, ckpt, path)
-            continue
-        if k in given and settings.SETTINGS[k].resume == settings.FIXED and cfg[k] != v:
-            flag = "--" + k.replace("_", "-")
-            what = f"{flag} {shown(cfg[k])} contradicts the checkpoint's {shown(v)} ({path})"
-            if isinstance(v, bool):  # a switch: given, it was off in the run
-                what = f"{flag} contradicts the checkpoint {path}, whose run was trained without it"
-            raise UsageError(f"{what}; drop {flag} to continue the run, or start a new run in another --out")
-        if k not in given:
-            cfg[k] = v
-    if "epochs" in given and "max_steps" not in given:  # extended by epochs: not the saved --max-steps
-        cfg["max_steps"] = None
-    say(f"resuming from {path} at step {ckpt['step']}")
-    return argparse.Namespace(**cfg)
-
-
-def same_autoencoder(given, saved, ckpt, path):
-    """--latents on a resume: the run's own autoencoder (by any path to that file), or a one-line refusal."""
-    if saved is None:
-        raise UsageError(f"--latents: the checkpoint's run ({path}) is a DDPM on pixels, not on an autoencoder's "
-                         "latents; drop --latents to continue it, or start a latent run in another --out")
-    source = ckpt.get("autoencoder_args", {}).get("path", saved)
-    if os.path.realpath(given) not in (os.path.realpath(saved), os.path.realpath(source)):
-        raise UsageError(f"--latents {given}: the checkpoint's run ({path}) learns the latents of {source}, which "
-                         "it carries; drop --latents to continue it, or start a new run in another --out")
-
-
-def shown(value):
-    """A setting as it is typed: 1,2,2 for a tuple."""
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return value
 
 
 def open_autoencoder(cfg, given):
@@ -721,33 +677,7 @@ def open_autoencoder(cfg, given):
 
 def check_args(cfg, given, env, ckpt, stage):
     """Everything that can be checked without data: a mistake costs seconds, not a decode."""
-    runs = settings.run_kinds(cfg)
-    for flag in sorted(given):
-        if not settings.SETTINGS[flag].runs & runs:
-            wanted = " or ".join(settings.RUN_NAMES[r] for r in sorted(settings.SETTINGS[flag].runs))
-            dashed = "--" + flag.replace("_", "-")
-            raise UsageError(f"{dashed} is for {wanted}, not for this run; drop {dashed}")
-    loose = next((f for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given), "").replace("_", "-")
-    for bad, message in [
-        ("minutes" in given and given & {"max_steps", "epochs"},
-         "--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes"),
-        (cfg.minutes and cfg.dry_run, "--dry-run runs 2 steps to check a setup; drop it or --minutes"),
-        (cfg.dry_run and cfg.resume, "--dry-run writes a new checkpoint: drop it or --resume"),
-        (cfg.other_data and not cfg.resume, "--other-data is for a resume on other images; add --resume"),
-        (cfg.lr > 1, f"--lr {cfg.lr:g}: above 1 the run diverges; U-Nets train at about 1e-4 to 5e-4"),
-        (cfg.attrs is not None and not cfg.attrs.strip(","), "--attrs '': name the attributes, e.g. --attrs "
-         "Smiling,Male, or 'all'; or drop --attrs for an unconditional model"),
-        (loose == "attr-film" and not cfg.attrs, "--attr-film lets a conditional model's attributes scale "
-         "and shift each block (FiLM); add --attrs NAMES, or drop it"),
-        (loose and loose != "attr-film" and not cfg.attrs, f"--{loose} sets how a conditional model drops "
-         "its attributes; add --attrs NAMES, or drop it"),
-        (cfg.sample_steps > cfg.timesteps and "sample_steps" in given,
-         f"--sample-steps {cfg.sample_steps} is more than --timesteps {cfg.timesteps}; lower it"),
-        (cfg.batch_size % env.world, f"--batch-size {cfg.batch_size} must be divisible by the number of "
-         f"processes ({env.world})"),
-    ]:
-        if bad:
-            raise UsageError(message)
+    settings.check(cfg, given, env.world)
     if cfg.lr > 1e-2 and not cfg.resume:
         env.say(f"note: --lr {cfg.lr:g} is far above what diffusion U-Nets train with: expect it to diverge")
     check_model(cfg, given, env, ckpt, stage)
@@ -804,11 +734,13 @@ def claim_out(cfg, env):
     listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
     if old and not cfg.resume and not cfg.overwrite:
         util.release_folder(*claim)
-        fix = (f"continue it with python train.py --resume --out {shlex.quote(cfg.out)}, pick another --out, or "
-               "pass --overwrite to replace it")
+        fix = (f"continue it with python train.py --resume --out {shlex.quote(cfg.out)}, pick another --out, "
+               "or pass --overwrite to replace it")
+        whose = "a run"
         if "ckpt.pt" not in old:  # nothing to resume
-            fix = "it stopped before its first checkpoint: pass --overwrite to start again there, or another --out"
-        raise UsageError(f"--out {cfg.out} already holds an earlier run's files ({listed}); {fix}")
+            whose = "an earlier run"
+            fix = "it stopped before its first checkpoint: pass --overwrite to start again, or another --out"
+        raise UsageError(f"--out {cfg.out} already holds {whose}'s files ({listed}); {fix}")
     if old and cfg.overwrite:
         for f in old:
             os.remove(os.path.join(cfg.out, f))
@@ -855,12 +787,20 @@ def load_split(cfg, env, ckpt, stage):
 def estimate_run(cfg, env, stage, n_images):
     """A new CPU or MPS run, before decoding: how long it takes (past a day: the 30-minute command)."""
     steps = cfg.max_steps or cfg.epochs * (n_images // cfg.batch_size)
-    net = stage.config(cfg)
-    one = budget.time_step(functools.partial(stage.build, net), stage.objective.probe_losses,
-                           stage.shape(cfg.size), 1, env.device, env.ctx, SMALLER)  # seconds for one image
+    build = functools.partial(stage.build, stage.config(cfg))
+    shape = stage.shape(cfg.size)
+    step_time = functools.partial(budget.time_step, build, stage.objective.probe_losses, shape,
+                                  device=env.device, ctx=env.ctx, fix=SMALLER)
     hint = ("For faces on this machine in 30 minutes: python train.py --data "
             f"{shlex.quote(cfg.data)} --size 32 --minutes 30")
-    env.say(budget.estimate_run(steps, cfg.batch_size // env.world, one, env.device, hint))
+    line = budget.estimate_run(steps, cfg.batch_size // env.world, step_time, env.device, hint)
+    if stage.latent:  # and once, the latents of the images and their mirror images
+        image = (3, cfg.size, cfg.size)
+        encode = budget.time_forward(stage.first.model.encode, image, 8, env.device, env.ctx)
+        views = 1 if cfg.no_flip else 2
+        line += (f"; the first run also encodes {n_images:,} images x {views} views once, about "
+                 f"{fmt_time(encode * n_images * views)}")
+    env.say(line)
 
 
 def build(cfg, env, ckpt, stage, faces, val, data_id, given):
@@ -997,12 +937,12 @@ def make_plan(cfg, ckpt, step, steps_per_epoch, given, say):
     fresh = budget.schedule(total, cfg.warmup, cfg.lr_decay, cfg.ema_decay, cfg.sample_every)
     if saved and total != saved["total"] and (fresh.warmup != plan.warmup or cfg.lr_decay == "cosine"):
         was = f"{saved['total']:,}" if math.isfinite(saved["total"]) else "its --minutes end"
-        differs = f"its lr warm-up stays {plural(plan.warmup, 'step')} (one of {total:,} steps would warm up for "
-        differs += f"{fresh.warmup:,})"
+        differs = (f"its lr warm-up stays {plural(plan.warmup, 'step')} (one of {total:,} steps would warm "
+                   f"up for {fresh.warmup:,})")
         if cfg.lr_decay == "cosine":
             differs = f"its cosine decay now ends at step {total:,}, from the lr it has"
-        say(f"note: the run now ends at step {total:,}, not {was}: {differs}; the weights will differ from a run "
-            f"planned for {total:,} steps from the start")
+        say(f"note: the run now ends at step {total:,}, not {was}: {differs}; the weights will differ from a "
+            f"run planned for {total:,} steps from the start")
     return plan
 
 

@@ -68,9 +68,11 @@ def check_config(cfg):
     fix."""
     factor = 2 ** (len(cfg.ch_mult) - 1)
     if cfg.image_size < 1 or cfg.image_size % factor:
-        levels = f"{len(cfg.ch_mult) - 1} downsamplings for ch_mult {','.join(map(str, cfg.ch_mult))}"
+        downs = len(cfg.ch_mult) - 1
+        mults = ",".join(map(str, cfg.ch_mult))
+        levels = f"{downs} downsampling{'s' if downs != 1 else ''} for ch_mult {mults}"
         raise ValueError("image_size", f"{cfg.image_size} is not divisible by {factor} ({levels}); "
-                         f"use a multiple of {factor} or fewer levels")
+                         f"use a multiple of {factor}")
     for field, bad in (("ch", cfg.ch < 1), ("num_res_blocks", cfg.num_res_blocks < 1),
                        ("ch_mult", not cfg.ch_mult or min(cfg.ch_mult) < 1)):
         if bad:
@@ -292,8 +294,7 @@ class UNet(nn.Module):
         return [*self.down, *self.mid, *self.up]
 
     def attention_layers(self):
-        """The self-attention layers, in the order a forward pass runs them (for figures of where they look).
-        """
+        """The self-attention layers, in the order a forward pass runs them (figures show where they look)."""
         return [b.attn for b in self.blocks() if isinstance(b, ResAttnBlock) and b.attn is not None]
 
     def num_params(self):

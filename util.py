@@ -51,9 +51,9 @@ def one_line_errors(errors, interrupted="interrupted"):
 
 
 def stop_on_signals(done=None):
-    """Ctrl-C, SIGTERM (Slurm, `timeout`) and SIGHUP (a closed terminal) raise KeyboardInterrupt(signal), which
-    one_line_errors ends in one line (and the `finally` clauses that clean up run). Once the work is `done`
-    (the words that say so), they only say it: the process ends as it would have."""
+    """Ctrl-C, SIGTERM (Slurm, `timeout`) and SIGHUP (a closed terminal) raise KeyboardInterrupt(signal),
+    which one_line_errors ends in one line (and the `finally` clauses that clean up run). Once the work is
+    `done` (the words that say so), they only say it: the process ends as it would have."""
     def stop(signum, frame):
         if done:
             with contextlib.suppress(OSError):
@@ -394,8 +394,8 @@ def check_meta(ckpt, path):
     if "autoencoder" in ckpt:
         scale = ckpt.get("autoencoder_args", {}).get("scale_factor")
         if not isinstance(scale, float) or not 0 < scale < math.inf:
-            raise CheckpointError(f"{path}: its latents' scale factor {scale!r} is not a finite positive number, "
-                                  f"{damaged}")
+            raise CheckpointError(f"{path}: its latents' scale factor {scale!r} is not a finite positive "
+                                  f"number, {damaged}")
 
 
 def network_of(ckpt, part):
@@ -433,7 +433,7 @@ def checksum_ok(ckpt, part):
 
 SIGHUP = getattr(signal, "SIGHUP", 1)  # (not on Windows)
 SIGPIPE = getattr(signal, "SIGPIPE", 13)
-STOPS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # Windows lacks one
+STOPS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # (Windows)
 
 
 def signal_name(sig):
