@@ -226,6 +226,13 @@ def scale_factor(latents):
     return 1.0 / latents.double().std().item()
 
 
+def scale_factor_of(n, total, squares):
+    """scale_factor from the streaming count, sum and sum of squares (float64) of the latents: the same number
+    as from the latents at once (with the unbiased variance)."""
+    variance = (squares - total * total / n) / (n - 1)
+    return 1.0 / math.sqrt(variance)
+
+
 # -----------------------------------------------------------------------------
 # training: the objective that a training loop optimises, one step at a time
 
@@ -318,13 +325,16 @@ class FirstStage:
         return (self.cfg.z_channels, size // self.factor, size // self.factor)
 
     def encode(self, x):
-        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f): the posterior mean, scaled."""
-        return self.model.encode(x).mode() * self.scale_factor
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f): the posterior mean, scaled; in float32 under any
+        autocast, as the latents it learned were encoded."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.model.encode(x.float()).mode() * self.scale_factor
 
     def decode(self, z):
-        """Latents as the diffusion model learns and draws them (times the scale factor) -> images in [-1,
-        1]."""
-        return self.model.decode(z.float() / self.scale_factor).clamp(-1, 1)
+        """Latents as the diffusion model learns and draws them (times the scale factor) -> images in [-1, 1];
+        in float32 under any autocast (an fp16 decoder's activations can overflow: diffusers' force_upcast)."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self.model.decode(z.float() / self.scale_factor).clamp(-1, 1)
 
     def mask(self, mask):
         """A pixel mask (1, 1, H, W), 1 where kept, -> the latent grid's: a latent is kept where its whole f x

@@ -28,6 +28,7 @@ from util import UsageError, fmt_bytes, fmt_time
 MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (REPORT sec. 3.5)
 FACE_STEPS = 1000  # 1,037 steps made faces (REPORT sec. 3.5); a plan of fewer gets a warning
 COMPILE_SECONDS = 90  # torch.compile's warm-up of the 64 px preset on an H200 (REPORT sec. 3.10)
+ENCODE_SHARE = 0.25  # a latent run's one-time encoding takes at most this share of what is left of --minutes
 THREADS_EVERY = 10  # seconds between two looks at the CPU's load (other programs come and go)
 # dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU; the first match wins
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250),
@@ -554,6 +555,15 @@ class Minutes:
         self.rate = (step - self.probe[0]) / seconds
         return self.replan(step, plan, self.rate)
 
+    def after_step(self, step, plan, stopping):
+        """After each step: timed() until there is a plan; then, where only the end's share of the budget is
+        left (on any rank, and not `stopping` anyway), the plan cut at this step. -> the plan."""
+        if math.isinf(plan.total):
+            plan = self.timed(step, plan)
+        if on_any_rank(self.past_deadline(plan) and not stopping, self.group):
+            plan = self.cut(plan, step)
+        return plan
+
     def followed(self, step, plan, rate):
         """At a progress line, `rate` steps/s since the last one: the machine got slower or faster. The speed
         of one line's steps varies by 10% here, a running mean gives the last line 0.7. -> the plan, moved if
@@ -592,7 +602,7 @@ class Minutes:
         new = Plan(total, warmup, s.lr_decay, min(s.ema_decay, 1 - 10 / total), every, start)
         now = "" if first else " now"
         self.say(f"{self.label(self.minutes)}: {rate * s.batch_size:,.1f} img/s{now}: {total:,} steps in "
-                 f"all ({total / self.steps_per_epoch:.2f} epochs), lr warm-up {warmup:,} steps then "
+                 f"all ({total / self.steps_per_epoch:.2f} epochs), lr warm-up {util.plural(warmup, 'step')} then "
                  f"{s.lr_decay} decay, EMA decay {new.ema_decay:.5f}")
         if first and self.face_steps and total < self.face_steps and self.master:
             need = time.time() - self.t_start + (self.face_steps - step) * per_step + self.last_seconds()
@@ -654,6 +664,11 @@ class Minutes:
         val = self.val_evals * (self.forward_s or 0.0)
         save = self.save_s or 16 * self.params / 200e6 + 0.5
         return 1.2 * (self.grid_seconds() + val + save) + 3.0
+
+
+def encoding_seconds(minutes, t_start):
+    """The time a new latent run of `minutes` gives its one-time encoding: ENCODE_SHARE of what is left."""
+    return ENCODE_SHARE * (minutes * 60 - (time.time() - t_start))
 
 
 def schedule(total, warmup, lr_decay, ema_decay, sample_every, saved=None):

@@ -16,14 +16,18 @@ import collections
 import concurrent.futures
 import contextlib
 import csv
+import glob
 import hashlib
 import importlib.util
+import json
+import math
 import multiprocessing
 import os
 import re
 import signal
 import time
 import warnings
+import zlib
 
 import torch
 import torchvision
@@ -397,48 +401,253 @@ def validation_set(path, size, crop, cache_dir, n, attrs, encode, device, log=pr
     return x, cond
 
 # -----------------------------------------------------------------------------
-# the latents of a latent run: one cache per (images, autoencoder)
+# the latents of a latent run: one cache per (images, autoencoder), streamed from the images
 
 
-def load_latents(faces, encode, key, flip, device, log=print, batch=256):
-    """The posteriors of an autoencoder's latents for the images of `faces` (load()'s): encode(x) maps (B, 3,
-    H, W) in [-1, 1] on `device` to (B, 2C, h, w), the mean and log-variance of q(z | x); with `flip` also of
-    each mirror image. Cached beside the images' cache, once per autoencoder: `key` names it, and a cache of
-    another autoencoder or of other images is never used. -> (N, F, 2C, h, w) float32 on the CPU, F = 2 with
-    flip."""
-    cache = os.path.splitext(faces["cache"])[0] + f"-latents-{key}{'-flip' if flip else ''}.pt"
-    images = faces["images"]
-    if os.path.exists(cache):
-        try:
-            c = torch.load(cache, mmap=True, weights_only=True)
-            ok = (c.get("version") == CACHE_VERSION and c.get("fingerprint") == faces["fingerprint"]
-                  and c.get("key") == key and len(c["latents"]) == len(images))
-            if ok and util.tensor_crc(c["latents"]) == c["checksum"]:
-                log(f"latents: loaded those of {util.plural(len(images), 'image')} from cache {cache}")
-                return c["latents"]
-            why = "corrupt (its bytes fail their checksum)" if ok else "stale (other images or autoencoder)"
-            log(f"latents: cache {cache} is {why}; rebuilding")
-        except Exception as e:
-            log(f"latents: cache {cache} is unreadable ({type(e).__name__}); rebuilding")
+LATENT_VERSION = 1
+LATENT_DTYPE = torch.float16  # rounding to it moved the scale factor by <1e-4 (REPORT sec. 3.11); bf16 by more
+LATENT_ORDER = 0  # the seed of the order the cache holds the images in: any prefix is a random subset
+SMALL_SPLIT = 2**30  # bytes: a split that decodes to less goes through the pixel cache (kept for later runs)
+WINDOW = 1024  # images decoded at a time while they stream to the encoder
+
+
+def encode_latents(path, size, crop, cache_dir, encode, key, *, flip=True, logvar=False, count=None,
+                   seconds=math.inf, device="cpu", log=print, attrs=None, sel=None, source=None, batch=256):
+    """The latents of the train split: encode(x) -> (mean, logvar) of q(z | x) for a batch x (B, 3, H, W) in
+    [-1, 1], of each image (and its mirror image, with `flip`), in a fixed random order of the split, the first
+    `count` (default: all) or as many as `seconds` allow. Cached once per (images, autoencoder): `key` names the
+    autoencoder (`source`, its path, lets a replaced one's cache be found and removed). Kept: the posterior
+    means (and log-variances, with `logvar`) in float16, in a file of the whole split's size, memory-mapped:
+    the host never holds two copies, and a later run continues an unfinished cache. The pixels come from the
+    pixel cache where there is one, or the split is small; else they are decoded as they are encoded, so the
+    split's pixels are never held at once. -> dict(latents (n, F, C or 2C, h, w) float16, cond, cond_names,
+    stats (n, sum, sum of squares) of the latents learned from view 0: the means (for `logvar`, a sample))."""
+    sel = sel or select(path, "train", log)
+    cond_names = pick_attrs(sel, attrs) if attrs else None
+    cache = os.path.splitext(cache_file(cache_dir or default_cache_dir(), path, "train", crop, size))[0]
+    name = f"{cache}-latents-{key}{'-flip' if flip else ''}{'-logvar' if logvar else ''}"
+    util.check_writable(os.path.dirname(name), "cache folder")
+    order = torch.randperm(len(sel["files"]), generator=torch.Generator().manual_seed(LATENT_ORDER)).tolist()
+    head = latent_header(name, identity(sel, stamps=True), key, len(order), log)
+    if head is None:
+        remove_replaced_latents(cache, key, log)
+        head = dict(version=LATENT_VERSION, fingerprint=identity(sel, stamps=True), key=key, source=source,
+                    flip=flip, logvar=logvar, slots=len(order), done=0, rows=0, skipped=[], crc=0,
+                    stats=[0, 0.0, 0.0], shape=None)
+    want = len(order) if count is None else min(count, len(order))
+    if head["rows"] < want and head["done"] < len(order):
+        head = encode_more(head, name, sel, order, size, crop, encode, flip, logvar, want, seconds, device, log,
+                           path, cache_dir, batch)
+    n = min(want, head["rows"])
+    if n == 0:
+        raise DataError(f"data folder {path}: none of its images could be encoded (unreadable, or no time was "
+                        "left for them)")
+    latents = torch.from_file(name + ".bin", shared=False, size=head["slots"] * math.prod(head["shape"]),
+                              dtype=LATENT_DTYPE).view(head["slots"], *head["shape"])[:n]
+    skipped = set(head["skipped"])
+    rows = [i for i in order[:head["done"]] if i not in skipped][:n]  # the split's index of each row
+    cond = None
+    if sel["attrs"] is not None:
+        cond = with_cond(dict(sel, attrs=sel["attrs"][rows]), cond_names)["cond"]
+    return dict(sel, latents=latents, cond=cond, cond_names=cond_names, stats=stats_of(head, n, latents),
+                files=[sel["files"][i] for i in rows])
+
+
+def latent_header(name, fingerprint, key, slots, log):
+    """The header of an earlier run's latent cache, checked: of these images and this autoencoder, its rows'
+    bytes intact. -> it, or None (and the stale or damaged files removed, with a line that says why)."""
+    try:
+        with open(name + ".json") as f:
+            head = json.load(f)
+    except (OSError, ValueError):
+        head = None
+    why = "unreadable"
+    if head and (head.get("version"), head.get("fingerprint"), head.get("key"), head.get("slots")) != (
+            LATENT_VERSION, fingerprint, key, slots):
+        why = "stale (other images, or another version)"
+    elif head and os.path.exists(name + ".bin"):
+        row = math.prod(head["shape"]) * LATENT_DTYPE.itemsize if head["rows"] else 0
+        with open(name + ".bin", "rb") as f:
+            crc = 0
+            for i in range(0, head["rows"] * row, 2**26):
+                crc = zlib.crc32(f.read(min(2**26, head["rows"] * row - i)), crc)
+        if crc == head["crc"]:
+            log(f"latents: cache {name}.bin holds those of {util.plural(head['rows'], 'image')}")
+            return head
+        why = "corrupt (its bytes fail their checksum)"
+    if os.path.exists(name + ".json") or os.path.exists(name + ".bin"):
+        log(f"latents: cache {name} is {why}; rebuilding")
+    for ext in (".json", ".bin"):
+        with contextlib.suppress(OSError):
+            os.remove(name + ext)
+    return None
+
+
+def remove_replaced_latents(cache, key, log):
+    """Remove the latent caches of these images whose autoencoder file is gone or now holds other weights
+    (retrained in place): nothing can use them again. Others' are kept (a run may switch back to them)."""
+    for header in glob.glob(glob.escape(cache) + "-latents-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(header) as f:
+                head = json.load(f)
+            src = head.get("source")
+            if head.get("key") == key or not src:
+                continue
+            file = os.path.join(src, "ckpt.pt") if os.path.isdir(src) else src  # a folder means its ckpt.pt
+            gone = not os.path.exists(file)
+            if not gone:
+                weights = torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("ema", {})
+                gone = f"{util.tensor_crc(weights):08x}" != head["key"]
+            if gone:
+                stem = header[:-len(".json")]
+                for ext in (".bin", ".json"):
+                    with contextlib.suppress(OSError):
+                        os.remove(stem + ext)
+                log(f"latents: removed {stem}.bin, the cache of an autoencoder that {src} no longer holds")
+
+
+def encode_more(head, name, sel, order, size, crop, encode, flip, logvar, want, seconds, device, log, path,
+                cache_dir, batch):
+    """Encode the images of `order` from head['done'] on, until `want` rows are written or `seconds` have
+    passed, into the cache's file; the header (rows, their CRC-32, the stats) is written after every window,
+    so that a run stopped on the way keeps what it encoded. -> the header."""
+    pixels = None  # the pixel cache and where each file is in it, when it is there or the split is small
+    fresh = os.path.exists(cache_file(cache_dir or default_cache_dir(), path, "train", crop, size))
+    if fresh or len(order) * 3 * size * size < SMALL_SPLIT:
+        c = load(path, size, "train", crop, cache_dir, log=log, sel=sel)
+        pixels = (c["images"], {f: i for i, f in enumerate(c["files"])})
+    else:
+        check_upscale(sel["files"], size, crop, len(order) * 3 * size * size)
+    t0 = time.time()
+    rows0 = head["rows"]
     what = "latents: encoding the images and their mirror images" if flip else "latents: encoding the images"
-    progress = util.Progress(len(images), what, "images", log, every=5, first=True)
-    latents = None
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = to_float(images[i:i + batch], device)
-            parts = [encode(x)]
-            if flip:
-                parts.append(encode(x.flip(3)))
-            z = torch.stack(parts, dim=1).float().cpu()  # (b, F, 2C, h, w)
-            if latents is None:
-                latents = torch.empty(len(images), *z.shape[1:])
-            latents[i:i + len(z)] = z
-            progress(i + len(z))
-    c = dict(version=CACHE_VERSION, fingerprint=faces["fingerprint"], key=key, latents=latents,
-             checksum=util.tensor_crc(latents))
-    util.atomic_write(lambda tmp: torch.save(c, tmp), cache, "cache folder")
-    log(f"latents: wrote cache {cache} ({latents.numel() * 4 / 2**20:,.0f} MiB)")
-    return latents
+    progress = util.Progress(want, what, "images", log, every=5, first=True)
+    out = None
+    pool = None
+    try:
+        while head["rows"] < want and head["done"] < len(order) and time.time() - t0 < seconds:
+            todo = order[head["done"]:head["done"] + WINDOW]
+            files = [sel["files"][i] for i in todo]
+            if pixels is not None:
+                kept = [j for j, f in enumerate(files) if f in pixels[1]]
+                images = pixels[0][[pixels[1][files[j]] for j in kept]]
+            else:
+                if pool is None:
+                    pool = decoding_pool(len(order))
+                images, kept = decode_window(files, size, crop, pool, log)
+            encoded = 0  # of the window's kept images
+            while encoded < len(kept) and head["rows"] < want and time.time() - t0 < seconds:
+                b = min(batch, want - head["rows"], paced(batch, seconds, time.time() - t0, head["rows"] - rows0))
+                x = to_float(images[encoded:encoded + b], device)
+                rows = encoded_rows(encode, x, flip, logvar)  # (b, F, C or 2C, h, w) float16
+                if out is None:
+                    head["shape"] = list(rows.shape[1:])
+                    out = latent_file(name, head)
+                out[head["rows"]:head["rows"] + len(rows)] = rows
+                head["crc"] = zlib.crc32(rows.numpy().tobytes(), head["crc"])
+                head["stats"] = add_stats(head["stats"], rows, head["rows"], logvar)
+                head["rows"] += len(rows)
+                encoded += len(rows)
+                progress(min(head["rows"], want))
+            used = len(todo) if encoded == len(kept) else kept[encoded]  # the window's positions consumed
+            head["skipped"] += [todo[j] for j in range(used) if j not in set(kept[:encoded])]
+            head["done"] += used
+            write_header(name, head)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if head["rows"] < want:
+        log(f"latents: {head['rows']:,} of the {len(order):,} images encoded in the {time.time() - t0:.0f} s "
+            "this run gives it: it trains on those, a random part of the split (a later run continues the cache)")
+    if out is not None:
+        each = math.prod(head["shape"]) * LATENT_DTYPE.itemsize
+        log(f"latents: cache {name}.bin: {util.plural(head['rows'], 'image')}, {each / 2**10:.1f} KiB each")
+    return head
+
+
+def paced(batch, seconds, spent, done):
+    """The images of the next batch under a time allowance: 4 at first, then what about a twentieth of the
+    allowance encodes at the rate so far (at most `batch`), so the encoding stops close to its end."""
+    if math.isinf(seconds):
+        return batch
+    if done == 0:
+        return 4
+    return max(4, min(batch, int(done / max(spent, 1e-9) * seconds / 20)))
+
+
+@torch.no_grad()
+def encoded_rows(encode, x, flip, logvar):
+    """(B, F, C or 2C, h, w) float16 on the CPU: the posterior mean (and log-variance) of each image of x (and
+    of its mirror image, with `flip`)."""
+    views = []
+    for v in ([x, x.flip(3)] if flip else [x]):
+        mean, lv = encode(v)
+        views.append(torch.cat([mean, lv], dim=1) if logvar else mean)
+    return torch.stack(views, dim=1).float().to(LATENT_DTYPE).cpu()
+
+
+def add_stats(stats, rows, first, logvar):
+    """The streaming (count, sum, sum of squares), float64, of view 0's latents: the means, or with `logvar` a
+    sample of each posterior (its noise seeded by the rows' place). -> the stats with `rows` added."""
+    z = rows[:, 0].double()
+    if logvar:
+        mean, lv = z.chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(first), dtype=torch.float64)
+        z = mean + torch.exp(0.5 * lv) * noise
+    return [stats[0] + z.numel(), stats[1] + z.sum().item(), stats[2] + (z * z).sum().item()]
+
+
+def stats_of(head, n, latents, chunk=4096):
+    """The stats of the first n rows: the header's when they are all its rows, else streamed again."""
+    if n == head["rows"]:
+        return tuple(head["stats"])
+    stats = [0, 0.0, 0.0]
+    for i in range(0, n, chunk):
+        stats = add_stats(stats, latents[i:min(n, i + chunk)], i, head["logvar"])
+    return tuple(stats)
+
+
+def latent_file(name, head):
+    """The cache's rows, memory-mapped: (slots, F, C', h, w) float16 in a file of the whole split's size (sparse:
+    rows not written yet take no disk), made where it is missing."""
+    numel = head["slots"] * math.prod(head["shape"])
+    if not os.path.exists(name + ".bin"):
+        with open(name + ".bin", "wb") as f:
+            f.truncate(numel * LATENT_DTYPE.itemsize)
+    return torch.from_file(name + ".bin", shared=True, size=numel, dtype=LATENT_DTYPE).view(head["slots"],
+                                                                                              *head["shape"])
+
+
+def write_header(name, head):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(head, f)
+    util.atomic_write(write, name + ".json", "cache folder")
+
+
+def decoding_pool(n):
+    """Processes that decode the images, one per core (fewer for few images)."""
+    workers = min(os.cpu_count() or 1, max(1, n // 64))
+    start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context(start), _worker_init)
+
+
+def decode_window(files, size, crop, pool, log):
+    """Decode `files` on the pool. -> ((k, 3, size, size) uint8 of those that could be read, their indices)."""
+    images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    kept = []
+    try:
+        for j, (img, err, _) in enumerate(pool.map(_preprocess_or_none, [(f, size, crop) for f in files],
+                                                   chunksize=32)):
+            if err:
+                log(f"warning: skipped unreadable image {err}")
+                continue
+            images[len(kept)] = torch.frombuffer(bytearray(img), dtype=torch.uint8).view(3, size, size)
+            kept.append(j)
+    except concurrent.futures.process.BrokenProcessPool:
+        raise DataError("a decoding process died (out of memory, or killed?); run again: the latents encoded so "
+                        "far are kept")
+    return images[:len(kept)], kept
 
 # -----------------------------------------------------------------------------
 # serving batches
@@ -460,8 +669,7 @@ class Batches:
             resident = fits_on_gpu(images.nbytes, device)
         if resident:
             images = images.to(device)  # GPU-resident: a batch is one gather, no host copies
-        elif device.type == "cuda":
-            images = images.pin_memory()
+        self.pin = device.type == "cuda" and not resident  # each batch pinned on its way (not the whole cache)
         self.images = images
         self.batch_size = batch_size
         self.device = device
@@ -495,9 +703,16 @@ class Batches:
             attrs = self.attrs[idx.to(self.attrs.device)]
         return x, attrs
 
+    def gather(self, idx):
+        """The items idx, on their way to the device (a host batch pinned for an asynchronous copy)."""
+        items = self.images[idx]
+        if self.pin:
+            items = items.pin_memory()
+        return items.to(self.device, non_blocking=True)
+
     def batch(self, idx, flip, generator):
         """The images idx in [-1, 1], those where `flip` is true mirrored."""
-        x = to_float(self.images[idx], self.device)
+        x = to_float(self.gather(idx), self.device)
         if flip is not None:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
@@ -505,9 +720,10 @@ class Batches:
 
 class LatentBatches(Batches):
     """Batches of an autoencoder's latents instead of images. `images` holds the posterior q(z | x) of each
-    image and of its mirror image, (N, F, 2C, h, w): F = 2 (or 1 without flips), the mean and the log-variance
-    stacked. A batch takes the mirror where the flip is drawn (an image flip, exactly), then the mean or, with
-    `sample`, a sample of the posterior, times `scale`."""
+    image and of its mirror image, (N, F, C, h, w) float16 (encode_latents'): F = 2 (or 1 without flips), the
+    mean, and with `sample` the log-variance stacked after it (2C). A batch takes the mirror where the flip is
+    drawn (an image flip, exactly), then the mean or, with `sample`, a sample of the posterior, times
+    `scale`."""
 
     def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None,
                  resident=None, scale=1.0, sample=False):
@@ -518,17 +734,18 @@ class LatentBatches(Batches):
 
     @property
     def shape(self):
-        return (self.images.shape[2] // 2, *self.images.shape[3:])
+        channels = self.images.shape[2] // 2 if self.sample else self.images.shape[2]
+        return (channels, *self.images.shape[3:])
 
     def batch(self, idx, flip, generator):
-        posterior = self.images[idx].to(self.device, non_blocking=True)  # (b, F, 2C, h, w)
+        posterior = self.gather(idx).float()  # (b, F, C or 2C, h, w)
         if flip is None:
             posterior = posterior[:, 0]
         else:
             posterior = posterior[torch.arange(len(idx), device=self.device), flip.long()]
-        mean, logvar = posterior.chunk(2, dim=1)  # each (b, C, h, w)
-        z = mean
+        z = posterior  # (b, C, h, w): the means
         if self.sample:  # the global batch's draw, this rank's shard: the same on any number of GPUs
+            mean, logvar = posterior.chunk(2, dim=1)
             noise = torch.randn((self.batch_size, *mean.shape[1:]), generator=generator, device=self.device)
             z = mean + torch.exp(0.5 * logvar) * noise[self.shard]
         return z * self.scale

@@ -6,6 +6,7 @@ to end on a tiny model of 16x16 fake faces, and the docs. CPU only, whatever the
     python -m pytest -q test_all.py
 """
 import contextlib
+import glob
 import math
 import shutil
 import os
@@ -2447,40 +2448,82 @@ def test_scale_factor_brings_the_latents_to_unit_variance_and_psnr_is_the_textbo
 
 def test_latent_batches_are_flipped_posteriors_and_the_same_on_any_number_of_gpus():
     n, g = 8, torch.Generator().manual_seed(2)
-    post = torch.randn(n, 2, 8, 2, 2, generator=g)  # (N, [image, mirror], mean and logvar of 4 channels, 2, 2)
-    one = data.LatentBatches(post, 4, "cpu", seed=3, scale=2.0)
+    post = torch.randn(n, 2, 8, 2, 2, generator=g).half()  # (N, [image, mirror], mean and logvar of 4 channels, 2, 2)
+    means = post[:, :, :4].contiguous()  # the cache without --posterior sample: the means alone
+    one = data.LatentBatches(means, 4, "cpu", seed=3, scale=2.0)
     x, _ = one.get(0, torch.Generator().manual_seed(7))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:4]
     flip = torch.rand(4, generator=torch.Generator().manual_seed(7)) < 0.5
-    assert torch.equal(x, 2.0 * post[perm, flip.long(), :4])  # the mirror's mean where the flip was drawn
-    for sample_ in (False, True):
-        b1 = data.LatentBatches(post, 4, "cpu", seed=3, sample=sample_).get(5, torch.Generator().manual_seed(9))[0]
-        halves = [data.LatentBatches(post, 4, "cpu", seed=3, rank=r, world=2, sample=sample_).get(5, torch.Generator().manual_seed(9))[0]
+    assert one.shape == (4, 2, 2) and torch.equal(x, 2.0 * post[perm, flip.long(), :4].float())  # the mirror's mean
+    for sample_, cache in ((False, means), (True, post)):
+        b1 = data.LatentBatches(cache, 4, "cpu", seed=3, sample=sample_).get(5, torch.Generator().manual_seed(9))[0]
+        halves = [data.LatentBatches(cache, 4, "cpu", seed=3, rank=r, world=2, sample=sample_).get(5, torch.Generator().manual_seed(9))[0]
                   for r in (0, 1)]
         assert torch.equal(torch.cat(halves), b1)
-    assert not torch.equal(b1, data.LatentBatches(post, 4, "cpu", seed=3).get(5, torch.Generator().manual_seed(9))[0])
+    assert not torch.equal(b1, data.LatentBatches(means, 4, "cpu", seed=3).get(5, torch.Generator().manual_seed(9))[0])
 
 
-def test_the_latent_cache_is_built_once_per_autoencoder_and_images(faces, tmp_path):
-    d = data.load(faces, 16, "train", "auto", str(tmp_path / "cache"), log=quiet)
+def fake_encoder(k, calls):
+    """An 'autoencoder' (f = 4, one channel) whose posterior mean is k times a pixel of each 4x4 patch."""
+    def encode(x):
+        calls.append(len(x))
+        mean = x[:, :1, ::4, ::4] * k
+        return mean, torch.full_like(mean, -2.0)
+    return encode
+
+
+def test_the_latent_cache_is_lean_built_once_per_autoencoder_and_images_and_continued(faces, tmp_path):
+    faces = str(shutil.copytree(faces, tmp_path / "faces"))  # its files are touched below
+    cache = str(tmp_path / "cache")
     calls, said = [], []
-    def encoder(k):
-        def encode(x):
-            calls.append(len(x))
-            return torch.cat([x[:, :1, ::4, ::4] * k, torch.zeros_like(x[:, :1, ::4, ::4])], 1)
-        return encode
-    a = data.load_latents(d, encoder(1.0), "aaaa", True, "cpu", said.append)
-    assert a.shape == (len(d["images"]), 2, 2, 4, 4) and sum(calls) == 2 * len(d["images"])
-    torch.testing.assert_close(a[:, 1, :1], data.to_float(d["images"], "cpu")[:, :1].flip(3)[:, :, ::4, ::4])  # the mirror's
+    def latents(k, key, **kw):
+        return data.encode_latents(faces, 16, "auto", cache, fake_encoder(k, calls), key, log=said.append, **kw)
+    a = latents(1.0, "aaaa")
+    images = data.load(faces, 16, "train", "auto", cache, log=quiet)  # the split is small: decoded through the pixel cache
+    n = len(images["images"])
+    x = a["latents"]
+    assert x.shape == (n, 2, 1, 4, 4) and x.dtype == torch.float16 and sum(calls) == 2 * n  # both views, 16-bit means
+    assert os.path.getsize(glob_one(cache, "*-latents-aaaa-flip.bin")) == n * 2 * 16 * 2  # 64 bytes per image
+    by_name = {f: i for i, f in enumerate(images["files"])}
+    order = [by_name[f] for f in a["files"]]  # the cache's order: a fixed permutation of the split
+    assert sorted(order) == list(range(n)) and order != list(range(n))
+    pixels = data.to_float(images["images"][order], "cpu")[:, :1]
+    torch.testing.assert_close(x[:, 1].float(), pixels.flip(3)[:, :, ::4, ::4], atol=1e-3, rtol=0)  # the mirror's
+    z = x[:, 0].double()  # the streaming scale factor is the one of all the latents at once
+    assert autoencoder.scale_factor_of(*a["stats"]) == pytest.approx(autoencoder.scale_factor(z), rel=1e-9)
     calls.clear()
-    assert torch.equal(data.load_latents(d, encoder(1.0), "aaaa", True, "cpu", said.append), a) and not calls  # cached
-    b = data.load_latents(d, encoder(2.0), "bbbb", True, "cpu", said.append)  # another autoencoder: its own cache
-    assert calls and torch.allclose(b, 2 * a)
-    assert data.load_latents(d, encoder(1.0), "aaaa", False, "cpu", said.append).shape[1] == 1  # no flips: one view
-    stale = dict(d, fingerprint="other images")
+    assert torch.equal(latents(1.0, "aaaa")["latents"], x) and not calls  # cached
+    b = latents(2.0, "bbbb")  # another autoencoder: its own cache
+    assert calls and torch.allclose(b["latents"].float(), 2 * x.float(), atol=2e-3)
+    assert latents(1.0, "cccc", flip=False)["latents"].shape[1] == 1  # no flips: one view
+    assert latents(1.0, "dddd", logvar=True)["latents"].shape[2] == 2  # --posterior sample: the log-variance too
+    # a budget of no time encodes nothing more: the 5 of a first run of --count 5, then a later run continues
     calls.clear()
-    data.load_latents(stale, encoder(1.0), "aaaa", True, "cpu", said.append)
+    part = latents(3.0, "eeee", count=5)
+    assert len(part["latents"]) == 5 and sum(calls) == 2 * 5 and part["files"] == a["files"][:5]
+    calls.clear()
+    assert len(latents(3.0, "eeee", seconds=0)["latents"]) == 5 and not calls
+    whole = latents(3.0, "eeee")
+    assert len(whole["latents"]) == n and sum(calls) == 2 * (n - 5) and torch.equal(whole["latents"][:5], part["latents"])
+    # a damaged cache is rebuilt; images changed since: its cache is stale
+    path = glob_one(cache, "*-latents-aaaa-flip.bin")
+    raw = bytearray(open(path, "rb").read())
+    raw[10] ^= 1
+    open(path, "wb").write(raw)
+    calls.clear()
+    latents(1.0, "aaaa")
+    assert calls and any("corrupt" in line for line in said)
+    os.utime(os.path.join(faces, sorted(os.listdir(faces))[0]))
+    calls.clear()
+    latents(1.0, "aaaa")
     assert calls and any("stale" in line for line in said)
+
+
+def glob_one(folder, pattern):
+    import glob
+    found = glob.glob(os.path.join(folder, pattern))
+    assert len(found) == 1, (pattern, os.listdir(folder))
+    return found[0]
 
 
 AE_TINY = ["--size", "16", "--ch", "8", "--num-res-blocks", "1", "--batch-size", "4", "--warmup", "2", "--log-every", "1",
@@ -2564,7 +2607,7 @@ def test_latent_diffusion_refusals_are_one_line(latent_run, faces, tmp_path, cap
     base = ["--data", faces, "--cache-dir", cache, "--out", out, *CPU]
     for argv, words in [
         ([*base, "--latents", ldm], "is a diffusion model's checkpoint, not an autoencoder's"),
-        ([*base, "--latents", ae, "--size", "32"], "was trained with --size 16"),
+        ([*base, "--latents", ae, "--size", "30"], "encodes sizes its factor divides; use a multiple of 4"),
         ([*base, "--latents", ae, "--crop", "none"], "was trained with --crop auto"),
         ([*base, "--latents", str(tmp_path / "none.pt")], "not found"),
         ([*base, "--factor", "8"], "--factor is for an autoencoder run (--autoencoder)"),
@@ -2843,3 +2886,63 @@ def test_bad_sizes_flags_and_formats_get_the_right_words(faces, tmp_path, capsys
     Image.fromarray(face(9, 20, 20).permute(1, 2, 0).numpy()).save(str(folder / "0a.jpg"), format="BMP")  # a training file
     out = cli(capsys, data.main, ["--data", str(folder), "--size", "16", "--cache-dir", str(tmp_path / "c2"), "--preview", ""]).stdout
     assert "0a.jpg: not a JPEG, PNG, WebP or GIF image" in out and "decode_avif" not in out, out
+
+
+# -----------------------------------------------------------------------------
+# latent diffusion at scale: the encoding inside --minutes, one autoencoder at many sizes, replaced caches
+
+
+def test_a_latent_runs_encoding_takes_its_share_of_the_budget_and_it_trains_on_what_was_encoded(latent_run, faces, tmp_path,
+                                                                                               monkeypatch, capsys):
+    # a fake clock: each image encoded (both views) costs 2 s, a training step 0.5 s; --minutes 1 gives the
+    # encoding a quarter of what is left (15 s): 8 of the 23 images, a random part, on which the run trains
+    ae, ldm, cache = latent_run
+    now = fake_clock(monkeypatch, lambda step: 0.5)
+    real = data.encoded_rows
+    def slow(encode, x, *a):
+        now[0] += 2.0 * len(x)
+        return real(encode, x, *a)
+    monkeypatch.setattr(data, "encoded_rows", slow)
+    monkeypatch.setattr(data, "time", SimpleNamespace(time=lambda: now[0]))
+    out = str(tmp_path / "ldm")
+    argv = ["--data", faces, "--cache-dir", str(tmp_path / "cache"), "--out", out, "--latents", ae, *LDM_TINY, "--minutes", "1"]
+    r = cli(capsys, train.main, argv)
+    ckpt = util.load_checkpoint(out)
+    assert r.returncode == 0 and 4 <= ckpt["train_images"] <= 10, (ckpt["train_images"], r.stdout)
+    assert f"{ckpt['train_images']} of the 23 images encoded in the" in r.stdout and "a random part" in r.stdout
+    assert now[0] <= 60 and ckpt["step"] > 10
+    # a resume trains on the same part; a later run with no budget left for encoding costs nothing more
+    before = now[0]
+    r = cli(capsys, train.main, ["--resume", "--out", out, "--max-steps", str(ckpt["step"] + 2)])
+    assert r.returncode == 0 and util.load_checkpoint(out)["train_images"] == ckpt["train_images"]
+    assert now[0] - before < 5, r.stdout  # no encoding
+
+
+def test_one_autoencoder_encodes_every_size_its_factor_divides(latent_run, faces, tmp_path, capsys):
+    ae, ldm, cache = latent_run  # trained at 16x16, f = 4
+    out = str(tmp_path / "ldm32")
+    tiny = list(LDM_TINY)
+    tiny[tiny.index("--attn-res") + 1] = "8"  # the latent is 8x8 now
+    r = cli(capsys, train.main, ["--data", faces, "--cache-dir", cache, "--out", out, "--latents", ae, "--size", "32",
+                                 *tiny, "--max-steps", "2"])
+    assert r.returncode == 0, r.stderr
+    ckpt = util.load_checkpoint(out)
+    assert ckpt["args"]["size"] == 32 and ckpt["model_args"]["image_size"] == 8 and ckpt["model_args"]["in_channels"] == 4
+    r = cli(capsys, sample.main, [out, "--n", "2", "--out", str(tmp_path / "s.png"), "--steps", "2"])
+    assert r.returncode == 0 and Image.open(tmp_path / "s.png").size[0] >= 2 * 32, r.stderr
+
+
+def test_a_replaced_autoencoders_latent_cache_is_removed(latent_run, faces, tmp_path, capsys):
+    ae, ldm, cache = latent_run
+    mine = str(tmp_path / "ae")
+    shutil.copytree(ae, mine)
+    cache = str(tmp_path / "cache")
+    base = ["--data", faces, "--cache-dir", cache, *LDM_TINY, "--max-steps", "1"]
+    train.main([*base, "--latents", mine, "--out", str(tmp_path / "a")])
+    first = glob_one(cache, "*-latents-*.bin")
+    ckpt = util.load_checkpoint(mine)  # retrained in place: other weights at the same path
+    ckpt["ema"] = {k: v + 0.01 for k, v in ckpt["ema"].items()}
+    util.save_checkpoint(ckpt, os.path.join(mine, "ckpt.pt"))
+    r = cli(capsys, train.main, [*base, "--latents", mine, "--out", str(tmp_path / "b")])
+    assert r.returncode == 0 and f"removed {first}, the cache of an autoencoder that {mine} no longer holds" in r.stdout
+    assert not os.path.exists(first) and len(glob.glob(os.path.join(cache, "*-latents-*.bin"))) == 1

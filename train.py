@@ -95,8 +95,8 @@ def train(args, given, started):
         if cfg.minutes and not ckpt and not cfg.dry_run and not given & {"ch", "batch_size"}:
             cfg = fit_model_to_minutes(cfg, env, given, stage)
         faces, data_id = load_split(cfg, env, ckpt, stage)
-        if stage.latent:  # the training set is the autoencoder's latents of the images (and the scale factor)
-            faces, stage.first = encode_split(cfg, env, faces, stage.first)
+        if stage.latent:  # the training set: the autoencoder's latents of the images (and the scale factor)
+            faces, stage.first = encode_split(cfg, env, ckpt, faces, stage.first)
         val = None
         if env.master and cfg.eval_every > 0:  # the first --eval-images validation images (or their latents)
             val = data.validation_set(cfg.data, cfg.size, cfg.crop, cfg.cache_dir, cfg.eval_images, cfg.attrs,
@@ -286,16 +286,12 @@ def config_dict(net):
 def after_step(cfg, env, run, loss):
     """What is due after a step (loss None: one cut short): the --minutes plan and deadline, a progress line,
     the CPU's threads, the validation loss and grid, the checkpoint. -> the exit code, or None."""
+    stop = stop_signal(env)
     if loss is not None:
         run.loss_sum = run.loss_sum + loss
         run.loss_n += 1
-        if run.minutes and math.isinf(run.plan.total):  # --minutes: times the first steps, then plans
-            run.plan = run.minutes.timed(run.step, run.plan)
-    stop = stop_signal(env)
-    if loss is not None and run.minutes:  # the end's share of the budget left: the run ends now
-        ends = run.minutes.past_deadline(run.plan) and not stop
-        if budget.on_any_rank(ends, env.ctrl):
-            run.plan = run.minutes.cut(run.plan, run.step)
+        if run.minutes:  # --minutes: times the first steps and plans, then ends where the budget is spent
+            run.plan = run.minutes.after_step(run.step, run.plan, stop)
     last = run.step >= run.plan.total
     if loss is not None and (run.step % cfg.log_every == 0 or last or stop or run.step in (1, 10)):
         now = time.time()
@@ -352,7 +348,7 @@ def evaluate(cfg, env, run, last):
     try:
         if val_due(cfg, run, last):
             vl, psnr = val_loss(cfg, env, run)
-            line = f"step {run.step} | val loss {vl:.4f} ({len(run.val[0])} images, EMA weights)"
+            line = f"step {run.step} | val loss {vl:.4f} ({plural(len(run.val[0]), 'image')}, EMA weights)"
             if psnr is not None:
                 line += f", reconstruction PSNR {psnr:.2f} dB"
             env.say(line)
@@ -658,21 +654,27 @@ def open_resume(args):
 
 def open_autoencoder(cfg, given):
     """--latents PATH: the autoencoder whose latents the run learns, as its first stage (the scale factor
-    comes once its latents are encoded). -> (it, the settings of its run)."""
+    comes once its latents are encoded). It is fully convolutional: a run may take another --size that its
+    factor divides (by default the autoencoder's), but not another crop. -> (it, the run's size and crop)."""
     path = cfg.latents
     ckpt = util.load_checkpoint(path, parts=("ema",), networks=NETWORKS)
     a = ckpt["args"]
     if not a.get("autoencoder"):
         raise UsageError(f"--latents {path} is a diffusion model's checkpoint, not an autoencoder's; pass "
                          "the ckpt.pt of a train.py --autoencoder run")
-    for key in ("size", "crop"):
-        if key in given and getattr(cfg, key) != a[key]:
-            raise UsageError(f"--{key} {getattr(cfg, key)}: the autoencoder {path} was trained with --{key} "
-                             f"{a[key]}, and a latent run takes its autoencoder's; drop --{key}, or train an "
-                             f"autoencoder with --{key} {getattr(cfg, key)}")
-    source = dict(path=os.path.abspath(path), id=f"{util.tensor_crc(ckpt['ema']):08x}")  # its weights' CRC-32
     net = autoencoder.config_from_dict(ckpt["model_args"])
-    return autoencoder.FirstStage(net, ckpt["ema"], None, source), a
+    if "crop" in given and cfg.crop != a["crop"]:
+        raise UsageError(f"--crop {cfg.crop}: the autoencoder {path} was trained with --crop {a['crop']}, and a "
+                         "latent run takes its autoencoder's; drop --crop, or train an autoencoder with --crop "
+                         f"{cfg.crop}")
+    size = a["size"]
+    if "size" in given:
+        size = cfg.size
+    if size % net.factor:
+        raise UsageError(f"--size {size}: the autoencoder {path} (f = {net.factor}) encodes sizes its factor "
+                         f"divides; use a multiple of {net.factor}")
+    source = dict(path=os.path.abspath(path), id=f"{util.tensor_crc(ckpt['ema']):08x}")  # its weights' CRC-32
+    return autoencoder.FirstStage(net, ckpt["ema"], None, source), dict(size=size, crop=a["crop"])
 
 
 def check_args(cfg, given, env, ckpt, stage):
@@ -754,8 +756,8 @@ def claim_out(cfg, env):
 
 
 def load_split(cfg, env, ckpt, stage):
-    """-> (the training split's images, load()'s dict; the data's identity), checked against a resumed run's
-    before anything is decoded."""
+    """-> (the training split's images, load()'s dict (a latent run: the split selected, to be encoded); the
+    data's identity), checked against a resumed run's before anything is decoded."""
     sel = data.select(cfg.data, "train", log=env.say)
     n = len(sel["files"])
     data_id = data.identity(sel)
@@ -775,6 +777,8 @@ def load_split(cfg, env, ckpt, stage):
                          f"--other-data to continue on {cfg.data}")
     if env.master and not (ckpt or cfg.minutes or cfg.dry_run) and env.device.type != "cuda":
         estimate_run(cfg, env, stage, n)
+    if stage.latent:  # its images stream through the encoder (encode_split): no pixels held here
+        return sel, data_id
     if env.ddp and not env.master:
         dist.barrier()  # rank 0 writes the caches first, the others load them
     faces = data.load(cfg.data, cfg.size, "train", cfg.crop, cfg.cache_dir, log=env.say, attrs=cfg.attrs,
@@ -978,26 +982,39 @@ def fit_model_to_minutes(cfg, env, given, stage):
 # latents: a latent run's training set is the autoencoder's encoding of the images, cached once
 
 
-def encode_split(cfg, env, faces, first):
-    """The posterior of every training image's latent (and of its mirror image's, unless --no-flip), from the
-    latent cache when it holds this autoencoder's; the scale factor from them on a new run. -> (faces with
-    the posteriors, (N, F, 2C, h, w) float32, the mean and log-variance of q(z | x) stacked, as its images;
-    the first stage with its scale factor)."""
+def encode_split(cfg, env, ckpt, sel, first):
+    """The training set of a latent run: the autoencoder's latents of the images (and of their mirror images,
+    unless --no-flip), from the latent cache or encoded now. A new --minutes run gives the encoding at most
+    budget.ENCODE_SHARE of what is left of the budget and trains on the random part of the split that it
+    encodes; a resume takes the part its run trained on. -> (data.encode_latents' dict; the first stage, with
+    the scale factor of its latents on a new run)."""
     fmt = torch.channels_last if env.channels_last else torch.contiguous_format
 
-    def encode(x):
+    def encode(x):  # in float32, as every use of the first stage
         posterior = first.model.encode(x.contiguous(memory_format=fmt))
-        return torch.cat([posterior.mean, posterior.logvar], dim=1)
-    posteriors = data.load_latents(faces, encode, first.source["id"], not cfg.no_flip, env.device, env.say)
-    faces = dict(faces, images=posteriors)
+        return posterior.mean, posterior.logvar
+    count = None  # images, default all
+    seconds = math.inf
+    if ckpt:
+        count = ckpt["train_images"]
+    elif cfg.dry_run:
+        count = cfg.batch_size
+    elif cfg.minutes:
+        seconds = budget.encoding_seconds(cfg.minutes, env.t_start)
+    if env.ddp and not env.master:
+        dist.barrier()  # rank 0 encodes, the others read what it wrote
+        count = int(budget.from_rank0(0))
+    faces = data.encode_latents(cfg.data, cfg.size, cfg.crop, cfg.cache_dir, encode, first.source["id"],
+                                flip=not cfg.no_flip, logvar=cfg.posterior == "sample", count=count,
+                                seconds=seconds, device=env.device, log=env.say, attrs=cfg.attrs, sel=sel,
+                                source=first.source["path"])
+    faces["images"] = faces.pop("latents")
+    if env.ddp and env.master:
+        dist.barrier()
+        budget.from_rank0(len(faces["images"]))
     if first.scale_factor is not None:  # a resume keeps its own
         return faces, first
-    mean, logvar = posteriors[:, 0].chunk(2, dim=1)
-    z = mean
-    if cfg.posterior == "sample":
-        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
-        z = mean + torch.exp(0.5 * logvar) * noise
-    scale = autoencoder.scale_factor(z)
+    scale = autoencoder.scale_factor_of(*faces["stats"])
     env.say(f"latents: scale factor {scale:.4f} (1 / the standard deviation of the {cfg.posterior}s of "
             "q(z | x))")
     return faces, first.with_scale(scale)
