@@ -257,7 +257,7 @@ class GaussianDiffusion:
     # the timesteps.
 
     @torch.no_grad()
-    def ddpm_sample(self, model, x, timesteps, generator=None, callback=None, clip=True, var_type="beta"):
+    def ddpm_sample(self, model, x, timesteps, generator=None, callback=None, clip=False, var_type="beta"):
         """[DDPM] Algorithm 2 over consecutive timesteps (t, t-1, ..., 0)."""
         for i in timesteps:  # line 2
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -276,7 +276,7 @@ class GaussianDiffusion:
         t_max = self.T - 1 if t_max is None else t_max
         return torch.linspace(0, t_max, min(steps, t_max + 1), dtype=torch.float64).round().long().unique()
 
-    def ddim_step(self, model, x, t_now, t_prev, eta, generator=None, clip=True):
+    def ddim_step(self, model, x, t_now, t_prev, eta, generator=None, clip=False):
         """[DDIM] eq. 12 from index t_now to index t_prev (-1: to the clean image) -> (x_prev, x0_hat)."""
         t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
         x0, eps = self.predict_x0_eps(model(x, t).float(), x, t, clip)
@@ -293,7 +293,7 @@ class GaussianDiffusion:
         return x_prev, x0
 
     @torch.no_grad()
-    def ddim_sample(self, model, x, timesteps, generator=None, callback=None, clip=True, eta=DEFAULT_ETA):
+    def ddim_sample(self, model, x, timesteps, generator=None, callback=None, clip=False, eta=DEFAULT_ETA):
         """[DDIM] eq. 12 down the sub-sequence: eta 0 is deterministic, eta 1 stochastic like DDPM."""
         for i, t_now in enumerate(timesteps):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
@@ -317,7 +317,7 @@ class GaussianDiffusion:
         return (lam[None, :] - targets[:, None]).abs().argmin(1).unique_consecutive()
 
     @torch.no_grad()
-    def dpm_solver_sample(self, model, x, timesteps, generator=None, callback=None, clip=True, sde=False):
+    def dpm_solver_sample(self, model, x, timesteps, generator=None, callback=None, clip=False, sde=False):
         """DPM-Solver++(2M) [DPM++] Algorithm 2: a second-order multistep solver of the probability-flow ODE,
         in data prediction (x0_hat, from any objective). One model evaluation per step; the first step is
         first order. The final jump from the last timestep to the clean image is x_0 = x0_hat.
@@ -371,10 +371,11 @@ class GaussianDiffusion:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
     def sample(self, model, shape, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, eta=DEFAULT_ETA,
-               generator=None, x_T=None, clip=True, var_type="beta", device=None, callback=None,
+               generator=None, x_T=None, clip=False, var_type="beta", device=None, callback=None,
                spacing="logsnr", t_max=None):
         """Draw samples (B, C, H, W) with `sampler` from x_T, or from fresh noise of `shape` (drawn here, with
-        `generator`, and nowhere else). t_max: start the reverse process at that index instead of T-1, from
+        `generator`, and nowhere else). clip: clip x0_hat to [-1, 1], the range of images (not of latents, so not
+        by default: a caller asks for it). t_max: start the reverse process at that index instead of T-1, from
         x_T as the chain's state there (SDEdit). The defaults are the project's default sampler: DDIM, 20
         steps, eta 1."""
         if x_T is None:
@@ -408,7 +409,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def repaint(self, model, x_T, x_known, mask, steps=250, jump_length=10, jump_n_sample=10, generator=None,
-                clip=True, callback=None):
+                clip=False, callback=None):
         """Inpainting by [RePaint] Algorithm 1 on `steps` of the T timesteps. x_known (B, C, H, W); mask 1
         where x_known is kept, 0 where the model fills in (broadcast to x_known). A step down is ancestral
         sampling on the sub-sequence (DDIM eta 1, which is DDPM on the respaced chain) for the unknown part

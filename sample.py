@@ -144,11 +144,16 @@ class Job:
 def load(opt, given, device, ctx):
     """The checkpoint's EMA model (without one, --bench's random preset), the condition, --init, --mask."""
     opt, net, diffusion, ckpt_args, first_stage = open_checkpoint(opt, given, device)
-    if diffusion is None:  # an autoencoder: its reconstructions
+    if diffusion is None:  # an autoencoder: its reconstructions of --init or of validation images
         size = net.cfg.image_size
+        if ckpt_args is not None and ckpt_args.get("latents"):  # a latent model's first stage: the run's size
+            size = ckpt_args["size"]
         net = net.to(device).eval().requires_grad_(False)
+        x_init = None
+        if opt.init:
+            x_init = read_image(opt.init, "--init", size, opt.crop)[None]  # (1, 3, size, size) uint8
         return Job(opt=opt, model=net, net=net, diffusion=None, first_stage=first_stage, attr_names=(),
-                   size=size, shape=(3, size, size), device=device, ctx=ctx, ckpt_args=ckpt_args)
+                   size=size, shape=(3, size, size), device=device, ctx=ctx, ckpt_args=ckpt_args, x_init=x_init)
     shape = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)
     size = net.cfg.image_size * first_stage.factor  # the images are the autoencoder's
     steps, evals = sampler_steps(opt, diffusion)
@@ -181,6 +186,14 @@ def open_checkpoint(opt, given, device):
     if util.network_of(ckpt, "ema") == "autoencoder":  # its reconstructions: another mode, other flags
         net = autoencoder.from_checkpoint(ckpt, "ema")
         opt = as_reconstruct(opt, given)
+    elif opt.mode == "reconstruct":  # a latent model's first stage
+        if "autoencoder" not in ckpt:
+            raise UsageError(f"--reconstruct: {opt.ckpt} is a pixel model, which has no autoencoder to "
+                             "reconstruct with; pass a latent model's or an autoencoder's checkpoint")
+        net = autoencoder.from_checkpoint(ckpt, "autoencoder")
+        opt = as_reconstruct(opt, given)
+        say(f"loaded {opt.ckpt}: step {ckpt['step']}, its first stage, {describe_model(net, None, None)}")
+        return opt, net, None, a, autoencoder.Pixels()
     elif opt.mode == "sample" and given & {"data", "cache_dir"}:
         dashed = "--" + sorted(given & {"data", "cache_dir"})[0].replace("_", "-")
         raise UsageError(f"{dashed} does not apply to sampling (it is for --bpd and an autoencoder's "
@@ -278,7 +291,11 @@ def draw(job, n, x_T=None, cond=None, callback=None, progress=None):
 def inpaint(job, model, x_T, n, clip, step):
     """RePaint of --init outside --mask, each image from its own noise; a latent model on the latent grid."""
     opt = job.opt
-    x_known = job.first_stage.encode(job.x_init.expand(n, -1, -1, -1))
+    # the hole filled with the kept pixels' mean colour first: an encoder sees past a latent's own patch, and
+    # the hidden face must not leak into the latents that are kept
+    kept = (job.x_init * job.mask).sum((2, 3), keepdim=True) / job.mask.sum().clamp(min=1)
+    filled = job.mask * job.x_init + (1 - job.mask) * kept
+    x_known = job.first_stage.encode(filled.expand(n, -1, -1, -1))
     mask = job.first_stage.mask(job.mask)
     return job.diffusion.repaint(model, x_T, x_known, mask, job.steps, opt.jump_length, opt.jump_n_sample,
                                  job.generator, clip, step)
@@ -388,11 +405,15 @@ def validation_images(job, n):
 
 @torch.no_grad()
 def reconstruct(job):
-    """An autoencoder's checkpoint: its reconstructions of the first --n validation images (the decoded
-    posterior means), their PSNR, and a grid of originals above reconstructions."""
+    """An autoencoder's (or a latent model's first stage's) reconstructions of --init, or of the first --n
+    validation images (the decoded posterior means), their PSNR, and a grid of originals above
+    reconstructions."""
     opt = job.opt
-    valid = validation_images(job, opt.n)
-    if len(valid) < opt.n:
+    if job.x_init is not None:
+        valid = job.x_init
+    else:
+        valid = validation_images(job, opt.n)
+    if len(valid) < opt.n and job.x_init is None:
         say(f"note: the validation split holds {util.plural(len(valid), 'image')}: "
             f"{util.plural(len(valid), 'reconstruction')}, not --n {opt.n:,}")
     progress = util.Progress(len(valid), "reconstructions", "images", say)
@@ -409,8 +430,9 @@ def reconstruct(job):
         write_pngs(opt, images[-1], i)
         progress(i + len(x))
     psnr = torch.cat(psnr)
-    say(f"reconstructions of {len(valid)} validation images: PSNR {psnr.mean():.2f} dB (median "
-        f"{psnr.median():.2f}, worst {psnr.min():.2f})")
+    what = opt.init if job.x_init is not None else util.plural(len(valid), "validation image")
+    say(f"reconstructions of {what}: PSNR {psnr.mean():.2f} dB (median {psnr.median():.2f}, worst "
+        f"{psnr.min():.2f})")
     k = max(1, round(math.sqrt(min(len(valid), GRID_MAX // 2))))  # images per row
     x, r = torch.cat(originals)[:GRID_MAX // 2], torch.cat(images)[:GRID_MAX // 2]
     rows = [part for i in range(0, len(x), k) for part in (x[i:i + k], r[i:i + k])]
@@ -422,8 +444,10 @@ def describe(job, precision):
     opt = job.opt
     if opt.mode == "bpd":
         how = "the variational bound"
+    elif opt.mode == "reconstruct" and job.x_init is not None:
+        how = f"the reconstruction of {opt.init}"
     elif opt.mode == "reconstruct":
-        how = f"reconstructions of {opt.n} validation images"
+        how = f"reconstructions of up to {util.plural(opt.n, 'validation image')}"
     elif opt.mask:
         how = (f"RePaint inpainting of {opt.init} ({opt.mask}): {job.steps} steps, jump length "
                f"{opt.jump_length}, {opt.jump_n_sample} passes, {job.evals} model calls per image")
@@ -491,6 +515,8 @@ def make_parser():
     add("--figure", choices=FIGURES, help="a figure of REPORT.md instead of samples (loss: from the run's "
         "log.csv; reverse: also an animation, --out's name with .gif)")
     add("--bench", action="store_true", help="time sampling one batch")
+    add("--reconstruct", action="store_true", help="a latent model's autoencoder: its reconstructions of --init or "
+        "of --n validation images (an autoencoder's checkpoint makes them without it)")
     add("--size", type=pos, default=64, help="--bench without a checkpoint: that size's preset")
     add("--bpd", type=pos, metavar="N", help="the bits/dim bound on N validation images")
     add("--bpd-t", type=util.count, default=0, help="--bpd estimated from this many random t per "
@@ -507,6 +533,9 @@ DRAWS = {"sampler", "steps", "eta", "var", "spacing", "no_clip", "seed", "device
          "attrs", "prompt", "guidance"}
 FILES = {"n", "batch_size", "out", "out_dir"}
 INPAINTS = {"init", "mask", "crop", "jump_length", "jump_n_sample"}
+# an autoencoder's checkpoint: its reconstructions of --init or of validation images
+RECONSTRUCT = {"n", "batch_size", "out", "out_dir", "data", "cache_dir", "device", "precision", "init", "crop",
+               "reconstruct"}
 MODES = dict(
     sample=DRAWS | FILES | {"data", "cache_dir"},  # --data: an autoencoder's (checked once it is loaded)
     sdedit=DRAWS | FILES | {"init", "strength", "crop"},
@@ -514,12 +543,11 @@ MODES = dict(
     compare=DRAWS | {"n", "out", "out_dir", "compare"}, interpolate=DRAWS | FILES - {"n"} | {"interpolate"},
     bench=DRAWS | {"bench", "size", "batch_size"},
     bpd={"bpd", "bpd_t", "data", "cache_dir", "batch_size", "seed", "device", "precision", "compile"},
+    reconstruct=RECONSTRUCT,
     forward=DRAWS | {"figure", "out", "init", "crop"}, reverse=DRAWS | {"figure", "out", "n"},
     attention=DRAWS | {"figure", "out"}, schedules={"figure", "out"}, loss={"figure", "out"})
 SAMPLER_FLAGS = dict(eta=("ddim",), var=("ddpm",), spacing=("dpm++", "dpm++sde"),
                      steps=("ddim", "dpm++", "dpm++sde"))  # the flags that some samplers take
-# an autoencoder's checkpoint: its reconstructions of validation images
-RECONSTRUCT = {"n", "batch_size", "out", "out_dir", "data", "cache_dir", "device", "precision"}
 # --figure forward of --init: that image under the forward process, nothing drawn
 FORWARD_INIT = {"figure", "out", "init", "crop", "seed", "device", "precision"}
 REPAINT = ": RePaint inpaints: add --init IMAGE --mask REGION"
@@ -528,10 +556,11 @@ HINTS = dict(strength=": it edits an image: add --init IMAGE", crop=" (it crops 
 
 
 def mode_of(args):
-    """The mode: the first of a figure, bench, bpd, interpolate, compare, repaint, sdedit, sample."""
+    """The mode: the first of a figure, reconstruct, bench, bpd, interpolate, compare, repaint, sdedit,
+    sample."""
     if args.figure:
         return args.figure
-    for mode, flag in (("bench", args.bench), ("bpd", args.bpd), ("interpolate", args.interpolate),
+    for mode, flag in (("reconstruct", args.reconstruct), ("bench", args.bench), ("bpd", args.bpd), ("interpolate", args.interpolate),
                        ("compare", args.compare), ("repaint", args.mask), ("sdedit", args.init)):
         if flag:
             return mode
@@ -592,10 +621,9 @@ def as_reconstruct(opt, given):
     """An autoencoder's checkpoint: the flags of its reconstructions. -> the flags, in mode reconstruct."""
     for flag in sorted(given - RECONSTRUCT - {"ckpt"}, key=list(vars(opt)).index):
         dashed = "--" + flag.replace("_", "-")
-        raise UsageError(f"{dashed}: {opt.ckpt} is an autoencoder's checkpoint, which draws no faces of its "
-                         f"own; sample.py shows its reconstructions of validation images (--n, --out, "
-                         f"--out-dir, --data); drop {dashed}, or pass the checkpoint of a train.py --latents "
-                         "run")
+        raise UsageError(f"{dashed} does not apply to an autoencoder's reconstructions ({opt.ckpt}), which draw "
+                         "no faces of their own but reconstruct --init or --n validation images (--out, "
+                         f"--out-dir, --data); drop {dashed}, or pass the checkpoint of a train.py --latents run")
     if opt.n > GRID_MAX // 2 and not opt.out_dir:  # each reconstruction beside its original
         raise UsageError(f"--n {opt.n:,}: the grid keeps the first {GRID_MAX // 2:,} reconstructions (each "
                          "below its original) and the rest would be lost; add --out-dir DIR to keep them all "

@@ -739,7 +739,7 @@ def test_tiny_unet_learns_and_samples_near_training_images():
     # x0-loss at high noise cannot go to 0 (the best guess there is the mean image): compare to the start
     assert sum(losses[-50:]) / 50 < 0.4 * sum(losses[:10]) / 10, (losses[:10], losses[-50:])
     m.eval()
-    x = d.sample(m, (16, 3, 16, 16), "ddim", steps=25, eta=1.0, generator=torch.Generator().manual_seed(1))
+    x = d.sample(m, (16, 3, 16, 16), "ddim", steps=25, eta=1.0, generator=torch.Generator().manual_seed(1), clip=True)
     dist = ((x[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values  # MSE to the nearest training image
     noise_dist = ((torch.randn(16, 1, 3, 16, 16).clamp(-1, 1) - images[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values
     assert (dist < 0.05).sum() >= 8 and dist.median() < 0.02 and noise_dist.min() > 0.5, (dist, noise_dist)
@@ -1955,7 +1955,8 @@ def test_samples_are_what_the_model_draws_with_the_library(tiny_run, tmp_path):
     ckpt = util.load_checkpoint(tiny_run, networks=sample.NETWORKS)
     model = unet.from_checkpoint(ckpt)
     diffusion = D.GaussianDiffusion(ckpt["args"]["timesteps"])
-    x = diffusion.sample(model.eval(), (3, 3, 16, 16), "ddim", 4, D.DEFAULT_ETA, torch.Generator().manual_seed(9), device="cpu")
+    x = diffusion.sample(model.eval(), (3, 3, 16, 16), "ddim", 4, D.DEFAULT_ETA, torch.Generator().manual_seed(9), device="cpu",
+                         clip=True)  # images: clipped, as sample.py does
     assert all(torch.equal(torchvision.io.read_image(str(tmp_path / "p" / f"00000{i}.png")), data.to_uint8(x)[i]) for i in range(3))
 
 
@@ -2624,7 +2625,7 @@ def test_latent_diffusion_refusals_are_one_line(latent_run, faces, tmp_path, cap
     for argv, words in [([ldm, "--bpd", "2"], "is a latent model, whose bound would be in bits per latent value"),
                         ([ldm, "--no-clip", *png], "latents are never clipped"),
                         ([ldm, "--data", faces, *png], "--data does not apply to sampling"),
-                        ([ae, "--sampler", "ddpm", *png], "is an autoencoder's checkpoint, which draws no faces")]:
+                        ([ae, "--sampler", "ddpm", *png], "does not apply to an autoencoder's reconstructions")]:
         one_line_error(cli(capsys, sample.main, argv), words)
 
 
@@ -2946,3 +2947,35 @@ def test_a_replaced_autoencoders_latent_cache_is_removed(latent_run, faces, tmp_
     r = cli(capsys, train.main, [*base, "--latents", mine, "--out", str(tmp_path / "b")])
     assert r.returncode == 0 and f"removed {first}, the cache of an autoencoder that {mine} no longer holds" in r.stdout
     assert not os.path.exists(first) and len(glob.glob(os.path.join(cache, "*-latents-*.bin"))) == 1
+
+
+def test_reconstructions_of_a_users_image_and_of_a_latent_models_first_stage(latent_run, faces, tiny_run, tmp_path, capsys):
+    ae, ldm, cache = latent_run
+    face_png = os.path.join(faces, sorted(os.listdir(faces))[0])
+    for ckpt, extra in ((ae, []), (ldm, ["--reconstruct"])):
+        out = str(tmp_path / "r.png")
+        r = cli(capsys, sample.main, [ckpt, *extra, "--init", face_png, "--out", out])
+        assert r.returncode == 0 and f"reconstructions of {face_png}: PSNR" in r.stdout, r
+        assert Image.open(out).size == (16 + 4, 2 * 16 + 6)  # the image above its reconstruction
+        r = cli(capsys, sample.main, [ckpt, *extra, "--n", "2", "--out", out, "--cache-dir", cache])
+        assert r.returncode == 0 and "validation image" in r.stdout and "PSNR" in r.stdout, r
+    one_line_error(cli(capsys, sample.main, [tiny_run, "--reconstruct", "--out", str(tmp_path / "x.png")]),
+                   "is a pixel model, which has no autoencoder")
+
+
+def test_latent_inpainting_hides_the_hole_from_the_encoder(latent_run, faces, tmp_path, monkeypatch, capsys):
+    # whatever the hidden region holds, the latents that are kept (and so the result) are the same
+    ae, ldm, cache = latent_run
+    img = face(3, 16, 16)
+    a, b = img.clone(), img.clone()
+    b[:, 4:12, 4:12] = 255 - b[:, 4:12, 4:12]  # another face in the hole
+    outs = []
+    for name, im in (("a", a), ("b", b)):
+        path = str(tmp_path / f"{name}.png")
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(path)
+        out = str(tmp_path / f"{name}_out.png")
+        r = cli(capsys, sample.main, [ldm, "--init", path, "--mask", "center", "--n", "1", "--steps", "4", "--crop", "none",
+                                      "--out", out, "--out-dir", str(tmp_path / f"{name}_pngs")])
+        assert r.returncode == 0, r.stderr
+        outs.append(torchvision.io.read_image(str(tmp_path / f"{name}_pngs" / "000000.png")))
+    assert torch.equal(outs[0], outs[1])
