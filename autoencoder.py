@@ -332,7 +332,7 @@ class FirstStage:
 
     def decode(self, z):
         """Latents as the diffusion model learns and draws them (times the scale factor) -> images in [-1, 1];
-        in float32 under any autocast (an fp16 decoder's activations can overflow: diffusers' force_upcast)."""
+        in float32 under any autocast (an fp16 decoder can overflow: diffusers' force_upcast)."""
         with torch.autocast(z.device.type, enabled=False):
             return self.model.decode(z.float() / self.scale_factor).clamp(-1, 1)
 

@@ -602,7 +602,8 @@ class Minutes:
         new = Plan(total, warmup, s.lr_decay, min(s.ema_decay, 1 - 10 / total), every, start)
         now = "" if first else " now"
         self.say(f"{self.label(self.minutes)}: {rate * s.batch_size:,.1f} img/s{now}: {total:,} steps in "
-                 f"all ({total / self.steps_per_epoch:.2f} epochs), lr warm-up {util.plural(warmup, 'step')} then "
+                 f"all ({total / self.steps_per_epoch:.2f} epochs), lr warm-up {util.plural(warmup, 'step')} "
+                 "then "
                  f"{s.lr_decay} decay, EMA decay {new.ema_decay:.5f}")
         if first and self.face_steps and total < self.face_steps and self.master:
             need = time.time() - self.t_start + (self.face_steps - step) * per_step + self.last_seconds()

@@ -405,7 +405,7 @@ def validation_set(path, size, crop, cache_dir, n, attrs, encode, device, log=pr
 
 
 LATENT_VERSION = 1
-LATENT_DTYPE = torch.float16  # rounding to it moved the scale factor by <1e-4 (REPORT sec. 3.11); bf16 by more
+LATENT_DTYPE = torch.float16  # its rounding costs less than bf16's (REPORT sec. 3.11)
 LATENT_ORDER = 0  # the seed of the order the cache holds the images in: any prefix is a random subset
 SMALL_SPLIT = 2**30  # bytes: a split that decodes to less goes through the pixel cache (kept for later runs)
 WINDOW = 1024  # images decoded at a time while they stream to the encoder
@@ -414,14 +414,15 @@ WINDOW = 1024  # images decoded at a time while they stream to the encoder
 def encode_latents(path, size, crop, cache_dir, encode, key, *, flip=True, logvar=False, count=None,
                    seconds=math.inf, device="cpu", log=print, attrs=None, sel=None, source=None, batch=256):
     """The latents of the train split: encode(x) -> (mean, logvar) of q(z | x) for a batch x (B, 3, H, W) in
-    [-1, 1], of each image (and its mirror image, with `flip`), in a fixed random order of the split, the first
-    `count` (default: all) or as many as `seconds` allow. Cached once per (images, autoencoder): `key` names the
-    autoencoder (`source`, its path, lets a replaced one's cache be found and removed). Kept: the posterior
-    means (and log-variances, with `logvar`) in float16, in a file of the whole split's size, memory-mapped:
-    the host never holds two copies, and a later run continues an unfinished cache. The pixels come from the
-    pixel cache where there is one, or the split is small; else they are decoded as they are encoded, so the
-    split's pixels are never held at once. -> dict(latents (n, F, C or 2C, h, w) float16, cond, cond_names,
-    stats (n, sum, sum of squares) of the latents learned from view 0: the means (for `logvar`, a sample))."""
+    [-1, 1], of each image (and its mirror image, with `flip`), in a fixed random order of the split, the
+    first `count` (default: all) or as many as `seconds` allow. Cached once per (images, autoencoder): `key`
+    names the autoencoder (`source`, its path, lets a replaced one's cache be found and removed). Kept: the
+    posterior means (and log-variances, with `logvar`) in float16, in a file of the whole split's size,
+    memory-mapped: the host never holds two copies, and a later run continues an unfinished cache. The pixels
+    come from the pixel cache where there is one, or the split is small; else they are decoded as they are
+    encoded, so the split's pixels are never held at once. -> dict(latents (n, F, C or 2C, h, w) float16,
+    cond, cond_names, stats (n, sum, sum of squares) of the latents learned from view 0: the means (for
+    `logvar`, a sample))."""
     sel = sel or select(path, "train", log)
     cond_names = pick_attrs(sel, attrs) if attrs else None
     cache = os.path.splitext(cache_file(cache_dir or default_cache_dir(), path, "train", crop, size))[0]
@@ -436,12 +437,12 @@ def encode_latents(path, size, crop, cache_dir, encode, key, *, flip=True, logva
                     stats=[0, 0.0, 0.0], shape=None)
     want = len(order) if count is None else min(count, len(order))
     if head["rows"] < want and head["done"] < len(order):
-        head = encode_more(head, name, sel, order, size, crop, encode, flip, logvar, want, seconds, device, log,
-                           path, cache_dir, batch)
+        head = encode_more(head, name, sel, order, size, crop, encode, flip, logvar, want, seconds, device,
+                           log, path, cache_dir, batch)
     n = min(want, head["rows"])
     if n == 0:
-        raise DataError(f"data folder {path}: none of its images could be encoded (unreadable, or no time was "
-                        "left for them)")
+        raise DataError(f"data folder {path}: none of its images could be encoded (unreadable, or no time "
+                        "was left for them)")
     latents = torch.from_file(name + ".bin", shared=False, size=head["slots"] * math.prod(head["shape"]),
                               dtype=LATENT_DTYPE).view(head["slots"], *head["shape"])[:n]
     skipped = set(head["skipped"])
@@ -537,7 +538,8 @@ def encode_more(head, name, sel, order, size, crop, encode, flip, logvar, want, 
                 images, kept = decode_window(files, size, crop, pool, log)
             encoded = 0  # of the window's kept images
             while encoded < len(kept) and head["rows"] < want and time.time() - t0 < seconds:
-                b = min(batch, want - head["rows"], paced(batch, seconds, time.time() - t0, head["rows"] - rows0))
+                pace = paced(batch, seconds, time.time() - t0, head["rows"] - rows0)
+                b = min(batch, want - head["rows"], pace)
                 x = to_float(images[encoded:encoded + b], device)
                 rows = encoded_rows(encode, x, flip, logvar)  # (b, F, C or 2C, h, w) float16
                 if out is None:
@@ -558,7 +560,8 @@ def encode_more(head, name, sel, order, size, crop, encode, flip, logvar, want, 
             pool.shutdown(wait=True, cancel_futures=True)
     if head["rows"] < want:
         log(f"latents: {head['rows']:,} of the {len(order):,} images encoded in the {time.time() - t0:.0f} s "
-            "this run gives it: it trains on those, a random part of the split (a later run continues the cache)")
+            "this run gives it: it trains on those, a random part of the split (a later run continues the "
+            "cache)")
     if out is not None:
         each = math.prod(head["shape"]) * LATENT_DTYPE.itemsize
         log(f"latents: cache {name}.bin: {util.plural(head['rows'], 'image')}, {each / 2**10:.1f} KiB each")
@@ -608,8 +611,8 @@ def stats_of(head, n, latents, chunk=4096):
 
 
 def latent_file(name, head):
-    """The cache's rows, memory-mapped: (slots, F, C', h, w) float16 in a file of the whole split's size (sparse:
-    rows not written yet take no disk), made where it is missing."""
+    """The cache's rows, memory-mapped: (slots, F, C', h, w) float16 in a file of the whole split's size
+    (sparse: rows not written yet take no disk), made where it is missing."""
     numel = head["slots"] * math.prod(head["shape"])
     if not os.path.exists(name + ".bin"):
         with open(name + ".bin", "wb") as f:
@@ -633,7 +636,7 @@ def decoding_pool(n):
 
 
 def decode_window(files, size, crop, pool, log):
-    """Decode `files` on the pool. -> ((k, 3, size, size) uint8 of those that could be read, their indices)."""
+    """Decode `files` on the pool. -> ((k, 3, size, size) uint8 of those that could be read, their index)."""
     images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
     kept = []
     try:
@@ -645,8 +648,8 @@ def decode_window(files, size, crop, pool, log):
             images[len(kept)] = torch.frombuffer(bytearray(img), dtype=torch.uint8).view(3, size, size)
             kept.append(j)
     except concurrent.futures.process.BrokenProcessPool:
-        raise DataError("a decoding process died (out of memory, or killed?); run again: the latents encoded so "
-                        "far are kept")
+        raise DataError("a decoding process died (out of memory, or killed?); run again: the latents encoded "
+                        "so far are kept")
     return images[:len(kept)], kept
 
 # -----------------------------------------------------------------------------
@@ -669,7 +672,7 @@ class Batches:
             resident = fits_on_gpu(images.nbytes, device)
         if resident:
             images = images.to(device)  # GPU-resident: a batch is one gather, no host copies
-        self.pin = device.type == "cuda" and not resident  # each batch pinned on its way (not the whole cache)
+        self.pin = device.type == "cuda" and not resident  # each batch pinned on its way, not the whole cache
         self.images = images
         self.batch_size = batch_size
         self.device = device

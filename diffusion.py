@@ -374,9 +374,9 @@ class GaussianDiffusion:
                generator=None, x_T=None, clip=False, var_type="beta", device=None, callback=None,
                spacing="logsnr", t_max=None):
         """Draw samples (B, C, H, W) with `sampler` from x_T, or from fresh noise of `shape` (drawn here, with
-        `generator`, and nowhere else). clip: clip x0_hat to [-1, 1], the range of images (not of latents, so not
-        by default: a caller asks for it). t_max: start the reverse process at that index instead of T-1, from
-        x_T as the chain's state there (SDEdit). The defaults are the project's default sampler: DDIM, 20
+        `generator`, and nowhere else). clip: clip x0_hat to [-1, 1], the range of images (not of latents, so
+        not by default: a caller asks for it). t_max: start the reverse process at that index instead of T-1,
+        from x_T as the chain's state there (SDEdit). The defaults are the project's default sampler: DDIM, 20
         steps, eta 1."""
         if x_T is None:
             if device is None:

@@ -153,7 +153,8 @@ def load(opt, given, device, ctx):
         if opt.init:
             x_init = read_image(opt.init, "--init", size, opt.crop)[None]  # (1, 3, size, size) uint8
         return Job(opt=opt, model=net, net=net, diffusion=None, first_stage=first_stage, attr_names=(),
-                   size=size, shape=(3, size, size), device=device, ctx=ctx, ckpt_args=ckpt_args, x_init=x_init)
+                   size=size, shape=(3, size, size), device=device, ctx=ctx, ckpt_args=ckpt_args,
+                   x_init=x_init)
     shape = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)
     size = net.cfg.image_size * first_stage.factor  # the images are the autoencoder's
     steps, evals = sampler_steps(opt, diffusion)
@@ -515,8 +516,8 @@ def make_parser():
     add("--figure", choices=FIGURES, help="a figure of REPORT.md instead of samples (loss: from the run's "
         "log.csv; reverse: also an animation, --out's name with .gif)")
     add("--bench", action="store_true", help="time sampling one batch")
-    add("--reconstruct", action="store_true", help="a latent model's autoencoder: its reconstructions of --init or "
-        "of --n validation images (an autoencoder's checkpoint makes them without it)")
+    add("--reconstruct", action="store_true", help="a latent model's autoencoder: its reconstructions of "
+        "--init or of --n validation images (an autoencoder's checkpoint makes them without it)")
     add("--size", type=pos, default=64, help="--bench without a checkpoint: that size's preset")
     add("--bpd", type=pos, metavar="N", help="the bits/dim bound on N validation images")
     add("--bpd-t", type=util.count, default=0, help="--bpd estimated from this many random t per "
@@ -534,8 +535,8 @@ DRAWS = {"sampler", "steps", "eta", "var", "spacing", "no_clip", "seed", "device
 FILES = {"n", "batch_size", "out", "out_dir"}
 INPAINTS = {"init", "mask", "crop", "jump_length", "jump_n_sample"}
 # an autoencoder's checkpoint: its reconstructions of --init or of validation images
-RECONSTRUCT = {"n", "batch_size", "out", "out_dir", "data", "cache_dir", "device", "precision", "init", "crop",
-               "reconstruct"}
+RECONSTRUCT = {"n", "batch_size", "out", "out_dir", "data", "cache_dir", "device", "precision", "init",
+               "crop", "reconstruct"}
 MODES = dict(
     sample=DRAWS | FILES | {"data", "cache_dir"},  # --data: an autoencoder's (checked once it is loaded)
     sdedit=DRAWS | FILES | {"init", "strength", "crop"},
@@ -560,8 +561,9 @@ def mode_of(args):
     sample."""
     if args.figure:
         return args.figure
-    for mode, flag in (("reconstruct", args.reconstruct), ("bench", args.bench), ("bpd", args.bpd), ("interpolate", args.interpolate),
-                       ("compare", args.compare), ("repaint", args.mask), ("sdedit", args.init)):
+    for mode, flag in (("reconstruct", args.reconstruct), ("bench", args.bench), ("bpd", args.bpd),
+                       ("interpolate", args.interpolate), ("compare", args.compare), ("repaint", args.mask),
+                       ("sdedit", args.init)):
         if flag:
             return mode
     return "sample"
@@ -621,9 +623,10 @@ def as_reconstruct(opt, given):
     """An autoencoder's checkpoint: the flags of its reconstructions. -> the flags, in mode reconstruct."""
     for flag in sorted(given - RECONSTRUCT - {"ckpt"}, key=list(vars(opt)).index):
         dashed = "--" + flag.replace("_", "-")
-        raise UsageError(f"{dashed} does not apply to an autoencoder's reconstructions ({opt.ckpt}), which draw "
-                         "no faces of their own but reconstruct --init or --n validation images (--out, "
-                         f"--out-dir, --data); drop {dashed}, or pass the checkpoint of a train.py --latents run")
+        raise UsageError(f"{dashed} does not apply to an autoencoder's reconstructions ({opt.ckpt}), which "
+                         "draw no faces of their own but reconstruct --init or --n validation images (--out, "
+                         f"--out-dir, --data); drop {dashed}, or pass the checkpoint of a train.py --latents "
+                         "run")
     if opt.n > GRID_MAX // 2 and not opt.out_dir:  # each reconstruction beside its original
         raise UsageError(f"--n {opt.n:,}: the grid keeps the first {GRID_MAX // 2:,} reconstructions (each "
                          "below its original) and the rest would be lost; add --out-dir DIR to keep them all "

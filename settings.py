@@ -159,6 +159,53 @@ def checkpoint_file(path):
     return path
 
 
+AUTOENCODER_SHARE = 1 / 3  # of the budget, for the autoencoder: ae4 10 min + ldm4 20 min (REPORT sec. 3.11)
+BOTH = {"data", "download", "size", "crop", "cache_dir", "no_flip", "seed", "device", "precision", "compile",
+        "channels_last", "grad_checkpoint", "log_every", "factor", "z_channels", "attrs", "attr_film",
+        "p_uncond", "p_drop_attr", "overwrite", "minutes", "out", "resume", "latent_diffusion"}
+
+
+def stages(args, given):
+    """The runs of a command: [None], the one it describes; or for --latent-diffusion --minutes N the
+    command lines of latent diffusion's two stages, each a run of its own with its share of the budget: the
+    autoencoder (the laptop recipe: one block per level) for AUTOENCODER_SHARE in OUT/autoencoder, then a DDPM
+    on its latents for the rest in OUT/ddpm. With --resume a stage that has a checkpoint continues (one that
+    ended says there is nothing to do), one that has none starts."""
+    if not args.latent_diffusion:
+        return [None]
+    for flag in sorted(given - BOTH):
+        dashed = "--" + flag.replace("_", "-")
+        raise util.UsageError(f"{dashed} sets one stage: drop it, or train the two stages with their own "
+                              "commands (README, Latent diffusion)")
+    if not args.minutes:
+        raise util.UsageError("--latent-diffusion splits a --minutes budget between its two stages: add "
+                              "--minutes N")
+    ae = os.path.join(args.out, "autoencoder")
+    runs = [("autoencoder", ae, AUTOENCODER_SHARE, ["--autoencoder", "--num-res-blocks", "1"]),
+            ("ddpm", os.path.join(args.out, "ddpm"), 1 - AUTOENCODER_SHARE, ["--latents", ae])]
+    argvs = []
+    for name, out, share, own in runs:
+        kinds = {AUTOENCODER} if name == "autoencoder" else {DIFFUSION, LATENT}
+        typed_here = given - {"minutes", "out", "resume", "latent_diffusion"}
+        flags = [f for f in sorted(typed_here) if SETTINGS[f].runs & kinds]
+        argv = [a for f in flags for a in typed(f, getattr(args, f))]
+        argv += [*own, "--minutes", f"{args.minutes * share:g}", "--out", out]
+        if args.resume and os.path.exists(os.path.join(out, "ckpt.pt")):
+            argv = ["--resume", "--out", out]
+        argvs.append(argv)
+    return argvs
+
+
+def typed(flag, value):
+    """A setting as a command line types it: ['--size', '64'], ['--no-flip'], [] for a switch that is off."""
+    dashed = "--" + flag.replace("_", "-")
+    if value is True:
+        return [dashed]
+    if value is False or value is None:
+        return []
+    return [dashed, str(shown(value))]
+
+
 def make_parser():
     """Each flag once: its default and help (argparse's), whether a --resume may change it, which runs take
     it."""
@@ -225,6 +272,8 @@ def add_model_flags(adder):
         help="the KL term's weight")
     add("--no-mid-attn", FIXED, {AUTOENCODER}, action="store_true", help="no self-attention in the "
         "autoencoder's middle")
+    add("--latent-diffusion", ONCE, action="store_true", help="both stages in one --minutes budget: the "
+        "autoencoder in OUT/autoencoder, then the DDPM on its latents in OUT/ddpm (the laptop recipe)")
     add("--latents", FIXED, {DIFFUSION}, type=util.path, metavar="AE_CKPT", help="train the DDPM on the "
         "latents of this autoencoder (its size and crop)")
     add("--posterior", FIXED, {LATENT}, default="mean", choices=["mean", "sample"], help="the latent of an "

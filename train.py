@@ -76,7 +76,16 @@ def main(argv=None, started=None):
     with util.one_line_errors(ERRORS, "interrupted before training started; nothing to save"):
         util.stop_on_signals()  # until the loop: one line, and the --out folder as it was
         args, given = settings.make_parser().parse(argv)
-        code = train(args, given, started or time.time())
+        code = 0
+        for i, argv in enumerate(settings.stages(args, given)):  # --latent-diffusion: two runs, else this one
+            if argv is not None:
+                print(f"--latent-diffusion: stage {i + 1} of 2: python train.py {shlex.join(argv)}",
+                      flush=True)
+                args, given = settings.make_parser().parse(argv)
+            code = train(args, given, started or time.time())
+            started = None  # a later stage's budget counts from its own start
+            if code:
+                break
     if code:
         sys.exit(code)
 
@@ -664,9 +673,9 @@ def open_autoencoder(cfg, given):
                          "the ckpt.pt of a train.py --autoencoder run")
     net = autoencoder.config_from_dict(ckpt["model_args"])
     if "crop" in given and cfg.crop != a["crop"]:
-        raise UsageError(f"--crop {cfg.crop}: the autoencoder {path} was trained with --crop {a['crop']}, and a "
-                         "latent run takes its autoencoder's; drop --crop, or train an autoencoder with --crop "
-                         f"{cfg.crop}")
+        raise UsageError(f"--crop {cfg.crop}: the autoencoder {path} was trained with --crop "
+                         f"{a['crop']}, and a latent run takes its autoencoder's; drop --crop, or train an "
+                         f"autoencoder with --crop {cfg.crop}")
     size = a["size"]
     if "size" in given:
         size = cfg.size
