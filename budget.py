@@ -28,7 +28,8 @@ from util import UsageError, fmt_bytes, fmt_time
 MIN_STEPS = 1500  # --minutes narrows the preset until this many steps fit (REPORT sec. 3.5)
 FACE_STEPS = 1000  # 1,037 steps made faces (REPORT sec. 3.5); a plan of fewer gets a warning
 COMPILE_SECONDS = 90  # torch.compile's warm-up of the 64 px preset on an H200 (REPORT sec. 3.10)
-ENCODE_SHARE = 0.25  # a latent run's one-time encoding takes at most this share of what is left of --minutes
+ENCODE_SHARE = 0.15  # a latent run's one-time encoding takes at most this share of what is left of --minutes
+# (a first run then trains at least 80% of the steps of one whose latents are cached)
 THREADS_EVERY = 10  # seconds between two looks at the CPU's load (other programs come and go)
 # dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU; the first match wins
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250),

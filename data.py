@@ -434,8 +434,10 @@ def encode_latents(path, size, crop, cache_dir, encode, key, *, flip=True, logva
         remove_replaced_latents(cache, key, log)
         head = dict(version=LATENT_VERSION, fingerprint=identity(sel, stamps=True), key=key, source=source,
                     flip=flip, logvar=logvar, slots=len(order), done=0, rows=0, skipped=[], crc=0,
-                    stats=[0, 0.0, 0.0], shape=None)
+                    stats=[0, 0.0, 0.0], shape=None, seconds_per_row=0.0)
     want = len(order) if count is None else min(count, len(order))
+    if count is None and head["rows"] and math.isfinite(seconds):  # what `seconds` encode at the pace so far
+        want = min(want, max(head["rows"], int(seconds / head["seconds_per_row"])))  # (a warm cache: nothing)
     if head["rows"] < want and head["done"] < len(order):
         head = encode_more(head, name, sel, order, size, crop, encode, flip, logvar, want, seconds, device,
                            log, path, cache_dir, batch)
@@ -554,6 +556,8 @@ def encode_more(head, name, sel, order, size, crop, encode, flip, logvar, want, 
             used = len(todo) if encoded == len(kept) else kept[encoded]  # the window's positions consumed
             head["skipped"] += [todo[j] for j in range(used) if j not in set(kept[:encoded])]
             head["done"] += used
+            spent = head["seconds_per_row"] * rows0 + time.time() - t0  # this cache's encoding, in all runs
+            head["seconds_per_row"] = spent / max(head["rows"], 1)
             write_header(name, head)
     finally:
         if pool is not None:
