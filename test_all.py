@@ -2579,6 +2579,8 @@ def test_every_sampling_mode_decodes_a_latent_model(latent_run, faces, tmp_path,
         out = str(tmp_path / "x.png")
         r = cli(capsys, sample.main, [ldm, *extra, "--out", out] + (["--n", str(n)] if n and "--interpolate" not in extra else []))
         assert r.returncode == 0 and os.path.exists(out), (extra, r.stderr)
+        if "attention" in extra:  # the latent's own grid, not the pixel presets' 16x16
+            assert "on its 4x4 feature map of the 4x4 latent" in r.stdout, r.stdout
     # inpainting: the known pixels are the image's exactly (the latent grid is filled where any pixel is not)
     out_dir = str(tmp_path / "inp")
     r = cli(capsys, sample.main, [ldm, "--init", face, "--mask", "center", "--steps", "4", "--jump-n-sample", "2", "--jump-length", "2",
@@ -2980,3 +2982,20 @@ def test_latent_inpainting_hides_the_hole_from_the_encoder(latent_run, faces, tm
         assert r.returncode == 0, r.stderr
         outs.append(torchvision.io.read_image(str(tmp_path / f"{name}_pngs" / "000000.png")))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_the_first_stage_works_in_float32_and_the_samplers_clip_only_when_asked(latent_run):
+    ae, ldm, cache = latent_run
+    first = autoencoder.FirstStage.from_checkpoint(util.load_checkpoint(ldm)).to("cpu")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = first.encode(x)
+        y = first.decode(z)
+    assert z.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(z, first.encode(x))  # what the latents it learned were: float32 encodings
+    d = D.GaussianDiffusion(50)
+    far = lambda x, t: torch.full_like(x, -3.0)  # an eps model whose x0_hat lies far outside [-1, 1]
+    shape = (1, 4, 2, 2)
+    free = d.sample(far, shape, "ddim", 3, 0.0, torch.Generator().manual_seed(0))
+    clipped = d.sample(far, shape, "ddim", 3, 0.0, torch.Generator().manual_seed(0), clip=True)
+    assert free.abs().max() > 1.5 and clipped.abs().max() <= 1.0 + 1e-6
