@@ -383,10 +383,59 @@ def with_cond(d, cond_names):
     cols = [d["attr_names"].index(a) for a in cond_names] if cond_names else None
     return dict(d, cond=d["attrs"][:, cols] if cols else None, cond_names=cond_names)
 
-def validation_set(path, size, crop, cache_dir, n, attrs, encode, device, log=print):
+# -----------------------------------------------------------------------------
+# captions: a .txt beside each image, or a metadata.jsonl (Hugging Face's imagefolder layout)
+
+
+def captions(sel):
+    """The captions of a selection's files, in their order: from a metadata.jsonl in the image folder (lines
+    of {"file_name": path relative to it, "text": caption}) or a .txt of the same name beside each image. -> a
+    list of captions, or None where the folder has neither (CelebA: captions come from its attributes). Images
+    without a caption, empty and non-UTF-8 captions are refused in one line that names them."""
+    metadata = os.path.join(sel["image_dir"], "metadata.jsonl")
+    texts = {}
+    if os.path.isfile(metadata):
+        with open(metadata, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line.decode("utf-8")) if line.strip() else None
+                except (UnicodeDecodeError, ValueError) as e:
+                    raise DataError(f"{metadata} line {lineno}: not a JSON object in UTF-8 "
+                                    f"({type(e).__name__}); "
+                                    'write one {"file_name": ..., "text": ...} per line')
+                if row is not None:
+                    path = os.path.join(sel["image_dir"], row.get("file_name", ""))
+                    texts[os.path.normpath(path)] = row.get("text")
+    else:
+        for f in sel["files"]:
+            txt = os.path.splitext(f)[0] + ".txt"
+            if os.path.isfile(txt):
+                with open(txt, "rb") as t:
+                    raw = t.read()
+                try:
+                    texts[os.path.normpath(f)] = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise DataError(f"{txt}: not UTF-8 text; save the caption as UTF-8")
+        if not texts:
+            return None
+    found = [texts.get(os.path.normpath(f)) for f in sel["files"]]
+    missing = [os.path.basename(f) for f, c in zip(sel["files"], found) if c is None]
+    if missing:
+        where = "a line in metadata.jsonl" if os.path.isfile(metadata) else "a .txt beside it"
+        raise DataError(f"{len(missing):,} of the {len(found):,} {sel['split']} images have no caption "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); give each {where}")
+    empty = [os.path.basename(f) for f, c in zip(sel["files"], found) if not str(c).strip()]
+    if empty:
+        raise DataError(f"{len(empty):,} captions are empty ({', '.join(empty[:3])}); write one for each "
+                        "image")
+    return [str(c) for c in found]
+
+
+def validation_set(path, size, crop, cache_dir, n, attrs, encode, device, log=print, condition=None):
     """A training run's validation set: the first n images of the valid split in [-1, 1] on `device`, through
     encode() (a latent run's first stage: their scaled latents), and the attributes `attrs` names as +1/-1
-    (or None). -> (x, cond), or None (with a line that says why) where there is no valid split."""
+    (or None; condition(the split's load() dict, n): another condition, a text model's tokens). -> (x, cond),
+    or None (with a line that says why) where there is no valid split."""
     try:
         v = load(path, size, "valid", crop, cache_dir, log=log, attrs=attrs)
     except DataError as e:
@@ -398,6 +447,8 @@ def validation_set(path, size, crop, cache_dir, n, attrs, encode, device, log=pr
     cond = None
     if attrs:  # every attribute given
         cond = v["cond"][:n].to(device).float() * 2 - 1
+    if condition is not None:
+        cond = condition(v, n).to(device)
     return x, cond
 
 # -----------------------------------------------------------------------------
@@ -449,11 +500,13 @@ def encode_latents(path, size, crop, cache_dir, encode, key, *, flip=True, logva
                               dtype=LATENT_DTYPE).view(head["slots"], *head["shape"])[:n]
     skipped = set(head["skipped"])
     rows = [i for i in order[:head["done"]] if i not in skipped][:n]  # the split's index of each row
+    attrs = None
     cond = None
     if sel["attrs"] is not None:
-        cond = with_cond(dict(sel, attrs=sel["attrs"][rows]), cond_names)["cond"]
-    return dict(sel, latents=latents, cond=cond, cond_names=cond_names, stats=stats_of(head, n, latents),
-                files=[sel["files"][i] for i in rows])
+        attrs = sel["attrs"][rows]
+        cond = with_cond(dict(sel, attrs=attrs), cond_names)["cond"]
+    return dict(sel, latents=latents, attrs=attrs, cond=cond, cond_names=cond_names,
+                stats=stats_of(head, n, latents), files=[sel["files"][i] for i in rows])
 
 
 def latent_header(name, fingerprint, key, slots, log):
@@ -666,8 +719,10 @@ class Batches:
     `batch` makes a batch of the items drawn (LatentBatches: of latents)."""
 
     def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None,
-                 resident=None):
-        """resident: keep the images on the GPU (default: when fits_on_gpu says they fit)."""
+                 resident=None, caption=None):
+        """resident: keep the images on the GPU (default: when fits_on_gpu says they fit). attrs: the
+        condition of each image (its attributes, or a text model's tokens); caption(attrs of the global batch,
+        step): a CelebA text model's new sentences of them at each step (text.Captions)."""
         if batch_size % world or len(images) < batch_size:
             raise ValueError(f"a batch of {batch_size} must divide into {world} equal shards and fit in the "
                              f"{len(images):,} images")
@@ -681,7 +736,8 @@ class Batches:
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
-        self.attrs = attrs.to(device) if attrs is not None else None  # (N, K) uint8 0/1
+        self.attrs = attrs.to(device) if attrs is not None else None  # (N, K) uint8 0/1, or (N, L) tokens
+        self.caption = caption
         self.shard = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
         self.flip = flip
         self.perm_epoch = None
@@ -707,8 +763,16 @@ class Batches:
         x = self.batch(idx, flip, generator)
         attrs = None
         if self.attrs is not None:
-            attrs = self.attrs[idx.to(self.attrs.device)]
+            attrs = self.condition(step, i, idx)
         return x, attrs
+
+    def condition(self, step, i, idx):
+        """The condition of the items idx of batch i of its epoch: their attributes or tokens, or a CelebA
+        text run's new sentences of the global batch's attributes (this rank's shard kept)."""
+        if self.caption is None:
+            return self.attrs[idx.to(self.attrs.device)]
+        rows = self.perm[i * self.batch_size:(i + 1) * self.batch_size]
+        return self.caption(self.attrs[rows.to(self.attrs.device)], step)[self.shard].to(self.device)
 
     def gather(self, idx):
         """The items idx, on their way to the device (a host batch pinned for an asynchronous copy)."""
@@ -733,9 +797,9 @@ class LatentBatches(Batches):
     `scale`."""
 
     def __init__(self, images, batch_size, device, seed, rank=0, world=1, flip=True, attrs=None,
-                 resident=None, scale=1.0, sample=False):
+                 resident=None, scale=1.0, sample=False, caption=None):
         super().__init__(images, batch_size, device, seed, rank, world, flip and images.shape[1] == 2, attrs,
-                         resident)
+                         resident, caption)
         self.scale = scale
         self.sample = sample
 

@@ -108,20 +108,23 @@ def slerp(z0, z1, weights):
 
 
 
-def guided(model, attrs, guidance=1.0):
+def guided(model, attrs, guidance=1.0, uncond=None, name="attrs"):
     """A conditional model(x_t, t, attrs) under classifier-free guidance [CFG] eq. 6, as a model(x_t, t):
         out = out(x_t, t, unspecified) + W (out(x_t, t, attrs) - out(x_t, t, unspecified))
     with W = 1 + w of [CFG]. attrs (K,) or (B, K): +1 present, -1 absent, 0 unspecified. W = 1 is the
     conditional model alone, W = 0 the unconditional one. Both halves go through the network as one batch.
     Guiding the raw output is the same for every objective: eps, x0 and v are affine in each other at a given
-    x_t, and the weights (W, 1 - W) sum to 1."""
+    x_t, and the weights (W, 1 - W) sum to 1. A text model's condition is a caption's tokens (L,) or (B, L),
+    passed as its keyword `name` ("text"); its unspecified state `uncond` is the empty caption, or a negative
+    prompt, which the guidance then pushes away from (of the same length: pad both alike)."""
     def model_fn(x, t):
-        a = attrs.expand(x.shape[0], -1) if attrs.dim() == 1 else attrs  # (B, K)
+        a = attrs.expand(x.shape[0], -1) if attrs.dim() == 1 else attrs  # (B, K) or (B, L)
+        u = torch.zeros_like(a) if uncond is None else uncond.expand_as(a)
         if guidance == 1:
-            return model(x, t, a)
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([a, torch.zeros_like(a)]))
-        cond, uncond = both.chunk(2)
-        return uncond + guidance * (cond - uncond)
+            return model(x, t, **{name: a})
+        both = model(torch.cat([x, x]), torch.cat([t, t]), **{name: torch.cat([a, u])})
+        cond, unconditional = both.chunk(2)
+        return unconditional + guidance * (cond - unconditional)
     return model_fn
 
 # -----------------------------------------------------------------------------
@@ -538,7 +541,8 @@ class Denoising:
     val_passes = 1  # model evaluations per validation image
 
     def __init__(self, diffusion, first, shape, *, batch_size, shard, memory_format=torch.contiguous_format,
-                 p_uncond=0.1, p_drop="uniform", rare=None, sample_steps=DEFAULT_STEPS, seed=0):
+                 p_uncond=0.1, p_drop="uniform", rare=None, sample_steps=DEFAULT_STEPS, seed=0, drop=None,
+                 cond_name="attrs"):
         self.diffusion = diffusion
         self.first = first
         self.shape = shape  # (C, H, W) of what the model learns: images, or latents
@@ -548,6 +552,10 @@ class Denoising:
         self.p_uncond = p_uncond
         self.p_drop = p_drop
         self.rare = rare  # (K,) each attribute's rarer state, for p_drop 'balanced'
+        self.drop = drop  # the condition's dropout, drop(cond, gen): a text model's; default: the attributes'
+        if drop is None:
+            self.drop = self.drop_attributes
+        self.cond_name = cond_name  # the model's keyword for the condition: attrs, or a text model's text
         self.sample_steps = sample_steps  # of the grids' sampler, from the same noise every time (`seed`)
         self.seed = seed
         self.grid_evals = len(diffusion.timesteps(DEFAULT_SAMPLER, sample_steps))  # per grid image
@@ -558,17 +566,20 @@ class Denoising:
         t = torch.zeros(len(x), dtype=torch.long, device=x.device)
         return GaussianDiffusion(2).to(x.device).training_losses(model, x, t, torch.zeros_like(x))
 
-    def losses(self, x0, attrs, gen):
+    def drop_attributes(self, attrs, gen):
+        return drop_condition(attrs, gen, self.batch_size, self.shard, self.p_uncond, self.p_drop, self.rare)
+
+    def losses(self, x0, cond, gen):
         """One step's loss: t and eps drawn from `gen` for the global batch, this rank's shard of x0 (B/world,
-        C, H, W) kept. -> a function of the model: its per-image loss (B/world,)."""
+        C, H, W) kept; cond: its attributes (B/world, K) or a text model's tokens (B/world, L), or None. -> a
+        function of the model: its per-image loss (B/world,)."""
         B = self.batch_size
         t = torch.randint(0, self.diffusion.T, (B,), generator=gen, device=x0.device)[self.shard]  # line 3
         noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=x0.device)[self.shard]  # line 4
         noise = noise.contiguous(memory_format=self.memory_format)
         kwargs = None
-        if attrs is not None:
-            cond = drop_condition(attrs, gen, B, self.shard, self.p_uncond, self.p_drop, self.rare)
-            kwargs = dict(attrs=cond)
+        if cond is not None:  # [CFG] Algorithm 1 line 3: the condition dropped at random
+            kwargs = {self.cond_name: self.drop(cond, gen)}
         return lambda model: self.diffusion.training_losses(model, x0, t, noise, model_kwargs=kwargs)
 
     @torch.no_grad()
@@ -593,12 +604,13 @@ class Denoising:
                 drawn.append(self.first.decode(z))
         return torch.cat(drawn), round(math.sqrt(n)), n * self.grid_evals
 
-    def val_losses(self, ema, x0, attrs, g, ctx):
-        """The loss of `ema` on validation images (or latents) x0, t and noise from `g`. -> (losses, None)."""
+    def val_losses(self, ema, x0, cond, g, ctx):
+        """The loss of `ema` on validation images (or latents) x0 and their condition (or None), t and noise
+        from `g`. -> (losses, None)."""
         t = torch.randint(0, self.diffusion.T, (len(x0),), generator=g, device=x0.device)
         kwargs = None
-        if attrs is not None:
-            kwargs = dict(attrs=attrs)
+        if cond is not None:
+            kwargs = {self.cond_name: cond}
         with ctx:
             noise = torch.randn(x0.shape, generator=g, device=x0.device)
             return self.diffusion.training_losses(ema, x0, t, noise, model_kwargs=kwargs), None

@@ -18,8 +18,8 @@ import sys
 
 
 def quit_quietly(signum, frame):
-    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, not a traceback (main() then takes them over).
-    """
+    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, not a traceback (main() then takes them
+    over)."""
     print(f"{signal.Signals(signum).name}: interrupted", file=sys.stderr)
     os._exit(128 + signum)
 
@@ -46,6 +46,7 @@ from torchvision.transforms.v2 import functional as TF
 import autoencoder
 import budget
 import data
+import text as texts
 import unet
 import util
 from diffusion import DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SCHEDULES, GaussianDiffusion
@@ -126,7 +127,9 @@ class Job:
     steps: int = 0  # the sampler's steps
     evals: int = 1  # model evaluations per image
     ckpt_args: dict = None  # the training run's settings (its data, for --bpd)
-    cond: torch.Tensor = None  # (K,) in {+1 present, -1 absent, 0 free}, or None: unconditional
+    cond: torch.Tensor = None  # (K,) in {+1 present, -1 absent, 0 free}, a text model's tokens (L,), or None
+    uncond: torch.Tensor = None  # a text model's: the empty caption's tokens, or a negative prompt's
+    cond_name: str = "attrs"  # the model's keyword for the condition (a text model's: text)
     x_init: torch.Tensor = None  # (1, 3, size, size) in [-1, 1]: what SDEdit or RePaint edits
     mask: torch.Tensor = None  # (1, 1, size, size): 1 where --init is kept
 
@@ -168,10 +171,57 @@ def load(opt, given, device, ctx):
     mask = None
     if opt.mask:
         mask = load_mask(opt, size, device)
+    cond, uncond, name = condition(opt, net.cfg, device)
     return Job(opt=opt, model=model, net=net, diffusion=diffusion.to(device), first_stage=first_stage,
                attr_names=tuple(net.cfg.attrs), size=size, shape=shape, device=device, ctx=ctx,
                generator=torch.Generator(device=device).manual_seed(opt.seed), steps=steps, evals=evals,
-               ckpt_args=ckpt_args, cond=parse_attrs(opt, net.cfg.attrs), x_init=x_init, mask=mask)
+               ckpt_args=ckpt_args, cond=cond, uncond=uncond, cond_name=name, x_init=x_init, mask=mask)
+
+
+def condition(opt, net, device):
+    """What the draws follow: --attrs or --prompt for an attribute model; --prompt (and --negative-prompt,
+    --compare) for a text model, whose words it says. -> (the condition or None (a text model's --compare: its
+    two captions (2, L)); a text model's unconditional branch, the empty caption or the negative prompt; the
+    model's keyword for the condition)."""
+    if not net.vocab:
+        if opt.negative_prompt is not None:
+            raise UsageError(f"--negative-prompt: {opt.ckpt} is not a text model (train.py --text); drop it")
+        if opt.prompt is not None and not net.attrs:
+            raise UsageError(f"--prompt: {opt.ckpt} follows no words (it was trained without --text or "
+                             "--attrs); drop --prompt, or sample a text model")
+        if opt.prompt is not None:
+            opt.attrs, opt.understood = prompt_to_attrs(opt.prompt)
+        return parse_attrs(opt, net.attrs), None, "attrs"
+    if opt.attrs is not None:
+        raise UsageError(f"--attrs: {opt.ckpt} is a text model; ask in words with --prompt TEXT")
+    if opt.prompt is None and opt.negative_prompt is None and opt.compare is None:
+        return None, None, "text"
+    prompt, compared, negative = prompt_words(opt, net)
+    say(f"prompt: {prompt!r}" + (f", away from {negative!r}" if opt.negative_prompt else "")
+        + (f"; compared with {compared!r}" if opt.compare is not None else ""))
+    tokenizer = texts.Tokenizer(net.vocab)
+    ids = tokenizer.batch([prompt, compared, negative], net.max_tokens).to(device)  # all padded alike
+    if opt.compare is not None:
+        return ids[:2], ids[2], "text"  # --compare's two rows
+    return ids[0], ids[2], "text"
+
+
+def prompt_words(opt, net):
+    """A text model's captions: [--prompt, --prompt and --compare's words, --negative-prompt] (a missing one
+    empty) in the words it knows. An unknown word is named and left out; a prompt of none is refused."""
+    tokenizer = texts.Tokenizer(net.vocab)
+    for flag, words in (("--prompt", opt.prompt), ("--compare", opt.compare), ("--negative-prompt",
+                                                                               opt.negative_prompt)):
+        ids, unknown, cut = tokenizer.encode(words or "", net.max_tokens)
+        if words and len(ids) == 2:
+            raise UsageError(f"{flag} {words!r}: the model knows none of these words; it knows "
+                             f"{len(net.vocab) - len(texts.SPECIAL):,}, e.g. {' '.join(net.vocab[3:13])}")
+        if unknown:
+            say(f"note: {flag}: the model does not know {', '.join(map(repr, unknown))}: left out")
+        if cut:
+            say(f"note: {flag}: cut to the model's {net.max_tokens} tokens")
+    captions = [opt.prompt, ", ".join(filter(None, [opt.prompt, opt.compare])), opt.negative_prompt]
+    return [tokenizer.decode(tokenizer.encode(c or "", net.max_tokens)[0]) for c in captions]
 
 
 def open_checkpoint(opt, given, device):
@@ -263,7 +313,7 @@ def draw(job, n, x_T=None, cond=None, callback=None, progress=None):
         x_T = job.noise(n)
     model = job.model
     if cond is not None:
-        model = guided(job.model, cond.to(job.device), opt.guidance)
+        model = guided(job.model, cond.to(job.device), opt.guidance, job.uncond, job.cond_name)
     steps = 0
     def step(*a):
         nonlocal steps
@@ -329,14 +379,18 @@ def write_grid(opt, batches, nrow=None, pngs=None):
 
 
 def compare(job):
-    """--compare NAME: every face with NAME absent (top row) and present (bottom row), from the same noise."""
+    """--compare NAME: every face with NAME absent (top row) and present (bottom row), from the same noise (a
+    text model's: --prompt without and with the words NAME)."""
     opt = job.opt
-    k = job.attr_names.index(opt.compare)
+    conds = job.cond  # a text model's two captions
+    if job.cond_name == "attrs":
+        k = torch.tensor([job.attr_names.index(opt.compare)])
+        conds = [job.cond.index_fill(0, k, value) for value in (-1.0, 1.0)]
     halves = []
     x_T = job.noise(opt.n)
-    for value in (-1.0, 1.0):
+    for cond in conds:
         job.generator.manual_seed(opt.seed + 1)
-        halves.append(draw(job, opt.n, x_T, job.cond.index_fill(0, torch.tensor([k]), value)))
+        halves.append(draw(job, opt.n, x_T, cond))
         write_pngs(opt, halves[-1], opt.n * (len(halves) - 1))
     write_grid(opt, halves, nrow=opt.n)
 
@@ -458,7 +512,9 @@ def describe(job, precision):
             how += f", eta {opt.eta}"
         if opt.strength is not None:
             how += f"; SDEdit of {opt.init} from t = {round(opt.strength * job.diffusion.T)}"
-    if job.cond is not None:
+    if job.cond is not None and job.cond_name == "text":
+        how += f"; text guidance {opt.guidance:g}"
+    elif job.cond is not None:
         asked = [opt.attrs] if opt.attrs else []
         if opt.compare:
             asked.append(f"{opt.compare}=0|1")
@@ -505,10 +561,14 @@ def make_parser():
         "faces from --seed's noise to --seed + 1's")
     add("--attrs", metavar="NAME=0|1,...", help="attributes of a model trained with --attrs, e.g. "
         "'Smiling=1,Eyeglasses=0'; the others are left free")
-    add("--prompt", metavar="TEXT", help="attributes in plain words, e.g. 'a smiling blond woman, no hat'")
+    add("--prompt", metavar="TEXT", help="what to draw, in words: a text model's caption, or for an "
+        "attribute model its attributes, e.g. 'a smiling blond woman, no hat'")
+    add("--negative-prompt", metavar="TEXT", help="a text model: what guidance steers away from (in place of "
+        "the empty caption)")
     add("--guidance", type=util.between(0, math.inf), default=DEFAULT_GUIDANCE, help="classifier-free "
         "guidance weight W: 1 the conditional model, larger follows more strictly")
-    add("--compare", metavar="NAME", help="every face without and with attribute NAME")
+    add("--compare", metavar="NAME", help="every face without and with attribute NAME (a text model: without "
+        "and with the words NAME after --prompt's)")
     add("--mask", metavar="REGION|MASK.png", help=f"inpaint --init (RePaint): {', '.join(MASKS)}, or the "
         "white pixels of a mask image")
     add("--jump-length", type=pos, default=10, help="RePaint: steps back up")
@@ -531,7 +591,7 @@ def make_parser():
 
 # the flags each mode takes (besides the checkpoint); any other is an error
 DRAWS = {"sampler", "steps", "eta", "var", "spacing", "no_clip", "seed", "device", "precision", "compile",
-         "attrs", "prompt", "guidance"}
+         "attrs", "prompt", "negative_prompt", "guidance"}
 FILES = {"n", "batch_size", "out", "out_dir"}
 INPAINTS = {"init", "mask", "crop", "jump_length", "jump_n_sample"}
 # an autoencoder's checkpoint: its reconstructions of --init or of validation images
@@ -614,8 +674,6 @@ def check_flags(args, given):
                                 "strength": strength})
     check_values(opt, given)
     check_outputs(opt)
-    if opt.prompt is not None:
-        opt.attrs, opt.understood = prompt_to_attrs(opt.prompt)
     return opt
 
 
@@ -657,8 +715,8 @@ def check_values(opt, given):
          "checkpoint: drop --size"),
         (interpolate_bad, "--interpolate needs a deterministic sampler: --sampler ddim --eta 0 (the default "
          f"here) or dpm++, not {opt.sampler}{with_eta}"),
-        ("guidance" in given and not (opt.attrs or opt.prompt or opt.compare), "--guidance weighs the "
-         "attributes asked for: add --attrs NAME=1 (or --prompt TEXT, or --compare NAME)"),
+        ("guidance" in given and not (opt.attrs or opt.prompt or opt.compare or opt.negative_prompt),
+         "--guidance weighs what is asked for: add --prompt TEXT (or --attrs NAME=1, or --compare NAME)"),
         (opt.prompt is not None and opt.attrs is not None, "--prompt and --attrs both ask for attributes; "
          "use one of them"),
         (opt.mode == "reverse" and opt.n > 8, f"--n {opt.n}: --figure reverse draws up to 8 faces"),
@@ -971,6 +1029,8 @@ def figure_attention(job):
     """Where the finest self-attention (16x16 in the pixel presets, 8x8 in the latent ones) of an eye, the
     mouth and the background of a generated face looks at four timesteps: a row per query, red where it
     looks."""
+    if job.cond_name == "text":
+        return figure_words(job)
     ts = job.diffusion.timesteps(job.opt.sampler, job.steps, job.opt.spacing)
     ts = [ts[round(i * (len(ts) - 1) / 3)] for i in range(4)]
     x_T = job.noise(1)
@@ -981,20 +1041,66 @@ def figure_attention(job):
     scale = max(1, 128 // job.size)
     colours = torch.tensor([[0, 255, 255], [255, 255, 0], [0, 255, 0]], dtype=torch.uint8).view(3, 3, 1, 1)
     big = face[0].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, S, S)
-    grey = big.float().mean(0, keepdim=True).expand(3, -1, -1)
-    red = torch.tensor([255.0, 0, 0])
     rows = []
     for q, (y, x) in enumerate(QUERIES.values()):
         cells = [big.clone()]
         for m in maps[q]:
-            a = F.interpolate(m[None, None] / m.max(), size=big.shape[1:], mode="bilinear")[0].clamp(0, 1)
-            cells.append((grey * (1 - a) + red.view(3, 1, 1) * a).round().to(torch.uint8))
+            cells.append(heat(big, m))
         cy, cx, half = round(y * (big.shape[1] - 1)), round(x * (big.shape[2] - 1)), max(2, scale)
         for c in cells:  # a box around the query position
             box = c[:, max(cy - half, 0):cy + half + 1, max(cx - half, 0):cx + half + 1]
             box[:, [0, -1], :], box[:, :, [0, -1]] = colours[q], colours[q]
         rows.append(torch.stack(cells))
     save_figure(job.opt, image_grid(rows, ["face"] + [f"t={t}" for t in ts], list(QUERIES), 1))
+
+
+def heat(big, m):
+    """A map m (r, r) over the face big (3, S, S) uint8: the face in grey, red where m is largest."""
+    grey = big.float().mean(0, keepdim=True).expand(3, -1, -1)
+    red = torch.tensor([255.0, 0, 0]).view(3, 1, 1)
+    m = m / m.max().clamp_min(1e-12)
+    a = F.interpolate(m[None, None], size=big.shape[1:], mode="bilinear")[0].clamp(0, 1)
+    return (grey * (1 - a) + red * a).round().to(torch.uint8)
+
+
+def word_maps(job, x_T):
+    """Sample one face from x_T (1, C, H, W) under the job's caption, recording the cross-attention weights of
+    every layer at every step, averaged over heads (each layer's map brought to the finest attention's r x r).
+    -> (the face (1, 3, H, W) uint8, maps (L, r, r): the share of each position's attention that each token
+    of the caption has, averaged over layers and steps)."""
+    r = max(job.net.cfg.attn_res)
+    maps = []
+    def hook(module, inputs, output):
+        x, (context, mask) = inputs  # the first image: the conditional half under guidance
+        w = module.cross_weights(x[:1].float(), (context[:1].float(), mask[:1])).mean(1)[0]  # (HW, L)
+        w = w.T.reshape(-1, 1, x.shape[-2], x.shape[-1])  # (L, 1, h, w)
+        maps.append(F.interpolate(w, size=(r, r), mode="bilinear")[:, 0])  # (L, r, r)
+    handles = [m.register_forward_hook(hook) for m in job.net.attention_layers()]  # the eager modules
+    try:
+        face = draw(job, 1, x_T)
+    finally:
+        for h in handles:
+            h.remove()
+    return face, torch.stack(maps).mean(0)
+
+
+def figure_words(job):
+    """A text model's --figure attention: where each word of --prompt looks, as prompt-to-prompt's figures
+    show it (word_maps): the face, then a map per word."""
+    if job.cond is None:
+        raise UsageError("--figure attention of a text model shows where each word of --prompt looks: add "
+                         "--prompt TEXT")
+    face, maps = word_maps(job, job.noise(1))
+    r = maps.shape[-1]
+    ids = job.cond.tolist()
+    words = [i for i, token in enumerate(ids) if token not in (texts.PAD, texts.BOS, texts.EOS)]
+    say(f"attention: where each word looks, the cross-attention of {len(job.net.attention_layers())} layers "
+        f"averaged over heads and {job.steps} steps, on a {r}x{r} map")
+    scale = max(1, 128 // job.size)
+    big = face[0].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, S, S)
+    row = torch.stack([big] + [heat(big, maps[i] - maps[i].min()) for i in words])  # each word: its own range
+    vocab = job.net.cfg.vocab
+    save_figure(job.opt, image_grid([row], ["face"] + [vocab[ids[i]] for i in words], [""], 1))
 
 
 def figure_schedules(opt):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import autoencoder
 import data
+import text
 import util
 from diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, OBJECTIVES, SCHEDULES
 
@@ -74,7 +75,8 @@ def check(cfg, given, world):
             wanted = " or ".join(RUN_NAMES[r] for r in sorted(SETTINGS[flag].runs))
             dashed = "--" + flag.replace("_", "-")
             raise util.UsageError(f"{dashed} is for {wanted}, not for this run; drop {dashed}")
-    loose = next((f for f in ("p_uncond", "p_drop_attr", "attr_film") if f in given), "").replace("_", "-")
+    loose = next((f for f in ("p_drop_attr", "attr_film") if f in given), "").replace("_", "-")
+    words = next((f for f in ("text_dim", "text_layers", "max_tokens") if f in given), "").replace("_", "-")
     for bad, message in [
         ("minutes" in given and given & {"max_steps", "epochs"},
          "--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes"),
@@ -88,6 +90,10 @@ def check(cfg, given, world):
          "and shift each block (FiLM); add --attrs NAMES, or drop it"),
         (loose and loose != "attr-film" and not cfg.attrs, f"--{loose} sets how a conditional model drops "
          "its attributes; add --attrs NAMES, or drop it"),
+        ("p_uncond" in given and not (cfg.attrs or cfg.text), "--p-uncond sets how often a conditional model "
+         "drops its condition; add --attrs NAMES or --text, or drop it"),
+        (words and not cfg.text, f"--{words} shapes a text model's encoder; add --text, or drop it"),
+        (cfg.text and cfg.attrs, "--text and --attrs both condition the model: use one of them"),
         (cfg.sample_steps > cfg.timesteps and "sample_steps" in given,
          f"--sample-steps {cfg.sample_steps} is more than --timesteps {cfg.timesteps}; lower it"),
         (cfg.batch_size % world, f"--batch-size {cfg.batch_size} must be divisible by the number of "
@@ -163,6 +169,11 @@ AUTOENCODER_SHARE = 1 / 3  # of the budget, for the autoencoder: ae4 10 min + ld
 BOTH = {"data", "download", "size", "crop", "cache_dir", "no_flip", "seed", "device", "precision", "compile",
         "channels_last", "grad_checkpoint", "log_every", "factor", "z_channels", "attrs", "attr_film",
         "p_uncond", "p_drop_attr", "overwrite", "minutes", "out", "resume", "latent_diffusion"}
+
+
+def replace(cfg, **changes):
+    """A copy of the settings with `changes` (never changed in place)."""
+    return argparse.Namespace(**{**vars(cfg), **changes})
 
 
 def stages(args, given):
@@ -288,6 +299,15 @@ def add_model_flags(adder):
         "whole condition")
     add("--p-drop-attr", FIXED, {DIFFUSION}, type=drop_rate, default="uniform", help="probability of "
         "dropping each attribute, 'uniform' (U(0, 1) per image) or 'balanced' (REPORT sec. 3.7)")
+
+    add = adder("text: captions, a text encoder trained with the U-Net, cross-attention (text.py)")
+    add("--text", FIXED, {DIFFUSION}, action="store_true", help="condition on captions: a .txt beside each "
+        "image or a metadata.jsonl; for CelebA, sentences made from its attributes")
+    add("--text-dim", FIXED, {DIFFUSION}, type=pos, default=256, help="the text encoder's width")
+    add("--text-layers", FIXED, {DIFFUSION}, type=pos, default=3, help="the text encoder's transformer "
+        "blocks")
+    add("--max-tokens", FIXED, {DIFFUSION}, type=util.between(4, 512, int), default=text.MAX_TOKENS,
+        help="tokens of a caption (longer ones are cut, and said so)")
 
 
 def add_run_flags(adder):

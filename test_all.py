@@ -7,6 +7,7 @@ to end on a tiny model of 16x16 fake faces, and the docs. CPU only, whatever the
 """
 import contextlib
 import glob
+import json
 import math
 import shutil
 import os
@@ -28,6 +29,7 @@ import data
 import diffusion as D
 import sample
 import settings
+import text as texts
 import train
 import unet
 import util
@@ -2138,7 +2140,7 @@ def test_attribute_and_inpainting_flag_errors(cond_run, tiny_run, tmp_path, caps
     Image.new("L", (16, 16), 0).save(black)
     for extra, words in [(["--attrs", "Nose=1"], "it knows Smiling,Young"), (["--attrs", "Smiling=yes"], "NAME=1"),
                          (["--attrs", "Smiling=1,Smiling=0"], "twice"), (["--compare", "Smiling", "--attrs", "Smiling=1"], "do not set it in --attrs"),
-                         (["--guidance", "3"], "add --attrs"), (["--mask", "eyes"], "--init IMAGE"),
+                         (["--guidance", "3"], "add --prompt"), (["--mask", "eyes"], "--init IMAGE"),
                          (["--init", init, "--mask", "nose"], "neither a region"), (["--init", init, "--mask", black], "no white pixels"),
                          (["--init", init, "--mask", "top", "--strength", "0.5"], "--strength does not apply to RePaint"),
                          (["--init", init, "--mask", "top", "--sampler", "dpm++"], "RePaint takes its own steps"),
@@ -2999,3 +3001,224 @@ def test_the_first_stage_works_in_float32_and_the_samplers_clip_only_when_asked(
     free = d.sample(far, shape, "ddim", 3, 0.0, torch.Generator().manual_seed(0))
     clipped = d.sample(far, shape, "ddim", 3, 0.0, torch.Generator().manual_seed(0), clip=True)
     assert free.abs().max() > 1.5 and clipped.abs().max() <= 1.0 + 1e-6
+
+# -----------------------------------------------------------------------------
+# text.py: captions, the tokenizer, the text encoder and cross-attention; text runs end to end
+
+CAPTIONS = ["a smiling woman", "a man with glasses", "a young man", "an old woman with a hat"]
+TEXT_TINY = ["--text", "--text-dim", "32", "--text-layers", "1"]
+
+
+def captioned_folder(root, how, n=12):
+    """n 20x20 images with captions: a .txt beside each (how='txt') or a metadata.jsonl ('jsonl'). -> root."""
+    os.makedirs(root, exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(face(300 + i, 20, 20).permute(1, 2, 0).numpy()).save(os.path.join(root, f"{i:03d}.png"))
+        if how == "txt":
+            open(os.path.join(root, f"{i:03d}.txt"), "w").write(CAPTIONS[i % 4])
+        rows.append(json.dumps({"file_name": f"{i:03d}.png", "text": CAPTIONS[i % 4]}) + "\n")
+    if how == "jsonl":
+        open(os.path.join(root, "metadata.jsonl"), "w").writelines(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A tiny text model of 3 steps on a folder of .txt captions. -> (its --out folder, the folder)."""
+    root = tmp_path_factory.mktemp("text")
+    folder = captioned_folder(str(root / "txt"), "txt")
+    out = str(root / "run")
+    train.main(["--data", folder, "--cache-dir", str(root / "cache"), "--out", out, *TINY, *TEXT_TINY, "--max-steps", "3",
+                "--eval-every", "3"])
+    return out, folder
+
+
+def test_tokenizer_round_trip_unknown_words_and_the_length_limit():
+    tok = texts.Tokenizer.build(["A smiling woman, with glasses", "a man"])
+    assert tok.vocab[:3] == texts.SPECIAL and len(set(tok.vocab)) == len(tok.vocab) == 3 + 6
+    ids, unknown, cut = tok.encode("A man; smiling with ZEBRA glasses")
+    assert ids[0] == texts.BOS and ids[-1] == texts.EOS and tok.decode(ids) == "a man smiling with glasses"
+    assert unknown == ["zebra"] and not cut
+    assert tok.encode(tok.decode(ids))[0] == ids  # the round trip
+    ids, _, cut = tok.encode("a man " * 10, max_tokens=6)
+    assert cut and len(ids) == 6 and ids[-1] == texts.EOS
+    b = tok.batch(["a man", "a smiling woman with glasses", ""])
+    assert b.shape == (3, 7) and (b[0, 4:] == texts.PAD).all() and b[2, :3].tolist() == [texts.BOS, texts.EOS, texts.PAD]
+    assert tok.decode(b[1].tolist()) == "a smiling woman with glasses"
+
+
+def test_celeba_captions_are_in_their_vocabulary_and_the_held_out_phrasings_never_in_training():
+    tok = texts.celeba_vocab(CELEBA_ATTRS)
+    gen = torch.Generator().manual_seed(0)
+    made = {False: set(), True: set()}
+    for held_out in (False, True):
+        for _ in range(400):
+            c = texts.caption(torch.randint(2, (40,), generator=gen), CELEBA_ATTRS, gen, held_out)
+            assert not tok.encode(c)[1] and not tok.encode(c)[2], c  # every word known, never cut
+            made[held_out].add(c)
+    assert "" in made[False] and len(made[False]) > 300  # a new sentence nearly every time; sometimes none
+    assert made[False] & made[True] == {""}  # a held-out sentence is never a training one
+    smiling = texts.Captions(tok, ["Smiling"], seed=0)(torch.ones(200, 1, dtype=torch.uint8), step=0)
+    said = {tok.decode(row.tolist()) for row in smiling}
+    assert any("smil" in s for s in said) and not any("serious" in s or "not smiling" in s for s in said)
+
+
+def tiny_text_unet():
+    return perturbed(unet.UNet(tiny_config(vocab=texts.Tokenizer.build(CAPTIONS).vocab, text_dim=32, text_layers=1))).eval()
+
+
+def test_padding_changes_nothing_and_the_empty_caption_is_the_unconditional_path():
+    m = tiny_text_unet()
+    tok = texts.Tokenizer(m.cfg.vocab)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
+    short = tok.batch(["a smiling woman", "a man with glasses"])  # (2, 6)
+    long = torch.nn.functional.pad(short, (0, 9), value=texts.PAD)  # the same captions, 9 more padding tokens
+    with torch.no_grad():
+        out = m(x, t, text=short)
+        torch.testing.assert_close(m(x, t, text=long), out, atol=1e-5, rtol=1e-4)
+        assert (out - m(x, t, text=tok.batch(["a man", "a man"]))).abs().max() > 1e-3  # the words matter
+        uncond = m(x, t)
+        assert torch.equal(uncond, m(x, t, text=texts.empty(2)))
+        dropped = texts.drop(long, torch.Generator().manual_seed(0), 2, slice(0, 2), 1.0)  # every caption dropped
+        assert (dropped[:, :2] == texts.empty(2)).all() and (dropped[:, 2:] == texts.PAD).all()
+        torch.testing.assert_close(m(x, t, text=dropped), uncond, atol=1e-5, rtol=1e-4)
+        kept = texts.drop(long, torch.Generator().manual_seed(0), 2, slice(0, 2), 0.0)
+        assert torch.equal(kept, long)
+        empty = torch.nn.functional.pad(texts.empty(1)[0], (0, short.shape[1] - 2), value=texts.PAD)
+        guided = D.guided(m, short, 3.0, empty, "text")(x, t)  # guidance: the same formula as for attributes
+        torch.testing.assert_close(guided, uncond + 3 * (out - uncond), atol=1e-5, rtol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    share = texts.drop(long.repeat(5000, 1), g, 10000, slice(None), 0.1)[:, 2].eq(texts.PAD).double().mean()
+    assert abs(share.item() - 0.1) < 0.015  # dropped whole at --p-uncond
+
+
+def test_a_fresh_text_model_starts_as_the_unconditional_one_and_each_cross_attention_is_over_the_words():
+    m = unet.UNet(tiny_config(vocab=texts.Tokenizer.build(CAPTIONS).vocab, text_dim=32, text_layers=1)).eval()
+    blocks = m.attention_layers()
+    assert blocks and all(isinstance(b, unet.TransformerBlock) for b in blocks)
+    x = torch.randn(2, 32, 8, 8)
+    context = m.text_encoder(texts.Tokenizer(m.cfg.vocab).batch(["a smiling woman", "a man"]))
+    with torch.no_grad():
+        assert torch.equal(blocks[0](x, context), x)  # the zero-initialised output: the identity at the start
+        w = perturbed(blocks[0]).cross_weights(x, context)  # (B, heads, HW, L)
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+    assert (w[1, ..., 4:] == 0).all() and (w[1, ..., :4] > 0).all()  # padding is never looked at
+
+
+class TextOracle:
+    """conditional_oracle's model, asked by caption: any word -> the conditional data; the empty caption -> the other."""
+    def __init__(self, d, calls):
+        self.oracle = conditional_oracle(d, calls)
+
+    def __call__(self, x, t, text):
+        return self.oracle(x, t, (text != texts.PAD).sum(1).float() - 2)
+
+
+def test_text_guidance_matches_its_exact_chain(W=3.0):
+    d, calls = D.GaussianDiffusion(1000, "linear"), []
+    n, steps = 8192, 50
+    caption = torch.tensor([texts.BOS, 5, 6, texts.EOS])
+    empty = torch.tensor([texts.BOS, texts.EOS, texts.PAD, texts.PAD])
+    x = d.sample(D.guided(TextOracle(d, calls), caption, W, empty, "text"), (n, 1, 2, 2), "ddim", steps, 0.0,
+                 torch.Generator().manual_seed(0), clip=False).double()
+    assert calls == [2 * n] * steps
+    m, s = guided_chain(d, steps, 0.0, W)
+    n_eff = n / 4
+    assert abs(x.mean() - m) < 5 * s / math.sqrt(n_eff) and abs(x.std() - s) < 5 * s / math.sqrt(2 * n_eff), (x.mean(), x.std(), m, s)
+
+
+def test_a_metadata_jsonl_folder_trains_and_samples_end_to_end(tmp_path, capsys):
+    folder = captioned_folder(str(tmp_path / "jsonl"), "jsonl")  # (the .txt layout: text_run)
+    rows = open(os.path.join(folder, "metadata.jsonl")).readlines()
+    rows[4] = json.dumps({"file_name": "004.png", "text": "a smiling woman " * 30}) + "\n"
+    open(os.path.join(folder, "metadata.jsonl"), "w").writelines(rows)
+    out = str(tmp_path / "run")
+    r = cli(capsys, train.main, ["--data", folder, "--cache-dir", str(tmp_path / "cache"), "--out", out, *TINY, *TEXT_TINY,
+                                 "--max-steps", "2", "--eval-every", "2", "--sample-every", "2", "--sample-n", "4",
+                                 "--max-tokens", "16"])
+    assert r.returncode == 0 and "text: 11 captions of 10 words" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("longer than 16 tokens and were cut (004.png") == 1, r.stdout  # said once
+    ckpt = util.load_checkpoint(out)
+    assert ckpt["model_args"]["vocab"][:3] == list(texts.SPECIAL) and "hat" in ckpt["model_args"]["vocab"]
+    assert [row for row in log_rows(out) if row["val_loss"]]  # evaluated on the held-out images' own captions
+    r = cli(capsys, sample.main, [out, "--prompt", "a smiling purple woman", "--negative-prompt", "glasses", "--n", "3",
+                                  "--steps", "3", "--out", str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "g")])
+    assert r.returncode == 0 and "does not know 'purple'" in r.stdout and "prompt: 'a smiling woman', away from 'glasses'" in r.stdout
+    assert len(os.listdir(tmp_path / "g")) == 3
+
+
+def test_every_sampling_mode_takes_a_prompt(text_run, tmp_path, capsys):
+    out, folder = text_run
+    init = os.path.join(folder, "000.png")
+    for extra in (["--compare", "with a hat", "--n", "2"], ["--init", init, "--strength", "0.5"],
+                  ["--init", init, "--mask", "center", "--jump-n-sample", "1"], ["--interpolate", "3"]):
+        r = cli(capsys, sample.main, [out, "--prompt", "a smiling man", *extra, "--steps", "3", "--out", str(tmp_path / "x.png")])
+        assert r.returncode == 0 and "text guidance 3" in r.stdout, (extra, r.stdout + r.stderr)
+        assert "compared with 'a smiling man with a hat'" in r.stdout or "--compare" not in extra
+    opt = sample.check_flags(*sample.make_parser().parse([out, "--prompt", "a smiling woman with a hat", "--steps", "4",
+                                                          "--figure", "attention", "--out", str(tmp_path / "a.png")]))
+    job = sample.load(opt, set(), torch.device("cpu"), contextlib.nullcontext())
+    face, maps = sample.word_maps(job, job.noise(1))
+    assert face.shape == (1, 3, 16, 16) and maps.shape == (job.cond.shape[0], 8, 8)
+    torch.testing.assert_close(maps.sum(0), torch.ones(8, 8))  # each position's attention is over the caption's tokens
+    r = cli(capsys, sample.main, [out, "--prompt", "a smiling woman with a hat", "--figure", "attention", "--steps", "3",
+                                  "--out", str(tmp_path / "a.png")])
+    assert r.returncode == 0 and Image.open(tmp_path / "a.png").width > 6 * 128  # the face and a map per word
+
+
+def test_exact_resume_of_a_celeba_text_run(tmp_path):
+    make_celeba(str(tmp_path / "c"), "torchvision", n=12, listed_missing=0, corrupt=False)
+    args = ["--data", str(tmp_path / "c"), "--cache-dir", str(tmp_path / "cache"), *TINY, *TEXT_TINY]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main([*args, "--out", a, "--max-steps", "3", "--ckpt-every", "2"])
+    train.main([*args, "--out", a, "--max-steps", "5", "--resume"])
+    train.main([*args, "--out", b, "--max-steps", "5"])
+    assert_same_training_state(a, b, 5)
+    ckpt = util.load_checkpoint(a)
+    assert set(texts.celeba_vocab(ATTRS).vocab) == set(ckpt["model_args"]["vocab"])  # CelebA's words, made from its 3 attributes
+
+
+def test_text_refusals_are_one_line_and_lose_nothing(text_run, tiny_run, cond_run, faces, tmp_path, capsys):
+    out, folder = text_run
+    bad = {}
+    for name, change in [("missing", lambda d: [os.remove(os.path.join(d, f"00{i}.txt")) for i in (1, 2)]),
+                         ("empty", lambda d: open(os.path.join(d, "003.txt"), "w").write("  \n")),
+                         ("latin1", lambda d: open(os.path.join(d, "003.txt"), "wb").write("un caf\xe9".encode("latin-1")))]:
+        bad[name] = str(tmp_path / name)
+        shutil.copytree(folder, bad[name])
+        change(bad[name])
+    jsonl = captioned_folder(str(tmp_path / "jsonl"), "jsonl")
+    open(os.path.join(jsonl, "metadata.jsonl"), "a").write("{not json\n")
+    plain = ["--cache-dir", str(tmp_path / "cache"), *TINY, "--out", str(tmp_path / "o")]
+    base = [*plain, *TEXT_TINY]
+    for where, words in [(faces, "no captions"), (bad["missing"], "2 of the 11 train images have no caption (001.png, 002.png)"),
+                         (bad["empty"], "captions are empty (003.png)"), (bad["latin1"], "003.txt: not UTF-8"),
+                         (jsonl, "metadata.jsonl line 13: not a JSON object")]:
+        r = cli(capsys, train.main, ["--data", where, *base])
+        one_line_error(r, words)
+        assert "decoding" not in r.stdout and not os.path.exists(tmp_path / "cache")  # refused before any decoding
+    for extra, words in [(["--text", "--attrs", "Smiling"], "--text and --attrs"), (["--text-dim", "64"], "add --text"),
+                         (["--max-tokens", "8"], "add --text")]:
+        one_line_error(cli(capsys, train.main, ["--data", folder, *plain, *extra]), words)
+    for ckpt, extra, words in [(tiny_run, ["--prompt", "a smiling man"], "follows no words"),
+                               (cond_run[0], ["--negative-prompt", "glasses"], "not a text model"),
+                               (out, ["--attrs", "Smiling=1"], "is a text model; ask in words with --prompt"),
+                               (out, ["--prompt", "purple dragons"], "knows none of these words"),
+                               (out, ["--figure", "attention"], "add --prompt TEXT"),
+                               (out, ["--guidance", "2"], "add --prompt TEXT")]:
+        r = cli(capsys, sample.main, [ckpt, *extra, "--out", str(tmp_path / "x.png")])
+        one_line_error(r, words)
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_a_latent_text_model_trains_and_samples(latent_run, tmp_path, capsys):
+    ae = latent_run[0]
+    folder = captioned_folder(str(tmp_path / "txt"), "txt")
+    out = str(tmp_path / "ldm")
+    r = cli(capsys, train.main, ["--data", folder, "--cache-dir", str(tmp_path / "cache"), "--out", out, "--latents", ae,
+                                 *LDM_TINY, *TEXT_TINY, "--max-steps", "2"])
+    assert r.returncode == 0, r.stderr
+    assert util.load_checkpoint(out)["model_args"]["in_channels"] == 4
+    r = cli(capsys, sample.main, [out, "--prompt", "a man with a hat", "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")])
+    assert r.returncode == 0 and Image.open(tmp_path / "g.png").size == (2 * 18 + 2, 18 + 2), r.stdout + r.stderr

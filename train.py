@@ -58,10 +58,12 @@ import autoencoder
 import budget
 import data
 import settings
+import text as texts
 import unet
 import util
 from budget import Plan
 from diffusion import Denoising, GaussianDiffusion
+from settings import replace
 from util import UsageError, fmt_bytes, fmt_time, plural
 
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # bad input
@@ -106,10 +108,15 @@ def train(args, given, started):
         faces, data_id = load_split(cfg, env, ckpt, stage)
         if stage.latent:  # the training set: the autoencoder's latents of the images (and the scale factor)
             faces, stage.first = encode_split(cfg, env, ckpt, faces, stage.first)
+        condition = None  # a text run's of the validation images
+        if cfg.text:  # captions: a folder's own, or sentences made from CelebA's attributes
+            vocab = ckpt["model_args"]["vocab"] if ckpt else None
+            faces = texts.condition(faces, cfg.max_tokens, cfg.seed, vocab, env.say)
+            condition = functools.partial(texts.validation_condition, faces["tokenizer"], cfg.max_tokens)
         val = None
         if env.master and cfg.eval_every > 0:  # the first --eval-images validation images (or their latents)
             val = data.validation_set(cfg.data, cfg.size, cfg.crop, cfg.cache_dir, cfg.eval_images, cfg.attrs,
-                                      stage.first.encode, env.device, env.say)
+                                      stage.first.encode, env.device, env.say, condition)
         run = build(cfg, env, ckpt, stage, faces, val, data_id, given)
         if run.step >= run.plan.total:
             env.say(f"nothing to do: the checkpoint is at step {run.step}, where the run ends; raise "
@@ -211,12 +218,16 @@ class DDPMStage:
         """(C, H, W) of what the model learns from size x size images: the images, or their latents."""
         return self.first.latent_shape(size)
 
-    def config(self, cfg, attrs=()):
-        """The flags' network: the preset of its input's size (with its channels), the flags' overrides."""
+    def config(self, cfg, attrs=(), vocab=()):
+        """The flags' network: the preset of its input's size (with its channels), the flags' overrides; a
+        text model's tokenizer's words `vocab`."""
         c, h, _ = self.shape(cfg.size)
+        if cfg.text and not vocab:  # a text model before its tokenizer (what the plans and --bench time)
+            vocab = texts.SPECIAL
         return unet.preset(h, in_channels=c, ch=cfg.ch, ch_mult=cfg.ch_mult,
                            num_res_blocks=cfg.num_res_blocks, attn_res=cfg.attn_res, dropout=cfg.dropout,
-                           attr_film=cfg.attr_film, attrs=attrs)
+                           attr_film=cfg.attr_film, attrs=attrs, vocab=vocab, text_dim=cfg.text_dim,
+                           text_layers=cfg.text_layers, max_tokens=cfg.max_tokens)
 
     @staticmethod
     def narrowed(base, ch):
@@ -226,18 +237,26 @@ class DDPMStage:
     def make_objective(self, cfg, net, env, shard, rare=None):
         diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.objective, cfg.min_snr_gamma)
         fmt = torch.channels_last if env.channels_last else torch.contiguous_format
+        drop = None
+        if net.vocab:  # a text model: its caption dropped whole, to the empty one
+            drop = functools.partial(texts.drop, batch_size=cfg.batch_size, shard=shard,
+                                     p_uncond=cfg.p_uncond)
         return Denoising(diffusion.to(env.device), self.first, self.shape(cfg.size),
                          batch_size=cfg.batch_size, shard=shard, memory_format=fmt, p_uncond=cfg.p_uncond,
-                         p_drop=cfg.p_drop_attr, rare=rare, sample_steps=cfg.sample_steps, seed=cfg.seed)
+                         p_drop=cfg.p_drop_attr, rare=rare, sample_steps=cfg.sample_steps, seed=cfg.seed,
+                         drop=drop, cond_name="text" if net.vocab else "attrs")
 
     def batches(self, cfg, env, faces, resident):
-        """The training batches: of the images, or of the latents (scaled by the first stage's factor)."""
+        """The training batches: of the images, or of the latents (scaled by the first stage's factor); a
+        CelebA text run's draw new sentences of their attributes at each step."""
+        caption = faces.get("caption")
         if self.latent:
             return data.LatentBatches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank,
                                       env.world, flip=not cfg.no_flip, attrs=faces["cond"], resident=resident,
-                                      scale=self.first.scale_factor, sample=cfg.posterior == "sample")
+                                      scale=self.first.scale_factor, sample=cfg.posterior == "sample",
+                                      caption=caption)
         return data.Batches(faces["images"], cfg.batch_size, env.device, cfg.seed, env.rank, env.world,
-                            flip=not cfg.no_flip, attrs=faces["cond"], resident=resident)
+                            flip=not cfg.no_flip, attrs=faces["cond"], resident=resident, caption=caption)
 
 
 class AutoencoderStage:
@@ -257,7 +276,7 @@ class AutoencoderStage:
     def shape(self, size):
         return (3, size, size)
 
-    def config(self, cfg, attrs=()):
+    def config(self, cfg, attrs=(), vocab=()):
         return autoencoder.AutoencoderConfig(
             image_size=cfg.size, factor=cfg.factor, z_channels=cfg.z_channels,
             ch=cfg.ch or autoencoder.AutoencoderConfig.ch,
@@ -277,11 +296,11 @@ class AutoencoderStage:
                             flip=not cfg.no_flip, attrs=faces["cond"], resident=resident)
 
 
-def network(cfg, ckpt, stage, attrs=()):
+def network(cfg, ckpt, stage, attrs=(), vocab=()):
     """The network's config: the checkpoint's on a resume, else the one the flags describe."""
     if ckpt:
         return stage.from_dict(ckpt["model_args"])
-    return stage.config(cfg, attrs)
+    return stage.config(cfg, attrs, vocab)
 
 
 def config_dict(net):
@@ -633,11 +652,6 @@ def stdout_lost(env):
         env.signals.append(util.SIGPIPE)
 
 
-def replace(cfg, **changes):
-    """A copy of the settings with `changes` (never changed in place)."""
-    return argparse.Namespace(**{**vars(cfg), **changes})
-
-
 def open_resume(args):
     """--resume: the checkpoint it continues, with the state a resume needs. -> (it, its path)."""
     if args.overwrite:
@@ -784,6 +798,8 @@ def load_split(cfg, env, ckpt, stage):
         raise UsageError(f"--data {cfg.data} ({plural(n, 'image')}) is not the data the checkpoint's run "
                          f"trained on ({theirs}, {was}); resume with --data {shlex.quote(theirs)}, or pass "
                          f"--other-data to continue on {cfg.data}")
+    if cfg.text:  # the captions' refusals come before anything is decoded
+        texts.captions_of(sel)
     if env.master and not (ckpt or cfg.minutes or cfg.dry_run) and env.device.type != "cuda":
         estimate_run(cfg, env, stage, n)
     if stage.latent:  # its images stream through the encoder (encode_split): no pixels held here
@@ -822,13 +838,13 @@ def build(cfg, env, ckpt, stage, faces, val, data_id, given):
     if faces["cond_names"]:
         attrs = tuple(faces["cond_names"])
     shape = stage.shape(cfg.size)
-    net = network(cfg, ckpt, stage, attrs)
+    net = network(cfg, ckpt, stage, attrs, faces.get("vocab", ()))
     if tuple(getattr(net, "attrs", ())) != attrs:
         raise UsageError(f"the checkpoint's model is conditioned on {','.join(net.attrs) or 'nothing'}, "
                          f"--data {cfg.data} on {','.join(attrs) or 'nothing'}; resume with the run's data")
     shard = slice(env.rank * cfg.batch_size // env.world, (env.rank + 1) * cfg.batch_size // env.world)
     rare = None  # each attribute's rarer state, for --p-drop-attr balanced
-    if faces["cond"] is not None:
+    if cfg.attrs:
         rare = (faces["cond"].float().mean(0) < 0.5).to(env.device, torch.uint8)
     objective = stage.make_objective(cfg, net, env, shard, rare)
     run = make_run(cfg, env, ckpt, stage, net, objective)

@@ -12,6 +12,13 @@ vector per attribute and state to that embedding: attrs (B, K) holds +1 (present
 (unspecified, which adds nothing). So the unconditional model is the conditional one with every attribute
 unspecified, the state classifier-free guidance (Ho & Salimans 2022) contrasts the condition with. With
 cfg.attr_film the attribute embedding also scales and shifts each ResBlock's normalised features (FiLM).
+
+A text model (cfg.vocab: the tokenizer's words) holds its text encoder (text.py) and, at the attention
+resolutions and in the middle, a TransformerBlock in place of the self-attention: self-attention, then
+cross-attention from every position to the caption's tokens, then a feed-forward ([LDM]'s
+SpatialTransformer). The empty caption is its unconditional model.
+
+  [LDM] Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752
 """
 import math
 import warnings
@@ -21,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import text as texts
 
 # -----------------------------------------------------------------------------
 # configuration: one preset per image size, every field overridable
@@ -38,6 +47,18 @@ class UNetConfig:
     head_dim: int = 64  # attention heads = channels // head_dim (at least 1)
     attrs: tuple = ()  # names of the binary attributes it is conditioned on; () is an unconditional model
     attr_film: bool = False  # the attributes also scale and shift every ResBlock's normalised features (FiLM)
+    vocab: tuple = ()  # a text model's words (text.Tokenizer's); () is no text model
+    text_dim: int = 256  # the text encoder's width
+    text_layers: int = 3  # its transformer blocks
+    max_tokens: int = texts.MAX_TOKENS  # of a caption, [BOS] and [EOS] included
+
+    def __repr__(self):  # the text fields only for a text model, its words counted
+        shown = [f"{k}={v!r}" for k, v in asdict(self).items() if self.vocab or k not in TEXT_FIELDS]
+        shown = [f"vocab={len(self.vocab)} tokens" if s.startswith("vocab=") else s for s in shown]
+        return f"UNetConfig({', '.join(shown)})"
+
+
+TEXT_FIELDS = ("vocab", "text_dim", "text_layers", "max_tokens")
 
 
 PRESETS = {
@@ -160,7 +181,7 @@ class Attention(nn.Module):
         qkv = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
         return qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x, temb=None):  # x (B, C, H, W)
+    def forward(self, x, context=None):  # x (B, C, H, W); context: a text model's (TransformerBlock's)
         B, C, H, W = x.shape
         q, k, v = self.queries_keys_values(x)
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
@@ -174,17 +195,74 @@ class Attention(nn.Module):
         return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
 
 
-class ResAttnBlock(nn.Module):
-    """A ResBlock, followed by self-attention when the feature map is in attn_res."""
+class TransformerBlock(nn.Module):
+    """[LDM]'s SpatialTransformer of depth 1: the feature map as tokens, through self-attention,
+    cross-attention to the caption's tokens (its padding masked) and a feed-forward, each pre-norm with a
+    residual; the output projection starts at zero, so the block starts as the identity."""
 
-    def __init__(self, c_in, c_out, temb_dim, dropout, attn, head_dim, film=False):
+    def __init__(self, c, head_dim, context_dim):
+        super().__init__()
+        self.heads = max(1, c // head_dim)
+        self.norm = norm(c)
+        self.proj_in = nn.Linear(c, c)
+        self.ln1 = nn.LayerNorm(c)
+        self.qkv = nn.Linear(c, 3 * c)  # self-attention
+        self.out1 = nn.Linear(c, c)
+        self.ln2 = nn.LayerNorm(c)
+        self.q = nn.Linear(c, c)  # cross-attention: queries from the positions, keys and values from the text
+        self.kv = nn.Linear(context_dim, 2 * c)
+        self.out2 = nn.Linear(c, c)
+        self.ln3 = nn.LayerNorm(c)
+        self.ff = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        self.proj_out = nn.Linear(c, c)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def heads_of(self, x):  # (B, N, C) -> (B, nh, N, hs)
+        return x.unflatten(2, (self.heads, -1)).transpose(1, 2)
+
+    def cross(self, h, context, mask):
+        """-> the cross-attention's queries and keys, values (B, nh, HW or L, hs) and mask (B, 1, 1, L)."""
+        k, v = self.kv(context).chunk(2, dim=-1)  # each (B, L, C)
+        return self.heads_of(self.q(self.ln2(h))), self.heads_of(k), self.heads_of(v), mask[:, None, None, :]
+
+    def forward(self, x, context):  # x (B, C, H, W); context: (the text (B, L, D), its mask (B, L))
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C): one token per position
+        q, k, v = (self.heads_of(p) for p in self.qkv(self.ln1(h)).chunk(3, dim=-1))
+        h = h + self.out1(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        q, k, v, mask = self.cross(h, *context)
+        h = h + self.out2(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2))
+        h = h + self.ff(self.ln3(h))
+        return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+
+    def cross_weights(self, x, context):
+        """Where each position looks in the caption: (B, nh, HW, L), for figures (forward uses SDPA). x: the
+        block's input."""
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        q, k, v = (self.heads_of(p) for p in self.qkv(self.ln1(h)).chunk(3, dim=-1))
+        h = h + self.out1(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        q, k, _, mask = self.cross(h, *context)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+
+class ResAttnBlock(nn.Module):
+    """A ResBlock, followed by self-attention when the feature map is in attn_res (a text model's: a
+    TransformerBlock, with cross-attention to the caption)."""
+
+    def __init__(self, c_in, c_out, temb_dim, dropout, attn, head_dim, film=False, context_dim=0):
         super().__init__()
         self.res = ResBlock(c_in, c_out, temb_dim, dropout, film)
-        self.attn = Attention(c_out, head_dim) if attn else None
+        self.attn = None
+        if attn and context_dim:
+            self.attn = TransformerBlock(c_out, head_dim, context_dim)
+        elif attn:
+            self.attn = Attention(c_out, head_dim)
 
-    def forward(self, x, temb):
+    def forward(self, x, temb, context=None):
         x = self.res(x, temb)
-        return self.attn(x) if self.attn is not None else x
+        return self.attn(x, context) if self.attn is not None else x
 
 
 class Downsample(nn.Module):
@@ -192,7 +270,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)  # strided conv: (H, W) -> (H/2, W/2)
 
-    def forward(self, x, temb=None):
+    def forward(self, x, temb=None, context=None):
         return self.conv(x)
 
 
@@ -201,7 +279,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
-    def forward(self, x, temb=None):
+    def forward(self, x, temb=None, context=None):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (H, W) -> (2H, 2W)
 
 
@@ -221,6 +299,7 @@ class UNet(nn.Module):
             # stayed ~20x smaller after 1,600 steps and the model barely followed them (REPORT sec. 3.7)
             self.attr_emb = nn.Linear(2 * len(cfg.attrs), temb_dim, bias=False)
         film = bool(cfg.attrs) and cfg.attr_film
+        context = cfg.text_dim if cfg.vocab else 0  # a text model: cross-attention to its tokens
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         # encoder: remember the channel count of every feature map that becomes a skip connection
@@ -231,7 +310,8 @@ class UNet(nn.Module):
         for level, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
                 attn = res in cfg.attn_res
-                self.down.append(ResAttnBlock(c, ch * mult, temb_dim, cfg.dropout, attn, cfg.head_dim, film))
+                self.down.append(ResAttnBlock(c, ch * mult, temb_dim, cfg.dropout, attn, cfg.head_dim, film,
+                                              context))
                 c = ch * mult
                 skips.append(c)
             if level != len(cfg.ch_mult) - 1:
@@ -239,7 +319,8 @@ class UNet(nn.Module):
                 skips.append(c)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResAttnBlock(c, c, temb_dim, cfg.dropout, True, cfg.head_dim, film),
+        self.mid = nn.ModuleList([ResAttnBlock(c, c, temb_dim, cfg.dropout, True, cfg.head_dim, film,
+                                               context),
                                   ResAttnBlock(c, c, temb_dim, cfg.dropout, False, cfg.head_dim, film)])
 
         # decoder: each block takes concat(h, skip); one more block per level than the encoder
@@ -248,7 +329,8 @@ class UNet(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 attn = res in cfg.attn_res
                 c_in = c + skips.pop()
-                self.up.append(ResAttnBlock(c_in, ch * mult, temb_dim, cfg.dropout, attn, cfg.head_dim, film))
+                self.up.append(ResAttnBlock(c_in, ch * mult, temb_dim, cfg.dropout, attn, cfg.head_dim, film,
+                                            context))
                 c = ch * mult
             if level != 0:
                 self.up.append(Upsample(c))
@@ -259,42 +341,63 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the network starts by predicting 0
         nn.init.zeros_(self.conv_out.bias)
+        if cfg.vocab:  # last: the other weights start as an unconditional model's of the same seed
+            widths = range(max(1, cfg.text_dim // 64), 0, -1)
+            heads = next(h for h in widths if cfg.text_dim % h == 0)  # heads about 64 wide
+            self.text_encoder = texts.TextEncoder(len(cfg.vocab), cfg.text_dim, cfg.text_layers, heads,
+                                                  cfg.max_tokens)
 
-    def forward(self, x, t, attrs=None):  # x (B, C, H, W), t (B,) indices 0..T-1, attrs (B, K) in {-1, 0, 1}
+    def forward(self, x, t, attrs=None, text=None):
+        # x (B, C, H, W), t (B,) indices 0..T-1, attrs (B, K) in {-1, 0, 1}, text (B, L) token ids
         temb = self.time_mlp(timestep_embedding(t, self.cfg.ch))  # (B, 4ch)
+        context = None  # a text model's caption, which its cross-attention reads
+        if self.cfg.attrs or self.cfg.vocab:
+            temb, context = self.condition(temb, x, attrs, text)
+        else:
+            temb = F.silu(temb)
+        h = self.conv_in(x)  # (B, ch, H, W)
+        hs = [h]
+        for block in self.down:
+            h = self._block(block, h, temb, context)
+            hs.append(h)
+        for block in self.mid:
+            h = self._block(block, h, temb, context)  # (B, ch*mult[-1], H/2^L, W/2^L)
+        for block in self.up:
+            if isinstance(block, ResAttnBlock):
+                h = torch.cat([h, hs.pop()], dim=1)  # encoder features concatenated into the decoder
+            h = self._block(block, h, temb, context)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+
+    def condition(self, temb, x, attrs, text):
+        """The condition's embedding: the attributes' vectors added to the time embedding (with FiLM, also
+        passed beside it), or the caption through the text encoder (none given: the empty caption).
+        -> (the blocks' temb, after SiLU; the text's (B, L, text_dim) vectors and (B, L) mask, or None)."""
         aemb = None
+        context = None
         if self.cfg.attrs:
             attrs = attrs if attrs is not None else torch.zeros(len(x), len(self.cfg.attrs), device=x.device)
             onehot = torch.cat([attrs > 0, attrs < 0], dim=1).to(temb.dtype)  # (B, 2K)
             aemb = self.attr_emb(onehot)  # the sum of one vector per specified attribute (0 if none is)
             temb = temb + aemb
+        if self.cfg.vocab:
+            context = self.text_encoder(texts.empty(len(x), x.device) if text is None else text)
         temb = F.silu(temb)
         if aemb is not None and self.cfg.attr_film:
             temb = (temb, aemb)  # the blocks' FiLM reads the attributes on their own
-        h = self.conv_in(x)  # (B, ch, H, W)
-        hs = [h]
-        for block in self.down:
-            h = self._block(block, h, temb)
-            hs.append(h)
-        for block in self.mid:
-            h = self._block(block, h, temb)  # (B, ch*mult[-1], H/2^L, W/2^L)
-        for block in self.up:
-            if isinstance(block, ResAttnBlock):
-                h = torch.cat([h, hs.pop()], dim=1)  # encoder features concatenated into the decoder
-            h = self._block(block, h, temb)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        return temb, context
 
-    def _block(self, block, h, temb):
+    def _block(self, block, h, temb, context):
         if self.grad_checkpoint and self.training:  # keep the block's input; recompute the rest in backward
-            return checkpoint(block, h, temb, use_reentrant=False)
-        return block(h, temb)
+            return checkpoint(block, h, temb, context, use_reentrant=False)
+        return block(h, temb, context)
 
     def blocks(self):
         """The blocks a forward pass runs in turn (what a hook that watches the pass hangs on)."""
         return [*self.down, *self.mid, *self.up]
 
     def attention_layers(self):
-        """The self-attention layers, in the order a forward pass runs them (figures show where they look)."""
+        """The attention layers (a text model's: TransformerBlocks), in the order a forward pass runs them
+        (figures show where they look)."""
         return [b.attn for b in self.blocks() if isinstance(b, ResAttnBlock) and b.attn is not None]
 
     def num_params(self):
