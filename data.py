@@ -899,6 +899,16 @@ def summary(d, args, loaded):
         on_disk = {os.path.basename(f) for f in list_images(d["image_dir"])}
         n = collections.Counter(_ints(d["partition"], r)[0] for name, r in part.items() if name in on_disk)
         print("splits:  " + ", ".join(f"{s} {n[k]:,}" for s, k in SPLITS.items()) + " (official partition)")
+    try:  # what a text model would read
+        found = captions(dict(d, split=args.split))
+    except DataError as e:
+        found = None
+        print(f"text:    the captions cannot be used: {e}")
+    if found is not None:
+        where = ".txt files"
+        if os.path.isfile(os.path.join(d["image_dir"], "metadata.jsonl")):
+            where = "metadata.jsonl"
+        print(f"text:    {len(found):,} captions ({where}), e.g. {found[0]!r}")
     print(f"cache:   {d['cache']} ({d['images'].numel() / 2**20:,.1f} MiB)")
     seconds = d["decode_seconds"]
     print(f"decode:  {len(d['files']) / seconds:,.0f} img/s" if seconds else

@@ -3139,6 +3139,8 @@ def test_a_metadata_jsonl_folder_trains_and_samples_end_to_end(tmp_path, capsys)
                                  "--max-tokens", "16"])
     assert r.returncode == 0 and "text: 11 captions of 10 words" in r.stdout, r.stdout + r.stderr
     assert r.stdout.count("longer than 16 tokens and were cut (004.png") == 1, r.stdout  # said once
+    r = cli(capsys, data.main, ["--data", folder, "--size", "16", "--cache-dir", str(tmp_path / "cache"), "--preview", ""])
+    assert "text:    11 captions (metadata.jsonl), e.g. 'a smiling woman'" in r.stdout, r.stdout  # what the run read
     ckpt = util.load_checkpoint(out)
     assert ckpt["model_args"]["vocab"][:3] == list(texts.SPECIAL) and "hat" in ckpt["model_args"]["vocab"]
     assert [row for row in log_rows(out) if row["val_loss"]]  # evaluated on the held-out images' own captions

@@ -291,8 +291,8 @@ def condition(faces, max_tokens, seed, vocab=None, log=print):
     if found is None:
         example = caption(torch.ones(len(faces["attr_names"]), dtype=torch.long), faces["attr_names"],
                           torch.Generator().manual_seed(0))
-        log(f"text: CelebA's captions, made from its {len(faces['attr_names'])} attributes at every step (e.g. "
-            f"{example!r}); {len(tokenizer.vocab) - len(SPECIAL):,} words")
+        log(f"text: CelebA's captions, made from its {len(faces['attr_names'])} attributes at every step "
+            f"(e.g. {example!r}); {len(tokenizer.vocab) - len(SPECIAL):,} words")
         captions = Captions(tokenizer, faces["attr_names"], seed, max_tokens)
         return dict(faces, cond=faces["attrs"], caption=captions, tokenizer=tokenizer, vocab=tokenizer.vocab)
     cut = [f for f, c in zip(faces["files"], found) if tokenizer.encode(c, max_tokens)[2]]
