@@ -671,9 +671,11 @@ def latent_file(name, head):
     """The cache's rows, memory-mapped: (slots, F, C', h, w) float16 in a file of the whole split's size
     (sparse: rows not written yet take no disk), made where it is missing."""
     numel = head["slots"] * math.prod(head["shape"])
-    if not os.path.exists(name + ".bin"):
-        with open(name + ".bin", "wb") as f:
+    def make(tmp):
+        with open(tmp, "wb") as f:
             f.truncate(numel * LATENT_DTYPE.itemsize)
+    if not os.path.exists(name + ".bin"):  # (and its folder, the first time a cache is written there)
+        util.atomic_write(make, name + ".bin", "cache folder")
     return torch.from_file(name + ".bin", shared=True, size=numel, dtype=LATENT_DTYPE).view(head["slots"],
                                                                                               *head["shape"])
 

@@ -2475,7 +2475,7 @@ def fake_encoder(k, calls):
     return encode
 
 
-def test_the_latent_cache_is_lean_built_once_per_autoencoder_and_images_and_continued(faces, tmp_path):
+def test_the_latent_cache_is_lean_built_once_per_autoencoder_and_images_and_continued(faces, tmp_path, monkeypatch):
     faces = str(shutil.copytree(faces, tmp_path / "faces"))  # its files are touched below
     cache = str(tmp_path / "cache")
     calls, said = [], []
@@ -2520,6 +2520,12 @@ def test_the_latent_cache_is_lean_built_once_per_autoencoder_and_images_and_cont
     calls.clear()
     latents(1.0, "aaaa")
     assert calls and any("stale" in line for line in said)
+    # a split too large for a pixel cache streams its images into a cache folder made on the way
+    monkeypatch.setattr(data, "SMALL_SPLIT", 0)
+    new = str(tmp_path / "new" / "cache")
+    streamed = data.encode_latents(faces, 16, "auto", new, fake_encoder(1.0, []), "aaaa", log=quiet)
+    rebuilt = latents(1.0, "aaaa")["latents"]  # (x, memory-mapped, saw the damage above)
+    assert torch.equal(streamed["latents"], rebuilt) and not glob.glob(os.path.join(new, "faces-train-*.pt"))  # no pixels kept
 
 
 def glob_one(folder, pattern):
