@@ -2689,7 +2689,7 @@ def test_every_figure_the_docs_show_exists():
 def test_every_command_in_the_docs_passes_its_checks(tmp_path, monkeypatch):
     # every train.py, sample.py and data.py command in README.md and REPORT.md, as a user would paste it (comments
     # dropped, continued lines joined): it parses, and the checks that need no data accept it (train.py's flag
-    # checks and model, a latent run's with the default autoencoder; sample.py's mode, flags, files and outputs)
+    # checks and model, of each stage of --latent-diffusion, a latent run's with the default autoencoder; sample.py's mode, flags, files and outputs)
     import re, shlex
     monkeypatch.chdir(tmp_path)  # sample.py's output checks write scratch files where the command says
     parsers = {"train.py": lambda a: settings.make_parser().parse(a), "sample.py": lambda a: sample.make_parser().parse(a),
@@ -2713,7 +2713,9 @@ def test_every_command_in_the_docs_passes_its_checks(tmp_path, monkeypatch):
                     world = int(re.search(r"nproc_per_node[= ](\d+)", m.group(1)).group(1)) if m.group(1) else 1
                     env = SimpleNamespace(world=world, say=quiet)
                     try:
-                        train.check_args(args, given, env, None, stage_of(args))
+                        for stage in settings.stages(args, given):  # --latent-diffusion: each of its two runs
+                            stage_args, stage_given = settings.make_parser().parse(stage) if stage else (args, given)
+                            train.check_args(stage_args, stage_given, env, None, stage_of(stage_args))
                     except util.UsageError as e:
                         raise AssertionError((name, line, str(e)))
                 if script == "sample.py":
