@@ -168,8 +168,8 @@ def checkpoint_file(path):
 AUTOENCODER_SHARE = 1 / 3  # of the budget, for the autoencoder: ae4 10 min + ldm4 20 min (REPORT sec. 3.11)
 BOTH = {"data", "download", "size", "crop", "cache_dir", "no_flip", "seed", "device", "precision", "compile",
         "channels_last", "grad_checkpoint", "log_every", "factor", "z_channels", "attrs", "attr_film",
-        "p_uncond", "p_drop_attr", "text", "text_dim", "text_layers", "max_tokens", "overwrite", "minutes", "out",
-        "resume", "latent_diffusion"}
+        "p_uncond", "p_drop_attr", "text", "text_dim", "text_layers", "max_tokens", "overwrite", "minutes",
+        "out", "resume", "latent_diffusion"}
 
 
 def replace(cfg, **changes):
