@@ -2689,7 +2689,8 @@ def test_every_figure_the_docs_show_exists():
 def test_every_command_in_the_docs_passes_its_checks(tmp_path, monkeypatch):
     # every train.py, sample.py and data.py command in README.md and REPORT.md, as a user would paste it (comments
     # dropped, continued lines joined): it parses, and the checks that need no data accept it (train.py's flag
-    # checks and model, of each stage of --latent-diffusion, a latent run's with the default autoencoder; sample.py's mode, flags, files and outputs)
+    # checks and model, of each stage of --latent-diffusion, a latent run's with the default autoencoder;
+    # sample.py's mode, flags, files and outputs)
     import re, shlex
     monkeypatch.chdir(tmp_path)  # sample.py's output checks write scratch files where the command says
     parsers = {"train.py": lambda a: settings.make_parser().parse(a), "sample.py": lambda a: sample.make_parser().parse(a),
