@@ -25,6 +25,7 @@ References (equation numbers refer to these papers):
 Indexing: the paper's t = 1..T is index t = 0..T-1 here. alphas_cumprod[t] is the paper's
 alpha_bar_{t+1}; index 0 is the least noisy step and "t-1" of index 0 is the clean image x_0.
 """
+import functools
 import math
 
 import torch
@@ -583,10 +584,11 @@ class Denoising:
         return lambda model: self.diffusion.training_losses(model, x0, t, noise, model_kwargs=kwargs)
 
     @torch.no_grad()
-    def grid(self, ema, examples, n, batch, ctx, callback=None):
+    def grid(self, ema, examples, n, batch, ctx, callback=None, inputs=None):
         """n samples of the model `ema`, from the same noise at every call (x_T and every later z), decoded.
         examples: unused (an autoencoder's grid shows its reconstructions of them). callback(images done)
-        after each step. -> (images in [-1, 1], images per row, model evaluations made)."""
+        after each step; inputs: the model's other inputs per sample, {keyword: (n, ...)} (a ControlNet's
+        hints). -> (images in [-1, 1], images per row, model evaluations made)."""
         x_T = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(self.seed))
         device = self.diffusion.betas.device
         g = torch.Generator(device=device).manual_seed(self.seed + 1)
@@ -598,8 +600,12 @@ class Denoising:
                 done += len(x)
                 if callback:
                     callback(done)
+            model = ema
+            if inputs:  # those of these samples
+                first = len(drawn) * batch
+                model = functools.partial(ema, **{k: v[first:first + len(x)] for k, v in inputs.items()})
             with ctx:
-                z = self.diffusion.sample(ema, x.shape, DEFAULT_SAMPLER, self.sample_steps, DEFAULT_ETA, g,
+                z = self.diffusion.sample(model, x.shape, DEFAULT_SAMPLER, self.sample_steps, DEFAULT_ETA, g,
                                           x_T=x, clip=self.first.clip, callback=count)
                 drawn.append(self.first.decode(z))
         return torch.cat(drawn), round(math.sqrt(n)), n * self.grid_evals

@@ -6,6 +6,7 @@ Draw faces from a checkpoint written by train.py; the checkpoint alone rebuilds 
     python sample.py out/ckpt.pt --sampler ddpm               # 1000-step ancestral sampling
     python sample.py out/ckpt.pt --bpd 500                    # the bits/dim bound on validation images
     python sample.py ae/ckpt.pt --n 500 --out-dir rec         # an autoencoder: its reconstructions, and PSNR
+    python sample.py ctl/ckpt.pt --hint-from face.jpg         # a ControlNet: faces with that photo's edges
     python sample.py --bench                                  # images/s of the default sampler
 
 A latent model (train.py --latents) draws latents and decodes them with the autoencoder its checkpoint
@@ -31,6 +32,7 @@ if __name__ == "__main__":
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # short OpenMP spinning, as in train.py
 import argparse
 import csv
+import functools
 import math
 import re
 import time
@@ -45,6 +47,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import autoencoder
 import budget
+import control
 import data
 import text as texts
 import unet
@@ -64,7 +67,8 @@ MASKS = dict(center=(0.25, 0.75, 0.25, 0.75), top=(0, 0.5, 0, 1), bottom=(0.5, 1
              right=(0, 1, 0.5, 1), eyes=(0.33, 0.57, 0.15, 0.85), mouth=(0.62, 0.84, 0.28, 0.72))
 QUERIES = dict(eye=(0.45, 0.36), mouth=(0.73, 0.5), background=(0.06, 0.06))  # --figure attention's, (y, x)
 say = util.Say()  # print, which outlives a closed terminal
-NETWORKS = dict(unet=unet.check_weights, autoencoder=autoencoder.check_weights)  # a checkpoint's networks
+NETWORKS = dict(unet=unet.check_weights, autoencoder=autoencoder.check_weights,  # a checkpoint's networks
+                control=control.check_weights)
 
 # -----------------------------------------------------------------------------
 # the core: checkpoint -> images
@@ -99,15 +103,22 @@ def run(args, given):
     if job.x_init is not None:
         shown = job.x_init if job.mask is None else job.x_init * job.mask
         grid.append(data.to_uint8(shown))
+    if job.hints is not None and len(job.hints) == 1:  # a ControlNet's one hint
+        grid.append(data.to_uint8(job.hints.expand(-1, 3, -1, -1) * 2 - 1))
     progress = util.Progress(opt.n, "sampling", "images", say)
     done = 0
+    follow = []  # a ControlNet's: how well each image keeps its hint's edges
     while done < opt.n:
-        x = draw(job, min(opt.batch_size, opt.n - done), progress=(progress, done))
+        x = draw(job, min(opt.batch_size, opt.n - done), progress=(progress, done), first=done)
         if sum(map(len, grid)) < GRID_MAX:  # the grid shows the first images only
             grid.append(x)
         write_pngs(opt, x, done)
+        follow.append(edge_agreement(job, x, done))
         done += len(x)
     write_grid(opt, grid, pngs=done)
+    if job.hints is not None:
+        say(f"edges: Dice {torch.cat(follow).mean():.3f} over {done:,} images (each one's strongest "
+            f"{control.EDGE_SHARE:.0%} of pixels by gradient against its hint's)")
 
 
 @dataclass
@@ -132,6 +143,11 @@ class Job:
     cond_name: str = "attrs"  # the model's keyword for the condition (a text model's: text)
     x_init: torch.Tensor = None  # (1, 3, size, size) in [-1, 1]: what SDEdit or RePaint edits
     mask: torch.Tensor = None  # (1, 1, size, size): 1 where --init is kept
+    hints: torch.Tensor = None  # a ControlNet's (N, 1, size, size) in [0, 1]: image k follows hint k mod N
+
+    def hints_for(self, first, n):
+        """The hints of images first .. first + n - 1."""
+        return self.hints[torch.arange(first, first + n, device=self.hints.device) % len(self.hints)]
 
     def noise(self, n, generator=None):
         """(n, C, H, W) standard normal noise from `generator` (default: the job's)."""
@@ -172,10 +188,12 @@ def load(opt, given, device, ctx):
     if opt.mask:
         mask = load_mask(opt, size, device)
     cond, uncond, name = condition(opt, net.cfg, device)
+    hints = load_hints(opt, given, net, size, device)
     return Job(opt=opt, model=model, net=net, diffusion=diffusion.to(device), first_stage=first_stage,
                attr_names=tuple(net.cfg.attrs), size=size, shape=shape, device=device, ctx=ctx,
                generator=torch.Generator(device=device).manual_seed(opt.seed), steps=steps, evals=evals,
-               ckpt_args=ckpt_args, cond=cond, uncond=uncond, cond_name=name, x_init=x_init, mask=mask)
+               ckpt_args=ckpt_args, cond=cond, uncond=uncond, cond_name=name, x_init=x_init, mask=mask,
+               hints=hints)
 
 
 def condition(opt, net, device):
@@ -253,7 +271,10 @@ def open_checkpoint(opt, given, device):
         if opt.mode == "sample" and opt.n > GRID_MAX and not opt.out_dir:
             raise UsageError(f"--n {opt.n:,}: the grid keeps the first {GRID_MAX:,} images and the rest "
                              "would be lost; add --out-dir DIR to keep them all as PNGs, or lower --n")
-        net = unet.from_checkpoint(ckpt, "ema")
+        if util.network_of(ckpt, "ema") == "control":  # a ControlNet and its locked base
+            net = control.from_checkpoint(ckpt, "ema")
+        else:
+            net = unet.from_checkpoint(ckpt, "ema")
         diffusion = GaussianDiffusion(a["timesteps"], a["schedule"], a["objective"], a.get("min_snr_gamma"))
     if "autoencoder" in ckpt:  # a latent model carries its first stage
         first_stage = autoencoder.FirstStage.from_checkpoint(ckpt).to(device, channels_last)
@@ -299,21 +320,27 @@ def describe_model(model, diffusion, first_stage):
     if f > 1:
         words = (f"a latent model of {words} latents ({model.cfg.in_channels} channels) decoded to "
                  f"{size * f}x{size * f} by its autoencoder (f={f})")
+    if isinstance(model, control.ControlledUNet):
+        words = (f"a ControlNet of {model.trainable_params() / 1e6:.2f}M trained parameters on its locked "
+                 f"base (weights {model.cfg.base_id}), together {words}")
     return words
 
 
-def draw(job, n, x_T=None, cond=None, callback=None, progress=None):
+def draw(job, n, x_T=None, cond=None, callback=None, progress=None, first=0):
     """n images (n, 3, H, W) uint8 from x_T (default: fresh noise): sampling, SDEdit or RePaint, guided toward
     `cond` (default: the job's condition). A latent model works on latents and decodes the result.
-    callback(t, x_t, x0_hat) sees each step; progress: (util.Progress, the images done before)."""
+    callback(t, x_t, x0_hat) sees each step; progress: (util.Progress, the images done before); first: the
+    number of the first image (a ControlNet's images follow their hints in turn)."""
     opt, diffusion = job.opt, job.diffusion
     if cond is None:
         cond = job.cond
     if x_T is None:
         x_T = job.noise(n)
     model = job.model
+    if job.hints is not None:  # a ControlNet: each image's hint, in both branches of the guidance
+        model = functools.partial(model, hint=job.hints_for(first, n))
     if cond is not None:
-        model = guided(job.model, cond.to(job.device), opt.guidance, job.uncond, job.cond_name)
+        model = guided(model, cond.to(job.device), opt.guidance, job.uncond, job.cond_name)
     steps = 0
     def step(*a):
         nonlocal steps
@@ -350,6 +377,14 @@ def inpaint(job, model, x_T, n, clip, step):
     mask = job.first_stage.mask(job.mask)
     return job.diffusion.repaint(model, x_T, x_known, mask, job.steps, opt.jump_length, opt.jump_n_sample,
                                  job.generator, clip, step)
+
+
+def edge_agreement(job, x, first):
+    """A ControlNet's images x (n, 3, H, W) uint8 against their hints: the Dice of their edges (n,); else an
+    empty tensor."""
+    if job.hints is None:
+        return torch.zeros(0)
+    return control.edge_dice(data.to_float(x, job.device), job.hints_for(first, len(x))).cpu()
 
 
 def write_pngs(opt, x, first):
@@ -556,7 +591,8 @@ def make_parser():
     add("--init", type=path, help="SDEdit: edit this image instead of sampling from noise")
     add("--strength", type=fraction, help="SDEdit: noise --init to t = strength * T, then denoise (0 "
         "returns it, 1 ignores it; default 0.5)")
-    add("--crop", default="auto", choices=data.CROPS, help="the crop of --init and a --mask image")
+    add("--crop", default="auto", choices=data.CROPS, help="the crop of --init, a --mask image and "
+        "--hint-from's photos")
     add("--interpolate", type=util.between(2, math.inf, int), metavar="FRAMES", help="a strip of FRAMES "
         "faces from --seed's noise to --seed + 1's")
     add("--attrs", metavar="NAME=0|1,...", help="attributes of a model trained with --attrs, e.g. "
@@ -569,6 +605,12 @@ def make_parser():
         "guidance weight W: 1 the conditional model, larger follows more strictly")
     add("--compare", metavar="NAME", help="every face without and with attribute NAME (a text model: without "
         "and with the words NAME after --prompt's)")
+    add("--hint", type=path, metavar="SKETCH", help="a ControlNet: the edges to follow, drawn as white lines "
+        "on black (any size: resized to the model's)")
+    add("--hint-from", type=path, metavar="PHOTO|DIR", help="a ControlNet: follow a photo's edges (cropped "
+        "by --crop); a folder: image k follows its k-th photo's")
+    add("--control-scale", type=util.between(0, math.inf), default=1.0, help="a ControlNet: the weight of "
+        "its control (0: the base alone)")
     add("--mask", metavar="REGION|MASK.png", help=f"inpaint --init (RePaint): {', '.join(MASKS)}, or the "
         "white pixels of a mask image")
     add("--jump-length", type=pos, default=10, help="RePaint: steps back up")
@@ -591,7 +633,7 @@ def make_parser():
 
 # the flags each mode takes (besides the checkpoint); any other is an error
 DRAWS = {"sampler", "steps", "eta", "var", "spacing", "no_clip", "seed", "device", "precision", "compile",
-         "attrs", "prompt", "negative_prompt", "guidance"}
+         "attrs", "prompt", "negative_prompt", "guidance", "hint", "hint_from", "control_scale"}
 FILES = {"n", "batch_size", "out", "out_dir"}
 INPAINTS = {"init", "mask", "crop", "jump_length", "jump_n_sample"}
 # an autoencoder's checkpoint: its reconstructions of --init or of validation images
@@ -645,6 +687,8 @@ def check_flags(args, given):
     takes = MODES[mode]
     if mode == "forward" and args.init:
         takes = FORWARD_INIT
+    if args.hint_from and "hint_from" in takes:  # --crop crops its photos
+        takes = takes | {"crop"}
     for flag in sorted(given - takes - {"ckpt", mode}, key=list(vars(args)).index):
         dashed = "--" + flag.replace("_", "-")
         hint = HINTS.get(flag, "")
@@ -728,6 +772,11 @@ def check_values(opt, given):
         (opt.mask not in (None, *MASKS) and not os.path.isfile(opt.mask), f"--mask {opt.mask}: neither a "
          f"region ({', '.join(MASKS)}) nor an image file"),
         (opt.init is not None and not os.path.isfile(opt.init), f"--init {opt.init}: no such file"),
+        (opt.hint is not None and opt.hint_from is not None, "--hint and --hint-from both give the edges to "
+         "follow: use one of them"),
+        (opt.hint is not None and not os.path.isfile(opt.hint), f"--hint {opt.hint}: no such file"),
+        (opt.hint_from is not None and not os.path.exists(opt.hint_from), f"--hint-from {opt.hint_from}: no "
+         "such file or folder"),
     ]:
         if bad:
             raise UsageError(message)
@@ -805,6 +854,51 @@ def read_image(path, flag, size, crop):
     except Exception as e:
         raise UsageError(f"{flag} {path}: not an image that can be read ({type(e).__name__}); give a .jpg or "
                          ".png")
+
+
+def load_hints(opt, given, net, size, device):
+    """A ControlNet's hints: --hint's drawing (white lines on black; dark lines on white are inverted), or the
+    edges of --hint-from's photo or folder of photos, cropped as --crop. -> (N, 1, size, size) in [0, 1], or
+    None (another model; --bench)."""
+    asked = sorted(given & {"hint", "hint_from", "control_scale"})
+    controlled = isinstance(net, control.ControlledUNet)
+    if not (controlled or net.cfg.hint_channels):
+        if asked:
+            dashed = "--" + asked[0].replace("_", "-")
+            raise UsageError(f"{dashed}: {opt.ckpt} is not a ControlNet (train.py --control); drop {dashed}")
+        return None
+    what = "a ControlNet" if controlled else "a model of edge maps (train.py --hint-concat)"
+    if controlled:
+        net.scale = opt.control_scale
+    elif "control_scale" in given:
+        raise UsageError(f"--control-scale weights a ControlNet's control; {opt.ckpt} is {what}, which reads "
+                         "the hint as input: drop --control-scale")
+    if opt.mode == "bpd":
+        raise UsageError(f"--bpd: {opt.ckpt} is {what}, whose likelihood depends on its hint; use a model "
+                         "without one")
+    if opt.mode == "bench":
+        return None  # timed with the all-black hint
+    if opt.hint is None and opt.hint_from is None:
+        raise UsageError(f"{opt.ckpt} is {what}: give it the edges to follow, --hint SKETCH.png (white "
+                         "lines on black) or --hint-from PHOTO (or a folder of photos)")
+    if opt.hint is not None:
+        hint = read_image(opt.hint, "--hint", size, "none").float().mean(0, keepdim=True)[None] / 255
+        if hint.mean() > 0.5:
+            say(f"note: --hint {opt.hint} is mostly white: taken as dark lines on white, and inverted")
+            hint = 1 - hint
+        if hint.max() < 0.1:
+            raise UsageError(f"--hint {opt.hint}: the drawing has no lines (it is all black); draw white "
+                             "lines on black")
+        return control.hint_of_drawing(hint).to(device)
+    files = [opt.hint_from]
+    if os.path.isdir(opt.hint_from):
+        files = data.list_images(opt.hint_from)[:opt.n]
+    if not files:
+        raise UsageError(f"--hint-from {opt.hint_from}: the folder holds no .jpg or .png images; give a "
+                         "photo or a folder of photos")
+    photos = torch.stack([read_image(f, "--hint-from", size, opt.crop) for f in files])
+    say(f"hints: the edges of {util.plural(len(files), 'photo')} from {opt.hint_from}")
+    return control.edges(data.to_float(photos, device))
 
 
 def load_mask(opt, size, device):
@@ -1013,9 +1107,9 @@ def attention_maps(job, x_T, timesteps):
         if x.shape[-1] == r and now[0] in maps:  # the first image (the conditional half under guidance)
             maps[now[0]].append(module.weights(x[:1].float())[0].mean(0)[queries])  # (Q, r*r)
     handles = [m.register_forward_hook(hook) for m in job.net.attention_layers()]  # the eager modules
-    def model_at(x, t, *a):
+    def model_at(x, t, *a, **kw):
         now[0] = int(t[0])
-        return job.model(x, t, *a)
+        return job.model(x, t, *a, **kw)
     try:
         face = draw(dataclasses.replace(job, model=model_at), 1, x_T)
     finally:

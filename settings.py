@@ -27,6 +27,13 @@ ANY = {DIFFUSION, AUTOENCODER}
 # refused), or it is no setting of the run (never taken from the checkpoint)
 MAY, FIXED, ONCE = "may change", "fixed", "once"
 PRESET_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")  # None: the --size preset's value
+# a control run (--control BASE) takes these settings from its base's run where they are not given, and
+# refuses the flags that would make another network or data than the base's
+FROM_BASE = ("size", "crop", "timesteps", "schedule", "objective", "min_snr_gamma", "attrs", "attr_film",
+             "p_uncond", "p_drop_attr", "text", "text_dim", "text_layers", "max_tokens", "posterior",
+             "batch_size", "lr")
+NOT_FOR_CONTROL = (*PRESET_FLAGS, *FROM_BASE[:-2], "latents", "autoencoder", "latent_diffusion", "factor",
+                   "z_channels")
 
 
 @dataclass
@@ -76,8 +83,13 @@ def check(cfg, given, world):
             dashed = "--" + flag.replace("_", "-")
             raise util.UsageError(f"{dashed} is for {wanted}, not for this run; drop {dashed}")
     loose = next((f for f in ("p_drop_attr", "attr_film") if f in given), "").replace("_", "-")
+    based = next((f for f in NOT_FOR_CONTROL if f in given), "").replace("_", "-")
     words = next((f for f in ("text_dim", "text_layers", "max_tokens") if f in given), "").replace("_", "-")
     for bad, message in [
+        (cfg.control and based, f"--{based}: a control run takes its base's network, size and condition; "
+         f"drop --{based}, or train another base"),
+        (cfg.control and cfg.hint_concat, "--hint-concat trains the baseline of a ControlNet from scratch, "
+         "--control a ControlNet on a trained base: use one of them"),
         ("minutes" in given and given & {"max_steps", "epochs"},
          "--minutes chooses the number of steps itself; drop --max-steps/--epochs, or drop --minutes"),
         (cfg.minutes and cfg.dry_run, "--dry-run runs 2 steps to check a setup; drop it or --minutes"),
@@ -300,6 +312,12 @@ def add_model_flags(adder):
         "whole condition")
     add("--p-drop-attr", FIXED, {DIFFUSION}, type=drop_rate, default="uniform", help="probability of "
         "dropping each attribute, 'uniform' (U(0, 1) per image) or 'balanced' (REPORT sec. 3.7)")
+
+    add = adder("ControlNet: steer a trained DDPM with each face's edges (control.py)")
+    add("--control", FIXED, {DIFFUSION}, type=util.path, metavar="BASE_CKPT", help="train a ControlNet on "
+        "this DDPM's checkpoint, locked: a copy of its encoder learns to follow edge maps")
+    add("--hint-concat", FIXED, {DIFFUSION}, action="store_true", help="a ControlNet's baseline: a DDPM from "
+        "scratch that reads each image's edge map as more input channels")
 
     add = adder("text: captions, a text encoder trained with the U-Net, cross-attention (text.py)")
     add("--text", FIXED, {DIFFUSION}, action="store_true", help="condition on captions: a .txt beside each "

@@ -6,6 +6,7 @@ to end on a tiny model of 16x16 fake faces, and the docs. CPU only, whatever the
     python -m pytest -q test_all.py
 """
 import contextlib
+import functools
 import glob
 import json
 import math
@@ -25,6 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import autoencoder
 import budget
+import control
 import data
 import diffusion as D
 import sample
@@ -1153,6 +1155,10 @@ def stage_of(args):
         first = autoencoder.FirstStage(autoencoder.AutoencoderConfig(), None, None, {})
     if args.autoencoder:
         return train.AutoencoderStage(first)
+    if args.control:  # a control run on a base of the --size preset
+        return train.ControlStage(first, unet.config_dict(unet.preset(args.size)), None, "")
+    if args.hint_concat:
+        return train.HintStage(first)
     return train.DDPMStage(first)
 
 
@@ -2297,7 +2303,7 @@ def test_a_training_step_runs_in_few_project_lines_most_of_them_in_the_model_fil
     train.main(train_args(faces, str(tmp_path / "run"), "--max-steps", "6", "--log-every", "100"))
     per_file = {f: sum(1 for name, _ in lines if name == f) for f in files.values()}
     model_files = sum(per_file[f] for f in ("train.py", "diffusion.py", "unet.py", "data.py", "autoencoder.py"))
-    assert 60 <= len(lines) <= 130 and model_files >= 0.95 * len(lines), per_file
+    assert 60 <= len(lines) <= 132 and model_files >= 0.95 * len(lines), per_file  # (2: the ControlNet's hook, its baseline's)
 
 
 # -----------------------------------------------------------------------------
@@ -2720,9 +2726,11 @@ def test_every_command_in_the_docs_passes_its_checks(tmp_path, monkeypatch):
                     except util.UsageError as e:
                         raise AssertionError((name, line, str(e)))
                 if script == "sample.py":
-                    for flag in ("init", "mask"):  # the images the command names, as a user would have them
+                    for flag in ("init", "mask", "hint", "hint_from"):  # the images the command names, as a user would have them
                         path = getattr(args, flag)
-                        if path and path not in sample.MASKS:
+                        if path and path not in sample.MASKS and path.endswith("/"):  # a folder of photos
+                            os.makedirs(path, exist_ok=True)
+                        elif path and path not in sample.MASKS:
                             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                             Image.new("RGB", (64, 64)).save(path)
                     try:
@@ -3234,3 +3242,189 @@ def test_a_latent_text_model_trains_and_samples(latent_run, tmp_path, capsys):
     assert util.load_checkpoint(out)["model_args"]["in_channels"] == 4
     r = cli(capsys, sample.main, [out, "--prompt", "a man with a hat", "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")])
     assert r.returncode == 0 and Image.open(tmp_path / "g.png").size == (2 * 18 + 2, 18 + 2), r.stdout + r.stderr
+
+
+# -----------------------------------------------------------------------------
+# ControlNet: a locked base steered by edge maps
+
+
+def random_unet(cfg, seed):
+    """A U-Net with every weight random (the zero-initialised ones too): a base that is not the identity."""
+    torch.manual_seed(seed)
+    net = unet.UNet(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    return net
+
+
+@pytest.mark.parametrize("in_channels,grid,hint_size,attrs", [(3, 16, 16, ()), (4, 8, 32, ()), (3, 16, 16, ("Smiling", "Male"))])
+def test_a_controlnet_starts_as_its_base_bit_for_bit_and_learns_only_its_own_weights(in_channels, grid, hint_size, attrs):
+    cfg = unet.preset(grid, ch=16, ch_mult=(1, 2), attn_res=(grid // 2,), num_res_blocks=1, in_channels=in_channels, attrs=attrs)
+    base = random_unet(cfg, 0)
+    model = control.ControlledUNet(control.ControlConfig(base=unet.config_dict(cfg), hint_size=hint_size))
+    model.load_base(base.state_dict())
+    model.eval()
+    x, t = torch.randn(3, in_channels, grid, grid), torch.tensor([0, 20, 49])
+    a = torch.tensor([[1, -1], [0, 1], [-1, 0]]) if attrs else None
+    hint = control.edges(torch.rand(3, 3, hint_size, hint_size) * 2 - 1)
+    assert hint.shape == (3, 1, hint_size, hint_size) and abs(hint.mean().item() - control.EDGE_SHARE) < 0.02
+    with torch.no_grad():
+        assert torch.equal(model(x, t, a, hint=hint), base(x, t, a))  # zero convs: exactly the base at step 0
+    locked = {k: v.clone() for k, v in model.base.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(x, t, a, hint=hint).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(v, model.base.state_dict()[k]) for k, v in locked.items())  # the base never moves
+    assert not model.base.training and all(p.grad is None for p in model.base.parameters())
+    model.eval()
+    with torch.no_grad():
+        moved = model(x, t, a, hint=hint)
+        assert not torch.allclose(moved, base(x, t, a))  # the control now steers
+        model.scale = 0.0
+        assert torch.equal(model(x, t, a, hint=hint), base(x, t, a))  # scale 0: the base alone
+    assert 0.2 < model.trainable_params() / model.num_params() < 0.8  # a copy of the encoder, not the decoder
+
+
+def test_edges_and_their_dice_mean_what_they_say():
+    img = torch.full((1, 3, 32, 32), -1.0)
+    img[..., 8:24, 8:24] = 1.0  # a white square on black: its outline is its edges
+    e = control.edges(img)
+    k = round(control.EDGE_SHARE * 32 * 32)
+    assert k <= e.sum() <= 1.1 * k  # the strongest tenth (ties at the threshold kept)
+    ys, xs = torch.nonzero(e[0, 0], as_tuple=True)
+    assert ys.min() >= 5 and ys.max() <= 26 and xs.min() >= 5 and xs.max() <= 26  # on the outline, not the flat areas
+    assert e[0, 0, 16, 16] == 0 and e[0, 0, 1, 1] == 0
+    assert control.edge_dice(img, e).item() == 1.0  # an image keeps its own edges
+    shifted = torch.roll(img, 8, dims=3)
+    assert control.edge_dice(shifted, e).item() < 0.7
+    assert control.dice(e, 1 - e).item() == 0.0
+    thin = torch.zeros(1, 1, 32, 32)
+    thin[0, 0, 16, 4:28] = 0.3  # a faint one-pixel line: binary, and thickened to a tenth's half
+    drawn = control.hint_of_drawing(thin)
+    assert set(drawn.unique().tolist()) == {0.0, 1.0} and drawn.mean() >= control.EDGE_SHARE / 2 and drawn[0, 0, 16, 16] == 1
+    assert drawn[0, 0, 0, 0] == 0 and drawn[0, 0, 16, 0] == 0
+
+
+@pytest.fixture(scope="module")
+def control_run(tiny_run, faces, tmp_path_factory):
+    """A ControlNet of 3 steps on tiny_run's base, with a validation loss and a grid. -> its --out folder."""
+    out = str(tmp_path_factory.mktemp("control") / "run")
+    train.main(["--data", faces, "--cache-dir", os.path.join(os.path.dirname(out), "cache"), "--out", out, "--control", tiny_run,
+                "--warmup", "2", "--log-every", "1", "--sample-every", "3", "--sample-n", "2", "--sample-steps", "2", "--eval-every", "3",
+                "--ckpt-every", "0", "--max-steps", "3", *CPU, "--seed", "5"])
+    return out
+
+
+def test_a_controlnet_run_keeps_its_base_locked_resumes_exactly_and_samples_from_one_file(control_run, tiny_run, faces, tmp_path, capsys):
+    base, ctl = util.load_checkpoint(tiny_run), util.load_checkpoint(control_run)
+    assert ctl["args"]["control"] and ctl["args"]["size"] == base["args"]["size"]  # the base's settings
+    for part in ("model", "ema"):  # the base's EMA weights, unchanged, in both
+        assert all(torch.equal(v, ctl[part]["base." + k]) for k, v in base["ema"].items())
+    trained = [k for k in ctl["model"] if k.startswith("control.")]
+    assert len(ctl["optimizer"]["state"]) == len(trained)  # only the control is optimised
+    assert any(not torch.equal(ctl["model"][k], torch.zeros_like(ctl["model"][k])) for k in trained if "zero_convs" in k)
+    assert Image.open(os.path.join(control_run, "samples_0000003.png")).size == (2 * 18 + 2, 18 + 2)  # hint, sample
+    # resumed at step 2 it ends where the uninterrupted run ends
+    args = ["--data", faces, "--cache-dir", str(tmp_path / "cache"), "--control", tiny_run, "--warmup", "2", "--log-every", "1",
+            "--sample-every", "0", "--eval-every", "0", "--ckpt-every", "0", *CPU, "--seed", "5"]
+    assert cli(capsys, train.main, [*args, "--out", str(tmp_path / "a"), "--max-steps", "4"]).returncode == 0
+    assert cli(capsys, train.main, [*args, "--out", str(tmp_path / "b"), "--max-steps", "2"]).returncode == 0
+    r = cli(capsys, train.main, ["--resume", "--out", str(tmp_path / "b"), "--max-steps", "4"])
+    assert r.returncode == 0, r.stderr
+    assert_same_training_state(str(tmp_path / "a"), str(tmp_path / "b"), 4)
+    moved = str(tmp_path / "only.pt")
+    shutil.copy(os.path.join(control_run, "ckpt.pt"), moved)  # one file: the base travels inside it
+    r = cli(capsys, sample.main, [moved, "--hint-from", faces, "--n", "3", "--steps", "2", "--out", str(tmp_path / "s.png"),
+                                  "--out-dir", str(tmp_path / "gen")])
+    assert r.returncode == 0 and len(os.listdir(tmp_path / "gen")) == 3 and "edges: Dice" in r.stdout, r.stdout + r.stderr
+    dice = float(r.stdout.split("edges: Dice ")[1].split()[0])
+    assert 0 <= dice <= 1
+    sketch = Image.new("L", (50, 30), 255)  # black lines on white, another size: inverted and resized
+    for x in range(10, 40):
+        sketch.putpixel((x, 15), 0)
+    sketch.save(tmp_path / "sketch.png")
+    r = cli(capsys, sample.main, [moved, "--hint", str(tmp_path / "sketch.png"), "--n", "2", "--steps", "2", "--control-scale", "0.5",
+                                  "--seed", "1", "--out", str(tmp_path / "k.png")])
+    assert r.returncode == 0 and "inverted" in r.stdout and Image.open(tmp_path / "k.png").size == (3 * 18 + 2, 18 + 2), r.stderr
+
+
+def test_a_controlnet_on_a_latent_base_and_its_refusals(latent_run, control_run, tiny_run, faces, tmp_path, capsys):
+    ae, ldm, cache = latent_run
+    out = str(tmp_path / "lc")
+    r = cli(capsys, train.main, ["--data", faces, "--cache-dir", cache, "--out", out, "--control", ldm, "--warmup", "2",
+                                 "--sample-every", "0", "--eval-every", "0", "--max-steps", "2", *CPU, "--seed", "5"])
+    assert r.returncode == 0, r.stderr
+    ckpt = util.load_checkpoint(out)
+    assert "autoencoder" in ckpt and ckpt["model_args"]["hint_size"] == 16  # hints of the 16x16 faces, latents 4x4
+    r = cli(capsys, sample.main, [out, "--hint-from", os.path.join(faces, "000.png"), "--n", "2", "--steps", "2",
+                                  "--out", str(tmp_path / "l.png")])
+    assert r.returncode == 0 and Image.open(tmp_path / "l.png").size == (3 * 18 + 2, 18 + 2), r.stderr
+    black = str(tmp_path / "black.png")
+    Image.new("L", (16, 16), 0).save(black)
+    common = ["--data", faces, "--cache-dir", cache, "--out", str(tmp_path / "x"), *CPU]
+    for args, words in [(["--control", ae], "an autoencoder's checkpoint"), (["--control", control_run], "a control run's"),
+                        (["--control", tiny_run, "--ch", "8"], "--ch: a control run takes its base's network"),
+                        (["--control", tiny_run, "--latents", ae], "--latents: a control run takes its base's"),
+                        (["--control", tiny_run, "--hint-concat"], "use one of them")]:
+        one_line_error(cli(capsys, train.main, [*common, *args]), words)
+    assert not os.path.exists(tmp_path / "x")
+    png = ["--n", "1", "--steps", "2", "--out", str(tmp_path / "y.png")]
+    os.makedirs(tmp_path / "empty")
+    for ckpt, args, words in [(tiny_run, ["--hint", black], "not a ControlNet"), (control_run, [], "give it the edges to follow"),
+                              (control_run, ["--hint", black], "has no lines"),
+                              (control_run, ["--hint", black, "--hint-from", faces], "use one of them"),
+                              (control_run, ["--hint-from", str(tmp_path / "none")], "no such file or folder"),
+                              (control_run, ["--hint-from", str(tmp_path / "empty")], "no .jpg or .png"),
+                              (control_run, ["--bpd", "2"], "depends on its hint")]:
+        one_line_error(cli(capsys, sample.main, [ckpt, *args, *(png if "--bpd" not in args else [])]), words)
+    assert not os.path.exists(tmp_path / "y.png")
+
+
+def test_a_controlnet_on_a_text_base_follows_prompt_and_hint_under_guidance(text_run, tmp_path, capsys):
+    base, folder = text_run
+    out = str(tmp_path / "tc")
+    r = cli(capsys, train.main, ["--data", folder, "--cache-dir", str(tmp_path / "cache"), "--out", out, "--control", base,
+                                 "--warmup", "2", "--sample-every", "0", "--eval-every", "0", "--max-steps", "2", *CPU, "--seed", "5"])
+    assert r.returncode == 0, r.stderr
+    ckpt = util.load_checkpoint(out)
+    assert ckpt["args"]["text"] and ckpt["model_args"]["base"]["vocab"] == util.load_checkpoint(base)["model_args"]["vocab"]
+    model = control.from_checkpoint(ckpt).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
+    hint = control.edges(torch.rand(2, 3, 16, 16) * 2 - 1)
+    tokens = texts.Tokenizer(model.cfg.vocab).batch(["a man", ""], model.cfg.max_tokens)
+    with torch.no_grad():  # guidance puts the hint in both branches: its doubled batch equals two calls
+        both = D.guided(functools.partial(model, hint=hint), tokens[0], 3.0, tokens[1], "text")(x, t)
+        cond = model(x, t, text=tokens[:1].expand(2, -1), hint=hint)
+        uncond = model(x, t, text=tokens[1:].expand(2, -1), hint=hint)
+    assert torch.allclose(both, uncond + 3.0 * (cond - uncond), atol=1e-5)
+    r = cli(capsys, sample.main, [out, "--prompt", "a man", "--hint-from", os.path.join(folder, "000.png"), "--n", "2", "--steps", "2",
+                                  "--out", str(tmp_path / "g.png")])
+    assert r.returncode == 0 and "prompt: 'a man'" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_controlnets_baseline_reads_the_hint_as_input_channels(latent_run, faces, tmp_path, capsys):
+    ae = latent_run[0]
+    for name, extra in [("pixels", TINY), ("latents", ["--latents", ae, *LDM_TINY])]:
+        out = str(tmp_path / name)
+        r = cli(capsys, train.main, ["--data", faces, "--cache-dir", str(tmp_path / "cache"), "--out", out, *extra, "--hint-concat",
+                                     "--max-steps", "2", "--sample-every", "2", "--sample-n", "2", "--sample-steps", "2"])
+        assert r.returncode == 0, r.stderr
+        ckpt = util.load_checkpoint(out)
+        f = 4 if name == "latents" else 1
+        assert ckpt["model_args"]["hint_channels"] == f * f and ckpt["model"]["conv_in.weight"].shape[1] == ckpt["model_args"]["in_channels"] + f * f
+        net = unet.from_checkpoint(ckpt, "model").eval()
+        c, g = ckpt["model_args"]["in_channels"], ckpt["model_args"]["image_size"]
+        x, t = torch.randn(2, c, g, g), torch.tensor([5, 30])
+        hints = control.edges(torch.rand(2, 3, 16, 16) * 2 - 1)
+        with torch.no_grad():  # the hint is an input: another hint, another output; the output has the image's channels
+            a, b = net(x, t, hint=hints), net(x, t, hint=hints.flip(0))
+        assert a.shape == x.shape and not torch.allclose(a, b)
+        r = cli(capsys, sample.main, [out, "--hint-from", faces, "--n", "2", "--steps", "2", "--out", str(tmp_path / f"{name}.png")])
+        assert r.returncode == 0 and "edges: Dice" in r.stdout, r.stdout + r.stderr
+        one_line_error(cli(capsys, sample.main, [out, "--hint-from", faces, "--control-scale", "2", "--out", str(tmp_path / "x.png")]),
+                       "drop --control-scale")
+    assert "hint_channels" not in repr(unet.preset(16))  # other models' configs read as before

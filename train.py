@@ -1,19 +1,21 @@
 """
 Train a DDPM on CelebA faces: one GPU, many (torchrun), MPS or CPU. Or latent diffusion's two stages: the
-autoencoder, then a DDPM on its latents.
+autoencoder, then a DDPM on its latents. Or a ControlNet that steers a trained DDPM with edge maps.
 
     python train.py --data data --size 64 --epochs 100
     torchrun --nproc_per_node=8 train.py --data data --size 64 --epochs 100
     python train.py --data data --size 32 --minutes 30   # the run that fits in 30 minutes here
     python train.py --data data --size 64 --autoencoder --minutes 10 --out ae   # latent diffusion: the
     python train.py --data data --latents ae/ckpt.pt --minutes 20 --out ldm     # autoencoder, its DDPM
+    python train.py --data data --control ldm/ckpt.pt --minutes 30 --out ctl  # a ControlNet on a DDPM
     python train.py --resume --out out                   # continue the run in out/, with its settings
     python train.py --bench                              # img/s, TFLOP/s and MFU on synthetic data
 
 Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, what it computes is the run's
-objective (diffusion.Denoising for a DDPM on images or latents, autoencoder.Reconstruction for the
-autoencoder), which the run's stage (DDPMStage or AutoencoderStage, decided once in setup) makes, and what is
-due now and then is `after_step`. Then the setup, the data and the model. How a step computes on this
+objective (diffusion.Denoising for a DDPM on images or latents, control.Controlled for a ControlNet on a
+trained DDPM, autoencoder.Reconstruction for the autoencoder), which the run's stage (DDPMStage,
+ControlStage or AutoencoderStage, decided once in setup) makes, and what is due now and then is
+`after_step`. Then the setup, the data and the model. How a step computes on this
 machine, whether it fits the memory and how many steps fit --minutes is budget.py's; the flags, with their
 defaults, help and resume rules, are settings.py's. `cfg` holds the settings, `env` the processes and
 device, `run` what the loop updates. Step s draws the whole global batch's randomness from a generator
@@ -56,6 +58,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import autoencoder
 import budget
+import control
 import data
 import settings
 import text as texts
@@ -68,7 +71,8 @@ from util import UsageError, fmt_bytes, fmt_time, plural
 
 ERRORS = (UsageError, util.WriteError, util.CheckpointError, data.DataError)  # bad input
 SMALLER = "use a smaller --size, --ch or --batch-size"
-NETWORKS = dict(unet=unet.check_weights, autoencoder=autoencoder.check_weights)  # a checkpoint's networks
+NETWORKS = dict(unet=unet.check_weights, autoencoder=autoencoder.check_weights,  # a checkpoint's networks
+                control=control.check_weights)
 
 # -----------------------------------------------------------------------------
 # the run: train -> loop -> train_step, then what is due
@@ -103,14 +107,15 @@ def train(args, given, started):
                 data.select(cfg.data)
             except data.DataError:
                 data.download(cfg.data, env.say)
-        if cfg.minutes and not ckpt and not cfg.dry_run and not given & {"ch", "batch_size"}:
+        fit = cfg.minutes and not ckpt and not cfg.dry_run and not given & {"ch", "batch_size"}
+        if fit and stage.narrows:
             cfg = fit_model_to_minutes(cfg, env, given, stage)
         faces, data_id = load_split(cfg, env, ckpt, stage)
         if stage.latent:  # the training set: the autoencoder's latents of the images (and the scale factor)
             faces, stage.first = encode_split(cfg, env, ckpt, faces, stage.first)
         condition = None  # a text run's of the validation images
         if cfg.text:  # captions: a folder's own, or sentences made from CelebA's attributes
-            vocab = ckpt["model_args"]["vocab"] if ckpt else None
+            vocab = stage.vocab(ckpt)
             faces = texts.condition(faces, cfg.max_tokens, cfg.seed, vocab, env.say)
             condition = functools.partial(texts.validation_condition, faces["tokenizer"], cfg.max_tokens)
         val = None
@@ -207,6 +212,7 @@ class DDPMStage:
     build = unet.UNet
     from_dict = staticmethod(unet.config_from_dict)
     narrowest = 32  # --minutes narrows it to no fewer channels
+    narrows = True  # --minutes may narrow it
     widths = "--ch or --size"  # the flags that make it large
 
     def __init__(self, first):
@@ -234,6 +240,11 @@ class DDPMStage:
         """--minutes' settings of `base` at ch channels: narrowed, no dropout (REPORT sec. 3.5)."""
         return dict(ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
 
+    @staticmethod
+    def vocab(ckpt):
+        """A text run's words: a resumed run's own, else None (a tokenizer of the captions)."""
+        return ckpt["model_args"]["vocab"] if ckpt else None
+
     def make_objective(self, cfg, net, env, shard, rare=None):
         diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.objective, cfg.min_snr_gamma)
         fmt = torch.channels_last if env.channels_last else torch.contiguous_format
@@ -241,7 +252,7 @@ class DDPMStage:
         if net.vocab:  # a text model: its caption dropped whole, to the empty one
             drop = functools.partial(texts.drop, batch_size=cfg.batch_size, shard=shard,
                                      p_uncond=cfg.p_uncond)
-        return Denoising(diffusion.to(env.device), self.first, self.shape(cfg.size),
+        return self.objective(diffusion.to(env.device), self.first, self.shape(cfg.size),
                          batch_size=cfg.batch_size, shard=shard, memory_format=fmt, p_uncond=cfg.p_uncond,
                          p_drop=cfg.p_drop_attr, rare=rare, sample_steps=cfg.sample_steps, seed=cfg.seed,
                          drop=drop, cond_name="text" if net.vocab else "attrs")
@@ -259,6 +270,46 @@ class DDPMStage:
                             flip=not cfg.no_flip, attrs=faces["cond"], resident=resident, caption=caption)
 
 
+class ControlStage(DDPMStage):
+    """ControlNet (control.py): a trainable copy of a locked DDPM's encoder, steered by each image's edges; on
+    the base's images or latents, with its condition. The base: its network's config (a checkpoint's
+    model_args), its EMA weights (None on a resume, whose checkpoint holds them) and their CRC-32."""
+    objective = control.Controlled
+    from_dict = staticmethod(control.config_from_dict)
+    narrows = False  # the base's width, and its batch
+    name = "controlled U-Net"
+
+    def __init__(self, first, base_args, weights, base_id):
+        super().__init__(first)
+        self.base_args = base_args
+        self.weights = weights
+        self.base_id = base_id
+
+    def config(self, cfg, attrs=(), vocab=()):
+        return control.ControlConfig(base=self.base_args, hint_size=cfg.size, base_id=self.base_id)
+
+    def build(self, net):
+        """The controlled model, its base's weights loaded and copied (on the meta device: shapes only)."""
+        model = control.ControlledUNet(net)
+        if self.weights is not None and not model.base.conv_in.weight.is_meta:
+            model.load_base(self.weights)
+        return model
+
+    def vocab(self, ckpt):
+        return self.base_args.get("vocab") or None
+
+
+class HintStage(DDPMStage):
+    """A ControlNet's baseline (--hint-concat): a DDPM trained from scratch that reads each image's edge map
+    as more input channels, concatenated to x_t (pixel-unshuffled to a latent model's grid)."""
+    objective = control.Controlled
+    name = "U-Net with a hint"
+
+    def config(self, cfg, attrs=(), vocab=()):
+        net = super().config(cfg, attrs, vocab)
+        return dataclasses.replace(net, hint_channels=self.first.factor ** 2)
+
+
 class AutoencoderStage:
     """Latent diffusion's first stage: the autoencoder the flags describe, its Reconstruction objective, on
     the images."""
@@ -266,6 +317,7 @@ class AutoencoderStage:
     build = autoencoder.Autoencoder
     from_dict = staticmethod(autoencoder.config_from_dict)
     narrowest = 16
+    narrows = True
     widths = "--ch, --z-channels or --size"
     name = "autoencoder"
     latent = False
@@ -567,9 +619,10 @@ class Run:
     step_log: int = 0
     log: object = None  # rank 0: log.csv
 
-    def __post_init__(self):
-        self.params = list(self.model.parameters())
-        self.ema_params = list(self.ema.parameters())
+    def __post_init__(self):  # the weights it trains (a controlled model's base is locked) and their EMA
+        trained = [p.requires_grad for p in self.model.parameters()]
+        self.params = [p for p, t in zip(self.model.parameters(), trained) if t]
+        self.ema_params = [p for p, t in zip(self.ema.parameters(), trained) if t]
 
 # -----------------------------------------------------------------------------
 # setup: settings, processes, device, --out, the checks that need no data
@@ -599,7 +652,14 @@ def setup(args, given, started):
     elif cfg.latents:
         first, trained = open_autoencoder(cfg, given)
         cfg = replace(cfg, size=trained["size"], crop=trained["crop"])  # the run takes its autoencoder's
-    stage = AutoencoderStage(first) if cfg.autoencoder else DDPMStage(first)
+    if cfg.control:  # a ControlNet on a trained DDPM (a resume's checkpoint holds its base)
+        cfg, stage = open_base(cfg, given, ckpt, first, env.say)
+    elif cfg.autoencoder:
+        stage = AutoencoderStage(first)
+    elif cfg.hint_concat:
+        stage = HintStage(first)
+    else:
+        stage = DDPMStage(first)
     check_args(cfg, given, env, ckpt, stage)
     minutes = cfg.minutes and not cfg.resume
     cfg = replace(cfg, data=os.path.abspath(cfg.data), out=os.path.abspath(cfg.out))
@@ -698,6 +758,30 @@ def open_autoencoder(cfg, given):
                          f"divides; use a multiple of {net.factor}")
     source = dict(path=os.path.abspath(path), id=f"{util.tensor_crc(ckpt['ema']):08x}")  # its weights' CRC-32
     return autoencoder.FirstStage(net, ckpt["ema"], None, source), dict(size=size, crop=a["crop"])
+
+
+def open_base(cfg, given, ckpt, first, say):
+    """--control BASE: the DDPM that a control run steers, locked, and the settings the run takes from the
+    base's run (size, crop, diffusion, condition, batch, lr) where not given. A resume's checkpoint holds the
+    base. -> (the settings, its ControlStage)."""
+    if ckpt:
+        return cfg, ControlStage(first, ckpt["model_args"]["base"], None, ckpt["model_args"]["base_id"])
+    path = cfg.control
+    base = util.load_checkpoint(path, parts=("ema",), networks=NETWORKS)
+    a = base["args"]
+    if a.get("autoencoder") or a.get("control"):
+        what = "an autoencoder's" if a.get("autoencoder") else "a control run's"
+        raise UsageError(f"--control {path} is {what} checkpoint; pass the ckpt.pt of a DDPM that train.py "
+                         "trained (on images, or on latents)")
+    taken = {k: a[k] for k in settings.FROM_BASE if k in a and k not in given}
+    cfg = replace(cfg, **taken)
+    if "autoencoder" in base:  # a latent base: its first stage and scale factor
+        first = autoencoder.FirstStage.from_checkpoint(base)
+    weights = base["ema"]
+    base_id = f"{util.tensor_crc(weights):08x}"
+    say(f"control: the base {path} (step {base['step']:,}, weights {base_id}), locked; it takes the base's "
+        f"--size {cfg.size}, --batch-size {cfg.batch_size} and --lr {cfg.lr:g}")
+    return cfg, ControlStage(first, base["model_args"], weights, base_id)
 
 
 def check_args(cfg, given, env, ckpt, stage):

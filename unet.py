@@ -18,6 +18,10 @@ resolutions and in the middle, a TransformerBlock in place of the self-attention
 cross-attention from every position to the caption's tokens, then a feed-forward ([LDM]'s
 SpatialTransformer). The empty caption is its unconditional model.
 
+A ControlNet (control.py) steers a trained U-Net through forward's `control`: residuals added to each skip
+connection and to the middle's output, made by a trainable copy of this encoder (UNet.encoder) from the
+same time embedding and caption.
+
   [LDM] Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752
 """
 import math
@@ -51,9 +55,12 @@ class UNetConfig:
     text_dim: int = 256  # the text encoder's width
     text_layers: int = 3  # its transformer blocks
     max_tokens: int = texts.MAX_TOKENS  # of a caption, [BOS] and [EOS] included
+    hint_channels: int = 0  # a ControlNet's baseline: an edge map's channels, concatenated to the input
+
 
     def __repr__(self):  # the text fields only for a text model, its words counted
-        shown = [f"{k}={v!r}" for k, v in asdict(self).items() if self.vocab or k not in TEXT_FIELDS]
+        shown = [f"{k}={v!r}" for k, v in asdict(self).items()
+                 if (self.vocab or k not in TEXT_FIELDS) and (self.hint_channels or k != "hint_channels")]
         shown = [f"vocab={len(self.vocab)} tokens" if s.startswith("vocab=") else s for s in shown]
         return f"UNetConfig({', '.join(shown)})"
 
@@ -300,7 +307,7 @@ class UNet(nn.Module):
             self.attr_emb = nn.Linear(2 * len(cfg.attrs), temb_dim, bias=False)
         film = bool(cfg.attrs) and cfg.attr_film
         context = cfg.text_dim if cfg.vocab else 0  # a text model: cross-attention to its tokens
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.hint_channels, ch, 3, padding=1)
 
         # encoder: remember the channel count of every feature map that becomes a skip connection
         self.down = nn.ModuleList()
@@ -347,26 +354,49 @@ class UNet(nn.Module):
             self.text_encoder = texts.TextEncoder(len(cfg.vocab), cfg.text_dim, cfg.text_layers, heads,
                                                   cfg.max_tokens)
 
-    def forward(self, x, t, attrs=None, text=None):
-        # x (B, C, H, W), t (B,) indices 0..T-1, attrs (B, K) in {-1, 0, 1}, text (B, L) token ids
+    def forward(self, x, t, attrs=None, text=None, control=None, hint=None):
+        # x (B, C, H, W), t (B,) indices 0..T-1, attrs (B, K) in {-1, 0, 1}, text (B, L) token ids; control: a
+        # ControlNet's residuals for the skips and the middle, control(x, temb, context) (control.py); hint:
+        # the edge map (B, 1, S, S) of a model with hint_channels, the ControlNet's baseline
+        if self.cfg.hint_channels:
+            x = self.with_hint(x, hint)
         temb = self.time_mlp(timestep_embedding(t, self.cfg.ch))  # (B, 4ch)
         context = None  # a text model's caption, which its cross-attention reads
         if self.cfg.attrs or self.cfg.vocab:
             temb, context = self.condition(temb, x, attrs, text)
         else:
             temb = F.silu(temb)
-        h = self.conv_in(x)  # (B, ch, H, W)
-        hs = [h]
-        for block in self.down:
-            h = self._block(block, h, temb, context)
-            hs.append(h)
-        for block in self.mid:
-            h = self._block(block, h, temb, context)  # (B, ch*mult[-1], H/2^L, W/2^L)
+        h, hs = self.encoder(self.conv_in(x), temb, context)
+        if control is not None:
+            *skips, middle = control(x, temb, context)
+            hs = [s + r for s, r in zip(hs, skips)]
+            h = h + middle
         for block in self.up:
             if isinstance(block, ResAttnBlock):
                 h = torch.cat([h, hs.pop()], dim=1)  # encoder features concatenated into the decoder
             h = self._block(block, h, temb, context)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+
+    def with_hint(self, x, hint):
+        """x_t (B, C, H, W) and its edge map (B, 1, S, S), none: the all-black one, cut into S/H x S/H patches
+        (pixel-unshuffled) -> (B, C + (S/H)^2, H, W): the concatenation that conv_in reads."""
+        f = math.isqrt(self.cfg.hint_channels)  # the hint's pixels per position, along each side
+        if hint is None:
+            hint = x.new_zeros(len(x), 1, x.shape[-2] * f, x.shape[-1] * f)
+        if len(hint) != len(x):  # one hint for all, or guidance's doubled batch
+            hint = hint.repeat(len(x) // len(hint), 1, 1, 1)
+        return torch.cat([x, F.pixel_unshuffle(hint.to(x.dtype), f)], dim=1)
+
+    def encoder(self, h, temb, context):
+        """conv_in's features (B, ch, H, W) through the encoder and the middle. -> (the middle's output
+        (B, ch*mult[-1], H/2^L, W/2^L), the skips the decoder takes: conv_in's and every encoder block's)."""
+        hs = [h]
+        for block in self.down:
+            h = self._block(block, h, temb, context)
+            hs.append(h)
+        for block in self.mid:
+            h = self._block(block, h, temb, context)
+        return h, hs
 
     def condition(self, temb, x, attrs, text):
         """The condition's embedding: the attributes' vectors added to the time embedding (with FiLM, also
@@ -420,11 +450,16 @@ def check_weights(ckpt, part):
 
 
 def from_checkpoint(ckpt, weights="ema", device="cpu"):
-    """The U-Net a train.py checkpoint describes, with its `weights` ("ema" or "model"). On the meta device
-    nothing is allocated or copied: a check that the config and the weights fit together."""
+    """The U-Net a train.py checkpoint describes, with its `weights` ("ema" or "model")."""
+    return built(UNet, config_from_dict(ckpt["model_args"]), ckpt[weights], device)
+
+
+def built(build, cfg, state, device="cpu"):
+    """build(cfg) on `device`, with the weights `state`. On the meta device nothing is allocated or copied: a
+    check that the config and the weights fit together."""
     with torch.device(device):
-        model = UNet(config_from_dict(ckpt["model_args"]))
+        model = build(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # on the meta device the copy is a no-op: keys and shapes are checked
-        model.load_state_dict(ckpt[weights])
+        model.load_state_dict(state)
     return model

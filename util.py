@@ -400,9 +400,11 @@ def check_meta(ckpt, path):
 
 def network_of(ckpt, part):
     """Which network a part of a checkpoint holds: "autoencoder" (an autoencoder run's weights, or a latent
-    run's first stage) or "unet"."""
+    run's first stage), "control" (a ControlNet run's base and control) or "unet"."""
     if part == "autoencoder" or ckpt["args"].get("autoencoder"):
         return "autoencoder"
+    if ckpt["args"].get("control"):
+        return "control"
     return "unet"
 
 
