@@ -59,10 +59,10 @@ def edges(x, share=EDGE_SHARE):
 
 
 def hint_of_drawing(grey):
-    """A drawing (1, 1, S, S) in [0, 1], white lines on black, as the edge maps the model learned from: 1 where
-    it is at least half as bright as its brightest, else 0, its lines thickened (a 3x3 max filter, at most
-    three times) while they cover less than half of EDGE_SHARE of the pixels (a thin pen, or a large drawing
-    scaled down). -> (1, 1, S, S) in {0, 1}."""
+    """A drawing (1, 1, S, S) in [0, 1], white lines on black, as the edge maps the model learned from: 1
+    where it is at least half as bright as its brightest, else 0, its lines thickened (a 3x3 max filter, at
+    most three times) while they cover less than half of EDGE_SHARE of the pixels (a thin pen, or a large
+    drawing scaled down). -> (1, 1, S, S) in {0, 1}."""
     hint = (grey >= 0.5 * grey.amax(dim=(1, 2, 3), keepdim=True)).float()
     for _ in range(3):
         if hint.mean() >= EDGE_SHARE / 2:
@@ -253,9 +253,9 @@ def from_checkpoint(ckpt, weights="ema", device="cpu"):
 
 
 class Controlled(Denoising):
-    """[DDPM] Algorithm 1 for a model that takes a hint (the controlled model, or the baseline that reads it as
-    input channels, unet.UNet's hint_channels): each image's own edge map is its hint (a latent's: of its
-    decoding); a condition is dropped for guidance as a DDPM's is, the hint never."""
+    """[DDPM] Algorithm 1 for a model that takes a hint (the controlled model, or the baseline that reads it
+    as input channels, unet.UNet's hint_channels): each image's own edge map is its hint (a latent's: of
+    its decoding); a condition is dropped for guidance as a DDPM's is, the hint never."""
 
     @torch.no_grad()
     def hints(self, x0):
