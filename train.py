@@ -253,9 +253,10 @@ class DDPMStage:
             drop = functools.partial(texts.drop, batch_size=cfg.batch_size, shard=shard,
                                      p_uncond=cfg.p_uncond)
         return self.objective(diffusion.to(env.device), self.first, self.shape(cfg.size),
-                         batch_size=cfg.batch_size, shard=shard, memory_format=fmt, p_uncond=cfg.p_uncond,
-                         p_drop=cfg.p_drop_attr, rare=rare, sample_steps=cfg.sample_steps, seed=cfg.seed,
-                         drop=drop, cond_name="text" if net.vocab else "attrs")
+                              batch_size=cfg.batch_size, shard=shard, memory_format=fmt,
+                              p_uncond=cfg.p_uncond, p_drop=cfg.p_drop_attr, rare=rare,
+                              sample_steps=cfg.sample_steps, seed=cfg.seed, drop=drop,
+                              cond_name="text" if net.vocab else "attrs")
 
     def batches(self, cfg, env, faces, resident):
         """The training batches: of the images, or of the latents (scaled by the first stage's factor); a
