@@ -27,13 +27,14 @@ ANY = {DIFFUSION, AUTOENCODER}
 # refused), or it is no setting of the run (never taken from the checkpoint)
 MAY, FIXED, ONCE = "may change", "fixed", "once"
 PRESET_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")  # None: the --size preset's value
-# a control run (--control BASE) takes these settings from its base's run where they are not given, and
-# refuses the flags that would make another network or data than the base's
+# a run on a trained base (--control BASE, --finetune BASE) takes these settings from the base's run where
+# they are not given, and refuses the flags that would make another network or data than the base's
 FROM_BASE = ("size", "crop", "timesteps", "schedule", "objective", "min_snr_gamma", "attrs", "attr_film",
              "p_uncond", "p_drop_attr", "text", "text_dim", "text_layers", "max_tokens", "posterior",
              "batch_size", "lr")
 NOT_FOR_CONTROL = (*PRESET_FLAGS, *FROM_BASE[:-2], "latents", "autoencoder", "latent_diffusion", "factor",
                    "z_channels")
+DREAMBOOTH = ("instance_prompt", "class_prompt", "prior_weight", "class_images")  # --finetune's own
 
 
 @dataclass
@@ -84,10 +85,21 @@ def check(cfg, given, world):
             raise util.UsageError(f"{dashed} is for {wanted}, not for this run; drop {dashed}")
     loose = next((f for f in ("p_drop_attr", "attr_film") if f in given), "").replace("_", "-")
     based = next((f for f in NOT_FOR_CONTROL if f in given), "").replace("_", "-")
+    dreamt = next((f for f in DREAMBOOTH if f in given), "").replace("_", "-")
     words = next((f for f in ("text_dim", "text_layers", "max_tokens") if f in given), "").replace("_", "-")
     for bad, message in [
         (cfg.control and based, f"--{based}: a control run takes its base's network, size and condition; "
          f"drop --{based}, or train another base"),
+        (cfg.finetune and based, f"--{based}: a fine-tuning run takes its base's network, size and "
+         f"condition; drop --{based}"),
+        (cfg.finetune and (cfg.control or cfg.hint_concat), "--finetune and --control (or --hint-concat) "
+         "each train on a base of their own: use one of them"),
+        (dreamt and not cfg.finetune, f"--{dreamt} is for fine-tuning a text model on photos of one person; "
+         "add --finetune BASE_CKPT, or drop it"),
+        ("eval_every" in given and cfg.finetune, "--eval-every: a fine-tuning run has no validation images "
+         "(every photo of the person trains); drop it"),
+        (cfg.bench and cfg.finetune, "--bench times the training step of a network; drop --finetune (its "
+         "step is its base's)"),
         (cfg.control and cfg.hint_concat, "--hint-concat trains the baseline of a ControlNet from scratch, "
          "--control a ControlNet on a trained base: use one of them"),
         ("minutes" in given and given & {"max_steps", "epochs"},
@@ -318,6 +330,18 @@ def add_model_flags(adder):
         "this DDPM's checkpoint, locked: a copy of its encoder learns to follow edge maps")
     add("--hint-concat", FIXED, {DIFFUSION}, action="store_true", help="a ControlNet's baseline: a DDPM from "
         "scratch that reads each image's edge map as more input channels")
+
+    add = adder("DreamBooth: fine-tune a text model on photos of one person (dreambooth.py)")
+    add("--finetune", FIXED, {DIFFUSION}, type=util.path, metavar="BASE_CKPT", help="fine-tune this text "
+        "model on --data's 3-5 photos of one person (every photo trains), named by --instance-prompt")
+    add("--instance-prompt", FIXED, {DIFFUSION}, default="a photo of sks person", help="the photos' caption: "
+        "a rare word for the person (new words join the vocabulary), then the class")
+    add("--class-prompt", FIXED, {DIFFUSION}, default="a photo of a person", help="prior preservation: the "
+        "person's class, which the model draws --class-images of before training")
+    add("--prior-weight", FIXED, {DIFFUSION}, type=util.between(0, math.inf), default=1.0, help="the class "
+        "images' loss weight (0: no prior preservation)")
+    add("--class-images", FIXED, {DIFFUSION}, type=pos, default=100, help="class images drawn once, kept in "
+        "--out")
 
     add = adder("text: captions, a text encoder trained with the U-Net, cross-attention (text.py)")
     add("--text", FIXED, {DIFFUSION}, action="store_true", help="condition on captions: a .txt beside each "

@@ -3428,3 +3428,82 @@ def test_the_controlnets_baseline_reads_the_hint_as_input_channels(latent_run, f
         one_line_error(cli(capsys, sample.main, [out, "--hint-from", faces, "--control-scale", "2", "--out", str(tmp_path / "x.png")]),
                        "drop --control-scale")
     assert "hint_channels" not in repr(unet.preset(16))  # other models' configs read as before
+
+
+# -----------------------------------------------------------------------------
+# DreamBooth: a text model fine-tuned on photos of one person, with prior preservation
+
+
+def test_grow_vocab_adds_the_new_words_and_keeps_the_known_ones():
+    import dreambooth
+    vocab = (*texts.SPECIAL, "a", "person", "photo", "of")
+    weights = {dreambooth.EMBEDDING: torch.randn(len(vocab), 8), "other": torch.ones(2)}
+    grown, new_vocab, new = dreambooth.grow_vocab(weights, vocab, "a photo of sks person, sks")
+    assert new == ["sks"] and new_vocab == vocab + ("sks",) and grown["other"] is weights["other"]
+    table = grown[dreambooth.EMBEDDING]
+    assert table.shape == (len(vocab) + 1, 8) and torch.equal(table[:len(vocab)], weights[dreambooth.EMBEDDING])
+    assert torch.allclose(table[-1], weights[dreambooth.EMBEDDING][3:].mean(0))  # the mean of the words' rows
+    same, same_vocab, none = dreambooth.grow_vocab(weights, vocab, "a photo of a person")
+    assert none == [] and same_vocab == vocab and torch.equal(same[dreambooth.EMBEDDING], weights[dreambooth.EMBEDDING])
+
+
+def person_folder(root, n=3):
+    os.makedirs(root, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(face(500 + i, 20, 20).permute(1, 2, 0).numpy()).save(os.path.join(root, f"{i}.png"))
+    return root
+
+
+def test_dreambooth_fine_tunes_a_text_model_on_every_photo_and_resumes_exactly(text_run, tiny_run, tmp_path, capsys):
+    base, _ = text_run
+    photos = person_folder(str(tmp_path / "person"))
+    args = ["--data", photos, "--cache-dir", str(tmp_path / "cache"), "--finetune", base, "--instance-prompt", "a sks man",
+            "--class-prompt", "a man", "--class-images", "4", "--warmup", "1",
+            "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0", *CPU, "--seed", "5"]
+    r = cli(capsys, train.main, [*args, "--out", str(tmp_path / "a"), "--max-steps", "4", "--sample-every", "4", "--sample-n", "2",
+                                 "--sample-steps", "2"])
+    assert r.returncode == 0, r.stderr
+    assert "3 photos" in r.stdout and "new words 'sks'" in r.stdout and "4 class images" in r.stdout, r.stdout
+    b0, a = util.load_checkpoint(base), util.load_checkpoint(str(tmp_path / "a"))
+    assert a["model_args"]["vocab"] == [*b0["model_args"]["vocab"], "sks"] and a["train_images"] == 3  # every photo trains
+    assert a["args"]["batch_size"] == 3 and a["args"]["lr"] == pytest.approx(b0["args"]["lr"] / 10)
+    kept = torch.load(tmp_path / "a" / "class_images.pt", weights_only=True)
+    assert kept["x0"].shape == (4, 3, 16, 16) and kept["prompt"] == "a man"
+    assert os.path.exists(tmp_path / "a" / "samples_0000004.png")
+    # stopped at 2 and resumed, it ends where the uninterrupted run ends, with the class images it drew
+    assert cli(capsys, train.main, [*args, "--out", str(tmp_path / "b"), "--max-steps", "2"]).returncode == 0
+    drawn = os.path.getmtime(tmp_path / "b" / "class_images.pt")
+    r = cli(capsys, train.main, ["--resume", "--out", str(tmp_path / "b"), "--max-steps", "4"])
+    assert r.returncode == 0 and "class images" not in r.stdout, r.stdout + r.stderr
+    assert os.path.getmtime(tmp_path / "b" / "class_images.pt") == drawn
+    assert_same_training_state(str(tmp_path / "a"), str(tmp_path / "b"), 4)
+    r = cli(capsys, sample.main, [str(tmp_path / "a"), "--prompt", "a sks man", "--n", "2", "--steps", "2",
+                                  "--out", str(tmp_path / "s.png")])
+    assert r.returncode == 0 and "does not know" not in r.stdout, r.stdout + r.stderr
+    os.remove(tmp_path / "b" / "class_images.pt")
+    one_line_error(cli(capsys, train.main, ["--resume", "--out", str(tmp_path / "b"), "--max-steps", "5"]), "class_images.pt is missing")
+    common = ["--data", photos, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "x"), *CPU]
+    for extra, words in [(["--finetune", tiny_run], "not a text model"), (["--instance-prompt", "a photo of zq man"], "add --finetune"),
+                         (["--finetune", base, "--ch", "8"], "--ch: a fine-tuning run takes its base's"),
+                         (["--finetune", base, "--eval-every", "2"], "no validation images"),
+                         (["--finetune", base, "--control", tiny_run], "use one of them")]:
+        one_line_error(cli(capsys, train.main, [*common, *extra]), words)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_prior_preservation_adds_the_class_images_loss_at_its_weight():
+    import dreambooth
+    diffusion = D.GaussianDiffusion(50)
+    model = lambda x, t, text=None: x * 0.5 + text.float().mean(1)[:, None, None, None] * 0.01  # any function of both
+    x0 = torch.randn(4, 3, 8, 8)
+    common = dict(batch_size=4, shard=slice(0, 4), p_uncond=0.0, drop=lambda c, g: c, cond_name="text")
+    tokens = torch.tensor([[1, 5, 2], [1, 6, 2]])
+    objective = {w: dreambooth.PriorPreservation(diffusion, autoencoder.Pixels(), (3, 8, 8), class_x0=torch.randn(6, 3, 8, 8),
+                                                 class_tokens=tokens[1], instance_tokens=tokens[0], prior_weight=w, **common)
+                 for w in (0.0, 1.0, 2.0)}
+    objective[1.0].class_x0 = objective[2.0].class_x0 = objective[0.0].class_x0
+    loss = {w: o.losses(x0, tokens[0].expand(4, -1), torch.Generator().manual_seed(3))(model) for w, o in objective.items()}
+    prior = loss[1.0] - loss[0.0]
+    assert (prior > 0).all() and torch.allclose(loss[2.0], loss[0.0] + 2 * prior, atol=1e-5)
+    plain = D.Denoising(diffusion, autoencoder.Pixels(), (3, 8, 8), **common).losses(x0, tokens[0].expand(4, -1), torch.Generator().manual_seed(3))
+    assert torch.equal(plain(model), loss[0.0])  # weight 0: a DDPM's loss on the photos alone

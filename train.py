@@ -1,6 +1,7 @@
 """
 Train a DDPM on CelebA faces: one GPU, many (torchrun), MPS or CPU. Or latent diffusion's two stages: the
-autoencoder, then a DDPM on its latents. Or a ControlNet that steers a trained DDPM with edge maps.
+autoencoder, then a DDPM on its latents. Or a ControlNet that steers a trained DDPM with edge maps, or
+DreamBooth, which fine-tunes a text model on photos of one person.
 
     python train.py --data data --size 64 --epochs 100
     torchrun --nproc_per_node=8 train.py --data data --size 64 --epochs 100
@@ -8,19 +9,20 @@ autoencoder, then a DDPM on its latents. Or a ControlNet that steers a trained D
     python train.py --data data --size 64 --autoencoder --minutes 10 --out ae   # latent diffusion: the
     python train.py --data data --latents ae/ckpt.pt --minutes 20 --out ldm     # autoencoder, its DDPM
     python train.py --data data --control ldm/ckpt.pt --minutes 30 --out ctl  # a ControlNet on a DDPM
+    python train.py --data me --finetune txt/ckpt.pt --max-steps 400 --out sks  # DreamBooth on a text model
     python train.py --resume --out out                   # continue the run in out/, with its settings
     python train.py --bench                              # img/s, TFLOP/s and MFU on synthetic data
 
 Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, what it computes is the run's
 objective (diffusion.Denoising for a DDPM on images or latents, control.Controlled for a ControlNet on a
-trained DDPM, autoencoder.Reconstruction for the autoencoder), which the run's stage (DDPMStage,
-ControlStage or AutoencoderStage, decided once in setup) makes, and what is due now and then is
-`after_step`. Then the setup, the data and the model. How a step computes on this
-machine, whether it fits the memory and how many steps fit --minutes is budget.py's; the flags, with their
-defaults, help and resume rules, are settings.py's. `cfg` holds the settings, `env` the processes and
-device, `run` what the loop updates. Step s draws the whole global batch's randomness from a generator
-seeded with (seed, s): a resume repeats the uninterrupted run, on any number of GPUs (dropout's masks, each
-process's own, aside).
+trained DDPM, dreambooth.PriorPreservation for DreamBooth, autoencoder.Reconstruction for the
+autoencoder), which the run's stage (DDPMStage, ControlStage, HintStage, FinetuneStage or AutoencoderStage,
+decided once in setup) makes, and what is due now and then is `after_step`. Then the setup, the data and
+the model. How a step computes on this machine, whether it fits the memory and how many steps fit --minutes
+is budget.py's; the flags, with their defaults, help and resume rules, are settings.py's. `cfg` holds the
+settings, `env` the processes and device, `run` what the loop updates. Step s draws the whole global batch's
+randomness from a generator seeded with (seed, s): a resume repeats the uninterrupted run, on any number of
+GPUs (dropout's masks, each process's own, aside).
 """
 import os
 import signal
@@ -60,6 +62,7 @@ import autoencoder
 import budget
 import control
 import data
+import dreambooth
 import settings
 import text as texts
 import unet
@@ -115,9 +118,7 @@ def train(args, given, started):
             faces, stage.first = encode_split(cfg, env, ckpt, faces, stage.first)
         condition = None  # a text run's of the validation images
         if cfg.text:  # captions: a folder's own, or sentences made from CelebA's attributes
-            vocab = stage.vocab(ckpt)
-            faces = texts.condition(faces, cfg.max_tokens, cfg.seed, vocab, env.say)
-            condition = functools.partial(texts.validation_condition, faces["tokenizer"], cfg.max_tokens)
+            faces, condition = stage.captions(cfg, faces, ckpt, env.say)
         val = None
         if env.master and cfg.eval_every > 0:  # the first --eval-images validation images (or their latents)
             val = data.validation_set(cfg.data, cfg.size, cfg.crop, cfg.cache_dir, cfg.eval_images, cfg.attrs,
@@ -240,10 +241,16 @@ class DDPMStage:
         """--minutes' settings of `base` at ch channels: narrowed, no dropout (REPORT sec. 3.5)."""
         return dict(ch=ch, dropout=base.dropout if ch == base.ch else 0.0)
 
-    @staticmethod
-    def vocab(ckpt):
-        """A text run's words: a resumed run's own, else None (a tokenizer of the captions)."""
-        return ckpt["model_args"]["vocab"] if ckpt else None
+    split = "train"  # the images it trains on
+    captioned = True  # a text run reads the folder's captions (or makes CelebA's)
+
+    def captions(self, cfg, faces, ckpt, say):
+        """A text run's captions of its training images: the folder's own, or sentences of CelebA's
+        attributes; the tokenizer a resumed run's, or built from them. -> (faces with their condition; the
+        validation images' condition, a function of their data.load dict and count)."""
+        vocab = ckpt["model_args"]["vocab"] if ckpt else None
+        faces = texts.condition(faces, cfg.max_tokens, cfg.seed, vocab, say)
+        return faces, functools.partial(texts.validation_condition, faces["tokenizer"], cfg.max_tokens)
 
     def make_objective(self, cfg, net, env, shard, rare=None):
         diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule, cfg.objective, cfg.min_snr_gamma)
@@ -296,8 +303,55 @@ class ControlStage(DDPMStage):
             model.load_base(self.weights)
         return model
 
-    def vocab(self, ckpt):
-        return self.base_args.get("vocab") or None
+    def captions(self, cfg, faces, ckpt, say):  # with the base's words
+        faces = texts.condition(faces, cfg.max_tokens, cfg.seed, self.base_args["vocab"], say)
+        return faces, functools.partial(texts.validation_condition, faces["tokenizer"], cfg.max_tokens)
+
+
+class FinetuneStage(DDPMStage):
+    """DreamBooth (dreambooth.py): a text model fine-tuned, all its weights, on every photo of one person with
+    the instance prompt, and on class images that it drew before training with the class prompt. The base:
+    its network's config with the prompt's new words (a checkpoint's model_args), its EMA weights grown to
+    them (None on a resume)."""
+    narrows = False
+    split = "all"  # every photo of the person trains; there is no validation
+    captioned = False  # its captions are the instance prompt
+    name = "fine-tuned U-Net"
+
+    def __init__(self, first, base_args, weights):
+        super().__init__(first)
+        self.base_args = base_args
+        self.weights = weights
+
+    def config(self, cfg, attrs=(), vocab=()):
+        return unet.config_from_dict(self.base_args)
+
+    def build(self, net):
+        """The base's network with its weights (on the meta device: shapes only)."""
+        model = unet.UNet(net)
+        if self.weights is not None and not model.conv_in.weight.is_meta:
+            model.load_state_dict(self.weights)
+        return model
+
+    def captions(self, cfg, faces, ckpt, say):
+        """Every photo's caption is the instance prompt."""
+        tokenizer = texts.Tokenizer(self.base_args["vocab"])
+        tokens = tokenizer.batch([cfg.instance_prompt] * len(faces["images"]), cfg.max_tokens)
+        say(f"dreambooth: {plural(len(faces['images']), 'photo')} captioned {cfg.instance_prompt!r}")
+        return dict(faces, cond=tokens, caption=None, tokenizer=tokenizer, vocab=tokenizer.vocab), None
+
+    def make_objective(self, cfg, net, env, shard, rare=None):
+        """[DB]'s: the class images drawn once by the model as it starts (kept in --out for a resume)."""
+        plain = super().make_objective(cfg, net, env, shard, rare)
+        tokenizer = texts.Tokenizer(net.vocab)
+        class_tokens = tokenizer.batch([cfg.class_prompt], cfg.max_tokens)[0]
+        class_x0 = class_images(cfg, env, self, net, plain.diffusion, class_tokens)
+        instance_tokens = tokenizer.batch([cfg.instance_prompt], cfg.max_tokens)[0]
+        return dreambooth.PriorPreservation(
+            plain.diffusion, self.first, self.shape(cfg.size), batch_size=cfg.batch_size, shard=shard,
+            memory_format=plain.memory_format, p_uncond=cfg.p_uncond, sample_steps=cfg.sample_steps,
+            seed=cfg.seed, drop=plain.drop, cond_name="text", class_x0=class_x0, class_tokens=class_tokens,
+            instance_tokens=instance_tokens, prior_weight=cfg.prior_weight)
 
 
 class HintStage(DDPMStage):
@@ -319,6 +373,8 @@ class AutoencoderStage:
     from_dict = staticmethod(autoencoder.config_from_dict)
     narrowest = 16
     narrows = True
+    split = "train"
+    captioned = False
     widths = "--ch, --z-channels or --size"
     name = "autoencoder"
     latent = False
@@ -655,6 +711,8 @@ def setup(args, given, started):
         cfg = replace(cfg, size=trained["size"], crop=trained["crop"])  # the run takes its autoencoder's
     if cfg.control:  # a ControlNet on a trained DDPM (a resume's checkpoint holds its base)
         cfg, stage = open_base(cfg, given, ckpt, first, env.say)
+    elif cfg.finetune:  # DreamBooth on a trained text model
+        cfg, stage = open_finetune(cfg, given, ckpt, first, env.say)
     elif cfg.autoencoder:
         stage = AutoencoderStage(first)
     elif cfg.hint_concat:
@@ -866,7 +924,7 @@ def claim_out(cfg, env):
 def load_split(cfg, env, ckpt, stage):
     """-> (the training split's images, load()'s dict (a latent run: the split selected, to be encoded); the
     data's identity), checked against a resumed run's before anything is decoded."""
-    sel = data.select(cfg.data, "train", log=env.say)
+    sel = data.select(cfg.data, stage.split, log=env.say)
     n = len(sel["files"])
     data_id = data.identity(sel)
     if n < cfg.batch_size:
@@ -883,7 +941,7 @@ def load_split(cfg, env, ckpt, stage):
         raise UsageError(f"--data {cfg.data} ({plural(n, 'image')}) is not the data the checkpoint's run "
                          f"trained on ({theirs}, {was}); resume with --data {shlex.quote(theirs)}, or pass "
                          f"--other-data to continue on {cfg.data}")
-    if cfg.text:  # the captions' refusals come before anything is decoded
+    if cfg.text and stage.captioned:  # the captions' refusals come before anything is decoded
         texts.captions_of(sel)
     if env.master and not (ckpt or cfg.minutes or cfg.dry_run) and env.device.type != "cuda":
         estimate_run(cfg, env, stage, n)
@@ -891,7 +949,7 @@ def load_split(cfg, env, ckpt, stage):
         return sel, data_id
     if env.ddp and not env.master:
         dist.barrier()  # rank 0 writes the caches first, the others load them
-    faces = data.load(cfg.data, cfg.size, "train", cfg.crop, cfg.cache_dir, log=env.say, attrs=cfg.attrs,
+    faces = data.load(cfg.data, cfg.size, stage.split, cfg.crop, cfg.cache_dir, log=env.say, attrs=cfg.attrs,
                       sel=sel)
     if env.ddp and env.master:
         dist.barrier()
@@ -1128,6 +1186,66 @@ def encode_split(cfg, env, ckpt, sel, first):
     env.say(f"latents: scale factor {scale:.4f} (1 / the standard deviation of the {cfg.posterior}s of "
             "q(z | x))")
     return faces, first.with_scale(scale)
+
+# -----------------------------------------------------------------------------
+# DreamBooth: the base a fine-tuning run starts from, and the class images of its prior
+
+
+def open_finetune(cfg, given, ckpt, first, say):
+    """--finetune BASE: the text model that a DreamBooth run fine-tunes, its vocabulary grown by the instance
+    prompt's new words, and the settings the run takes from the base's run (size, crop, diffusion, text)
+    where not given; a batch of the photos (at most the base's), and a tenth of the base's lr ([DB]'s low
+    rate). A resume's checkpoint holds the grown model. -> (the settings, its FinetuneStage)."""
+    if ckpt:
+        return cfg, FinetuneStage(first, ckpt["model_args"], None)
+    path = cfg.finetune
+    base = util.load_checkpoint(path, parts=("ema",), networks=NETWORKS)
+    a = base["args"]
+    if a.get("autoencoder") or a.get("control") or not base["model_args"].get("vocab"):
+        raise UsageError(f"--finetune {path} is not a text model's checkpoint; DreamBooth fine-tunes a model "
+                         "trained with --text (its prompts name the person)")
+    taken = {k: a[k] for k in settings.FROM_BASE[:-2] if k in a and k not in given}
+    cfg = replace(cfg, **taken)
+    photos = len(data.select(cfg.data, "all", log=lambda *_: None)["files"])
+    if "batch_size" not in given:
+        cfg = replace(cfg, batch_size=max(1, min(photos, a["batch_size"])))
+    if "lr" not in given:
+        cfg = replace(cfg, lr=a["lr"] / 10)
+    cfg = replace(cfg, eval_every=0)  # no validation images: every photo trains
+    if "autoencoder" in base:  # a latent base: its first stage and scale factor
+        first = autoencoder.FirstStage.from_checkpoint(base)
+    vocab = base["model_args"]["vocab"]
+    unknown = [w for w in texts.words(cfg.class_prompt) if w not in vocab]
+    if unknown:
+        say(f"note: --class-prompt {cfg.class_prompt!r}: the model does not know "
+            f"{', '.join(map(repr, unknown))}: its class images follow the other words")
+    weights, vocab, new = dreambooth.grow_vocab(base["ema"], vocab, cfg.instance_prompt)
+    model_args = dict(base["model_args"], vocab=list(vocab))
+    said = f"new words {', '.join(map(repr, new))}" if new else "no new words"
+    say(f"dreambooth: fine-tuning {path} (step {base['step']:,}) on {plural(photos, 'photo')} of "
+        f"{cfg.data} at batch {cfg.batch_size}, lr {cfg.lr:g}; {cfg.instance_prompt!r}: {said}")
+    return cfg, FinetuneStage(first, model_args, weights)
+
+
+def class_images(cfg, env, stage, net, diffusion, tokens):
+    """The class images of prior preservation: drawn once by the model as the run starts (rank 0, its
+    weights before any step) and kept in --out/class_images.pt, which a resume reads. -> (n, C, H, W) float32
+    on the CPU, as the model learns them (latents for a latent model)."""
+    path = os.path.join(cfg.out, "class_images.pt")
+    n = 2 if cfg.dry_run else cfg.class_images
+    if env.master and not (cfg.resume and os.path.exists(path)):
+        if cfg.resume:
+            raise util.CheckpointError(f"{path} is missing: the class images of the run it resumes; start "
+                                       "the run again in a new --out")
+        model = stage.build(net).to(env.device).eval()
+        shown = util.Progress(n, "dreambooth: drawing the class images", "images", env.say, first=True)
+        x0 = dreambooth.draw_class_images(model, diffusion, stage.shape(cfg.size), tokens, n, cfg.seed,
+                                          min(n, 64), env.device, env.ctx, stage.first.clip, shown)
+        util.atomic_write(lambda tmp: torch.save(dict(prompt=cfg.class_prompt, x0=x0), tmp), path, "--out")
+        env.say(f"dreambooth: {plural(n, 'class image')} of {cfg.class_prompt!r} kept in {path}")
+    if env.ddp:
+        dist.barrier()  # rank 0 wrote them
+    return torch.load(path, weights_only=True)["x0"]
 
 # -----------------------------------------------------------------------------
 # signals: a long step, grid or evaluation cut short
