@@ -331,7 +331,7 @@ def add_model_flags(adder):
     add("--hint-concat", FIXED, {DIFFUSION}, action="store_true", help="a ControlNet's baseline: a DDPM from "
         "scratch that reads each image's edge map as more input channels")
 
-    add = adder("DreamBooth: fine-tune a text model on photos of one person (dreambooth.py)")
+    add = adder("DreamBooth: fine-tune a text model on photos of one person (text.py)")
     add("--finetune", FIXED, {DIFFUSION}, type=util.path, metavar="BASE_CKPT", help="fine-tune this text "
         "model on --data's 3-5 photos of one person (every photo trains), named by --instance-prompt")
     add("--instance-prompt", FIXED, {DIFFUSION}, default="a photo of sks person", help="the photos' caption: "

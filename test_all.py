@@ -3435,16 +3435,15 @@ def test_the_controlnets_baseline_reads_the_hint_as_input_channels(latent_run, f
 
 
 def test_grow_vocab_adds_the_new_words_and_keeps_the_known_ones():
-    import dreambooth
     vocab = (*texts.SPECIAL, "a", "person", "photo", "of")
-    weights = {dreambooth.EMBEDDING: torch.randn(len(vocab), 8), "other": torch.ones(2)}
-    grown, new_vocab, new = dreambooth.grow_vocab(weights, vocab, "a photo of sks person, sks")
+    weights = {texts.EMBEDDING: torch.randn(len(vocab), 8), "other": torch.ones(2)}
+    grown, new_vocab, new = texts.grow_vocab(weights, vocab, "a photo of sks person, sks")
     assert new == ["sks"] and new_vocab == vocab + ("sks",) and grown["other"] is weights["other"]
-    table = grown[dreambooth.EMBEDDING]
-    assert table.shape == (len(vocab) + 1, 8) and torch.equal(table[:len(vocab)], weights[dreambooth.EMBEDDING])
-    assert torch.allclose(table[-1], weights[dreambooth.EMBEDDING][3:].mean(0))  # the mean of the words' rows
-    same, same_vocab, none = dreambooth.grow_vocab(weights, vocab, "a photo of a person")
-    assert none == [] and same_vocab == vocab and torch.equal(same[dreambooth.EMBEDDING], weights[dreambooth.EMBEDDING])
+    table = grown[texts.EMBEDDING]
+    assert table.shape == (len(vocab) + 1, 8) and torch.equal(table[:len(vocab)], weights[texts.EMBEDDING])
+    assert torch.allclose(table[-1], weights[texts.EMBEDDING][3:].mean(0))  # the mean of the words' rows
+    same, same_vocab, none = texts.grow_vocab(weights, vocab, "a photo of a person")
+    assert none == [] and same_vocab == vocab and torch.equal(same[texts.EMBEDDING], weights[texts.EMBEDDING])
 
 
 def person_folder(root, n=3):
@@ -3492,13 +3491,12 @@ def test_dreambooth_fine_tunes_a_text_model_on_every_photo_and_resumes_exactly(t
 
 
 def test_prior_preservation_adds_the_class_images_loss_at_its_weight():
-    import dreambooth
     diffusion = D.GaussianDiffusion(50)
     model = lambda x, t, text=None: x * 0.5 + text.float().mean(1)[:, None, None, None] * 0.01  # any function of both
     x0 = torch.randn(4, 3, 8, 8)
     common = dict(batch_size=4, shard=slice(0, 4), p_uncond=0.0, drop=lambda c, g: c, cond_name="text")
     tokens = torch.tensor([[1, 5, 2], [1, 6, 2]])
-    objective = {w: dreambooth.PriorPreservation(diffusion, autoencoder.Pixels(), (3, 8, 8), class_x0=torch.randn(6, 3, 8, 8),
+    objective = {w: texts.PriorPreservation(diffusion, autoencoder.Pixels(), (3, 8, 8), class_x0=torch.randn(6, 3, 8, 8),
                                                  class_tokens=tokens[1], instance_tokens=tokens[0], prior_weight=w, **common)
                  for w in (0.0, 1.0, 2.0)}
     objective[1.0].class_x0 = objective[2.0].class_x0 = objective[0.0].class_x0

@@ -15,7 +15,7 @@ DreamBooth, which fine-tunes a text model on photos of one person.
 
 Read from the top: `loop` is [DDPM] Algorithm 1, a step is `train_step`, what it computes is the run's
 objective (diffusion.Denoising for a DDPM on images or latents, control.Controlled for a ControlNet on a
-trained DDPM, dreambooth.PriorPreservation for DreamBooth, autoencoder.Reconstruction for the
+trained DDPM, text.PriorPreservation for DreamBooth, autoencoder.Reconstruction for the
 autoencoder), which the run's stage (DDPMStage, ControlStage, HintStage, FinetuneStage or AutoencoderStage,
 decided once in setup) makes, and what is due now and then is `after_step`. Then the setup, the data and
 the model. How a step computes on this machine, whether it fits the memory and how many steps fit --minutes
@@ -62,7 +62,6 @@ import autoencoder
 import budget
 import control
 import data
-import dreambooth
 import settings
 import text as texts
 import unet
@@ -309,7 +308,7 @@ class ControlStage(DDPMStage):
 
 
 class FinetuneStage(DDPMStage):
-    """DreamBooth (dreambooth.py): a text model fine-tuned, all its weights, on every photo of one person with
+    """DreamBooth (text.py): a text model fine-tuned, all its weights, on every photo of one person with
     the instance prompt, and on class images that it drew before training with the class prompt. The base:
     its network's config with the prompt's new words (a checkpoint's model_args), its EMA weights grown to
     them (None on a resume)."""
@@ -347,7 +346,7 @@ class FinetuneStage(DDPMStage):
         class_tokens = tokenizer.batch([cfg.class_prompt], cfg.max_tokens)[0]
         class_x0 = class_images(cfg, env, self, net, plain.diffusion, class_tokens)
         instance_tokens = tokenizer.batch([cfg.instance_prompt], cfg.max_tokens)[0]
-        return dreambooth.PriorPreservation(
+        return texts.PriorPreservation(
             plain.diffusion, self.first, self.shape(cfg.size), batch_size=cfg.batch_size, shard=shard,
             memory_format=plain.memory_format, p_uncond=cfg.p_uncond, sample_steps=cfg.sample_steps,
             seed=cfg.seed, drop=plain.drop, cond_name="text", class_x0=class_x0, class_tokens=class_tokens,
@@ -1219,7 +1218,7 @@ def open_finetune(cfg, given, ckpt, first, say):
     if unknown:
         say(f"note: --class-prompt {cfg.class_prompt!r}: the model does not know "
             f"{', '.join(map(repr, unknown))}: its class images follow the other words")
-    weights, vocab, new = dreambooth.grow_vocab(base["ema"], vocab, cfg.instance_prompt)
+    weights, vocab, new = texts.grow_vocab(base["ema"], vocab, cfg.instance_prompt)
     model_args = dict(base["model_args"], vocab=list(vocab))
     said = f"new words {', '.join(map(repr, new))}" if new else "no new words"
     say(f"dreambooth: fine-tuning {path} (step {base['step']:,}) on {plural(photos, 'photo')} of "
@@ -1239,7 +1238,7 @@ def class_images(cfg, env, stage, net, diffusion, tokens):
                                        "the run again in a new --out")
         model = stage.build(net).to(env.device).eval()
         shown = util.Progress(n, "dreambooth: drawing the class images", "images", env.say, first=True)
-        x0 = dreambooth.draw_class_images(model, diffusion, stage.shape(cfg.size), tokens, n, cfg.seed,
+        x0 = texts.draw_class_images(model, diffusion, stage.shape(cfg.size), tokens, n, cfg.seed,
                                           min(n, 64), env.device, env.ctx, stage.first.clip, shown)
         util.atomic_write(lambda tmp: torch.save(dict(prompt=cfg.class_prompt, x0=x0), tmp), path, "--out")
         env.say(f"dreambooth: {plural(n, 'class image')} of {cfg.class_prompt!r} kept in {path}")
