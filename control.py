@@ -200,9 +200,7 @@ class ControlledUNet(nn.Module):
     def forward(self, x, t, attrs=None, text=None, hint=None):
         if hint is None:
             hint = torch.zeros(1, 1, self.cfg.hint_size, self.cfg.hint_size, device=x.device)
-        if len(hint) != len(x):  # one hint for all, or guidance's doubled batch
-            hint = hint.repeat(len(x) // len(hint), 1, 1, 1)
-        control = functools.partial(self.control, hint=hint, scale=self.scale)
+        control = functools.partial(self.control, hint=unet.hints_for(hint, len(x)), scale=self.scale)
         return self.base(x, t, attrs, text, control=control)
 
     def train(self, mode=True):

@@ -383,9 +383,7 @@ class UNet(nn.Module):
         f = math.isqrt(self.cfg.hint_channels)  # the hint's pixels per position, along each side
         if hint is None:
             hint = x.new_zeros(len(x), 1, x.shape[-2] * f, x.shape[-1] * f)
-        if len(hint) != len(x):  # one hint for all, or guidance's doubled batch
-            hint = hint.repeat(len(x) // len(hint), 1, 1, 1)
-        return torch.cat([x, F.pixel_unshuffle(hint.to(x.dtype), f)], dim=1)
+        return torch.cat([x, F.pixel_unshuffle(hints_for(hint, len(x)).to(x.dtype), f)], dim=1)
 
     def encoder(self, h, temb, context):
         """conv_in's features (B, ch, H, W) through the encoder and the middle. -> (the middle's output
@@ -432,6 +430,14 @@ class UNet(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+def hints_for(hint, n):
+    """A batch of n hints from `hint` (B, 1, S, S): one for all (B = 1), or the same B repeated (guidance's
+    doubled batch)."""
+    if len(hint) != n:
+        hint = hint.repeat(n // len(hint), 1, 1, 1)
+    return hint
 
 
 def config_dict(cfg):
