@@ -716,17 +716,18 @@ def test_attention_can_use_a_flash_kernel_in_either_memory_format(fmt):
 def test_tiny_unet_learns_and_samples_near_training_images():
     # Four fixed 16x16 images; the x0 target and a decaying learning rate make 300 CPU steps enough to
     # memorise them. The exact trajectory differs between CPUs (AVX2 vs AVX-512 kernels, core counts), so
-    # the bounds hold with a wide margin: over seeds 0-2 on 1 and 2 threads, 13 to 15 of 16 stochastic
-    # (eta 1) samples landed within MSE 0.05 of a training image, median 0.0015 to 0.004. Deterministic
-    # DDIM is less forgiving of an imperfect model (6 to 10 of 16 without the decay). An untrained
-    # model gives about 0.16 (the zero image), noise about 0.65.
+    # the bounds hold with a wide margin: over seeds 0-3 on 1 and 2 threads, 12 to 15 of 16 stochastic
+    # (eta 1) samples landed within MSE 0.05 of a training image, median 0.0025 to 0.004, and the last
+    # losses were 0.30 to 0.36 of the first (the 32-channel net: 13 to 15, 0.0015 to 0.004, 0.29, at 2.3x
+    # the time). Deterministic DDIM is less forgiving of an imperfect model (6 to 10 of 16 without the
+    # decay). An untrained model gives about 0.16 (the zero image), noise about 0.65.
     torch.manual_seed(0)
     images = torch.stack([torch.linspace(-1, 1, 16).view(1, 1, 16).expand(3, 16, 16),
                           -torch.linspace(-1, 1, 16).view(1, 16, 1).expand(3, 16, 16),
                           torch.zeros(3, 16, 16).index_fill_(2, torch.arange(4, 12), 0.8) - 0.4,
                           torch.randn(3, 16, 16).clamp(-1, 1)])
     d = D.GaussianDiffusion(100, "cosine", "x0")
-    m = unet.UNet(tiny_config(ch=32))
+    m = unet.UNet(tiny_config())
     opt = torch.optim.AdamW(m.parameters(), 2e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
@@ -741,7 +742,7 @@ def test_tiny_unet_learns_and_samples_near_training_images():
         opt.step()
         losses.append(loss.item())
     # x0-loss at high noise cannot go to 0 (the best guess there is the mean image): compare to the start
-    assert sum(losses[-50:]) / 50 < 0.4 * sum(losses[:10]) / 10, (losses[:10], losses[-50:])
+    assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:10]) / 10, (losses[:10], losses[-50:])
     m.eval()
     x = d.sample(m, (16, 3, 16, 16), "ddim", steps=25, eta=1.0, generator=torch.Generator().manual_seed(1), clip=True)
     dist = ((x[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values  # MSE to the nearest training image
@@ -3488,6 +3489,24 @@ def test_dreambooth_fine_tunes_a_text_model_on_every_photo_and_resumes_exactly(t
                          (["--finetune", base, "--control", tiny_run], "use one of them")]:
         one_line_error(cli(capsys, train.main, [*common, *extra]), words)
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_dreambooth_never_drops_a_caption():
+    # A base's condition dropout on the photos taught the unconditional branch the person, and guidance
+    # then pushed the class prompt's samples off faces (REPORT 3.14): fine-tuning keeps every caption.
+    seen = []
+    model = lambda x, t, text=None: seen.append(text) or x * 0
+    tokens = torch.tensor([[1, 5, 2], [1, 6, 2]])
+    common = dict(batch_size=4, shard=slice(0, 4), p_uncond=1.0, cond_name="text",
+                  drop=functools.partial(texts.drop, batch_size=4, shard=slice(0, 4), p_uncond=1.0))
+    x0 = torch.randn(4, 3, 8, 8)
+    plain = D.Denoising(D.GaussianDiffusion(50), autoencoder.Pixels(), (3, 8, 8), **common)
+    plain.losses(x0, tokens[0].expand(4, -1), torch.Generator().manual_seed(0))(model)
+    assert not torch.equal(seen.pop(), tokens[0].expand(4, -1))  # a DDPM's loss drops them (here all)
+    dreambooth = texts.PriorPreservation(D.GaussianDiffusion(50), autoencoder.Pixels(), (3, 8, 8), class_x0=torch.randn(6, 3, 8, 8),
+                                         class_tokens=tokens[1], instance_tokens=tokens[0], prior_weight=1.0, **common)
+    dreambooth.losses(x0, tokens[0].expand(4, -1), torch.Generator().manual_seed(0))(model)
+    assert torch.equal(seen[0], tokens[0].expand(4, -1)) and torch.equal(seen[1], tokens[1].expand(4, -1))
 
 
 def test_prior_preservation_adds_the_class_images_loss_at_its_weight():

@@ -344,7 +344,10 @@ def validation_condition(tokenizer, max_tokens, v, n):
 # embedding by one row per new word, which starts as the mean of the known words' rows (the other weights are
 # the model's own).
 
-CLASS_GUIDANCE = 3.0  # the class images are drawn as sample.py draws: at its default guidance weight
+# The class images are drawn unguided (W = 1): they hold eps(., c_class) to the model's own conditional
+# answers, and sampling then guides it as it did the base. Drawn at sample.py's W = 3, they taught the
+# conditional branch the guided faces, and guidance at W = 3 on top drew the class washed out (REPORT 3.14).
+CLASS_GUIDANCE = 1.0
 EMBEDDING = "text_encoder.tokens.weight"  # the token embedding in a text U-Net's state dict
 
 
@@ -365,7 +368,7 @@ def grow_vocab(weights, vocab, prompt):
 @torch.no_grad()
 def draw_class_images(model, diffusion, shape, tokens, n, seed, batch, device, ctx, clip, callback=None):
     """n samples (n, C, H, W) of the frozen `model` for the class prompt's tokens (L,), as the model learns
-    them (latents stay latents): 20-step DDIM, guided at CLASS_GUIDANCE against the empty caption, from a
+    them (latents stay latents): 20-step DDIM, at CLASS_GUIDANCE against the empty caption, from a
     generator seeded with `seed`, x0 clipped to [-1, 1] if `clip` (a pixel model's). callback(images done)
     after each batch."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -387,15 +390,24 @@ def draw_class_images(model, diffusion, shape, tokens, n, seed, batch, device, c
 class PriorPreservation(Denoising):
     """[DB]'s objective: a DDPM's loss on the person's photos and their caption, plus `prior_weight` times
     its loss on as many class images with the class prompt, drawn from `class_x0` (n, C, H, W) by the step's
-    generator. Its grids draw the person: the instance prompt's samples."""
+    generator. No caption is dropped: the photos dropped to the empty caption would teach the model's
+    unconditional branch the person, and guidance, which pushes every prompt away from that branch, would
+    then push the class prompt's samples away from faces (REPORT sec. 3.14). Its grids draw the person:
+    the instance prompt's samples."""
     face_steps = None  # it starts from a model that draws faces
 
     def __init__(self, *args, class_x0, class_tokens, instance_tokens, prior_weight, **kw):
         super().__init__(*args, **kw)
+        self.drop = self.kept
         self.class_x0 = class_x0
         self.class_tokens = class_tokens  # (L,)
         self.instance_tokens = instance_tokens  # (L,)
         self.prior_weight = prior_weight
+
+    @staticmethod
+    def kept(tokens, gen):
+        """The captions as they are (the condition dropout of a DDPM's loss, off)."""
+        return tokens
 
     def losses(self, x0, cond, gen):
         instance = super().losses(x0, cond, gen)

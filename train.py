@@ -348,8 +348,8 @@ class FinetuneStage(DDPMStage):
         instance_tokens = tokenizer.batch([cfg.instance_prompt], cfg.max_tokens)[0]
         return texts.PriorPreservation(
             plain.diffusion, self.first, self.shape(cfg.size), batch_size=cfg.batch_size, shard=shard,
-            memory_format=plain.memory_format, p_uncond=cfg.p_uncond, sample_steps=cfg.sample_steps,
-            seed=cfg.seed, drop=plain.drop, cond_name="text", class_x0=class_x0, class_tokens=class_tokens,
+            memory_format=plain.memory_format, p_uncond=0, sample_steps=cfg.sample_steps, seed=cfg.seed,
+            cond_name="text", class_x0=class_x0, class_tokens=class_tokens,
             instance_tokens=instance_tokens, prior_weight=cfg.prior_weight)
 
 
